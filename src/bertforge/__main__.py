@@ -1,0 +1,3 @@
+from bertforge.cli import main_entry
+
+main_entry()

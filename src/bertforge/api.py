@@ -1,0 +1,117 @@
+"""The library API the CLI wraps: build, validate, each returning data and an exit code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bertforge import bench
+from bertforge.artifact import read_manifest, sha256_file, write_json_atomic, write_text_atomic
+from bertforge.errors import EXIT_GATE_FAILED, EXIT_OK, UsageError
+from bertforge.pipeline import (
+    OUTPUT_MARKER,
+    assemble_variant,
+    build_variants,
+    check_output_dir,
+    output_staging,
+    write_marker,
+)
+from bertforge.preflight import warnings_for
+from bertforge.progress import Progress
+from bertforge.recipe import VARIANTS, Recipe
+from bertforge.report import html as html_report
+from bertforge.report import markdown as md_report
+from bertforge.report.content import make_report
+from bertforge.sources import ResolvedSource, resolve
+from bertforge.validation.gates import evaluate
+from bertforge.validation.validate import run_validation
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    report: dict[str, Any]
+    out: Path
+
+
+def validate_and_report(out: Path, source: ResolvedSource, recipe: Recipe, variants: list[str],
+                        progress: Progress, warnings: list[str]) -> dict[str, Any]:
+    """Validate the variant directories under `out`, time them, write report.{json,md,html} there."""
+    dirs = {name: out / name for name in variants}
+    with progress.step("validate") as info:
+        validation = run_validation(source.path, dirs, recipe.validation,
+                                    progress=lambda done, total: progress.update(f"{done}/{total} sentences"))
+        info["note"] = f"{validation['corpus']['masked_positions']} masked positions"
+    latencies: dict[str, dict[str, float]] = {}
+    if recipe.bench.enabled:
+        with progress.step("latency"):
+            latencies = bench.latency(dirs, 1, recipe.bench.sequence_length, recipe.bench.warmup,
+                                      recipe.bench.repeats)
+    entries = {}
+    for name, path in dirs.items():
+        metrics = validation["variants"][name]
+        manifest = read_manifest(path)
+        gates = evaluate(name, metrics, recipe.validation.gates.get(name))
+        entries[name] = {
+            "size_bytes": (path / "model.onnx").stat().st_size,
+            "sha256": sha256_file(path / "model.onnx"),
+            "key": manifest["key"],
+            "stage": manifest["stage"],
+            "stage_seconds": manifest["timings"]["seconds"],
+            "metadata": manifest["metadata"],
+            "latency": latencies.get(name, {}),
+            "metrics": metrics,
+            "gates": [g.as_dict() for g in gates],
+            "passed": all(g.passed for g in gates),
+        }
+        for gate in gates:
+            if not gate.passed:
+                progress.message(gate.line())
+    model = {"spec": source.spec, "kind": source.kind, "description": source.description,
+             "checkpoint": str(source.path)}
+    report = make_report(model=model, validation=validation, variants=entries, warnings=warnings)
+    write_json_atomic(out / "report.json", report)
+    write_text_atomic(out / "report.md", md_report.render(report))
+    write_text_atomic(out / "report.html", html_report.render(report))
+    return report
+
+
+def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> Outcome:
+    progress = progress or Progress("quiet")
+    out = Path(out)
+    check_output_dir(out)
+    with progress.step("resolve") as info:
+        source = resolve(recipe.model)
+        info["note"] = f"{source.spec} -> {source.path}"
+    warnings = warnings_for(recipe)
+    for warning in warnings:
+        progress.message(f"warning: {warning}")
+    state = build_variants(recipe, source, progress)
+    variants = list(recipe.variants)
+    with output_staging(out) as staging:
+        for name in variants:
+            assemble_variant(state.artifacts[name], staging / name, recipe)
+        report = validate_and_report(staging, source, recipe, variants, progress, warnings)
+        write_marker(staging, recipe, source, variants)
+    progress.message(md_report.comparison_table(report))
+    progress.message(f"wrote {out}/ (report.md, report.html, report.json)")
+    return Outcome(EXIT_OK if report["gates_passed"] else EXIT_GATE_FAILED, report, out)
+
+
+def validate_existing(out: Path, recipe: Recipe, progress: Progress | None = None,
+                      model_spec: str | None = None) -> Outcome:
+    """Re-validate the variants of an existing build directory and rewrite its report."""
+    progress = progress or Progress("quiet")
+    out = Path(out)
+    if not (out / OUTPUT_MARKER).is_file():
+        raise UsageError(f"{out} is not a bertforge build directory (no {OUTPUT_MARKER})")
+    variants = [v for v in VARIANTS if (out / v / "model.onnx").is_file()]
+    if not variants:
+        raise UsageError(f"{out} holds no variant directories")
+    with progress.step("resolve") as info:
+        source = resolve(model_spec or recipe.model)
+        info["note"] = f"{source.spec} -> {source.path}"
+    report = validate_and_report(out, source, recipe, variants, progress, warnings_for(recipe))
+    progress.message(md_report.comparison_table(report))
+    return Outcome(EXIT_OK if report["gates_passed"] else EXIT_GATE_FAILED, report, out)

@@ -1,0 +1,150 @@
+"""Artifact directories: atomic creation, manifest.json, verification.
+
+An artifact is a directory a stage wrote in full. It is built in a temporary sibling directory and
+renamed into place only once complete, so a build killed at any point leaves either the previous
+state or a `.tmp-*` directory that nothing trusts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bertforge.environment import library_versions, machine_info
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = 1
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file + os.replace: readers see the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `final` only if the block completes."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_inventory(directory: Path) -> dict[str, dict[str, object]]:
+    files = {}
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            rel = path.relative_to(directory).as_posix()
+            files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    return files
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A complete stage output on disk and the facts that produced it."""
+
+    path: Path
+    key: str
+    stage: str
+    parent: str | None
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.onnx"
+
+    def manifest(self) -> dict[str, Any]:
+        return read_manifest(self.path)
+
+
+def write_manifest(directory: Path, *, key: str, stage: str, stage_version: str, parent: str | None,
+                   config: dict[str, Any], lineage: list[dict[str, str]], metadata: dict[str, Any],
+                   seconds: float) -> dict[str, Any]:
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "key": key,
+        "stage": stage,
+        "stage_version": stage_version,
+        "parent": parent,
+        "lineage": lineage,
+        "config": config,
+        "metadata": metadata,
+        "libraries": library_versions(),
+        "machine": machine_info(),
+        "timings": {"seconds": round(seconds, 3)},
+        "files": file_inventory(directory),
+    }
+    write_json_atomic(Path(directory) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    with open(Path(directory) / MANIFEST, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def verify_directory(directory: Path) -> list[str]:
+    """Return one line per problem: a missing, resized or altered file, or an unlisted one."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return [f"{manifest_path}: no manifest (not a bertforge artifact directory)"]
+    listed = read_manifest(directory)["files"]
+    problems = []
+    actual = {p.relative_to(directory).as_posix() for p in directory.rglob("*")
+              if p.is_file() and p.name != MANIFEST}
+    for rel, facts in sorted(listed.items()):
+        path = directory / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif path.stat().st_size != facts["size"]:
+            problems.append(f"{rel}: size {path.stat().st_size} != {facts['size']}")
+        elif sha256_file(path) != facts["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    for rel in sorted(actual - set(listed)):
+        problems.append(f"{rel}: not listed in the manifest")
+    return problems

@@ -1,0 +1,92 @@
+"""Latency, throughput and memory of artifact directories, measured side by side.
+
+Variants are interleaved repetition by repetition, so drift of a shared, noisy machine hits them
+alike; medians and p90s are reported, never single times.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bertforge.environment import physical_cores
+from bertforge.runtime import feeds_for, open_session
+
+INPUT_SEED = 0
+
+
+def synthetic_inputs(batch: int, sequence: int, vocab_size: int = 30522) -> dict[str, np.ndarray]:
+    """[CLS] random word pieces [SEP], one [MASK] in the middle; the values don't change the speed."""
+    rng = np.random.default_rng(INPUT_SEED)
+    ids = rng.integers(1000, vocab_size, size=(batch, sequence), dtype=np.int64)
+    ids[:, 0], ids[:, -1], ids[:, sequence // 2] = 101, 102, 103
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
+def time_runners(runners: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Call each runner `repeats` times, interleaved; return seconds per call per runner."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summarize(seconds: list[float], batch: int) -> dict[str, float]:
+    values = np.array(seconds)
+    p50 = float(np.median(values))
+    return {"p50_ms": p50 * 1e3, "p90_ms": float(np.percentile(values, 90)) * 1e3,
+            "throughput_seq_s": batch / p50, "repeats": len(values)}
+
+
+def onnx_runner(session, inputs: dict[str, np.ndarray]) -> Callable[[], object]:
+    feeds = feeds_for(session, inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
+    return lambda: session.run(None, feeds)
+
+
+def latency(variants: dict[str, Path], batch: int = 1, sequence: int = 128, warmup: int = 3,
+            repeats: int = 20, threads: int | None = None) -> dict[str, dict[str, float]]:
+    inputs = synthetic_inputs(batch, sequence)
+    runners = {name: onnx_runner(open_session(path, threads), inputs) for name, path in variants.items()}
+    return {name: summarize(times, batch) for name, times in time_runners(runners, warmup, repeats).items()}
+
+
+def peak_rss_mb(directory: Path, batch: int = 1, sequence: int = 128, runs: int = 3) -> float:
+    """Peak RSS of a fresh process that loads the artifact and runs it: memory is per process."""
+    code = ("import resource,sys;from pathlib import Path;import bertforge.bench as b;"
+            "from bertforge.runtime import open_session;"
+            "s=open_session(Path(sys.argv[1]));r=b.onnx_runner(s,b.synthetic_inputs(int(sys.argv[2]),int(sys.argv[3])));"
+            "[r() for _ in range(int(sys.argv[4]))];"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
+    done = subprocess.run([sys.executable, "-c", code, str(directory), str(batch), str(sequence), str(runs)],
+                          capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def bench_directories(variants: dict[str, Path], shapes: list[tuple[int, int]], warmup: int, repeats: int,
+                      with_memory: bool = True) -> dict[str, Any]:
+    threads = physical_cores()
+    results: dict[str, Any] = {"threads": threads, "shapes": {}, "memory_mb": {}, "size_bytes": {}}
+    for batch, sequence in shapes:
+        results["shapes"][f"b{batch}xs{sequence}"] = latency(variants, batch, sequence, warmup, repeats, threads)
+    for name, path in variants.items():
+        results["size_bytes"][name] = (Path(path) / "model.onnx").stat().st_size
+        if with_memory:
+            results["memory_mb"][name] = peak_rss_mb(Path(path))
+    return results
+
+
+def dump(results: dict[str, Any]) -> str:
+    return json.dumps(results, indent=2, sort_keys=True)

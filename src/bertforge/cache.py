@@ -1,0 +1,62 @@
+"""The content-addressed stage cache.
+
+A stage's key is the hash of its parent's key, the stage's name@version, its config and the versions
+of the libraries that shape its output, so changing any of them changes the key of the stage and of
+every stage below it. An unhashable config is an error, never a silent random key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bertforge.environment import library_versions
+
+KEY_LENGTH = 20
+
+
+def cache_root() -> Path:
+    """$BERTFORGE_CACHE, else $XDG_CACHE_HOME/bertforge, else ~/.cache/bertforge."""
+    explicit = os.environ.get("BERTFORGE_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "bertforge"
+
+
+def canonical_json(value: Any) -> str:
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"stage config is not plain JSON data and cannot be hashed: {exc}") from exc
+
+
+def stage_key(parent_key: str | None, stage: str, version: str, config: dict[str, Any],
+              libraries: dict[str, str] | None = None) -> str:
+    payload = {
+        "parent": parent_key,
+        "stage": f"{stage}@{version}",
+        "config": config,
+        "libraries": library_versions() if libraries is None else libraries,
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:KEY_LENGTH]
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock, so two builds sharing a cache never write one entry at once."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

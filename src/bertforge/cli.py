@@ -1,0 +1,244 @@
+"""bertforge's command line: parse, call the API, set the exit code.
+
+Exit codes: 0 success; 1 a validation gate failed (or `compare` found a regression, or `verify`
+found a changed file); 2 usage or configuration error; 3 a build step failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bertforge import __version__
+from bertforge.errors import EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE, BertforgeError, UsageError
+from bertforge.progress import MODES, Progress
+
+EPILOG = "exit codes: 0 ok, 1 a gate failed / regression / verify mismatch, 2 usage or config error, 3 build failed"
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "model", None):
+        overrides["model"] = args.model
+    if getattr(args, "variants", None):
+        overrides["variants"] = [v.strip() for v in args.variants.split(",") if v.strip()]
+    return overrides
+
+
+def _recipe(args: argparse.Namespace, fallback: dict[str, Any] | None = None):
+    from bertforge.recipe import load_recipe, parse_recipe
+
+    if args.recipe is None and fallback is not None:
+        data = {**fallback, **_overrides(args)}
+        recipe = parse_recipe(data, "build.json")
+    else:
+        recipe = load_recipe(args.recipe, _overrides(args))
+    updates: dict[str, Any] = {}
+    if getattr(args, "corpus", None):
+        updates["validation"] = recipe.validation.model_copy(update={"corpus": args.corpus})
+    if getattr(args, "max_sentences", None):
+        base = updates.get("validation", recipe.validation)
+        updates["validation"] = base.model_copy(update={"max_sentences": args.max_sentences})
+    if getattr(args, "no_latency", False):
+        updates["bench"] = recipe.bench.model_copy(update={"enabled": False})
+    if updates:
+        recipe = parse_recipe({**recipe.model_dump(mode="json"),
+                               **{k: v.model_dump(mode="json") for k, v in updates.items()}})
+    return recipe
+
+
+def _progress(args: argparse.Namespace) -> Progress:
+    return Progress("quiet" if args.quiet else args.progress)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from bertforge.api import build
+
+    recipe = _recipe(args)
+    progress = _progress(args)
+    progress.message(f"bertforge {__version__}: building {recipe.model} -> {args.out} "
+                     f"({', '.join(recipe.variants)})")
+    return build(recipe, Path(args.out), progress).exit_code
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from bertforge.api import validate_existing
+    from bertforge.pipeline import OUTPUT_MARKER
+
+    marker = Path(args.dir) / OUTPUT_MARKER
+    fallback = json.loads(marker.read_text("utf-8"))["recipe"] if marker.is_file() else None
+    recipe = _recipe(args, fallback)
+    return validate_existing(Path(args.dir), recipe, _progress(args), args.model).exit_code
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    from bertforge.sources import resolve
+
+    source = resolve(args.spec)
+    print(f"{source.spec}: {source.description}")
+    print(source.path)
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from bertforge.inspect_model import inspect_model, render
+
+    info = inspect_model(Path(args.dir))
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from bertforge.artifact import MANIFEST, verify_directory
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a directory")
+    targets = [root] if (root / MANIFEST).is_file() else sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
+    if not targets:
+        raise UsageError(f"{root} holds no {MANIFEST} (not a variant or build directory)")
+    failures = 0
+    for target in targets:
+        problems = verify_directory(target)
+        failures += bool(problems)
+        print(f"{target}: {'ok' if not problems else 'CHANGED'}")
+        for problem in problems:
+            print(f"  {problem}")
+    return EXIT_GATE_FAILED if failures else EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from bertforge.compare import Tolerances, compare_reports, load_report, render
+
+    tol = Tolerances(agreement=args.agreement_tolerance, latency=args.latency_tolerance)
+    result = compare_reports(load_report(Path(args.run_a)), load_report(Path(args.run_b)), tol)
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return EXIT_GATE_FAILED if result["regressions"] else EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bertforge.bench import bench_directories, dump
+    from bertforge.recipe import VARIANTS
+
+    root = Path(args.dir)
+    if (root / "model.onnx").is_file():
+        variants = {root.name: root}
+    else:
+        variants = {v: root / v for v in VARIANTS if (root / v / "model.onnx").is_file()}
+    if not variants:
+        raise UsageError(f"{root} holds no model.onnx nor variant directories")
+    shapes = [(b, s) for b in (1, 8) for s in (128, 32)]
+    results = bench_directories(variants, shapes, args.warmup, args.repeats, with_memory=not args.no_memory)
+    if args.json:
+        print(dump(results))
+        return EXIT_OK
+    print(f"threads {results['threads']}; p50 / p90 ms over {args.repeats} interleaved repeats")
+    for shape, table in results["shapes"].items():
+        print(f"{shape}:")
+        for name, row in table.items():
+            print(f"  {name:<14} p50 {row['p50_ms']:8.2f}  p90 {row['p90_ms']:8.2f}  "
+                  f"{row['throughput_seq_s']:8.1f} seq/s")
+    for name in variants:
+        memory = results["memory_mb"].get(name)
+        extra = f", peak RSS {memory:.0f} MB" if memory else ""
+        print(f"{name:<14} size {results['size_bytes'][name] / 1e6:.1f} MB{extra}")
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="bertforge", description="Turn a BERT masked-LM into validated ONNX "
+                                  "artifacts: export, fusion, fp16, int8; parity and top-k agreement at [MASK] "
+                                  "positions, gated; one comparison report.", epilog=EPILOG)
+    top.add_argument("--version", action="version", version=f"bertforge {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def progress_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--progress", choices=MODES, default="auto",
+                       help="live status (bar), one line per step (plain), JSON lines for CI logs (jsonl)")
+        p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors and gate failures")
+
+    def recipe_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--recipe", help="YAML recipe (configs/*.yaml); flags below override its fields")
+        p.add_argument("--model", help="model spec: a hub id (default bert-base-uncased), a local checkpoint "
+                       "directory, 'demo' (offline real weights) or 'synthetic:bert-base-uncased'")
+        p.add_argument("--variants", help="comma-separated subset of fp32,fused,fp16,int8-dynamic,int8-static")
+        p.add_argument("--corpus", help="validation sentences: 'builtin' or a UTF-8 text file, one a line")
+        p.add_argument("--max-sentences", type=int, help="validate on the first N sentences only")
+        p.add_argument("--no-latency", action="store_true", help="skip the latency measurement in the report")
+
+    build = sub.add_parser("build", help="export, optimize, validate and report", epilog=EPILOG,
+                           description="Build every variant of a model, validate each against PyTorch at "
+                           "[MASK] positions, write OUT/<variant>/ and OUT/report.{md,html,json}.")
+    recipe_flags(build)
+    build.add_argument("--out", required=True, help="output directory (replaced atomically when complete)")
+    progress_flags(build)
+    build.set_defaults(func=cmd_build)
+
+    validate = sub.add_parser("validate", help="re-validate an existing build directory", epilog=EPILOG,
+                              description="Re-run validation and gates on DIR's variants; rewrites its report. "
+                              "Uses the recipe recorded in DIR/build.json unless --recipe is given.")
+    validate.add_argument("dir", help="a directory written by bertforge build")
+    recipe_flags(validate)
+    progress_flags(validate)
+    validate.set_defaults(func=cmd_validate)
+
+    res = sub.add_parser("resolve", help="print the local checkpoint directory a model spec resolves to",
+                         description="Resolve SPEC (hub id, directory, demo, synthetic:bert-base-uncased) to a "
+                         "local Hugging Face checkpoint; the last line printed is its path.")
+    res.add_argument("spec")
+    res.set_defaults(func=cmd_resolve)
+
+    ins = sub.add_parser("inspect", help="op histogram, precision mix, fused ops, opset, size of a model")
+    ins.add_argument("dir", help="a variant directory or a model.onnx file")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=cmd_inspect)
+
+    ver = sub.add_parser("verify", help="check files against manifest.json (a variant or a build directory)")
+    ver.add_argument("dir")
+    ver.set_defaults(func=cmd_verify)
+
+    cmp_ = sub.add_parser("compare", help="two builds side by side; exit 1 when B regresses",
+                          description="Variant by variant: size, latency and every metric of RUN_A and RUN_B "
+                          "with deltas. Exits 1 when B regresses beyond the tolerances.")
+    cmp_.add_argument("run_a")
+    cmp_.add_argument("run_b")
+    cmp_.add_argument("--json", action="store_true", help="machine-readable output")
+    cmp_.add_argument("--agreement-tolerance", type=float, default=0.005,
+                      help="allowed absolute drop of top-1/top-5 agreement and cosine (default 0.005)")
+    cmp_.add_argument("--latency-tolerance", type=float, default=0.25,
+                      help="allowed relative increase of p50 latency (default 0.25)")
+    cmp_.set_defaults(func=cmd_compare)
+
+    ben = sub.add_parser("bench", help="latency p50/p90, throughput, peak RSS and size of variants",
+                         description="Batch 1 and 8 x sequence 128 and 32, variants interleaved, threads = "
+                         "physical cores.")
+    ben.add_argument("dir", help="a build directory or one variant directory")
+    ben.add_argument("--repeats", type=int, default=20)
+    ben.add_argument("--warmup", type=int, default=3)
+    ben.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-RSS subprocesses")
+    ben.add_argument("--json", action="store_true")
+    ben.set_defaults(func=cmd_bench)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BertforgeError as exc:
+        print(f"bertforge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("bertforge: interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
+
+
+def main_entry() -> None:
+    try:
+        sys.exit(main())
+    except SystemExit as exc:  # argparse exits 2 on usage errors, which is our usage code too
+        code = exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        sys.exit(code)

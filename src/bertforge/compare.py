@@ -1,0 +1,90 @@
+"""`bertforge compare RUN_A RUN_B`: two builds side by side, a CI gate on regressions."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bertforge.errors import UsageError
+
+# metric -> (direction where bigger is better?, how a regression is measured)
+COMPARED = {
+    "top1_agreement": True,
+    "top5_overlap": True,
+    "ref_top1_in_top5": True,
+    "cosine_mean": True,
+    "max_abs": False,
+    "kl_mean": False,
+}
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    agreement: float = 0.005  # absolute drop allowed in top-1 / top-5 / ref-in-top-5 / cosine
+    error_factor: float = 1.5  # max_abs and KL may grow by this factor (plus a small floor)
+    latency: float = 0.25  # relative latency increase allowed (shared machines are noisy)
+    size: float = 0.01  # relative size increase allowed
+
+
+def load_report(run: Path) -> dict[str, Any]:
+    path = Path(run) / "report.json" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise UsageError(f"{path} not found (give a bertforge build directory or its report.json)")
+    return json.loads(path.read_text("utf-8"))
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or (isinstance(a, float) and math.isnan(a)) or (isinstance(b, float) and math.isnan(b)):
+        return None
+    return b - a
+
+
+def compare_reports(a: dict[str, Any], b: dict[str, Any], tol: Tolerances = Tolerances()) -> dict[str, Any]:
+    rows = []
+    regressions = []
+    for variant in [v for v in a["variants"] if v in b["variants"]]:
+        va, vb = a["variants"][variant], b["variants"][variant]
+        facts = {
+            "size_bytes": (va["size_bytes"], vb["size_bytes"]),
+            "latency_p50_ms": (va.get("latency", {}).get("p50_ms"), vb.get("latency", {}).get("p50_ms")),
+        }
+        facts.update({m: (va["metrics"].get(m), vb["metrics"].get(m)) for m in COMPARED})
+        for metric, (x, y) in facts.items():
+            rows.append({"variant": variant, "metric": metric, "a": x, "b": y, "delta": _delta(x, y)})
+        for metric, bigger_is_better in COMPARED.items():
+            x, y = facts[metric]
+            if x is None or y is None:
+                continue
+            if bigger_is_better and y < x - tol.agreement:
+                regressions.append(f"{variant} {metric}: {x:.4g} -> {y:.4g} (drop > {tol.agreement:g})")
+            if not bigger_is_better and y > x * tol.error_factor + 1e-6:
+                regressions.append(f"{variant} {metric}: {x:.3g} -> {y:.3g} (> {tol.error_factor:g}x)")
+        size_a, size_b = facts["size_bytes"]
+        if size_b > size_a * (1 + tol.size):
+            regressions.append(f"{variant} size: {size_a / 1e6:.1f} -> {size_b / 1e6:.1f} MB")
+        lat_a, lat_b = facts["latency_p50_ms"]
+        if lat_a and lat_b and lat_b > lat_a * (1 + tol.latency):
+            regressions.append(f"{variant} latency p50: {lat_a:.1f} -> {lat_b:.1f} ms (> +{tol.latency:.0%})")
+        if va.get("passed", True) and not vb.get("passed", True):
+            regressions.append(f"{variant}: gates passed in A and fail in B")
+    only = sorted(set(a["variants"]) ^ set(b["variants"]))
+    return {"rows": rows, "regressions": regressions, "variants_in_one_run_only": only,
+            "tolerances": tol.__dict__}
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [f"{'variant':<14} {'metric':<18} {'A':>14} {'B':>14} {'delta':>14}"]
+    for row in result["rows"]:
+        cells = [("n/a" if v is None else f"{v:.6g}") for v in (row["a"], row["b"], row["delta"])]
+        lines.append(f"{row['variant']:<14} {row['metric']:<18} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}")
+    if result["variants_in_one_run_only"]:
+        lines.append("in one run only: " + ", ".join(result["variants_in_one_run_only"]))
+    if result["regressions"]:
+        lines.append("REGRESSIONS:")
+        lines += [f"  {r}" for r in result["regressions"]]
+    else:
+        lines.append("no regression beyond tolerance")
+    return "\n".join(lines)

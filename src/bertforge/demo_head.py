@@ -1,0 +1,98 @@
+"""The demo model: all-MiniLM-L6-v2's real encoder and tied decoder, plus a fitted MLM head.
+
+The checkpoint ships BertModel weights only: the MLM transform (dense + LayerNorm) and the output
+bias are missing, and a random head predicts the same token at nearly every [MASK], which makes
+top-k agreement meaningless. We fit the head in closed form instead:
+
+  ridge regression from the encoder's hidden state h at masked positions to the (row-centred) tied
+  embedding e of the original token, on the project's head-fit sentences (kept apart from the
+  validation sentences).
+
+BERT's head is LayerNorm(gelu(W h + b)); to make it compute the linear fit we add a constant shift
+to b, large enough that gelu is the identity on the fitted range (gelu(x) = x * Phi(x), Phi ~ 1 for
+x > 5); LayerNorm then removes the shift again (its mean subtraction) and rescales, and the targets
+are row-centred so the mean subtraction removes nothing else. The result is saved once per
+DEMO_HEAD_VERSION in the cache, so the reference and every export see identical weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bertforge.cache import cache_root, file_lock
+
+DEMO_HEAD_VERSION = "1"
+FIT_SEED = 1234
+RIDGE = 1e-3  # relative to the mean eigenvalue of H^T H
+GELU_LINEAR_MARGIN = 5.0
+
+
+def ensure_demo_checkpoint() -> Path:
+    target = cache_root() / "sources" / f"demo-minilm-l6-fitted-head-v{DEMO_HEAD_VERSION}"
+    with file_lock(cache_root() / "locks" / "demo.lock"):
+        if not (target / "config.json").is_file():
+            build_demo_checkpoint(target)
+    return target
+
+
+def build_demo_checkpoint(target: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from bertforge.artifact import atomic_directory
+    from bertforge.sources import demo_package_dir
+
+    source = demo_package_dir()
+    torch.manual_seed(0)  # the head's placeholder init is overwritten below; seeded anyway
+    model = BertForMaskedLM.from_pretrained(source, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    fit_head(model, tokenizer)
+    model.config.architectures = ["BertForMaskedLM"]
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def fit_head(model, tokenizer) -> dict[str, float]:
+    import torch
+
+    from bertforge.validation.corpus import HEAD_FIT, builtin_lines, mask_sentences
+
+    examples = mask_sentences(builtin_lines(HEAD_FIT), tokenizer, seed=FIT_SEED)
+    hidden, targets = [], []
+    embeddings = model.get_input_embeddings().weight.detach().double().numpy()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same sums in the same order, bit for bit
+    try:
+        with torch.no_grad():
+            for example in examples:
+                ids = torch.tensor([example.input_ids])
+                states = model.bert(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
+                for position, original in zip(example.masked_positions, example.original_ids, strict=True):
+                    hidden.append(states[position].double().numpy())
+                    targets.append(embeddings[original])
+    finally:
+        torch.set_num_threads(threads)
+    h = np.stack(hidden)
+    y = np.stack(targets)
+    y = y - y.mean(axis=1, keepdims=True)  # row-centred: LayerNorm's mean subtraction leaves it alone
+    h_mean, y_mean = h.mean(axis=0), y.mean(axis=0)
+    hc, yc = h - h_mean, y - y_mean
+    gram = hc.T @ hc
+    ridge = RIDGE * np.trace(gram) / gram.shape[0]
+    weight = np.linalg.solve(gram + ridge * np.eye(gram.shape[0]), hc.T @ yc)  # [hidden, hidden]
+    bias = y_mean - h_mean @ weight
+    fitted = h @ weight + bias
+    shift = GELU_LINEAR_MARGIN + 2.0 * float(np.abs(fitted).max())
+    scale = float(np.sqrt((y ** 2).mean()))  # LayerNorm output scale = the targets' typical scale
+
+    head = model.cls.predictions
+    with torch.no_grad():
+        head.transform.dense.weight.copy_(torch.from_numpy(weight.T.copy()))
+        head.transform.dense.bias.copy_(torch.from_numpy(bias + shift))
+        head.transform.LayerNorm.weight.fill_(scale)
+        head.transform.LayerNorm.bias.zero_()
+        head.bias.zero_()
+    return {"positions": float(len(h)), "sentences": float(len(examples)), "shift": shift, "scale": scale}

@@ -1,0 +1,1 @@
+"""PyTorch -> ONNX export through optimum's exporter."""

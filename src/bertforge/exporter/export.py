@@ -1,0 +1,71 @@
+"""Export stage: a Hugging Face BERT checkpoint directory -> model.onnx + config + tokenizer.
+
+Through optimum's exporter (task fill-mask, dynamic batch and sequence axes). Two traps handled:
+- attention is loaded as eager: SDPA exports a graph ORT's attention fusion skips (ORT PR #22629);
+- the MLM decoder is tied to the word embeddings: optimum stores it once (Gather + Transpose->MatMul)
+  when accelerate is installed (it is a dependency); we check that it did.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from bertforge.errors import StageError
+from bertforge.recipe import ExportConfig
+
+NAME = "export"
+VERSION = "1"
+MODEL_FILE = "model.onnx"
+
+
+def load_reference(checkpoint: Path):
+    """The PyTorch reference exactly as exported: BertForMaskedLM, fp32, eager attention, eval mode."""
+    from transformers import BertForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the missing-head warning is reported by us, as data
+    try:
+        model, info = BertForMaskedLM.from_pretrained(checkpoint, attn_implementation="eager",
+                                                      output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing_head = sorted(k for k in info["missing_keys"] if k.startswith("cls."))
+    return model.eval(), missing_head
+
+
+def run(checkpoint: Path, out: Path, config: ExportConfig) -> dict[str, Any]:
+    from optimum.exporters.onnx import onnx_export_from_model
+    from transformers import AutoTokenizer
+
+    model, missing_head = load_reference(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    logging.getLogger("optimum").setLevel(logging.ERROR)
+    onnx_export_from_model(model, out, task="fill-mask", opset=config.opset, do_validation=False,
+                           preprocessors=[tokenizer])
+    model_path = out / MODEL_FILE
+    onnx.checker.check_model(str(model_path))
+    proto = onnx.load(str(model_path), load_external_data=False)
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    vocab_tables = [i.name for i in proto.graph.initializer if sorted(i.dims) == sorted([vocab, hidden])]
+    if len(vocab_tables) != 1:
+        raise StageError(f"export stored the {vocab}x{hidden} word embeddings {len(vocab_tables)} times "
+                         "(tied-weight dedup failed; is accelerate installed?)")
+    return {
+        "opset": config.opset,
+        "ir_version": proto.ir_version,
+        "inputs": [i.name for i in proto.graph.input],
+        "outputs": [o.name for o in proto.graph.output],
+        "num_layers": model.config.num_hidden_layers,
+        "num_heads": model.config.num_attention_heads,
+        "hidden_size": hidden,
+        "vocab_size": vocab,
+        "attn_implementation": model.config._attn_implementation,
+        "tied_embedding_copies": len(vocab_tables),
+        "mlm_head_missing_from_checkpoint": missing_head,
+        "model_bytes": model_path.stat().st_size,
+    }

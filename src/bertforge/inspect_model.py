@@ -1,0 +1,63 @@
+"""`bertforge inspect`: what is inside a model.onnx, in numbers."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from bertforge.errors import UsageError
+
+FUSED_OPS = {"Attention", "MultiHeadAttention", "QAttention", "EmbedLayerNormalization", "SkipLayerNormalization",
+             "BiasGelu", "FastGelu", "Gelu", "LayerNormalization", "MatMulInteger", "DynamicQuantizeLinear"}
+
+
+def inspect_model(directory: Path) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / "model.onnx" if directory.is_dir() else directory
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist (expected a variant directory holding model.onnx)")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types for a bad file
+        raise UsageError(f"{path} is not a readable ONNX model: {exc}") from exc
+    ops = Counter(node.op_type for node in model.graph.node)
+    dtype_count: Counter[str] = Counter()
+    dtype_bytes: Counter[str] = Counter()
+    for init in model.graph.initializer:
+        name = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
+        dtype_count[name] += 1
+        dtype_bytes[name] += len(init.raw_data) if init.HasField("raw_data") else 0
+    total = sum(dtype_bytes.values()) or 1
+    return {
+        "path": str(path),
+        "size_bytes": path.stat().st_size,
+        "opsets": {opset.domain or "ai.onnx": opset.version for opset in model.opset_import},
+        "ir_version": model.ir_version,
+        "nodes": len(model.graph.node),
+        "op_types": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "fused_ops": {op: n for op, n in sorted(ops.items()) if op in FUSED_OPS},
+        "initializers": {name: {"count": dtype_count[name], "bytes": dtype_bytes[name],
+                                "share": round(dtype_bytes[name] / total, 4)} for name in sorted(dtype_count)},
+        "inputs": {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name
+                   for i in model.graph.input},
+        "outputs": {o.name: onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type).name
+                    for o in model.graph.output},
+    }
+
+
+def render(info: dict[str, Any]) -> str:
+    lines = [f"{info['path']}: {info['size_bytes'] / 1e6:.1f} MB, {info['nodes']} nodes, ir {info['ir_version']}, "
+             "opsets " + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()),
+             "inputs:  " + ", ".join(f"{k} {v}" for k, v in info["inputs"].items()),
+             "outputs: " + ", ".join(f"{k} {v}" for k, v in info["outputs"].items()),
+             "precision mix (initializer bytes):"]
+    for name, facts in info["initializers"].items():
+        lines.append(f"  {name:<8} {facts['count']:5d} tensors {facts['bytes'] / 1e6:9.1f} MB  {facts['share']:.1%}")
+    lines.append("fused ops: " + (", ".join(f"{k} {v}" for k, v in info["fused_ops"].items()) or "none"))
+    lines.append("op types:")
+    for op, count in info["op_types"].items():
+        lines.append(f"  {op:<28} {count}")
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""What every pass shares: copying the loader files beside the model, reading the model config."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+MODEL_FILE = "model.onnx"
+# Files optimum's ORTModelForMaskedLM and the fill-mask pipeline need beside model.onnx.
+LOADER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def copy_loader_files(src: Path, dst: Path) -> None:
+    for name in LOADER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def model_config(directory: Path) -> dict:
+    return json.loads((directory / "config.json").read_text("utf-8"))
+
+
+# Node-name patterns (from the exporter's module paths) behind each exclusion preset.
+EXCLUDE_PRESET_PATTERNS = {
+    # The embeddings' Gathers are not MatMuls anyway; this also keeps a fused EmbedLayerNormalization out.
+    "embeddings": (r"^/bert/embeddings/", r"^EmbedLayerNormalization"),
+    # The tied decoder: its weight is the word-embedding table, transposed at run time.
+    "mlm-decoder": (r"^/cls/predictions/decoder/",),
+    # The whole prediction head: transform dense + decoder.
+    "mlm-head": (r"^/cls/predictions/",),
+}
+
+
+def excluded_nodes(model_path: Path, presets: tuple[str, ...], patterns: tuple[str, ...]) -> list[str]:
+    """Names of the graph's nodes matched by the presets' and the user's regular expressions."""
+    import re
+
+    import onnx
+
+    compiled = [re.compile(p) for preset in presets for p in EXCLUDE_PRESET_PATTERNS[preset]]
+    compiled += [re.compile(p) for p in patterns]
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return [node.name for node in graph.node if any(p.search(node.name) for p in compiled)]
+
+
+def op_histogram(model) -> dict[str, int]:
+    from collections import Counter
+
+    return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))

@@ -1,0 +1,37 @@
+"""FP16 stage: float16 weights and compute, fp32 inputs/outputs, sensitive ops kept fp32.
+
+Uses onnxruntime.transformers' float16 conversion (OnnxModel.convert_float_to_float16), which knows
+the typed inputs of ORT's fused contrib ops. onnxconverter-common's convert_float_to_float16 does not:
+on a fused BERT graph it leaves Attention and EmbedLayerNormalization with mixed fp16/fp32 inputs and
+the session refuses to load (seen here with onnxconverter-common 1.16).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from bertforge.optimizers.common import MODEL_FILE, copy_loader_files
+from bertforge.recipe import Fp16Config
+
+NAME = "fp16"
+VERSION = "1"
+
+
+def run(src: Path, out: Path, config: Fp16Config) -> dict[str, Any]:
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(onnx.load(str(src / MODEL_FILE)))
+    model.convert_float_to_float16(keep_io_types=config.keep_io_types, op_block_list=list(config.op_block_list),
+                                   node_block_list=list(config.node_block_list))
+    kept = Counter(node.op_type for node in model.model.graph.node
+                   if node.op_type in config.op_block_list or node.name in config.node_block_list)
+    onnx.save(model.model, str(out / MODEL_FILE))
+    copy_loader_files(src, out)
+    initializers = Counter(onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name
+                           for i in model.model.graph.initializer)
+    return {"ops_kept_fp32": dict(sorted(kept.items())), "initializer_dtypes": dict(sorted(initializers.items())),
+            "keep_io_types": config.keep_io_types}

@@ -1,0 +1,53 @@
+"""Fusion stage: onnxruntime's transformers optimizer (model_type bert).
+
+Records the fused-operator counts and fails when the graph is not fully fused for this model:
+one Attention per layer, one EmbedLayerNormalization, two SkipLayerNormalization per layer and a
+fused Gelu per layer. (ORT's own is_fully_optimized() expects as many Gelus as attentions and so
+rejects a masked-LM, whose prediction head adds one more Gelu.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bertforge.errors import StageError
+from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, model_config
+from bertforge.recipe import FusionConfig
+
+NAME = "fusion"
+VERSION = "1"
+
+
+def expected_counts(num_layers: int) -> dict[str, int]:
+    return {"Attention": num_layers, "EmbedLayerNormalization": 1, "SkipLayerNormalization": 2 * num_layers,
+            "Gelu": num_layers}
+
+
+def missing_fusions(stats: dict[str, int], num_layers: int) -> list[str]:
+    found = dict(stats)
+    found["Attention"] = found.get("Attention", 0) + found.get("MultiHeadAttention", 0)
+    found["Gelu"] = sum(found.get(op, 0) for op in ("Gelu", "BiasGelu", "FastGelu", "GemmFastGelu"))
+    problems = []
+    for op, want in expected_counts(num_layers).items():
+        have = found.get(op, 0)
+        if have < want:
+            problems.append(f"{op} {have}/{want}")
+    return problems
+
+
+def run(src: Path, out: Path, config: FusionConfig) -> dict[str, Any]:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    hf = model_config(src)
+    optimized = optimize_model(str(src / MODEL_FILE), model_type="bert", num_heads=hf["num_attention_heads"],
+                               hidden_size=hf["hidden_size"], opt_level=config.opt_level, use_gpu=False)
+    stats = {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
+    problems = missing_fusions(stats, hf["num_hidden_layers"])
+    if problems and config.require_full_fusion:
+        raise StageError("fusion incomplete: " + ", ".join(problems) + " (was the model exported with SDPA "
+                         "attention? set fusion.require_full_fusion: false to accept a partial fusion)")
+    optimized.save_model_to_file(str(out / MODEL_FILE))
+    copy_loader_files(src, out)
+    return {"fused_operators": stats, "fully_fused": not problems, "missing_fusions": problems,
+            "opt_level": config.opt_level}

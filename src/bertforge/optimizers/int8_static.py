@@ -1,0 +1,76 @@
+"""INT8 static stage: QDQ quantization of the fused graph, calibrated on masked sentences.
+
+Calibration feeds sentences from the project's head-fit corpus (kept apart from the validation
+sentences) masked the way the model is used, one sentence at a time, at most `calibration_samples`
+of them: MinMax keeps two numbers per tensor; Entropy/Percentile keep histograms whose memory grows
+with the sample count (ORT #10503), which is why the count is bounded.
+quant_pre_process (symbolic shape inference) runs first: without the activations' types the
+quantizer silently quantizes weights only.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, excluded_nodes, op_histogram
+from bertforge.recipe import Int8StaticConfig
+
+NAME = "int8-static"
+VERSION = "1"
+
+
+def calibration_feeds(src: Path, config: Int8StaticConfig) -> list[dict[str, np.ndarray]]:
+    from transformers import AutoTokenizer
+
+    from bertforge.validation.corpus import load_lines, mask_sentences
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    examples = mask_sentences(load_lines(config.calibration_corpus), tokenizer, seed=7,
+                              limit=config.calibration_samples)
+    feeds = []
+    for example in examples:
+        ids = np.array([example.input_ids], dtype=np.int64)
+        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)})
+    return feeds
+
+
+def run(src: Path, out: Path, config: Int8StaticConfig) -> dict[str, Any]:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    feeds = calibration_feeds(src, config)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._iter = iter(feeds)
+
+        def get_next(self):
+            return next(self._iter, None)
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[config.calibration_method]
+    exclude = excluded_nodes(src / MODEL_FILE, config.exclude_presets, config.exclude_nodes)
+    with tempfile.TemporaryDirectory(prefix="bertforge-calib-", dir=out) as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(src / MODEL_FILE), str(prepared), skip_optimization=True)
+        quantize_static(prepared, out / MODEL_FILE, Reader(), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul", "Attention"], per_channel=config.per_channel,
+                        reduce_range=config.reduce_range, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, nodes_to_exclude=exclude, calibrate_method=method,
+                        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    copy_loader_files(src, out)
+    quantized = onnx.load(str(out / MODEL_FILE))
+    return {"excluded_nodes": exclude, "op_types": op_histogram(quantized),
+            "calibration_method": config.calibration_method, "calibration_samples": len(feeds),
+            "per_channel": config.per_channel, "reduce_range": config.reduce_range}

@@ -1,0 +1,150 @@
+"""The pipeline: one explicit STAGES mapping, the stage cache, lineage, the assembled output.
+
+A stage never calls another stage; this module decides what runs, in which order, from which parent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from bertforge.artifact import (
+    MANIFEST,
+    Artifact,
+    atomic_directory,
+    read_manifest,
+    sha256_file,
+    write_json_atomic,
+    write_manifest,
+)
+from bertforge.cache import cache_root, file_lock, stage_key
+from bertforge.errors import UsageError
+from bertforge.exporter import export
+from bertforge.optimizers import fp16, fusion, int8_dynamic, int8_static
+from bertforge.progress import Progress
+from bertforge.recipe import Recipe
+from bertforge.sources import ResolvedSource
+
+STAGES: dict[str, ModuleType] = {
+    "export": export,
+    "fusion": fusion,
+    "fp16": fp16,
+    "int8-dynamic": int8_dynamic,
+    "int8-static": int8_static,
+}
+
+# variant -> (stage, parent variant or None for the source checkpoint, the recipe section configuring it)
+VARIANT_PLAN: dict[str, tuple[str, str | None, str]] = {
+    "fp32": ("export", None, "export"),
+    "fused": ("fusion", "fp32", "fusion"),
+    "fp16": ("fp16", "fused", "fp16"),
+    "int8-dynamic": ("int8-dynamic", "fused", "int8_dynamic"),
+    "int8-static": ("int8-static", "fused", "int8_static"),
+}
+OUTPUT_MARKER = "build.json"
+
+
+@dataclass
+class StageRun:
+    artifact: Artifact
+    cached: bool
+    seconds: float
+
+
+@dataclass
+class BuildState:
+    source: ResolvedSource
+    artifacts: dict[str, StageRun] = field(default_factory=dict)
+
+
+def source_artifact(source: ResolvedSource) -> Artifact:
+    """The checkpoint as the root of the lineage; its key is the hash of its files' contents."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in source.path.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        digest.update(path.relative_to(source.path).as_posix().encode())
+        digest.update(sha256_file(path).encode())
+    return Artifact(path=source.path, key=digest.hexdigest()[:20], stage="source", parent=None)
+
+
+def lineage_of(artifact: Artifact) -> list[dict[str, str]]:
+    if artifact.stage == "source":
+        return [{"stage": "source", "key": artifact.key}]
+    return read_manifest(artifact.path)["lineage"]
+
+
+def run_stage(stage: str, parent: Artifact, config: Any) -> tuple[Artifact, bool, float]:
+    module = STAGES[stage]
+    config_data = config.model_dump(mode="json")
+    key = stage_key(parent.key, module.NAME, module.VERSION, config_data)
+    target = cache_root() / "stages" / f"{stage}-{key}"
+    artifact = Artifact(path=target, key=key, stage=stage, parent=parent.key)
+    with file_lock(cache_root() / "locks" / f"{stage}-{key}.lock"):
+        if (target / MANIFEST).is_file():
+            return artifact, True, 0.0
+        start = time.monotonic()
+        with atomic_directory(target) as tmp:
+            metadata = module.run(parent.path, tmp, config)
+            seconds = time.monotonic() - start
+            write_manifest(tmp, key=key, stage=stage, stage_version=module.VERSION, parent=parent.key,
+                           config=config_data, lineage=lineage_of(parent) + [{"stage": stage, "key": key}],
+                           metadata=metadata, seconds=seconds)
+        return artifact, False, seconds
+
+
+def required_variants(requested: tuple[str, ...]) -> list[str]:
+    needed: list[str] = []
+    for variant in requested:
+        chain = []
+        while variant is not None:
+            chain.append(variant)
+            variant = VARIANT_PLAN[variant][1]
+        for item in reversed(chain):
+            if item not in needed:
+                needed.append(item)
+    return needed
+
+
+def build_variants(recipe: Recipe, source: ResolvedSource, progress: Progress) -> BuildState:
+    state = BuildState(source)
+    with progress.step("hash source") as info:
+        root = source_artifact(source)
+        info["note"] = root.key
+    for variant in required_variants(recipe.variants):
+        stage, parent_variant, section = VARIANT_PLAN[variant]
+        parent = root if parent_variant is None else state.artifacts[parent_variant].artifact
+        with progress.step(variant) as info:
+            artifact, cached, seconds = run_stage(stage, parent, getattr(recipe, section))
+            info["cached"] = cached
+            size = (artifact.path / "model.onnx").stat().st_size / 1e6
+            info["note"] = f"{size:.1f} MB  key {artifact.key}"
+        state.artifacts[variant] = StageRun(artifact, cached, seconds)
+    return state
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse to replace a directory bertforge did not write."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / OUTPUT_MARKER).is_file())):
+        raise UsageError(f"output {out} exists and is not a bertforge output directory; choose another --out "
+                         "or remove it")
+
+
+def assemble_variant(run: StageRun, dest: Path, recipe: Recipe) -> None:
+    shutil.copytree(run.artifact.path, dest)
+    manifest = read_manifest(dest)
+    manifest["recipe"] = recipe.model_dump(mode="json")
+    write_json_atomic(dest / MANIFEST, manifest)
+
+
+def write_marker(out: Path, recipe: Recipe, source: ResolvedSource, variants: list[str]) -> None:
+    write_json_atomic(out / OUTPUT_MARKER, {"tool": "bertforge", "model": source.spec,
+                                            "checkpoint": str(source.path), "variants": variants,
+                                            "recipe": recipe.model_dump(mode="json")})
+
+
+def output_staging(out: Path):
+    return atomic_directory(out)

@@ -1,0 +1,149 @@
+"""The typed recipe: what to build, loaded from YAML with one-line errors.
+
+Each stage reads only its own frozen section; the pipeline hashes that section into the stage's
+cache key. Defaults are data, here, and documented in the README.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bertforge.errors import UsageError
+
+VARIANTS = ("fp32", "fused", "fp16", "int8-dynamic", "int8-static")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExportConfig(Section):
+    # 17: the first opset with a native LayerNormalization; ORT's BERT fusion is fully exercised on it
+    # and it avoids opset 18's reworked Reduce* ops where LayerNorm fusion regressed (ORT #16341).
+    opset: int = Field(17, ge=14, le=21)
+
+
+class FusionConfig(Section):
+    opt_level: Literal[0, 1, 2, 99] = 0  # 0: the transformers optimizer's fusions only (portable file)
+    require_full_fusion: bool = True
+
+
+class Fp16Config(Section):
+    keep_io_types: bool = True
+    # numerically sensitive ops kept fp32 (ORT #6060, PR #13639)
+    op_block_list: tuple[str, ...] = ("SkipLayerNormalization", "LayerNormalization", "EmbedLayerNormalization",
+                                      "Softmax", "Pow", "ReduceMean")
+    node_block_list: tuple[str, ...] = ()
+
+
+EXCLUDE_PRESETS = ("embeddings", "mlm-decoder", "mlm-head")
+
+
+class Int8DynamicConfig(Section):
+    weight_type: Literal["qint8", "quint8"] = "qint8"
+    per_channel: bool = True
+    reduce_range: bool = False
+    op_types: tuple[str, ...] = ("MatMul", "Attention", "EmbedLayerNormalization")
+    exclude_presets: tuple[Literal["embeddings", "mlm-decoder", "mlm-head"], ...] = ("mlm-decoder",)
+    exclude_nodes: tuple[str, ...] = ()  # regular expressions matched against node names
+
+
+class Int8StaticConfig(Section):
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_samples: int = Field(64, ge=1, le=4096)
+    calibration_corpus: str = "head-fit"
+    per_channel: bool = True
+    reduce_range: bool = False
+    exclude_presets: tuple[Literal["embeddings", "mlm-decoder", "mlm-head"], ...] = ("embeddings", "mlm-decoder")
+    exclude_nodes: tuple[str, ...] = ()
+
+
+class Gate(Section):
+    max_abs_max: float | None = Field(None, ge=0)
+    top1_min: float | None = Field(None, ge=0, le=1)
+    top5_overlap_min: float | None = Field(None, ge=0, le=1)
+    kl_mean_max: float | None = Field(None, ge=0)
+
+
+def default_gates() -> dict[str, Gate]:
+    return {
+        "fp32": Gate(max_abs_max=1e-3, top1_min=1.0),
+        "fused": Gate(max_abs_max=1e-3, top1_min=1.0),
+        "fp16": Gate(top1_min=0.99),
+        "int8-dynamic": Gate(top1_min=0.95, top5_overlap_min=0.95),
+        "int8-static": Gate(top1_min=0.95, top5_overlap_min=0.95),
+    }
+
+
+class ValidationConfig(Section):
+    corpus: str = "builtin"  # or a path to a UTF-8 text file, one sentence a line
+    seed: int = 0
+    mask_fraction: float = Field(0.15, gt=0, le=1)
+    max_sentences: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1, le=256)
+    gates: dict[Literal["fp32", "fused", "fp16", "int8-dynamic", "int8-static"], Gate] = Field(
+        default_factory=default_gates)
+
+
+class BenchConfig(Section):
+    enabled: bool = True
+    repeats: int = Field(20, ge=3)
+    warmup: int = Field(3, ge=0)
+    sequence_length: int = Field(128, ge=8, le=512)
+
+
+class Recipe(Section):
+    model: str = "bert-base-uncased"
+    variants: tuple[Literal["fp32", "fused", "fp16", "int8-dynamic", "int8-static"], ...] = VARIANTS
+    export: ExportConfig = ExportConfig()
+    fusion: FusionConfig = FusionConfig()
+    fp16: Fp16Config = Fp16Config()
+    int8_dynamic: Int8DynamicConfig = Int8DynamicConfig()
+    int8_static: Int8StaticConfig = Int8StaticConfig()
+    validation: ValidationConfig = ValidationConfig()
+    bench: BenchConfig = BenchConfig()
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "literal_error":
+        message = f"not allowed; {message[0].lower()}{message[1:]}"
+    return f"'{key}': {message}"
+
+
+def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise UsageError(f"{origin}: {_describe(first)}{more}") from exc
+
+
+def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
+    data: dict[str, Any] = {}
+    origin = "command line"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        if not path.is_file():
+            raise UsageError(f"recipe {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text("utf-8"))
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            kind = type(loaded).__name__
+            raise UsageError(f"{path}: a recipe is a mapping of keys (model, variants, ...), got {kind}")
+        data = loaded or {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    return parse_recipe(data, origin)

@@ -1,0 +1,1 @@
+"""report.json (versioned schema), report.md and a self-contained report.html."""

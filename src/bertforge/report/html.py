@@ -1,0 +1,110 @@
+"""report.html: the comparison table and agreement-vs-latency/size plots, self-contained.
+
+Inline CSS and inline SVG only: no script, stylesheet, font or image is fetched, so the file opens
+offline from a CI artifact.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any
+
+from bertforge.report.content import COLUMNS, fmt, reference_note, variant_row
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1200px}
+table{border-collapse:collapse;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.fail{color:#b00020;font-weight:600}
+.pass{color:#1b7f3b}.note{max-width:60em}.plots{display:flex;gap:2em;flex-wrap:wrap}
+svg text{font-size:12px;font-family:inherit}
+"""
+
+
+def scatter(points: list[tuple[str, float, float]], x_label: str, y_label: str, width: int = 460,
+            height: int = 320) -> str:
+    """An SVG scatter of (label, x, y); y is an agreement fraction shown in percent."""
+    left, right, top, bottom = 60, 20, 20, 50
+    valid = [(n, x, y) for n, x, y in points if x is not None and y is not None and not math.isnan(y)]
+    if not valid:
+        return f"<p>No data for {html.escape(y_label)} against {html.escape(x_label)}.</p>"
+    xs = [x for _, x, _ in valid]
+    ys = [y for _, _, y in valid]
+    x_max = max(xs) * 1.15 or 1.0
+    y_min = min(0.9, min(ys) - 0.02)
+    span = 1.0 - y_min + 0.01
+
+    def px(x: float) -> float:
+        return left + (width - left - right) * x / x_max
+
+    def py(y: float) -> float:
+        return top + (height - top - bottom) * (1.0 + 0.01 - y) / span
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="{html.escape(y_label)} vs {html.escape(x_label)}">',
+             f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
+             'fill="#fafafa" stroke="#999"/>']
+    for i in range(5):
+        gy = y_min + (1.0 - y_min) * i / 4
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{py(gy):.1f}" y2="{py(gy):.1f}" stroke="#e5e5e5"/>'
+                     f'<text x="{left - 6}" y="{py(gy) + 4:.1f}" text-anchor="end">{gy:.1%}</text>')
+        gx = x_max * i / 4
+        parts.append(f'<text x="{px(gx):.1f}" y="{height - bottom + 16}" text-anchor="middle">{gx:.0f}</text>')
+    for index, (name, x, y) in enumerate(valid):
+        color = COLORS[index % len(COLORS)]
+        parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="6" fill="{color}"><title>'
+                     f'{html.escape(name)}: {x:.1f}, {y:.2%}</title></circle>'
+                     f'<text x="{px(x) + 9:.1f}" y="{py(y) - 7:.1f}" fill="{color}">{html.escape(name)}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">'
+                 f'{html.escape(x_label)}</text>')
+    parts.append(f'<text transform="translate(14,{(top + height - bottom) / 2}) rotate(-90)" '
+                 f'text-anchor="middle">{html.escape(y_label)}</text></svg>')
+    return "".join(parts)
+
+
+def table(report: dict[str, Any]) -> str:
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in COLUMNS)
+    rows = [f"<table><thead><tr><th>variant</th>{head}<th>gates</th></tr></thead><tbody>"]
+    for name, entry in report["variants"].items():
+        row = variant_row(entry)
+        cells = "".join(f"<td>{html.escape(fmt(row.get(k), p))}</td>" for k, _, p in COLUMNS)
+        failed = [g for g in entry["gates"] if not g["passed"]]
+        if failed:
+            text = "; ".join(f"{g['metric']} {g['value']:.4g} (gate {g['op']} {g['threshold']:g})" for g in failed)
+            gate_cell = f'<td class="fail">FAIL: {html.escape(text)}</td>'
+        else:
+            gate_cell = '<td class="pass">pass</td>'
+        rows.append(f"<tr><td>{html.escape(name)}</td>{cells}{gate_cell}</tr>")
+    rows.append("</tbody></table>")
+    return "".join(rows)
+
+
+def render(report: dict[str, Any]) -> str:
+    model = report["model"]
+    rows = {name: variant_row(entry) for name, entry in report["variants"].items()}
+    latency_points = [(n, r.get("latency_p50_ms"), r.get("top1_agreement")) for n, r in rows.items()]
+    size_points = [(n, r["size_mb"], r.get("top1_agreement")) for n, r in rows.items()]
+    warnings = "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"])
+    verdict = ('<p class="pass">All gates passed.</p>' if report["gates_passed"]
+               else '<p class="fail">A gate failed: see the table.</p>')
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>bertforge report: {html.escape(model['spec'])}</title>
+<style>{STYLE}</style></head><body>
+<h1>bertforge report: {html.escape(model['spec'])}</h1>
+<p class="note">Model: {html.escape(model['description'])}. Corpus: {report['corpus']['sentences']} sentences,
+{report['corpus']['masked_positions']} masked positions. Every metric compares the variant's logits with PyTorch fp32
+(eager) at the [MASK] positions.</p>
+{verdict}
+{table(report)}
+<p class="note">{html.escape(reference_note(report['reference']))}</p>
+<h2>Agreement against cost</h2>
+<div class="plots">
+{scatter(latency_points, "latency p50, ms (batch 1 × seq 128)", "top-1 agreement with PyTorch")}
+{scatter(size_points, "size on disk, MB", "top-1 agreement with PyTorch")}
+</div>
+{f'<h2>Warnings</h2><ul>{warnings}</ul>' if warnings else ''}
+<p class="note">Machine: {html.escape(report['machine']['cpu'])}, {report['machine']['physical_cores']} physical
+cores. bertforge {html.escape(report['bertforge_version'])}, report schema {report['schema_version']}.</p>
+</body></html>
+"""

@@ -1,0 +1,54 @@
+"""onnxruntime sessions over an artifact directory, and fill-mask with tokenizers only (no torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bertforge.environment import physical_cores
+
+MODEL_FILE = "model.onnx"
+
+
+def session_options(threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or physical_cores()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
+def open_session(directory: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    path = Path(directory) / MODEL_FILE
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def feeds_for(session, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray):
+    available = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+    return {i.name: available[i.name] for i in session.get_inputs()}
+
+
+def fill_mask(directory: Path, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """Top-k (token, probability) at each [MASK] of `text`, from the artifact alone."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
+    encoding = tokenizer.encode(text)
+    ids = np.array([encoding.ids], dtype=np.int64)
+    session = open_session(directory)
+    logits = session.run(None, feeds_for(session, ids, np.ones_like(ids), np.array([encoding.type_ids])))[0][0]
+    mask_id = tokenizer.token_to_id("[MASK]")
+    answers = []
+    for position in np.flatnonzero(ids[0] == mask_id):
+        row = logits[position].astype(np.float64)
+        probs = np.exp(row - row.max())
+        probs /= probs.sum()
+        best = np.argsort(-probs)[:top_k]
+        answers.append([(tokenizer.id_to_token(int(i)), float(probs[i])) for i in best])
+    return answers

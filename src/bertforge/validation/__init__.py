@@ -1,0 +1,1 @@
+"""Validation against the PyTorch reference at the [MASK] positions of real text."""

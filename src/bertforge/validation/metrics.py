@@ -1,0 +1,131 @@
+"""Parity and agreement metrics between a variant's logits and the reference's.
+
+Pure numpy on arrays of shape [positions, vocab]; `Accumulator` aggregates batch after batch so no
+[tokens x vocab] matrix is kept for the whole corpus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+TOP_K = 5
+DEGENERATE_SHARE = 0.5  # one token as top-1 at half the masked positions or more
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def kl_divergence(reference: np.ndarray, variant: np.ndarray) -> np.ndarray:
+    """KL(softmax(reference) || softmax(variant)) per row, in nats."""
+    log_p, log_q = log_softmax(reference), log_softmax(variant)
+    return (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    denominator = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return (a * b).sum(axis=-1) / np.maximum(denominator, 1e-30)
+
+
+def relative_l2(reference: np.ndarray, variant: np.ndarray) -> np.ndarray:
+    reference, variant = reference.astype(np.float64), variant.astype(np.float64)
+    return np.linalg.norm(variant - reference, axis=-1) / np.maximum(np.linalg.norm(reference, axis=-1), 1e-30)
+
+
+def top_k(logits: np.ndarray, k: int = TOP_K) -> np.ndarray:
+    """Indices of the k largest logits per row, largest first (ties broken by lower index)."""
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    return order[..., :k]
+
+
+def top_k_overlap(reference: np.ndarray, variant: np.ndarray, k: int = TOP_K) -> np.ndarray:
+    ref_k, var_k = top_k(reference, k), top_k(variant, k)
+    return np.array([len(set(r) & set(v)) / k for r, v in zip(ref_k, var_k, strict=True)])
+
+
+@dataclass
+class Accumulator:
+    """Per-position metrics for one variant, collected over the corpus."""
+
+    max_abs: list[float] = field(default_factory=list)
+    mean_abs: list[float] = field(default_factory=list)
+    cosine: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    rel_l2: list[float] = field(default_factory=list)
+    top1_agree: list[bool] = field(default_factory=list)
+    top5_overlap: list[float] = field(default_factory=list)
+    ref_top1_in_top5: list[bool] = field(default_factory=list)
+    truth_hit: list[bool] = field(default_factory=list)
+    max_abs_all_positions: float = 0.0
+
+    def add(self, reference: np.ndarray, variant: np.ndarray, truth: np.ndarray) -> None:
+        """reference/variant: [masked positions, vocab]; truth: original ids, -1 where unknown."""
+        diff = np.abs(variant.astype(np.float64) - reference.astype(np.float64))
+        self.max_abs.extend(diff.max(axis=-1).tolist())
+        self.mean_abs.extend(diff.mean(axis=-1).tolist())
+        self.cosine.extend(cosine_similarity(reference, variant).tolist())
+        self.kl.extend(kl_divergence(reference, variant).tolist())
+        self.rel_l2.extend(relative_l2(reference, variant).tolist())
+        ref_top, var_top = top_k(reference), top_k(variant)
+        self.top1_agree.extend((ref_top[:, 0] == var_top[:, 0]).tolist())
+        self.top5_overlap.extend(top_k_overlap(reference, variant).tolist())
+        self.ref_top1_in_top5.extend((var_top == ref_top[:, :1]).any(axis=-1).tolist())
+        known = truth >= 0
+        self.truth_hit.extend((var_top[known, 0] == truth[known]).tolist())
+
+    def add_all_positions(self, max_abs: float) -> None:
+        self.max_abs_all_positions = max(self.max_abs_all_positions, float(max_abs))
+
+    def summary(self) -> dict[str, float]:
+        if not self.max_abs:
+            raise ValueError("no masked positions were evaluated")
+        return {
+            "positions": len(self.max_abs),
+            "max_abs": float(np.max(self.max_abs)),
+            "mean_abs": float(np.mean(self.mean_abs)),
+            "max_abs_all_positions": self.max_abs_all_positions,
+            "cosine_mean": float(np.mean(self.cosine)),
+            "cosine_min": float(np.min(self.cosine)),
+            "kl_mean": float(np.mean(self.kl)),
+            "kl_max": float(np.max(self.kl)),
+            "rel_l2_mean": float(np.mean(self.rel_l2)),
+            "top1_agreement": float(np.mean(self.top1_agree)),
+            "top5_overlap": float(np.mean(self.top5_overlap)),
+            "ref_top1_in_top5": float(np.mean(self.ref_top1_in_top5)),
+            "truth_recovery": float(np.mean(self.truth_hit)) if self.truth_hit else float("nan"),
+        }
+
+
+@dataclass
+class ReferenceStats:
+    """How informative the reference is: top-1 diversity, margins, its own ground-truth recovery."""
+
+    top1: list[int] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)
+    truth_hit: list[bool] = field(default_factory=list)
+
+    def add(self, reference: np.ndarray, truth: np.ndarray) -> None:
+        top2 = np.sort(reference, axis=-1)[:, -2:]
+        self.margins.extend((top2[:, 1] - top2[:, 0]).tolist())
+        top1 = reference.argmax(axis=-1)
+        self.top1.extend(top1.tolist())
+        known = truth >= 0
+        self.truth_hit.extend((top1[known] == truth[known]).tolist())
+
+    def summary(self) -> dict[str, object]:
+        values, counts = np.unique(self.top1, return_counts=True)
+        top_share = float(counts.max() / counts.sum())
+        return {
+            "positions": len(self.top1),
+            "distinct_top1": int(len(values)),
+            "most_common_top1_id": int(values[counts.argmax()]),
+            "most_common_top1_share": top_share,
+            "median_top1_top2_margin": float(np.median(self.margins)),
+            "truth_recovery": float(np.mean(self.truth_hit)) if self.truth_hit else float("nan"),
+            "degenerate": top_share >= DEGENERATE_SHARE,
+        }

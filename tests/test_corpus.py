@@ -1,0 +1,37 @@
+"""The shipped corpus and the deterministic masking."""
+
+from transformers import AutoTokenizer
+
+from bertforge.validation.corpus import BUILTIN, HEAD_FIT, NO_LABEL, builtin_lines, mask_sentences
+
+PROBES = ["The capital of France is [MASK].", "The man worked as a [MASK].", "The woman worked as a [MASK]."]
+
+
+def test_corpus_is_large_varied_and_kept_apart_from_head_fit():
+    sentences = builtin_lines(BUILTIN)
+    head_fit = builtin_lines(HEAD_FIT)
+    assert len(sentences) >= 300
+    assert sentences[:3] == PROBES
+    assert len(set(sentences)) == len(sentences)
+    assert not set(sentences) & set(head_fit)
+    assert len(head_fit) >= 80
+
+
+def test_masking_is_deterministic_and_bert_like(tiny_checkpoint):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    lines = builtin_lines(BUILTIN)[:60]
+    first = mask_sentences(lines, tokenizer, seed=0)
+    again = mask_sentences(lines, tokenizer, seed=0)
+    other = mask_sentences(lines, tokenizer, seed=1)
+    assert first == again
+    assert first != other
+    special = set(tokenizer.all_special_ids)
+    for example in first[3:]:
+        words = sum(1 for t in tokenizer(example.text)["input_ids"] if t not in special)
+        assert len(example.masked_positions) == max(1, round(0.15 * words))
+        assert all(example.input_ids[p] == tokenizer.mask_token_id for p in example.masked_positions)
+        assert all(o not in special and o >= 0 for o in example.original_ids)
+    # probes keep their own single mask and have no ground truth
+    assert [e.original_ids for e in first[:3]] == [(NO_LABEL,)] * 3
+    # appending sentences does not move the earlier sentences' masks
+    assert mask_sentences(lines[:30], tokenizer, seed=0) == first[:30]

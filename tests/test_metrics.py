@@ -1,0 +1,85 @@
+"""Metric code against values computed by hand on small arrays."""
+
+import math
+
+import numpy as np
+import pytest
+
+from bertforge.recipe import Gate
+from bertforge.validation.gates import evaluate
+from bertforge.validation.metrics import (
+    Accumulator,
+    ReferenceStats,
+    cosine_similarity,
+    kl_divergence,
+    relative_l2,
+    top_k,
+    top_k_overlap,
+)
+
+
+def test_kl_divergence_by_hand():
+    # softmax([0, ln 3]) = [1/4, 3/4]; softmax([0, 0]) = [1/2, 1/2]
+    ref = np.array([[0.0, math.log(3.0)]])
+    var = np.array([[0.0, 0.0]])
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert kl_divergence(ref, var)[0] == pytest.approx(expected, rel=1e-12)
+    assert kl_divergence(ref, ref)[0] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_cosine_and_relative_l2_by_hand():
+    a = np.array([[1.0, 0.0], [3.0, 4.0]])
+    b = np.array([[0.0, 1.0], [3.0, 4.0]])
+    assert cosine_similarity(a, b).tolist() == pytest.approx([0.0, 1.0])
+    # |(0,1)-(1,0)| / |(1,0)| = sqrt(2)
+    assert relative_l2(a, b).tolist() == pytest.approx([math.sqrt(2.0), 0.0])
+
+
+def test_top_k_and_overlap():
+    ref = np.array([[9, 8, 7, 6, 5, 4, 0.0]])
+    var = np.array([[9, 8, 7, 0, 0, 5, 6.0]])  # top-5: 0,1,2,6,5 vs ref's 0,1,2,3,4
+    assert top_k(ref).tolist() == [[0, 1, 2, 3, 4]]
+    assert top_k_overlap(ref, var).tolist() == [pytest.approx(3 / 5)]
+
+
+def test_accumulator_summary_by_hand():
+    vocab = 6
+    ref = np.zeros((2, vocab))
+    ref[0, 2], ref[1, 4] = 5.0, 5.0
+    var = ref.copy()
+    var[1, 4], var[1, 1] = 1.0, 2.0  # position 1: top-1 changes 4 -> 1, max abs 4.0
+    acc = Accumulator()
+    acc.add(ref, var, truth=np.array([2, -1]))
+    acc.add_all_positions(4.0)
+    s = acc.summary()
+    assert s["positions"] == 2
+    assert s["max_abs"] == pytest.approx(4.0)
+    assert s["mean_abs"] == pytest.approx((0.0 + (4.0 + 2.0) / vocab) / 2)
+    assert s["top1_agreement"] == pytest.approx(0.5)
+    assert s["ref_top1_in_top5"] == pytest.approx(1.0)  # 4 is still 2nd at position 1
+    assert s["truth_recovery"] == pytest.approx(1.0)  # only position 0 has a label, and it is hit
+    assert s["max_abs_all_positions"] == pytest.approx(4.0)
+
+
+def test_reference_stats_flags_degenerate_reference():
+    stats = ReferenceStats()
+    logits = np.zeros((4, 5))
+    logits[:, 3] = [2.0, 2.0, 2.0, 0.5]  # token 3 is top-1 at 3 of 4 positions (0.5 ties go to index 0)
+    logits[3, 0] = 1.0
+    stats.add(logits, np.array([3, 3, 1, -1]))
+    s = stats.summary()
+    assert s["distinct_top1"] == 2
+    assert s["most_common_top1_share"] == pytest.approx(0.75)
+    assert s["degenerate"] is True
+    assert s["truth_recovery"] == pytest.approx(2 / 3)
+    assert s["median_top1_top2_margin"] == pytest.approx(2.0)
+
+
+def test_gate_evaluation_names_metric_and_threshold():
+    results = evaluate("int8-dynamic", {"top1_agreement": 0.9, "top5_overlap": 0.97, "max_abs": 0.2,
+                                        "kl_mean": 0.01}, Gate(top1_min=0.95, top5_overlap_min=0.95))
+    assert [(r.metric, r.passed) for r in results] == [("top1_agreement", False), ("top5_overlap", True)]
+    assert results[0].line() == "FAIL: int8-dynamic top1_agreement = 0.9 (gate >= 0.95)"
+    nan = evaluate("fp16", {"top1_agreement": float("nan"), "top5_overlap": 1, "max_abs": 0, "kl_mean": 0},
+                   Gate(top1_min=0.5))
+    assert not nan[0].passed  # a NaN never passes a gate

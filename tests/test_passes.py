@@ -1,0 +1,106 @@
+"""Each optimization pass on the tiny model: graph properties, not only that it ran."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from bertforge.artifact import read_manifest
+from conftest import tiny_feeds
+
+FLOAT, FLOAT16, INT8, UINT8 = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+                               onnx.TensorProto.UINT8)
+
+
+def load(path):
+    return onnx.load(str(path / "model.onnx"))
+
+
+def logits(path):
+    return ort.InferenceSession(str(path / "model.onnx")).run(None, tiny_feeds())[0]
+
+
+def test_fusion_counts_recorded_and_complete(tiny_variants):
+    meta = read_manifest(tiny_variants["fused"])["metadata"]
+    ops = Counter(n.op_type for n in load(tiny_variants["fused"]).graph.node)
+    assert meta["fully_fused"] is True
+    assert ops["Attention"] == 2 and meta["fused_operators"]["Attention"] == 2
+    assert ops["EmbedLayerNormalization"] == 1
+    assert ops["SkipLayerNormalization"] == 4
+    assert ops["BiasGelu"] == 3  # two layers + the MLM head's transform
+    assert np.abs(logits(tiny_variants["fused"]) - logits(tiny_variants["fp32"])).max() < 1e-4
+
+
+def test_fusion_reports_what_did_not_fuse():
+    from bertforge.optimizers.fusion import missing_fusions
+
+    stats = {"Attention": 0, "EmbedLayerNormalization": 1, "SkipLayerNormalization": 24, "BiasGelu": 13}
+    assert missing_fusions(stats, 12) == ["Attention 0/12"]
+
+
+def test_fp16_weights_with_fp32_io_and_blocked_ops(tiny_variants):
+    model = load(tiny_variants["fp16"])
+    graph = model.graph
+    assert all(i.type.tensor_type.elem_type in (onnx.TensorProto.INT64,) for i in graph.input)
+    assert graph.output[0].type.tensor_type.elem_type == FLOAT
+    dtypes = Counter(i.data_type for i in graph.initializer)
+    assert dtypes[FLOAT16] > 0
+    # the blocked ops keep fp32 weights (their gamma/beta initializers stay float)
+    by_name = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type in ("SkipLayerNormalization", "LayerNormalization"):
+            assert by_name[node.input[2]].data_type == FLOAT, node.name
+        if node.op_type == "MatMul" and node.input[1] in by_name:
+            assert by_name[node.input[1]].data_type == FLOAT16, node.name
+    meta = read_manifest(tiny_variants["fp16"])["metadata"]
+    assert meta["ops_kept_fp32"]["SkipLayerNormalization"] == 4
+    ref = logits(tiny_variants["fp32"])
+    assert np.abs(logits(tiny_variants["fp16"]) - ref).max() < 0.05
+
+
+def test_int8_dynamic_quantizes_weights_and_keeps_decoder_fp32(tiny_variants):
+    model = load(tiny_variants["int8-dynamic"])
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["QAttention"] == 2 and ops["MatMulInteger"] >= 6 and ops["QEmbedLayerNormalization"] == 1
+    dtypes = Counter(i.data_type for i in model.graph.initializer)
+    assert dtypes[INT8] > 0
+    decoder = [n for n in model.graph.node if n.name == "/cls/predictions/decoder/MatMul"]
+    assert len(decoder) == 1 and decoder[0].op_type == "MatMul", "the excluded decoder stays an fp32 MatMul"
+    # the tied table is stored once, quantized; no fp32 copy beside it
+    tables = [i for i in model.graph.initializer if sorted(i.dims) == [32, 30522]]
+    assert [t.data_type for t in tables] == [UINT8]
+    fp32_size = (tiny_variants["fused"] / "model.onnx").stat().st_size
+    int8_size = (tiny_variants["int8-dynamic"] / "model.onnx").stat().st_size
+    assert int8_size < 0.4 * fp32_size
+    ref = logits(tiny_variants["fp32"])
+    assert np.abs(logits(tiny_variants["int8-dynamic"]) - ref).max() < 0.5
+
+
+def test_int8_dynamic_embeddings_preset_keeps_embeddings_fp32(tiny_variants, tmp_path):
+    from bertforge.optimizers import int8_dynamic
+    from bertforge.recipe import Int8DynamicConfig
+
+    out = tmp_path / "q"
+    out.mkdir()
+    meta = int8_dynamic.run(tiny_variants["fused"], out, Int8DynamicConfig(exclude_presets=("embeddings",
+                                                                                             "mlm-head")))
+    model = load(out)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["EmbedLayerNormalization"] == 1 and ops["QEmbedLayerNormalization"] == 0
+    assert {n.op_type for n in model.graph.node if n.name.startswith("/cls/predictions/")} <= {"MatMul", "Add",
+                                                                                             "LayerNormalization"}
+    assert "/cls/predictions/transform/dense/MatMul" in meta["excluded_nodes"]
+
+
+def test_int8_static_is_qdq_calibrated(tiny_variants):
+    model = load(tiny_variants["int8-static"])
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
+    meta = read_manifest(tiny_variants["int8-static"])["metadata"]
+    assert meta["calibration_samples"] == 8 and meta["calibration_method"] == "minmax"
+    decoder_inputs = [n.input for n in model.graph.node if n.name == "/cls/predictions/decoder/MatMul"][0]
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert all(producers.get(i) != "DequantizeLinear" for i in decoder_inputs), "decoder excluded"
+    ref = logits(tiny_variants["fp32"])
+    assert np.abs(logits(tiny_variants["int8-static"]) - ref).max() < 0.5
