@@ -60,7 +60,7 @@ class Progress:
         while not stop.wait(0.5):
             with self._lock:
                 detail = f"  {self._detail}" if self._detail else ""
-            self.stream.write(f"\r  {name:<14} {time.monotonic() - start:7.1f}s{detail}\033[K")
+            self.stream.write(f"\r  {name:<20} {time.monotonic() - start:7.1f}s{detail}\033[K")
             self.stream.flush()
 
     def _finish(self, name, start, stop, ticker, status, info) -> None:
@@ -73,4 +73,4 @@ class Progress:
         if self.mode == "jsonl":
             self.event("step_end", step=name, status=status, seconds=round(seconds, 3), note=info.get("note"))
         elif self.mode != "quiet":
-            print(f"  {name:<14} {status:<6} {seconds:7.1f}s{note}", file=self.stream, flush=True)
+            print(f"  {name:<20} {status:<6} {seconds:7.1f}s{note}", file=self.stream, flush=True)

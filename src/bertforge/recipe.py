@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from bertforge.errors import UsageError
 
 VARIANTS = ("fp32", "fused", "fp16", "int8-dynamic", "int8-static")
+# Extras, built only when asked for: a different output interface than optimum's (see masked_head.py).
+EXTRA_VARIANTS = ("int8-dynamic-masked",)
+VariantName = Literal["fp32", "fused", "fp16", "int8-dynamic", "int8-static", "int8-dynamic-masked"]
 
 
 class Section(BaseModel):
@@ -62,6 +65,10 @@ class Int8StaticConfig(Section):
     exclude_nodes: tuple[str, ...] = ()
 
 
+class MaskedHeadConfig(Section):
+    mask_token_id: int | None = Field(None, ge=0)  # None: read [MASK]'s id from tokenizer.json
+
+
 class Gate(Section):
     max_abs_max: float | None = Field(None, ge=0)
     top1_min: float | None = Field(None, ge=0, le=1)
@@ -76,6 +83,7 @@ def default_gates() -> dict[str, Gate]:
         "fp16": Gate(top1_min=0.99),
         "int8-dynamic": Gate(top1_min=0.95, top5_overlap_min=0.95),
         "int8-static": Gate(top1_min=0.95, top5_overlap_min=0.95),
+        "int8-dynamic-masked": Gate(top1_min=0.95, top5_overlap_min=0.95),
     }
 
 
@@ -85,7 +93,7 @@ class ValidationConfig(Section):
     mask_fraction: float = Field(0.15, gt=0, le=1)
     max_sentences: int | None = Field(None, ge=1)
     batch_size: int = Field(16, ge=1, le=256)
-    gates: dict[Literal["fp32", "fused", "fp16", "int8-dynamic", "int8-static"], Gate] = Field(
+    gates: dict[VariantName, Gate] = Field(
         default_factory=default_gates)
 
 
@@ -98,12 +106,13 @@ class BenchConfig(Section):
 
 class Recipe(Section):
     model: str = "bert-base-uncased"
-    variants: tuple[Literal["fp32", "fused", "fp16", "int8-dynamic", "int8-static"], ...] = VARIANTS
+    variants: tuple[VariantName, ...] = VARIANTS
     export: ExportConfig = ExportConfig()
     fusion: FusionConfig = FusionConfig()
     fp16: Fp16Config = Fp16Config()
     int8_dynamic: Int8DynamicConfig = Int8DynamicConfig()
     int8_static: Int8StaticConfig = Int8StaticConfig()
+    masked_head: MaskedHeadConfig = MaskedHeadConfig()
     validation: ValidationConfig = ValidationConfig()
     bench: BenchConfig = BenchConfig()
 

@@ -22,10 +22,13 @@ def session_options(threads: int | None = None):
     return options
 
 
-def open_session(directory: Path, threads: int | None = None):
+def open_session(location: Path, threads: int | None = None):
+    """A CPU session over `location`: a variant directory (its model.onnx) or an .onnx file."""
     import onnxruntime as ort
 
-    path = Path(directory) / MODEL_FILE
+    path = Path(location)
+    if path.is_dir():
+        path = path / MODEL_FILE
     return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 

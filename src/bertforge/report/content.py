@@ -41,7 +41,7 @@ def variant_row(entry: dict[str, Any]) -> dict[str, Any]:
 def make_report(*, model: dict[str, Any], validation: dict[str, Any], variants: dict[str, dict[str, Any]],
                 warnings: list[str]) -> dict[str, Any]:
     passed = all(g["passed"] for entry in variants.values() for g in entry["gates"])
-    return {
+    return without_nan({
         "schema_version": SCHEMA_VERSION,
         "bertforge_version": __version__,
         "model": model,
@@ -52,7 +52,18 @@ def make_report(*, model: dict[str, Any], validation: dict[str, Any], variants: 
         "variants": variants,
         "gates_passed": passed,
         "warnings": warnings,
-    }
+    })
+
+
+def without_nan(value: Any) -> Any:
+    """NaN (a metric that does not apply) becomes null: report.json stays strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: without_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nan(v) for v in value]
+    return value
 
 
 def reference_note(reference: dict[str, Any]) -> str:

@@ -61,7 +61,7 @@ class Accumulator:
     top5_overlap: list[float] = field(default_factory=list)
     ref_top1_in_top5: list[bool] = field(default_factory=list)
     truth_hit: list[bool] = field(default_factory=list)
-    max_abs_all_positions: float = 0.0
+    max_abs_all_positions: float = float("nan")  # stays NaN for a variant that outputs masked rows only
 
     def add(self, reference: np.ndarray, variant: np.ndarray, truth: np.ndarray) -> None:
         """reference/variant: [masked positions, vocab]; truth: original ids, -1 where unknown."""
@@ -79,7 +79,8 @@ class Accumulator:
         self.truth_hit.extend((var_top[known, 0] == truth[known]).tolist())
 
     def add_all_positions(self, max_abs: float) -> None:
-        self.max_abs_all_positions = max(self.max_abs_all_positions, float(max_abs))
+        current = self.max_abs_all_positions
+        self.max_abs_all_positions = float(max_abs) if np.isnan(current) else max(current, float(max_abs))
 
     def summary(self) -> dict[str, float]:
         if not self.max_abs:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from bertforge.errors import StageError
 from bertforge.recipe import ValidationConfig
 from bertforge.runtime import feeds_for, open_session
 from bertforge.validation.corpus import batches, load_lines, mask_sentences
@@ -49,6 +50,11 @@ def run_validation(checkpoint: Path, variants: dict[str, Path], config: Validati
         for name, session in sessions.items():
             logits = session.run(None, feeds_for(session, batch.input_ids, batch.attention_mask,
                                                  batch.token_type_ids))[0]
+            if logits.ndim == 2:  # a masked-head variant: one row per [MASK], row-major like rows/cols
+                if logits.shape[0] != len(rows):
+                    raise StageError(f"{name}: {logits.shape[0]} logit rows for {len(rows)} [MASK] positions")
+                accumulators[name].add(reference_masked, logits, truth)
+                continue
             accumulators[name].add(reference_masked, logits[rows, cols], truth)
             accumulators[name].add_all_positions(np.abs(logits[real] - reference[real]).max())
         done += len(batch.examples)

@@ -1,0 +1,196 @@
+"""The CLI end to end on the tiny model: build, gates and exit codes, bad input, the other commands."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bertforge.cli import main
+
+# The tiny random model's reference is degenerate and its int8 logits move a lot relative to their
+# spread, so this recipe's int8 gates are loose; the real thresholds are exercised on the demo model.
+TINY_RECIPE = """
+variants: [fp32, fused, fp16, int8-dynamic, int8-static]
+int8_static: {calibration_samples: 8}
+validation:
+  max_sentences: 40
+  gates:
+    fp32: {max_abs_max: 0.001, top1_min: 1.0}
+    fused: {max_abs_max: 0.001, top1_min: 1.0}
+    fp16: {top1_min: 0.5}
+    int8-dynamic: {top1_min: 0.0}
+    int8-static: {top1_min: 0.0}
+bench: {repeats: 3, warmup: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory, tiny_checkpoint) -> Path:
+    path = tmp_path_factory.mktemp("recipes") / "tiny.yaml"
+    path.write_text(f"model: {tiny_checkpoint}\n" + TINY_RECIPE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_recipe) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "a"
+    assert main(["build", "--recipe", str(tiny_recipe), "--out", str(out), "--progress", "plain"]) == 0
+    return out
+
+
+def test_build_writes_every_variant_and_the_reports(built):
+    report = json.loads((built / "report.json").read_text())
+    assert report["schema_version"] == 1
+    assert list(report["variants"]) == ["fp32", "fused", "fp16", "int8-dynamic", "int8-static"]
+    for name, entry in report["variants"].items():
+        assert (built / name / "model.onnx").stat().st_size == entry["size_bytes"]
+        assert len(entry["sha256"]) == 64
+        assert entry["latency"]["p50_ms"] > 0
+        assert entry["metrics"]["positions"] == report["corpus"]["masked_positions"] > 40
+        assert entry["gates"], name
+    assert report["variants"]["fp32"]["metrics"]["max_abs"] < 1e-4
+    assert report["variants"]["fp32"]["metrics"]["top1_agreement"] == 1.0
+    md = (built / "report.md").read_text()
+    assert all(f"| {name} |" in md for name in report["variants"])
+    manifest = json.loads((built / "fused" / "manifest.json").read_text())
+    assert [step["stage"] for step in manifest["lineage"]] == ["source", "export", "fusion"]
+    assert manifest["recipe"]["variants"][0] == "fp32"
+    assert "avx2" in manifest["machine"]["isa"] and manifest["libraries"]["onnxruntime"].startswith("1.32")
+    assert manifest["metadata"]["fused_operators"]["Attention"] == 2
+
+
+def test_report_html_is_self_contained(built):
+    html = (built / "report.html").read_text()
+    for forbidden in ("<script", "<link", "@import", "url(", "src="):
+        assert forbidden not in html, forbidden
+    assert html.count("<svg") == 2 and html.count("<circle") == 10
+    assert all(f"<td>{name}</td>" in html for name in ("fp32", "fused", "fp16", "int8-dynamic", "int8-static"))
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed here")
+def test_report_html_renders_in_headless_chromium(built, tmp_path):
+    png = tmp_path / "report.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}", "--window-size=1280,1100",
+                    (built / "report.html").as_uri()], check=True, capture_output=True, timeout=120)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a rendered page, not a blank one
+
+
+def test_a_failing_gate_exits_1_and_names_the_metric(built, tiny_checkpoint, tmp_path, capsys):
+    recipe = tmp_path / "strict.yaml"
+    recipe.write_text(f"model: {tiny_checkpoint}\nvariants: [fp32, int8-dynamic]\nbench: {{enabled: false}}\n"
+                      "validation:\n  max_sentences: 20\n  gates:\n    int8-dynamic: {max_abs_max: 1.0e-9}\n")
+    code = main(["build", "--recipe", str(recipe), "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "FAIL: int8-dynamic max_abs = " in err and "(gate <= 1e-09)" in err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["gates_passed"] is False and report["variants"]["fp32"]["passed"] is True
+
+
+@pytest.mark.parametrize("content, message", [
+    ("model: demo\nbogus: 1\n", "'bogus': unknown key"),
+    ("variants: [fp32, int4]\n", "'variants.1': not allowed"),
+    ("validation: {batch_size: 0}\n", "'validation.batch_size': Input should be greater than or equal to 1"),
+    ("export: {opset: eleven}\n", "'export.opset': Input should be a valid integer"),
+    ("- a list\n", "a recipe is a mapping"),
+])
+def test_bad_recipe_is_one_line_and_writes_nothing(tmp_path, capsys, content, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(content)
+    out = tmp_path / "out"
+    assert main(["build", "--recipe", str(recipe), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(recipe) in err and message in err
+    assert not out.exists()
+
+
+def test_bad_model_inputs_are_one_line_errors(tmp_path, capsys):
+    not_bert = tmp_path / "gpt"
+    not_bert.mkdir()
+    (not_bert / "config.json").write_text('{"model_type": "gpt2"}')
+    cases = [
+        (str(tmp_path / "missing"), "does not exist"),
+        (str(tmp_path), "no config.json"),
+        (str(not_bert), "holds a 'gpt2' model"),
+        ("no-such-org/no-such-bert", "hub is unreachable or has no such model"),
+        ("synthetic:gpt2", "unknown synthetic model"),
+    ]
+    for spec, message in cases:
+        out = tmp_path / "out"
+        assert main(["build", "--model", spec, "--out", str(out), "--quiet"]) == 2, spec
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (spec, err)
+        assert "Traceback" not in err
+        assert not out.exists()
+
+
+def test_refuses_to_replace_a_foreign_directory(tmp_path, tiny_checkpoint, capsys):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.tex").write_text("keep me")
+    assert main(["build", "--model", str(tiny_checkpoint), "--out", str(out), "--quiet"]) == 2
+    assert "not a bertforge output directory" in capsys.readouterr().err
+    assert (out / "thesis.tex").read_text() == "keep me"
+
+
+def test_resolve_prints_the_checkpoint_last(tiny_checkpoint, capsys):
+    assert main(["resolve", str(tiny_checkpoint)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tiny_checkpoint.resolve())
+
+
+def test_inspect_verify_and_validate(built, tmp_path, capsys):
+    assert main(["inspect", str(built / "int8-dynamic"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["fused_ops"]["QAttention"] == 2 and info["initializers"]["int8"]["count"] > 0
+    assert info["opsets"]["ai.onnx"] == 17
+    assert main(["verify", str(built)]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    with open(copy / "fp16" / "model.onnx", "r+b") as handle:
+        handle.seek(1000)
+        byte = handle.read(1)
+        handle.seek(1000)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    capsys.readouterr()
+    assert main(["verify", str(copy)]) == 1
+    assert "model.onnx: sha256 differs" in capsys.readouterr().out
+    assert main(["validate", str(copy), "--no-latency", "--quiet"]) == 0
+    revalidated = json.loads((copy / "report.json").read_text())
+    assert revalidated["variants"]["fp32"]["metrics"]["top1_agreement"] == 1.0
+
+
+def test_compare_flags_a_regression(built, tmp_path, capsys):
+    assert main(["compare", str(built), str(built)]) == 0
+    assert "no regression beyond tolerance" in capsys.readouterr().out
+    worse = tmp_path / "worse"
+    worse.mkdir()
+    report = json.loads((built / "report.json").read_text())
+    report["variants"]["fp16"]["metrics"]["top1_agreement"] -= 0.05
+    (worse / "report.json").write_text(json.dumps(report))
+    assert main(["compare", str(built), str(worse), "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert any(r.startswith("fp16 top1_agreement") for r in result["regressions"])
+
+
+def test_no_files_written_outside_output_and_cache(tmp_path, tiny_recipe):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "ORT_", "HF_HUB_DISABLE"))}
+    env.update(HOME=str(home), BERTFORGE_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", TMPDIR=str(tmp_path / "t"))
+    (tmp_path / "t").mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    done = subprocess.run([sys.executable, "-m", "bertforge", "build", "--recipe", str(tiny_recipe),
+                           "--variants", "fp32,fused,int8-dynamic", "--out", str(tmp_path / "out"), "--quiet",
+                           "--no-latency"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [p for p in home.rglob("*")] == [], "nothing under HOME (ORT telemetry is off by default)"
+    assert list(work.iterdir()) == [], "nothing in the working directory"
+    assert list((tmp_path / "t").iterdir()) == [], "temporary files are cleaned up"
