@@ -161,9 +161,14 @@ def test_inspect_verify_and_validate(built, tmp_path, capsys):
     capsys.readouterr()
     assert main(["verify", str(copy)]) == 1
     assert "model.onnx: sha256 differs" in capsys.readouterr().out
+    assert main(["validate", str(copy), "--no-latency", "--quiet"]) == 3
+    assert "fp16: model.onnx: sha256 differs from the manifest" in capsys.readouterr().err
+    shutil.copy2(built / "fp16" / "model.onnx", copy / "fp16" / "model.onnx")
+    (copy / "report.json").unlink()
     assert main(["validate", str(copy), "--no-latency", "--quiet"]) == 0
     revalidated = json.loads((copy / "report.json").read_text())
     assert revalidated["variants"]["fp32"]["metrics"]["top1_agreement"] == 1.0
+    assert revalidated["variants"]["fp32"]["latency"] == {}
 
 
 def test_compare_flags_a_regression(built, tmp_path, capsys):

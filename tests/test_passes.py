@@ -52,9 +52,11 @@ def test_fp16_weights_with_fp32_io_and_blocked_ops(tiny_variants):
         if node.op_type in ("SkipLayerNormalization", "LayerNormalization"):
             assert by_name[node.input[2]].data_type == FLOAT, node.name
         if node.op_type == "MatMul" and node.input[1] in by_name:
-            assert by_name[node.input[1]].data_type == FLOAT16, node.name
+            expected = FLOAT if node.name.startswith("/cls/") else FLOAT16  # the MLM head stays fp32
+            assert by_name[node.input[1]].data_type == expected, node.name
     meta = read_manifest(tiny_variants["fp16"])["metadata"]
     assert meta["ops_kept_fp32"]["SkipLayerNormalization"] == 4
+    assert "/cls/predictions/decoder/MatMul" in meta["nodes_kept_fp32"]
     ref = logits(tiny_variants["fp32"])
     assert np.abs(logits(tiny_variants["fp16"]) - ref).max() < 0.05
 
@@ -99,8 +101,27 @@ def test_int8_static_is_qdq_calibrated(tiny_variants):
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
     meta = read_manifest(tiny_variants["int8-static"])["metadata"]
     assert meta["calibration_samples"] == 8 and meta["calibration_method"] == "minmax"
+    assert "/bert/encoder/layer.1/output/dense/MatMul" in meta["excluded_nodes"]  # ffn-output preset
+    assert "/bert/encoder/layer.1/attention/output/dense/MatMul" not in meta["excluded_nodes"]
     decoder_inputs = [n.input for n in model.graph.node if n.name == "/cls/predictions/decoder/MatMul"][0]
     producers = {o: n.op_type for n in model.graph.node for o in n.output}
     assert all(producers.get(i) != "DequantizeLinear" for i in decoder_inputs), "decoder excluded"
     ref = logits(tiny_variants["fp32"])
     assert np.abs(logits(tiny_variants["int8-static"]) - ref).max() < 0.5
+
+
+def test_masked_head_matches_the_full_head_at_mask_positions(tiny_checkpoint, tiny_variants, tmp_path):
+    from bertforge.optimizers import masked_head
+    from bertforge.recipe import MaskedHeadConfig
+
+    out = tmp_path / "masked"
+    out.mkdir()
+    meta = masked_head.run(tiny_variants["fused"], out, MaskedHeadConfig())
+    assert meta["mask_token_id"] == 103
+    feeds = tiny_feeds()
+    feeds["input_ids"][1, 7] = 103  # a second [MASK] in the second row
+    full = ort.InferenceSession(str(tiny_variants["fused"] / "model.onnx")).run(None, feeds)[0]
+    masked, positions = ort.InferenceSession(str(out / "model.onnx")).run(None, feeds)
+    assert positions.tolist() == [[0, 3], [1, 3], [1, 7]]
+    assert masked.shape == (3, 30522)
+    assert np.abs(full[positions[:, 0], positions[:, 1]] - masked).max() < 1e-5

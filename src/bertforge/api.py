@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from bertforge import bench
-from bertforge.artifact import read_manifest, sha256_file, write_json_atomic, write_text_atomic
-from bertforge.errors import EXIT_GATE_FAILED, EXIT_OK, UsageError
+from bertforge.artifact import read_manifest, sha256_file, verify_directory, write_json_atomic, write_text_atomic
+from bertforge.errors import EXIT_GATE_FAILED, EXIT_OK, BertforgeError, UsageError
 from bertforge.pipeline import (
     OUTPUT_MARKER,
     assemble_variant,
@@ -19,7 +19,7 @@ from bertforge.pipeline import (
 )
 from bertforge.preflight import warnings_for
 from bertforge.progress import Progress
-from bertforge.recipe import VARIANTS, Recipe
+from bertforge.recipe import EXTRA_VARIANTS, VARIANTS, Recipe
 from bertforge.report import html as html_report
 from bertforge.report import markdown as md_report
 from bertforge.report.content import make_report
@@ -67,11 +67,11 @@ def validate_and_report(out: Path, source: ResolvedSource, recipe: Recipe, varia
         }
         for gate in gates:
             if not gate.passed:
-                progress.message(gate.line())
+                progress.alert(gate.line())
     model = {"spec": source.spec, "kind": source.kind, "description": source.description,
              "checkpoint": str(source.path)}
     report = make_report(model=model, validation=validation, variants=entries, warnings=warnings)
-    write_json_atomic(out / "report.json", report)
+    write_json_atomic(out / "report.json", report, sort_keys=False)  # variants in recipe order
     write_text_atomic(out / "report.md", md_report.render(report))
     write_text_atomic(out / "report.html", html_report.render(report))
     return report
@@ -106,9 +106,14 @@ def validate_existing(out: Path, recipe: Recipe, progress: Progress | None = Non
     out = Path(out)
     if not (out / OUTPUT_MARKER).is_file():
         raise UsageError(f"{out} is not a bertforge build directory (no {OUTPUT_MARKER})")
-    variants = [v for v in VARIANTS if (out / v / "model.onnx").is_file()]
+    variants = [v for v in VARIANTS + EXTRA_VARIANTS if (out / v / "model.onnx").is_file()]
     if not variants:
         raise UsageError(f"{out} holds no variant directories")
+    for variant in variants:
+        problems = verify_directory(out / variant)
+        if problems:
+            raise BertforgeError(f"{out / variant}: {problems[0]}; its files no longer match manifest.json "
+                                 "(rebuild it; `bertforge verify` lists every difference)")
     with progress.step("resolve") as info:
         source = resolve(model_spec or recipe.model)
         info["note"] = f"{source.spec} -> {source.path}"

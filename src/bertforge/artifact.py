@@ -38,8 +38,8 @@ def _umask() -> int:
     return current
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+def write_json_atomic(path: Path, data: Any, sort_keys: bool = True) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -121,13 +121,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from bertforge.bench import bench_directories, dump
-    from bertforge.recipe import VARIANTS
+    from bertforge.recipe import EXTRA_VARIANTS, VARIANTS
 
     root = Path(args.dir)
     if (root / "model.onnx").is_file():
         variants = {root.name: root}
     else:
-        variants = {v: root / v for v in VARIANTS if (root / v / "model.onnx").is_file()}
+        variants = {v: root / v for v in VARIANTS + EXTRA_VARIANTS if (root / v / "model.onnx").is_file()}
     if not variants:
         raise UsageError(f"{root} holds no model.onnx nor variant directories")
     shapes = [(b, s) for b in (1, 8) for s in (128, 32)]

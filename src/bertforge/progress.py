@@ -32,6 +32,13 @@ class Progress:
         elif self.mode != "quiet":
             print(text, file=self.stream, flush=True)
 
+    def alert(self, text: str) -> None:
+        """Printed in every mode, quiet included: gate failures a CI log must show."""
+        if self.mode == "jsonl":
+            self.event("alert", text=text)
+        else:
+            print(text, file=self.stream, flush=True)
+
     def update(self, detail: str) -> None:
         """A step's own progress, e.g. '120/320 sentences'."""
         with self._lock:

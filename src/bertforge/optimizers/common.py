@@ -29,6 +29,8 @@ EXCLUDE_PRESET_PATTERNS = {
     "mlm-decoder": (r"^/cls/predictions/decoder/",),
     # The whole prediction head: transform dense + decoder.
     "mlm-head": (r"^/cls/predictions/",),
+    # Each layer's FFN down-projection (not attention/output/dense).
+    "ffn-output": (r"/layer\.\d+/output/dense/",),
 }
 
 
@@ -42,6 +44,12 @@ def excluded_nodes(model_path: Path, presets: tuple[str, ...], patterns: tuple[s
     compiled += [re.compile(p) for p in patterns]
     graph = onnx.load(str(model_path), load_external_data=False).graph
     return [node.name for node in graph.node if any(p.search(node.name) for p in compiled)]
+
+
+def mlm_head_nodes(model) -> list[str]:
+    """Nodes of the prediction head, by name or (for fused nodes named by ORT) by output name."""
+    return [node.name for node in model.graph.node
+            if node.name.startswith("/cls/") or any(o.startswith("/cls/") for o in node.output)]
 
 
 def op_histogram(model) -> dict[str, int]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx
 
-from bertforge.optimizers.common import MODEL_FILE, copy_loader_files
+from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mlm_head_nodes
 from bertforge.recipe import Fp16Config
 
 NAME = "fp16"
@@ -25,13 +25,17 @@ def run(src: Path, out: Path, config: Fp16Config) -> dict[str, Any]:
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = OnnxModel(onnx.load(str(src / MODEL_FILE)))
+    blocked_nodes = list(config.node_block_list)
+    if config.keep_mlm_head_fp32:
+        blocked_nodes += mlm_head_nodes(model.model)
     model.convert_float_to_float16(keep_io_types=config.keep_io_types, op_block_list=list(config.op_block_list),
-                                   node_block_list=list(config.node_block_list))
+                                   node_block_list=blocked_nodes)
     kept = Counter(node.op_type for node in model.model.graph.node
-                   if node.op_type in config.op_block_list or node.name in config.node_block_list)
+                   if node.op_type in config.op_block_list or node.name in blocked_nodes)
     onnx.save(model.model, str(out / MODEL_FILE))
     copy_loader_files(src, out)
     initializers = Counter(onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name
                            for i in model.model.graph.initializer)
-    return {"ops_kept_fp32": dict(sorted(kept.items())), "initializer_dtypes": dict(sorted(initializers.items())),
+    return {"ops_kept_fp32": dict(sorted(kept.items())), "nodes_kept_fp32": blocked_nodes,
+            "initializer_dtypes": dict(sorted(initializers.items())),
             "keep_io_types": config.keep_io_types}

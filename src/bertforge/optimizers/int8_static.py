@@ -32,10 +32,16 @@ def calibration_feeds(src: Path, config: Int8StaticConfig) -> list[dict[str, np.
     tokenizer = AutoTokenizer.from_pretrained(src)
     examples = mask_sentences(load_lines(config.calibration_corpus), tokenizer, seed=7,
                               limit=config.calibration_samples)
+    # One common length: ORT's Entropy/Percentile calibrators stack every sample's activations and
+    # fail on ragged shapes ("inhomogeneous shape"); padding is masked out as in batched inference.
+    length = max(len(example.input_ids) for example in examples)
     feeds = []
     for example in examples:
-        ids = np.array([example.input_ids], dtype=np.int64)
-        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)})
+        ids = np.full((1, length), tokenizer.pad_token_id or 0, dtype=np.int64)
+        mask = np.zeros((1, length), dtype=np.int64)
+        ids[0, :len(example.input_ids)] = example.input_ids
+        mask[0, :len(example.input_ids)] = 1
+        feeds.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
     return feeds
 
 

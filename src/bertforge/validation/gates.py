@@ -11,6 +11,7 @@ GATE_METRICS = {
     "max_abs_max": ("max_abs", "<="),
     "top1_min": ("top1_agreement", ">="),
     "top5_overlap_min": ("top5_overlap", ">="),
+    "ref_top1_in_top5_min": ("ref_top1_in_top5", ">="),
     "kl_mean_max": ("kl_mean", "<="),
 }
 
