@@ -8,6 +8,12 @@ measures (nothing typed by hand) and benchmarks/results.json.
 
 from __future__ import annotations
 
+import os
+
+# PyTorch's OpenMP threads spin after each call like ORT's do; passive waiting keeps one runner's idle
+# threads from slowing the next one in the interleaved loop. Set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import sys
@@ -21,7 +27,7 @@ from bertforge import bench
 from bertforge.api import build
 from bertforge.environment import library_versions, machine_info, physical_cores
 from bertforge.progress import Progress
-from bertforge.recipe import ValidationConfig, load_recipe
+from bertforge.recipe import EXTRA_VARIANTS, VARIANTS, ValidationConfig, load_recipe
 from bertforge.sources import resolve
 from bertforge.validation.validate import run_validation
 
@@ -105,7 +111,8 @@ def bench_model(spec: str, repeats: int) -> dict:
     name = spec.replace(":", "-")
     threads = physical_cores()
     torch.set_num_threads(threads)
-    recipe = load_recipe(None, {"model": spec, "bench": {"enabled": False}})
+    recipe = load_recipe(None, {"model": spec, "bench": {"enabled": False},
+                                "variants": list(VARIANTS + EXTRA_VARIANTS)})
     log(f"{spec}: bertforge build")
     report = build(recipe, OUT / name, Progress("plain")).report
     source = resolve(spec)
@@ -127,7 +134,8 @@ def bench_model(spec: str, repeats: int) -> dict:
     for batch, seq in SHAPES:
         log(f"{spec}: latency b{batch}xs{seq}, {repeats} interleaved repeats")
         inputs = bench.synthetic_inputs(batch, seq)
-        runners = {label: bench.onnx_runner(open_session(path, threads), inputs) for label, path in candidates.items()}
+        runners = {label: bench.onnx_runner(open_session(path, threads, spinning=False), inputs)
+                   for label, path in candidates.items()}
         runners["pytorch eager fp32"] = torch_runner(source.path, inputs)
         shape_repeats = repeats if batch == 1 else max(5, repeats // 3)
         for label, times in bench.time_runners(runners, 2, shape_repeats).items():
@@ -151,7 +159,8 @@ def render(results: dict) -> str:
              "Written by `make bench` (benchmarks/run.py) from its own measurements; do not edit by hand.", "",
              f"Machine: {machine['cpu']}; {machine['physical_cores']} physical / {machine['logical_cores']} logical "
              "cores; ISA " + ", ".join(k for k, v in machine["isa"].items() if v) + f". Threads: "
-             f"{results['threads']}. Libraries: " + ", ".join(f"{k} {v}" for k, v in results["libraries"].items())
+             f"{results['threads']}. Session options: " + json.dumps(results["session_options"])
+             + ". Libraries: " + ", ".join(f"{k} {v}" for k, v in results["libraries"].items())
              + ".", "",
              f"Roofline: measured sgemm (torch, 2048^3, {results['threads']} threads) = "
              f"**{results['sgemm_gflops']:.1f} GFLOP/s**. Effective GFLOP/s below = the model's fp32 matrix-product "
@@ -190,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     threads = physical_cores()
     results = {"machine": machine_info(), "libraries": library_versions(), "threads": threads,
+               "session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1,
+                                   "graph_optimization_level": "ORT_ENABLE_ALL", "allow_spinning": 0,
+                                   "torch": "eager, fp32, OMP_WAIT_POLICY=" + os.environ["OMP_WAIT_POLICY"]},
                "sgemm_gflops": sgemm_gflops(threads), "models": []}
     for spec in args.models.split(","):
         results["models"].append(bench_model(spec.strip(), args.repeats))

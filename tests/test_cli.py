@@ -199,3 +199,23 @@ def test_no_files_written_outside_output_and_cache(tmp_path, tiny_recipe):
     assert [p for p in home.rglob("*")] == [], "nothing under HOME (ORT telemetry is off by default)"
     assert list(work.iterdir()) == [], "nothing in the working directory"
     assert list((tmp_path / "t").iterdir()) == [], "temporary files are cleaned up"
+
+
+def test_warm_rebuild_reruns_only_what_changed(built, tiny_recipe, tmp_path, monkeypatch):
+    from bertforge import pipeline
+
+    calls = []
+    for stage, module in pipeline.STAGES.items():
+        original = module.run
+        monkeypatch.setattr(module, "run", lambda *a, _o=original, _s=stage: calls.append(_s) or _o(*a))
+    recipe = tmp_path / "changed.yaml"
+    recipe.write_text(tiny_recipe.read_text() + "int8_dynamic: {weight_type: quint8}\n")
+    out = tmp_path / "b"
+    assert main(["build", "--recipe", str(recipe), "--out", str(out), "--quiet"]) == 0
+    assert calls == ["int8-dynamic"], "export, fusion, fp16 and int8-static came from the cache"
+    report = json.loads((out / "report.json").read_text())
+    cached = {name: entry["evaluation_cached"] for name, entry in report["variants"].items()}
+    assert cached == {"fp32": True, "fused": True, "fp16": True, "int8-dynamic": False, "int8-static": True}
+    before = json.loads((built / "report.json").read_text())
+    assert report["variants"]["fp16"]["metrics"] == before["variants"]["fp16"]["metrics"]
+    assert report["variants"]["int8-dynamic"]["key"] != before["variants"]["int8-dynamic"]["key"]

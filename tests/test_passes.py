@@ -61,22 +61,42 @@ def test_fp16_weights_with_fp32_io_and_blocked_ops(tiny_variants):
     assert np.abs(logits(tiny_variants["fp16"]) - ref).max() < 0.05
 
 
-def test_int8_dynamic_quantizes_weights_and_keeps_decoder_fp32(tiny_variants):
+def test_int8_dynamic_quantizes_weights_and_shares_the_tied_table(tiny_variants):
     model = load(tiny_variants["int8-dynamic"])
     ops = Counter(n.op_type for n in model.graph.node)
     assert ops["QAttention"] == 2 and ops["MatMulInteger"] >= 6 and ops["QEmbedLayerNormalization"] == 1
     dtypes = Counter(i.data_type for i in model.graph.initializer)
     assert dtypes[INT8] > 0
-    decoder = [n for n in model.graph.node if n.name == "/cls/predictions/decoder/MatMul"]
-    assert len(decoder) == 1 and decoder[0].op_type == "MatMul", "the excluded decoder stays an fp32 MatMul"
     # the tied table is stored once, quantized; no fp32 copy beside it
     tables = [i for i in model.graph.initializer if sorted(i.dims) == [32, 30522]]
-    assert [t.data_type for t in tables] == [UINT8]
+    assert [(t.name, t.data_type) for t in tables] == [("bert.embeddings.word_embeddings.weight_quantized", UINT8)]
+    # the decoder is an int8 GEMM over the transposed quantized table
+    decoder = [n for n in model.graph.node if n.name.startswith("/cls/predictions/decoder/MatMul")]
+    assert [n.op_type for n in decoder] == ["DynamicQuantizeMatMul"]
+    producers = {o: n for n in model.graph.node for o in n.output}
+    transpose = producers[decoder[0].input[1]]
+    assert transpose.op_type == "Transpose" and transpose.input[0] == tables[0].name
     fp32_size = (tiny_variants["fused"] / "model.onnx").stat().st_size
     int8_size = (tiny_variants["int8-dynamic"] / "model.onnx").stat().st_size
     assert int8_size < 0.4 * fp32_size
     ref = logits(tiny_variants["fp32"])
     assert np.abs(logits(tiny_variants["int8-dynamic"]) - ref).max() < 0.5
+
+
+def test_int8_dynamic_decoder_preset_keeps_decoder_arithmetic_fp32(tiny_variants, tmp_path):
+    from bertforge.optimizers import int8_dynamic
+    from bertforge.recipe import Int8DynamicConfig
+
+    out = tmp_path / "q"
+    out.mkdir()
+    meta = int8_dynamic.run(tiny_variants["fused"], out, Int8DynamicConfig(exclude_presets=("mlm-decoder",)))
+    model = load(out)
+    decoder = [n for n in model.graph.node if n.name == "/cls/predictions/decoder/MatMul"]
+    assert len(decoder) == 1 and decoder[0].op_type == "MatMul", "the excluded decoder stays an fp32 MatMul"
+    assert meta["tables_shared_after_quantization"] == {
+        "bert.embeddings.word_embeddings.weight": "fp32 via DequantizeLinear"}
+    tables = [i for i in model.graph.initializer if sorted(i.dims) == [32, 30522]]
+    assert [t.data_type for t in tables] == [UINT8], "still one table, quantized"
 
 
 def test_int8_dynamic_embeddings_preset_keeps_embeddings_fp32(tiny_variants, tmp_path):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bertforge import bench
+from bertforge import bench, results_cache
 from bertforge.artifact import read_manifest, sha256_file, verify_directory, write_json_atomic, write_text_atomic
 from bertforge.errors import EXIT_GATE_FAILED, EXIT_OK, BertforgeError, UsageError
 from bertforge.pipeline import (
@@ -15,6 +15,7 @@ from bertforge.pipeline import (
     build_variants,
     check_output_dir,
     output_staging,
+    source_artifact,
     write_marker,
 )
 from bertforge.preflight import warnings_for
@@ -35,19 +36,53 @@ class Outcome:
     out: Path
 
 
-def validate_and_report(out: Path, source: ResolvedSource, recipe: Recipe, variants: list[str],
-                        progress: Progress, warnings: list[str]) -> dict[str, Any]:
+def evaluate_variants(dirs: dict[str, Path], source: ResolvedSource, source_key: str, recipe: Recipe,
+                      progress: Progress, use_cache: bool) -> tuple[dict[str, Any], dict[str, dict], list[str]]:
+    """Validation metrics and latency per variant; cached results reused when `use_cache`."""
+    keys = {name: read_manifest(path)["key"] for name, path in dirs.items()}
+    validation_parts = {"source": source_key, "validation": recipe.validation.model_dump(mode="json",
+                                                                                          exclude={"gates"})}
+    reference_key = results_cache.key_for("reference", validation_parts)
+    metric_keys = {n: results_cache.key_for("validation", {**validation_parts, "variant": k}) for n, k in keys.items()}
+    found = {n: results_cache.load("validation", k) for n, k in metric_keys.items()} if use_cache else {}
+    reference = results_cache.load("reference", reference_key) if use_cache else None
+    missing = [n for n in dirs if found.get(n) is None]
+    cached = [n for n in dirs if n not in missing]
+    if missing or reference is None:
+        with progress.step("validate") as info:
+            fresh = run_validation(source.path, {n: dirs[n] for n in missing}, recipe.validation,
+                                   progress=lambda done, total: progress.update(f"{done}/{total} sentences"))
+            reference = {"corpus": fresh["corpus"], "reference": fresh["reference"]}
+            results_cache.store("reference", reference_key, reference)
+            for name in missing:
+                found[name] = fresh["variants"][name]
+                results_cache.store("validation", metric_keys[name], found[name])
+            info["note"] = f"{fresh['corpus']['masked_positions']} masked positions" + (
+                f"; cached: {', '.join(cached)}" if cached else "")
+    validation = {**reference, "variants": found}
+    latencies: dict[str, dict] = {}
+    if recipe.bench.enabled:
+        bench_parts = recipe.bench.model_dump(mode="json")
+        latency_keys = {n: results_cache.key_for("latency", {**bench_parts, "variant": k}) for n, k in keys.items()}
+        if use_cache:
+            latencies = {n: v for n, k in latency_keys.items() if (v := results_cache.load("latency", k))}
+        to_time = {n: dirs[n] for n in dirs if n not in latencies}
+        if to_time:
+            with progress.step("latency") as info:
+                timed = bench.latency(to_time, 1, recipe.bench.sequence_length, recipe.bench.warmup,
+                                      recipe.bench.repeats)
+                for name, stats in timed.items():
+                    results_cache.store("latency", latency_keys[name], stats)
+                latencies.update(timed)
+                info["note"] = f"timed {', '.join(to_time)}"
+    return validation, latencies, cached
+
+
+def validate_and_report(out: Path, source: ResolvedSource, source_key: str, recipe: Recipe, variants: list[str],
+                        progress: Progress, warnings: list[str], use_cache: bool = True) -> dict[str, Any]:
     """Validate the variant directories under `out`, time them, write report.{json,md,html} there."""
     dirs = {name: out / name for name in variants}
-    with progress.step("validate") as info:
-        validation = run_validation(source.path, dirs, recipe.validation,
-                                    progress=lambda done, total: progress.update(f"{done}/{total} sentences"))
-        info["note"] = f"{validation['corpus']['masked_positions']} masked positions"
-    latencies: dict[str, dict[str, float]] = {}
-    if recipe.bench.enabled:
-        with progress.step("latency"):
-            latencies = bench.latency(dirs, 1, recipe.bench.sequence_length, recipe.bench.warmup,
-                                      recipe.bench.repeats)
+    validation, latencies, cached = evaluate_variants(dirs, source, source_key, recipe, progress, use_cache)
     entries = {}
     for name, path in dirs.items():
         metrics = validation["variants"][name]
@@ -62,6 +97,7 @@ def validate_and_report(out: Path, source: ResolvedSource, recipe: Recipe, varia
             "metadata": manifest["metadata"],
             "latency": latencies.get(name, {}),
             "metrics": metrics,
+            "evaluation_cached": name in cached,
             "gates": [g.as_dict() for g in gates],
             "passed": all(g.passed for g in gates),
         }
@@ -92,7 +128,7 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> Outcom
     with output_staging(out) as staging:
         for name in variants:
             assemble_variant(state.artifacts[name], staging / name, recipe)
-        report = validate_and_report(staging, source, recipe, variants, progress, warnings)
+        report = validate_and_report(staging, source, state.source_key, recipe, variants, progress, warnings)
         write_marker(staging, recipe, source, variants)
     progress.message(md_report.comparison_table(report))
     progress.message(f"wrote {out}/ (report.md, report.html, report.json)")
@@ -117,6 +153,9 @@ def validate_existing(out: Path, recipe: Recipe, progress: Progress | None = Non
     with progress.step("resolve") as info:
         source = resolve(model_spec or recipe.model)
         info["note"] = f"{source.spec} -> {source.path}"
-    report = validate_and_report(out, source, recipe, variants, progress, warnings_for(recipe))
+    with progress.step("hash source"):
+        source_key = source_artifact(source).key
+    report = validate_and_report(out, source, source_key, recipe, variants, progress, warnings_for(recipe),
+                                 use_cache=False)
     progress.message(md_report.comparison_table(report))
     return Outcome(EXIT_OK if report["gates_passed"] else EXIT_GATE_FAILED, report, out)

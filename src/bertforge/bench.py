@@ -59,17 +59,19 @@ def onnx_runner(session, inputs: dict[str, np.ndarray]) -> Callable[[], object]:
 def latency(variants: dict[str, Path], batch: int = 1, sequence: int = 128, warmup: int = 3,
             repeats: int = 20, threads: int | None = None) -> dict[str, dict[str, float]]:
     inputs = synthetic_inputs(batch, sequence)
-    runners = {name: onnx_runner(open_session(path, threads), inputs) for name, path in variants.items()}
+    spinning = len(variants) == 1  # several sessions in one process must not spin (runtime.session_options)
+    runners = {name: onnx_runner(open_session(path, threads, spinning), inputs) for name, path in variants.items()}
     return {name: summarize(times, batch) for name, times in time_runners(runners, warmup, repeats).items()}
 
 
 def peak_rss_mb(directory: Path, batch: int = 1, sequence: int = 128, runs: int = 3) -> float:
     """Peak RSS of a fresh process that loads the artifact and runs it: memory is per process."""
-    code = ("import resource,sys;from pathlib import Path;import bertforge.bench as b;"
+    # VmHWM, not ru_maxrss: ru_maxrss survives fork+exec, so a child of a large parent reports the parent's peak.
+    code = ("import sys;from pathlib import Path;import bertforge.bench as b;"
             "from bertforge.runtime import open_session;"
             "s=open_session(Path(sys.argv[1]));r=b.onnx_runner(s,b.synthetic_inputs(int(sys.argv[2]),int(sys.argv[3])));"
             "[r() for _ in range(int(sys.argv[4]))];"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
+            "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]/1024)")
     done = subprocess.run([sys.executable, "-c", code, str(directory), str(batch), str(sequence), str(runs)],
                           capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])

@@ -61,6 +61,7 @@ class StageRun:
 @dataclass
 class BuildState:
     source: ResolvedSource
+    source_key: str = ""
     artifacts: dict[str, StageRun] = field(default_factory=dict)
 
 
@@ -115,6 +116,7 @@ def build_variants(recipe: Recipe, source: ResolvedSource, progress: Progress) -
     state = BuildState(source)
     with progress.step("hash source") as info:
         root = source_artifact(source)
+        state.source_key = root.key
         info["note"] = root.key
     for variant in required_variants(recipe.variants):
         stage, parent_variant, section = VARIANT_PLAN[variant]

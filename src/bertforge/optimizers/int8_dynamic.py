@@ -27,14 +27,18 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     exclude = excluded_nodes(src / MODEL_FILE, config.exclude_presets, config.exclude_nodes)
+    # ORT's quantizer never touches the tied decoder: its weight is a Transpose output, not an initializer,
+    # so ORT would quantize it dynamically on every call. tied_quant.py handles it instead.
+    keep_for_ort = excluded_nodes(src / MODEL_FILE, ("mlm-decoder",), ())
+    int8_decoder = not {"mlm-decoder", "mlm-head"} & set(config.exclude_presets)
     weight_type = QuantType.QInt8 if config.weight_type == "qint8" else QuantType.QUInt8
     quantize_dynamic(src / MODEL_FILE, out / MODEL_FILE, op_types_to_quantize=list(config.op_types),
                      per_channel=config.per_channel, reduce_range=config.reduce_range, weight_type=weight_type,
-                     nodes_to_exclude=exclude,
+                     nodes_to_exclude=sorted(set(exclude) | set(keep_for_ort)),
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     copy_loader_files(src, out)
     quantized = onnx.load(str(out / MODEL_FILE))
-    shared = share_quantized_tables(quantized)
+    shared = share_quantized_tables(quantized, int8_decoder=int8_decoder)
     if shared:
         onnx.save(quantized, str(out / MODEL_FILE))
     return {"excluded_nodes": exclude, "tables_shared_after_quantization": shared,

@@ -74,6 +74,10 @@ def reference_note(reference: dict[str, Any]) -> str:
         note += (f" DEGENERATE: one token is the top-1 at {reference['most_common_top1_share']:.0%} of positions, "
                  "so top-k agreement means little here; the continuous metrics (rel. L2, KL, cosine) carry the "
                  "verdict.")
+    recovery = reference.get("truth_recovery")
+    if recovery is not None and not math.isnan(recovery) and recovery < 0.01:
+        note += (" The reference almost never predicts the original token: its predictions carry no meaning "
+                 "(random weights?), so agreement here measures numerical fidelity only.")
     if reference.get("mlm_head_missing_from_checkpoint"):
         note += " The checkpoint has no MLM head: it was initialised randomly."
     return note

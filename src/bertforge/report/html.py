@@ -16,7 +16,7 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e3
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1200px}
 table{border-collapse:collapse;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.fail{color:#b00020;font-weight:600}
+th{background:#f3f3f3}td{white-space:nowrap}td:first-child,th:first-child{text-align:left}.fail{color:#b00020;font-weight:600}
 .pass{color:#1b7f3b}.note{max-width:60em}.plots{display:flex;gap:2em;flex-wrap:wrap}
 svg text{font-size:12px;font-family:inherit}
 """
@@ -51,11 +51,16 @@ def scatter(points: list[tuple[str, float, float]], x_label: str, y_label: str, 
                      f'<text x="{left - 6}" y="{py(gy) + 4:.1f}" text-anchor="end">{gy:.1%}</text>')
         gx = x_max * i / 4
         parts.append(f'<text x="{px(gx):.1f}" y="{height - bottom + 16}" text-anchor="middle">{gx:.0f}</text>')
+    placed: list[tuple[float, float]] = []
     for index, (name, x, y) in enumerate(valid):
         color = COLORS[index % len(COLORS)]
-        parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="6" fill="{color}"><title>'
+        label_x, label_y = px(x) + 9, py(y) - 7
+        while any(abs(label_x - lx) < 60 and abs(label_y - ly) < 13 for lx, ly in placed):
+            label_y += 13  # points that coincide (fp32 and fused) get stacked labels, not overprinted ones
+        placed.append((label_x, label_y))
+        parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="6" fill="{color}" fill-opacity="0.8"><title>'
                      f'{html.escape(name)}: {x:.1f}, {y:.2%}</title></circle>'
-                     f'<text x="{px(x) + 9:.1f}" y="{py(y) - 7:.1f}" fill="{color}">{html.escape(name)}</text>')
+                     f'<text x="{label_x:.1f}" y="{label_y:.1f}" fill="{color}">{html.escape(name)}</text>')
     parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">'
                  f'{html.escape(x_label)}</text>')
     parts.append(f'<text transform="translate(14,{(top + height - bottom) / 2}) rotate(-90)" '

@@ -1,0 +1,44 @@
+"""Cached evaluation results: a variant's validation metrics and latency, keyed like stages.
+
+A warm rebuild that changed one variant's config re-validates and re-times only that variant; the
+others' results come from here. Keys: the variant's artifact key (which already chains its whole
+lineage and the library versions), the source key, the section of the recipe that shapes the
+result and EVALUATION_VERSION; latency keys add the CPU and thread count, since they are
+measurements of this machine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bertforge.artifact import write_json_atomic
+from bertforge.cache import cache_root, stage_key
+from bertforge.environment import cpu_model, physical_cores
+
+EVALUATION_VERSION = "1"
+
+
+def _path(kind: str, key: str) -> Path:
+    return cache_root() / "results" / f"{kind}-{key}.json"
+
+
+def key_for(kind: str, parts: dict[str, Any]) -> str:
+    if kind == "latency":
+        parts = {**parts, "cpu": cpu_model(), "threads": physical_cores()}
+    return stage_key(None, kind, EVALUATION_VERSION, parts)
+
+
+def load(kind: str, key: str) -> dict[str, Any] | None:
+    path = _path(kind, key)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # a damaged entry is recomputed, never trusted
+
+
+def store(kind: str, key: str, data: dict[str, Any]) -> None:
+    write_json_atomic(_path(kind, key), data)
