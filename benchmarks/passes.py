@@ -5,7 +5,7 @@
 Parents come from the stage cache (built first if needed); every pass then runs again, uncached,
 into a temporary directory inside a child process whose peak RSS (VmHWM; ru_maxrss would carry
 the parent's peak across fork+exec) is the pass's own.
-Writes benchmarks/PASSES.md.
+Writes benchmarks/passes-<model>.md.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
              "Python interpreter and the libraries it imports).", "",
              "| variant | stage | wall s | peak RSS MB | output MB |", "|---|---|---|---|---|"]
     lines += [f"| {v} | {s} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['size_mb']:.1f} |" for v, s, r in rows]
-    (ROOT / "benchmarks" / "PASSES.md").write_text("\n".join(lines) + "\n")
+    (ROOT / "benchmarks" / f"passes-{args.model.replace(':', '-')}.md").write_text("\n".join(lines) + "\n")
     return 0
 
 
