@@ -219,3 +219,12 @@ def test_warm_rebuild_reruns_only_what_changed(built, tiny_recipe, tmp_path, mon
     before = json.loads((built / "report.json").read_text())
     assert report["variants"]["fp16"]["metrics"] == before["variants"]["fp16"]["metrics"]
     assert report["variants"]["int8-dynamic"]["key"] != before["variants"]["int8-dynamic"]["key"]
+
+
+def test_json_lines_progress_for_ci_logs(built, capsys):
+    assert main(["validate", str(built), "--no-latency", "--progress", "jsonl"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    steps = [(e["event"], e.get("step")) for e in events if e["event"].startswith("step")]
+    assert ("step_start", "validate") in steps and ("step_end", "validate") in steps
+    end = next(e for e in events if e["event"] == "step_end" and e["step"] == "validate")
+    assert end["status"] == "done" and end["seconds"] > 0

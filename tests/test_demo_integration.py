@@ -51,7 +51,7 @@ def test_demo_variants_meet_parity(demo_build):
         metrics = variants[name]["metrics"]
         # the fitted head's near-ties flip under int8 (see recipe.default_gates); what it predicts
         # stays as good: ground-truth recovery within 2.5 points of the reference's
-        assert metrics["top1_agreement"] >= 0.55 and metrics["ref_top1_in_top5"] >= 0.78, name
+        assert metrics["top1_agreement"] >= 0.60 and metrics["ref_top1_in_top5"] >= 0.80, name
         assert metrics["truth_recovery"] >= reference_recovery - 0.025, name
     assert variants["int8-dynamic"]["size_bytes"] < 0.3 * variants["fp32"]["size_bytes"]
     assert report["corpus"]["sentences"] >= 300

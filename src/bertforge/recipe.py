@@ -88,12 +88,13 @@ class Gate(Section):
 def default_gates() -> dict[str, Gate]:
     """Set from measurements on `demo` (README, "How the gate defaults were set").
 
-    fp32/fused/fp16 measured: max abs 6.8e-6, top-1 100%, fp16 top-1 99.7%. int8 measured on demo:
-    top-1 61-63%, top-5 overlap 68%, reference top-1 inside the int8 top-5 83-85%; the demo's fitted
-    head has a median top-1/top-2 margin of 0.056 logits, below int8's max logit error, so near-ties
-    flip. The int8 gates sit ~5 points under those values: a regression fails, the demo passes.
+    Measured on demo (431 sentences, 1405 masked positions): fp32/fused max abs 7.5e-6, top-1 100%;
+    fp16 top-1 99.9%; int8-dynamic top-1 65.1%, top-5 overlap 71.0%, reference top-1 inside its top-5
+    86.1%; int8-static 69.3%, 73.2%, 88.5%. The demo's fitted head has a median top-1/top-2 margin of
+    0.068 logits, below int8's max logit error (0.46), so near-ties flip. The int8 gates sit ~5 points
+    under the weaker int8 variant: a regression fails, the demo passes.
     """
-    int8 = Gate(top1_min=0.55, top5_overlap_min=0.60, ref_top1_in_top5_min=0.78)
+    int8 = Gate(top1_min=0.60, top5_overlap_min=0.65, ref_top1_in_top5_min=0.80)
     return {
         "fp32": Gate(max_abs_max=1e-3, top1_min=1.0),
         "fused": Gate(max_abs_max=1e-3, top1_min=1.0),
