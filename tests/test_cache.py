@@ -122,3 +122,36 @@ def test_two_builds_sharing_a_cache_run_a_stage_once(tiny_variants, monkeypatch)
     assert len(calls) == 1
     assert sorted(cached for _, cached, _ in results) == [False, True]
     assert verify_directory(results[0][0].path) == []
+
+
+def test_source_keys_differ_for_checkpoints_kept_under_a_dot_cache_folder(tiny_checkpoint, tmp_path):
+    """Checkpoints usually live under ~/.cache; that part of their path must not hide their files."""
+    import shutil
+
+    from bertforge.sources import ResolvedSource
+    from conftest import make_tiny_checkpoint
+
+    home_cache = tmp_path / ".cache" / "bertforge" / "sources"
+    first = home_cache / "a"
+    shutil.copytree(tiny_checkpoint, first)
+    second = make_tiny_checkpoint(home_cache / "b", seed=1)
+    hub_meta = first / ".cache" / "huggingface"
+    hub_meta.mkdir(parents=True)
+    (hub_meta / "download.lock").write_text("ignored")  # huggingface_hub metadata inside a checkpoint
+
+    def key(path):
+        return pipeline.source_artifact(ResolvedSource(str(path), path, "local", "")).key
+
+    plain = pipeline.source_artifact(ResolvedSource("t", tiny_checkpoint, "local", "")).key
+    assert key(first) == plain != key(second)
+
+
+def test_cached_validation_follows_the_corpus_text(tmp_path):
+    from bertforge.validation.corpus import corpus_digest
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The cat sat on the mat.\n")
+    before = corpus_digest(str(corpus))
+    corpus.write_text("The cat sat on the mat.\nA second sentence.\n")
+    assert corpus_digest(str(corpus)) != before
+    assert corpus_digest("builtin") != corpus_digest("head-fit")

@@ -25,6 +25,7 @@ from bertforge.report import html as html_report
 from bertforge.report import markdown as md_report
 from bertforge.report.content import make_report
 from bertforge.sources import ResolvedSource, resolve
+from bertforge.validation.corpus import corpus_digest
 from bertforge.validation.gates import evaluate
 from bertforge.validation.validate import run_validation
 
@@ -40,8 +41,8 @@ def evaluate_variants(dirs: dict[str, Path], source: ResolvedSource, source_key:
                       progress: Progress, use_cache: bool) -> tuple[dict[str, Any], dict[str, dict], list[str]]:
     """Validation metrics and latency per variant; cached results reused when `use_cache`."""
     keys = {name: read_manifest(path)["key"] for name, path in dirs.items()}
-    validation_parts = {"source": source_key, "validation": recipe.validation.model_dump(mode="json",
-                                                                                          exclude={"gates"})}
+    validation_parts = {"source": source_key, "corpus": corpus_digest(recipe.validation.corpus),
+                        "validation": recipe.validation.model_dump(mode="json", exclude={"gates"})}
     reference_key = results_cache.key_for("reference", validation_parts)
     metric_keys = {n: results_cache.key_for("validation", {**validation_parts, "variant": k}) for n, k in keys.items()}
     found = {n: results_cache.load("validation", k) for n, k in metric_keys.items()} if use_cache else {}

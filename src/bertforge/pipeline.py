@@ -66,11 +66,23 @@ class BuildState:
 
 
 def source_artifact(source: ResolvedSource) -> Artifact:
-    """The checkpoint as the root of the lineage; its key is the hash of its files' contents."""
+    """The checkpoint as the root of the lineage; its key is the hash of its files' contents.
+
+    Only the path inside the checkpoint is checked for a `.cache` folder (huggingface_hub's download
+    metadata): the checkpoint itself usually lives under ~/.cache.
+    """
     digest = hashlib.sha256()
-    for path in sorted(p for p in source.path.rglob("*") if p.is_file() and ".cache" not in p.parts):
-        digest.update(path.relative_to(source.path).as_posix().encode())
+    files = sorted(p for p in source.path.rglob("*") if p.is_file())
+    hashed = 0
+    for path in files:
+        relative = path.relative_to(source.path)
+        if ".cache" in relative.parts:
+            continue
+        digest.update(relative.as_posix().encode())
         digest.update(sha256_file(path).encode())
+        hashed += 1
+    if not hashed:
+        raise UsageError(f"{source.path} holds no files to build from")
     return Artifact(path=source.path, key=digest.hexdigest()[:20], stage="source", parent=None)
 
 

@@ -10,6 +10,7 @@ and have no ground truth.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -51,6 +52,11 @@ def load_lines(source: str) -> list[str]:
     if not lines:
         raise UsageError(f"corpus file {path} holds no sentences")
     return lines
+
+
+def corpus_digest(source: str) -> str:
+    """A hash of the corpus text itself, so cached results follow an edited file or a new built-in corpus."""
+    return hashlib.sha256("\n".join(load_lines(source)).encode()).hexdigest()
 
 
 def mask_sentences(lines: list[str], tokenizer, *, seed: int = 0, fraction: float = MASK_FRACTION,
