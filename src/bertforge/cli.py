@@ -164,7 +164,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--recipe", help="YAML recipe (configs/*.yaml); flags below override its fields")
         p.add_argument("--model", help="model spec: a hub id (default bert-base-uncased), a local checkpoint "
                        "directory, 'demo' (offline real weights) or 'synthetic:bert-base-uncased'")
-        p.add_argument("--variants", help="comma-separated subset of fp32,fused,fp16,int8-dynamic,int8-static")
+        p.add_argument("--variants", help="comma-separated subset of fp32,fused,fp16,int8-dynamic,int8-static; "
+                       "extra: int8-dynamic-masked (MLM head at [MASK] rows only)")
         p.add_argument("--corpus", help="validation sentences: 'builtin' or a UTF-8 text file, one a line")
         p.add_argument("--max-sentences", type=int, help="validate on the first N sentences only")
         p.add_argument("--no-latency", action="store_true", help="skip the latency measurement in the report")
