@@ -7,14 +7,20 @@ from pathlib import Path
 from typing import Any
 
 from bertforge import bench, results_cache
-from bertforge.artifact import read_manifest, sha256_file, verify_directory, write_json_atomic, write_text_atomic
+from bertforge.artifact import (
+    atomic_directory,
+    read_manifest,
+    sha256_file,
+    verify_directory,
+    write_json_atomic,
+    write_text_atomic,
+)
 from bertforge.errors import EXIT_GATE_FAILED, EXIT_OK, BertforgeError, UsageError
 from bertforge.pipeline import (
     OUTPUT_MARKER,
     assemble_variant,
     build_variants,
     check_output_dir,
-    output_staging,
     source_artifact,
     write_marker,
 )
@@ -126,7 +132,7 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> Outcom
         progress.message(f"warning: {warning}")
     state = build_variants(recipe, source, progress)
     variants = list(recipe.variants)
-    with output_staging(out) as staging:
+    with atomic_directory(out) as staging:  # the output appears complete or not at all
         for name in variants:
             assemble_variant(state.artifacts[name], staging / name, recipe)
         report = validate_and_report(staging, source, state.source_key, recipe, variants, progress, warnings)

@@ -21,6 +21,7 @@ from typing import Any
 from bertforge.environment import library_versions, machine_info
 
 MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"  # every variant directory's model, the name optimum's loaders look for
 MANIFEST_SCHEMA = 1
 
 
@@ -92,13 +93,6 @@ class Artifact:
     key: str
     stage: str
     parent: str | None
-
-    @property
-    def model_path(self) -> Path:
-        return self.path / "model.onnx"
-
-    def manifest(self) -> dict[str, Any]:
-        return read_manifest(self.path)
 
 
 def write_manifest(directory: Path, *, key: str, stage: str, stage_version: str, parent: str | None,

@@ -160,7 +160,3 @@ def write_marker(out: Path, recipe: Recipe, source: ResolvedSource, variants: li
     write_json_atomic(out / OUTPUT_MARKER, {"tool": "bertforge", "model": source.spec,
                                             "checkpoint": str(source.path), "variants": variants,
                                             "recipe": recipe.model_dump(mode="json")})
-
-
-def output_staging(out: Path):
-    return atomic_directory(out)

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bertforge.artifact import MODEL_FILE
 from bertforge.environment import physical_cores
-
-MODEL_FILE = "model.onnx"
 
 
 def session_options(threads: int | None = None, spinning: bool = True):

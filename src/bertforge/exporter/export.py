@@ -14,12 +14,12 @@ from typing import Any
 
 import onnx
 
+from bertforge.artifact import MODEL_FILE
 from bertforge.errors import StageError
 from bertforge.recipe import ExportConfig
 
 NAME = "export"
 VERSION = "1"
-MODEL_FILE = "model.onnx"
 
 
 def load_reference(checkpoint: Path):

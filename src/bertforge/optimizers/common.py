@@ -6,7 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-MODEL_FILE = "model.onnx"
+from bertforge.artifact import MODEL_FILE  # noqa: F401  (re-exported for the passes)
+
 # Files optimum's ORTModelForMaskedLM and the fill-mask pipeline need beside model.onnx.
 LOADER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
