@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
 import json, sys, time
 from pathlib import Path
+from bertforge.environment import peak_rss_mb
 from bertforge.pipeline import STAGES
 from bertforge.recipe import Recipe
 stage, section, src, out, recipe = sys.argv[1:6]
@@ -34,8 +35,7 @@ config = getattr(Recipe.model_validate(json.loads(recipe)), section)
 start = time.perf_counter()
 STAGES[stage].run(Path(src), Path(out), config)
 seconds = time.perf_counter() - start
-hwm = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
-print(json.dumps({"seconds": seconds, "peak_rss_mb": hwm / 1024,
+print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(),
                   "size_mb": (Path(out) / "model.onnx").stat().st_size / 1e6}))
 """
 

@@ -66,12 +66,11 @@ def latency(variants: dict[str, Path], batch: int = 1, sequence: int = 128, warm
 
 def peak_rss_mb(directory: Path, batch: int = 1, sequence: int = 128, runs: int = 3) -> float:
     """Peak RSS of a fresh process that loads the artifact and runs it: memory is per process."""
-    # VmHWM, not ru_maxrss: ru_maxrss survives fork+exec, so a child of a large parent reports the parent's peak.
     code = ("import sys;from pathlib import Path;import bertforge.bench as b;"
-            "from bertforge.runtime import open_session;"
+            "from bertforge.runtime import open_session;from bertforge.environment import peak_rss_mb;"
             "s=open_session(Path(sys.argv[1]));r=b.onnx_runner(s,b.synthetic_inputs(int(sys.argv[2]),int(sys.argv[3])));"
             "[r() for _ in range(int(sys.argv[4]))];"
-            "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]/1024)")
+            "print(peak_rss_mb())")
     done = subprocess.run([sys.executable, "-c", code, str(directory), str(batch), str(sequence), str(runs)],
                           capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])

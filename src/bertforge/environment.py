@@ -70,5 +70,12 @@ def machine_info() -> dict[str, object]:
     }
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: it survives fork+exec, so a child started by a
+    large parent would report the parent's peak."""
+    with open("/proc/self/status", encoding="utf-8") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("VmHWM")) / 1024
+
+
 def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or psutil.cpu_count(logical=True) or 1

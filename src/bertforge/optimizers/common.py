@@ -35,16 +35,19 @@ EXCLUDE_PRESET_PATTERNS = {
 }
 
 
-def excluded_nodes(model_path: Path, presets: tuple[str, ...], patterns: tuple[str, ...]) -> list[str]:
-    """Names of the graph's nodes matched by the presets' and the user's regular expressions."""
-    import re
-
+def node_names(model_path: Path) -> list[str]:
     import onnx
+
+    return [node.name for node in onnx.load(str(model_path), load_external_data=False).graph.node]
+
+
+def excluded_nodes(names: list[str], presets: tuple[str, ...], patterns: tuple[str, ...]) -> list[str]:
+    """The node names matched by the presets' and the user's regular expressions."""
+    import re
 
     compiled = [re.compile(p) for preset in presets for p in EXCLUDE_PRESET_PATTERNS[preset]]
     compiled += [re.compile(p) for p in patterns]
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    return [node.name for node in graph.node if any(p.search(node.name) for p in compiled)]
+    return [name for name in names if any(p.search(name) for p in compiled)]
 
 
 def mlm_head_nodes(model) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import onnx
 
-from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, excluded_nodes, op_histogram
+from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, excluded_nodes, node_names, op_histogram
 from bertforge.optimizers.tied_quant import share_quantized_tables
 from bertforge.recipe import Int8DynamicConfig
 
@@ -26,10 +26,11 @@ VERSION = "1"
 def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    exclude = excluded_nodes(src / MODEL_FILE, config.exclude_presets, config.exclude_nodes)
+    names = node_names(src / MODEL_FILE)  # parsed once: the bert-base graph is ~440 MB
+    exclude = excluded_nodes(names, config.exclude_presets, config.exclude_nodes)
     # ORT's quantizer never touches the tied decoder: its weight is a Transpose output, not an initializer,
     # so ORT would quantize it dynamically on every call. tied_quant.py handles it instead.
-    keep_for_ort = excluded_nodes(src / MODEL_FILE, ("mlm-decoder",), ())
+    keep_for_ort = excluded_nodes(names, ("mlm-decoder",), ())
     int8_decoder = not {"mlm-decoder", "mlm-head"} & set(config.exclude_presets)
     weight_type = QuantType.QInt8 if config.weight_type == "qint8" else QuantType.QUInt8
     quantize_dynamic(src / MODEL_FILE, out / MODEL_FILE, op_types_to_quantize=list(config.op_types),

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, excluded_nodes, op_histogram
+from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, excluded_nodes, node_names, op_histogram
 from bertforge.recipe import Int8StaticConfig
 
 NAME = "int8-static"
@@ -66,7 +66,7 @@ def run(src: Path, out: Path, config: Int8StaticConfig) -> dict[str, Any]:
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.calibration_method]
-    exclude = excluded_nodes(src / MODEL_FILE, config.exclude_presets, config.exclude_nodes)
+    exclude = excluded_nodes(node_names(src / MODEL_FILE), config.exclude_presets, config.exclude_nodes)
     with tempfile.TemporaryDirectory(prefix="bertforge-calib-", dir=out) as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(src / MODEL_FILE), str(prepared), skip_optimization=True)
