@@ -61,24 +61,32 @@ def test_fp16_weights_with_fp32_io_and_blocked_ops(tiny_variants):
     assert np.abs(logits(tiny_variants["fp16"]) - ref).max() < 0.05
 
 
+def tied_tables(model):
+    return [(i.name, i.data_type) for i in model.graph.initializer if sorted(i.dims) == [32, 30522]]
+
+
 def test_int8_dynamic_quantizes_weights_and_shares_the_tied_table(tiny_variants):
     model = load(tiny_variants["int8-dynamic"])
     ops = Counter(n.op_type for n in model.graph.node)
-    assert ops["QAttention"] == 2 and ops["MatMulInteger"] >= 6 and ops["QEmbedLayerNormalization"] == 1
-    dtypes = Counter(i.data_type for i in model.graph.initializer)
-    assert dtypes[INT8] > 0
-    # the tied table is stored once, quantized; no fp32 copy beside it
-    tables = [i for i in model.graph.initializer if sorted(i.dims) == [32, 30522]]
-    assert [(t.name, t.data_type) for t in tables] == [("bert.embeddings.word_embeddings.weight_quantized", UINT8)]
-    # the decoder is an int8 GEMM over the transposed quantized table
-    decoder = [n for n in model.graph.node if n.name.startswith("/cls/predictions/decoder/MatMul")]
-    assert [n.op_type for n in decoder] == ["DynamicQuantizeMatMul"]
+    assert ops["QAttention"] == 2 and ops["MatMulInteger"] >= 6
+    assert ops["EmbedLayerNormalization"] == 1 and ops["QEmbedLayerNormalization"] == 0
+    # the tied table is stored once, int8 per row; no fp32 or per-tensor uint8 copy beside it
+    assert tied_tables(model) == [("bert.embeddings.word_embeddings.weight_q8", INT8)]
+    scales = [i for i in model.graph.initializer if i.name == "bert.embeddings.word_embeddings.weight_scale"]
+    assert list(scales[0].dims) == [30522]
+    # the decoder is one int8 GEMM over the transposed table, its bias fused in
+    decoder = [n for n in model.graph.node if n.name.startswith("/cls/predictions/decoder/")]
+    assert [n.op_type for n in decoder] == ["DynamicQuantizeMatMul"] and len(decoder[0].input) == 5
     producers = {o: n for n in model.graph.node for o in n.output}
     transpose = producers[decoder[0].input[1]]
-    assert transpose.op_type == "Transpose" and transpose.input[0] == tables[0].name
+    assert transpose.op_type == "Transpose" and transpose.input[0] == tied_tables(model)[0][0]
+    assert decoder[0].output[0] == model.graph.output[0].name
+    # the embeddings read the same table, dequantized (ORT folds this at load)
+    embed = next(n for n in model.graph.node if n.op_type == "EmbedLayerNormalization")
+    assert producers[embed.input[2]].op_type == "Mul"
     fp32_size = (tiny_variants["fused"] / "model.onnx").stat().st_size
     int8_size = (tiny_variants["int8-dynamic"] / "model.onnx").stat().st_size
-    assert int8_size < 0.4 * fp32_size
+    assert int8_size < 0.35 * fp32_size  # tiny hidden size: the per-row scales weigh 1/8 of the int8 table
     ref = logits(tiny_variants["fp32"])
     assert np.abs(logits(tiny_variants["int8-dynamic"]) - ref).max() < 0.5
 
@@ -93,10 +101,11 @@ def test_int8_dynamic_decoder_preset_keeps_decoder_arithmetic_fp32(tiny_variants
     model = load(out)
     decoder = [n for n in model.graph.node if n.name == "/cls/predictions/decoder/MatMul"]
     assert len(decoder) == 1 and decoder[0].op_type == "MatMul", "the excluded decoder stays an fp32 MatMul"
-    assert meta["tables_shared_after_quantization"] == {
-        "bert.embeddings.word_embeddings.weight": "fp32 via DequantizeLinear"}
-    tables = [i for i in model.graph.initializer if sorted(i.dims) == [32, 30522]]
-    assert [t.data_type for t in tables] == [UINT8], "still one table, quantized"
+    assert meta["tied_table"] == {
+        "bert.embeddings.word_embeddings.weight": "fp32 MatMul over the table dequantized at load"}
+    assert tied_tables(model) == [("bert.embeddings.word_embeddings.weight_q8", INT8)], "still one table, int8"
+    ref = logits(tiny_variants["fp32"])
+    assert np.abs(logits(out) - ref).max() < 0.5
 
 
 def test_int8_dynamic_embeddings_preset_keeps_embeddings_fp32(tiny_variants, tmp_path):
@@ -110,9 +119,39 @@ def test_int8_dynamic_embeddings_preset_keeps_embeddings_fp32(tiny_variants, tmp
     model = load(out)
     ops = Counter(n.op_type for n in model.graph.node)
     assert ops["EmbedLayerNormalization"] == 1 and ops["QEmbedLayerNormalization"] == 0
+    assert tied_tables(model) == [("bert.embeddings.word_embeddings.weight", FLOAT)]
+    assert meta["tied_table"] == {}
     assert {n.op_type for n in model.graph.node if n.name.startswith("/cls/predictions/")} <= {"MatMul", "Add",
                                                                                              "LayerNormalization"}
     assert "/cls/predictions/transform/dense/MatMul" in meta["excluded_nodes"]
+
+
+def test_tied_table_decoder_matches_fp32_on_a_hand_built_graph():
+    """share_tied_table on the exporter's pattern: Gather(W), MatMul(x, Transpose(W)) + b."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bertforge.optimizers.tied_quant import share_tied_table
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(50, 16)).astype(np.float32) * rng.uniform(0.1, 3, size=(50, 1)).astype(np.float32)
+    bias = rng.normal(size=50).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["W", "ids"], ["emb"]),
+             helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["emb", "Wt"], ["mm"]),
+             helper.make_node("Add", ["mm", "b"], ["logits"])]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [3, 50])],
+                              [numpy_helper.from_array(table, "W"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    ids = np.array([1, 7, 42], dtype=np.int64)
+    expected = table[ids] @ table.T + bias
+    assert share_tied_table(model, int8_decoder=True) == {"W": "int8 DynamicQuantizeMatMul, constant per-row int8 "
+                                                               "B, bias fused"}
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node].count("Add") == 0
+    got = ort.InferenceSession(model.SerializeToString()).run(None, {"ids": ids})[0]
+    assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
 
 
 def test_int8_static_is_qdq_calibrated(tiny_variants):

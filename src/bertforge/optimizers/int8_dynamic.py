@@ -2,10 +2,10 @@
 
 Trap handled: quantizing a fused graph fails with "Unable to find data type for weight_name"
 (optimum #2186) because the contrib ops carry no type info; DefaultTensorType=FLOAT supplies it.
-The fused EmbedLayerNormalization is quantized (QEmbedLayerNormalization, uint8 table) unless the
-`embeddings` preset excludes it; the tied MLM decoder's MatMul is excluded by default (accuracy,
-ORT #11286) and reads the same quantized table through a DequantizeLinear, so the 30522-row table is
-stored once, in int8 (tied_quant.py).
+ORT quantizes the encoder's MatMuls and Attentions (int8 weights, activations quantized per tensor on
+every call). The tied word-embedding table is not left to ORT (its QEmbedLayerNormalization would
+quantize the table per tensor and keep the fp32 copy for the decoder): tied_quant.py stores it once,
+int8 per row, read by the embeddings and by an int8 decoder GEMM.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any
 import onnx
 
 from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, excluded_nodes, node_names, op_histogram
-from bertforge.optimizers.tied_quant import share_quantized_tables
+from bertforge.optimizers.tied_quant import share_tied_table
 from bertforge.recipe import Int8DynamicConfig
 
 NAME = "int8-dynamic"
-VERSION = "1"
+VERSION = "2"
 
 
 def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
@@ -28,10 +28,8 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
 
     names = node_names(src / MODEL_FILE)  # parsed once: the bert-base graph is ~440 MB
     exclude = excluded_nodes(names, config.exclude_presets, config.exclude_nodes)
-    # ORT's quantizer never touches the tied decoder: its weight is a Transpose output, not an initializer,
-    # so ORT would quantize it dynamically on every call. tied_quant.py handles it instead.
-    keep_for_ort = excluded_nodes(names, ("mlm-decoder",), ())
-    int8_decoder = not {"mlm-decoder", "mlm-head"} & set(config.exclude_presets)
+    # The embeddings and the tied decoder are never ORT's: share_tied_table quantizes their table.
+    keep_for_ort = excluded_nodes(names, ("embeddings", "mlm-decoder"), ())
     weight_type = QuantType.QInt8 if config.weight_type == "qint8" else QuantType.QUInt8
     quantize_dynamic(src / MODEL_FILE, out / MODEL_FILE, op_types_to_quantize=list(config.op_types),
                      per_channel=config.per_channel, reduce_range=config.reduce_range, weight_type=weight_type,
@@ -39,9 +37,11 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     copy_loader_files(src, out)
     quantized = onnx.load(str(out / MODEL_FILE))
-    shared = share_quantized_tables(quantized, int8_decoder=int8_decoder)
-    if shared:
+    shared: dict[str, str] = {}
+    if "embeddings" not in config.exclude_presets:
+        int8_decoder = not {"mlm-decoder", "mlm-head"} & set(config.exclude_presets)
+        shared = share_tied_table(quantized, int8_decoder=int8_decoder)
         onnx.save(quantized, str(out / MODEL_FILE))
-    return {"excluded_nodes": exclude, "tables_shared_after_quantization": shared,
+    return {"excluded_nodes": exclude, "tied_table": shared,
             "op_types": op_histogram(quantized), "weight_type": config.weight_type,
             "per_channel": config.per_channel, "reduce_range": config.reduce_range}

@@ -1,80 +1,103 @@
-"""Keep the tied word-embedding table stored once after quantization.
+"""The tied word-embedding table, stored once in int8, fast for both of its readers.
 
-When the embeddings are quantized (QEmbedLayerNormalization reads `W_quantized`), the tied MLM decoder
-still reads the fp32 `W` through its Transpose, so the file holds both copies: the quantized model
-grows instead of shrinking (the re-inflation optimum PR #1326 fixed for its own path). No ORT or
-optimum function handles this for a fused graph, so we rewire by hand. Two ways:
+BERT's MLM decoder is tied to the word embeddings: the exported graph reads one table `W`
+[vocab, hidden] in the embeddings (Gather, or a fused EmbedLayerNormalization) and, transposed, in
+the decoder MatMul. No ORT or optimum function quantizes a tied table, so we rewrite it by hand:
 
-- `int8` decoder: Transpose(W_quantized) feeds a com.microsoft DynamicQuantizeMatMul (activations
-  quantized per call, the table's own scale and zero point). ORT folds the Transpose of the
-  initializer once at load, so each call is one integer GEMM.
-- `fp32` decoder: the readers of `W` read DequantizeLinear(W_quantized, W_scale, W_zero_point); the
-  decoder's arithmetic stays fp32, but the table is dequantized on every call (ORT does not
-  constant-fold DequantizeLinear), which costs time.
+- `W` becomes `W_q8` (int8, symmetric, one scale per vocabulary row) + `W_scale` [vocab];
+- the embeddings read `Mul(Cast(W_q8), W_scale[:, None])`. ORT's constant folding (any optimization
+  level above "disabled", the default everywhere) computes it once at session load, so the embedding
+  ops and their fusions run on fp32 as before; only the file holds the int8 table;
+- the decoder becomes com.microsoft `DynamicQuantizeMatMul(x, Transpose(W_q8), W_scale, 0, bias)`:
+  the Transpose of an initializer is folded at load too, so B is a constant that the kernel prepacks
+  (s8 weights: the u8 x s8 VNNI path), the per-row scales are exactly the per-output-channel scales
+  of the decoder, and the decoder's bias Add is fused into the op. Measured on demo (b1 x s128):
+  the decoder took 3.2 ms this way, 9.4 + 1.4 ms reading ORT's per-tensor uint8 table through a
+  runtime Transpose, 11.5 + 1.4 ms in fp32.
+- `int8_decoder=False` keeps the decoder an fp32 MatMul over the dequantized table (folded at load:
+  no per-call cost, fp32 accuracy for the logits).
+
+Per-row scales matter for accuracy: ORT's QEmbedLayerNormalization quantizes the whole table with one
+uint8 scale, which alone cost the demo 22 points of top-1 agreement; per-row int8 costs about 2.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
+
+DECODER_NODE = "/cls/predictions/decoder/DynamicQuantizeMatMul"
 
 
 def _consumers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
     return [node for node in graph.node if name in node.input]
 
 
-def _int8_decoder(graph: onnx.GraphProto, name: str) -> bool:
-    """Rewire Transpose(W) -> MatMul into Transpose(W_quantized) -> DynamicQuantizeMatMul."""
-    readers = _consumers(graph, name)
-    transposes = [n for n in readers if n.op_type == "Transpose"]
-    if len(transposes) != 1 or len(readers) != 1:
-        return False
-    transpose = transposes[0]
-    matmuls = _consumers(graph, transpose.output[0])
-    if not matmuls or any(m.op_type != "MatMul" or m.input[1] != transpose.output[0] for m in matmuls):
-        return False
-    transpose.input[0] = f"{name}_quantized"
-    transpose.output[0] = f"{name}_quantized_transposed"
-    for matmul in matmuls:
-        index = list(graph.node).index(matmul)
-        replacement = helper.make_node(
-            "DynamicQuantizeMatMul", [matmul.input[0], transpose.output[0], f"{name}_scale", f"{name}_zero_point"],
-            list(matmul.output), name=f"{matmul.name}_DynamicQuantize", domain="com.microsoft")
-        graph.node.remove(matmul)
-        graph.node.insert(index, replacement)
-    return True
+def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row: table ~= q * scale[:, None], q in [-127, 127]."""
+    scale = np.abs(table).max(axis=1).astype(np.float32) / 127.0
+    scale[scale == 0] = 1.0
+    quantized = np.clip(np.round(table / scale[:, None]), -127, 127).astype(np.int8)
+    return quantized, scale
 
 
-def _dequantized_readers(graph: onnx.GraphProto, name: str) -> None:
-    readers = _consumers(graph, name)
-    dequantized = f"{name}_dequantized"
-    dequantize = helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
-                                  [dequantized], name=f"{name}_DequantizeLinear_shared")
-    for node in readers:
-        for index, value in enumerate(node.input):
-            if value == name:
-                node.input[index] = dequantized
-    first = min(list(graph.node).index(node) for node in readers)
-    graph.node.insert(first, dequantize)
+def tied_table(graph: onnx.GraphProto) -> tuple[str, onnx.NodeProto, onnx.NodeProto, onnx.NodeProto | None] | None:
+    """(table, Transpose, decoder MatMul, bias Add or None) when the graph has the exporter's tied decoder."""
+    initializers = {init.name for init in graph.initializer}
+    for transpose in (n for n in graph.node if n.op_type == "Transpose" and n.input[0] in initializers):
+        readers = _consumers(graph, transpose.output[0])
+        if len(readers) != 1 or readers[0].op_type != "MatMul" or readers[0].input[1] != transpose.output[0]:
+            continue
+        matmul = readers[0]
+        after = _consumers(graph, matmul.output[0])
+        add = after[0] if len(after) == 1 and after[0].op_type == "Add" else None
+        if add is not None:
+            other = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
+            if other not in initializers:
+                add = None
+        return transpose.input[0], transpose, matmul, add
+    return None
 
 
-def share_quantized_tables(model: onnx.ModelProto, int8_decoder: bool) -> dict[str, str]:
-    """Drop fp32 tables that also exist quantized; return {table: how its other readers now read it}."""
+def share_tied_table(model: onnx.ModelProto, int8_decoder: bool) -> dict[str, str]:
+    """Store the tied table once as per-row int8; return {table: how the decoder reads it} ({} if untied)."""
     graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    shared = {}
-    for name in list(initializers):
-        if not all(f"{name}{suffix}" in initializers for suffix in ("_quantized", "_scale", "_zero_point")):
-            continue
-        if not _consumers(graph, name):
-            continue
-        if int8_decoder and _int8_decoder(graph, name):
-            shared[name] = "int8 DynamicQuantizeMatMul"
-        else:
-            _dequantized_readers(graph, name)
-            shared[name] = "fp32 via DequantizeLinear"
-        graph.initializer.remove(initializers[name])
-    if any(how.startswith("int8") for how in shared.values()) and not any(
-            o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return shared
+    found = tied_table(graph)
+    if found is None:
+        return {}
+    name, transpose, matmul, add = found
+    initializer = next(init for init in graph.initializer if init.name == name)
+    quantized, scale = quantize_rows(numpy_helper.to_array(initializer))
+    q_name, scale_name = f"{name}_q8", f"{name}_scale"
+    graph.initializer.remove(initializer)
+    graph.initializer.extend([numpy_helper.from_array(quantized, q_name), numpy_helper.from_array(scale, scale_name),
+                              numpy_helper.from_array(np.array([1], dtype=np.int64), f"{name}_row_axis")])
+    dequantize = [
+        helper.make_node("Cast", [q_name], [f"{name}_q8_float"], to=TensorProto.FLOAT, name=f"{name}/Cast"),
+        helper.make_node("Unsqueeze", [scale_name, f"{name}_row_axis"], [f"{name}_scale_column"],
+                         name=f"{name}/Unsqueeze"),
+        # Output named like the old initializer, so every other reader (embeddings) is unchanged.
+        helper.make_node("Mul", [f"{name}_q8_float", f"{name}_scale_column"], [name], name=f"{name}/Dequantize"),
+    ]
+    how = "fp32 MatMul over the table dequantized at load"
+    if int8_decoder:
+        graph.initializer.append(numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{name}_zero_point"))
+        transpose.input[0] = q_name
+        transpose.output[0] = f"{q_name}_transposed"  # a new name: value_info typed the old one float
+        inputs = [matmul.input[0], transpose.output[0], scale_name, f"{name}_zero_point"]
+        outputs = list(matmul.output)
+        if add is not None:
+            inputs.append(add.input[1] if add.input[0] == matmul.output[0] else add.input[0])
+            outputs = list(add.output)
+            graph.node.remove(add)
+        index = list(graph.node).index(matmul)
+        graph.node.remove(matmul)
+        graph.node.insert(index, helper.make_node("DynamicQuantizeMatMul", inputs, outputs, name=DECODER_NODE,
+                                                  domain="com.microsoft"))
+        how = "int8 DynamicQuantizeMatMul, constant per-row int8 B, bias fused"
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    for offset, node in enumerate(dequantize):
+        graph.node.insert(offset, node)
+    return {name: how}
