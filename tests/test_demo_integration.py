@@ -47,13 +47,18 @@ def test_demo_variants_meet_parity(demo_build):
     assert variants["fused"]["metrics"]["top1_agreement"] == 1.0
     assert variants["fp16"]["metrics"]["top1_agreement"] >= 0.99
     reference_recovery = report["reference"]["truth_recovery"]
-    for name in ("int8-dynamic", "int8-static"):
+    for name in ("int8-dynamic", "int8-static", "int8-blockwise"):
         metrics = variants[name]["metrics"]
         # the fitted head's near-ties flip under int8 (see recipe.default_gates); what it predicts
         # stays as good: ground-truth recovery within 2.5 points of the reference's
         assert metrics["top1_agreement"] >= 0.60 and metrics["ref_top1_in_top5"] >= 0.80, name
         assert metrics["truth_recovery"] >= reference_recovery - 0.025, name
+    # activations quantized per block keep the reference's predictions; per tensor does not
+    blockwise = variants["int8-blockwise"]["metrics"]
+    assert blockwise["top1_agreement"] >= 0.90 and blockwise["ref_top1_in_top5"] >= 0.99
+    assert blockwise["top1_agreement"] > variants["int8-dynamic"]["metrics"]["top1_agreement"] + 0.1
     assert variants["int8-dynamic"]["size_bytes"] < 0.3 * variants["fp32"]["size_bytes"]
+    assert variants["int8-blockwise"]["size_bytes"] < 0.35 * variants["fp32"]["size_bytes"]
     assert report["corpus"]["sentences"] >= 300
 
 
@@ -63,7 +68,7 @@ def test_demo_variants_answer_fill_mask(demo_build):
 
     from bertforge.runtime import fill_mask
 
-    for name in ("fp32", "fused", "fp16", "int8-dynamic", "int8-static"):
+    for name in ("fp32", "fused", "fp16", "int8-dynamic", "int8-static", "int8-blockwise"):
         path = demo_build / name
         assert ORTModelForMaskedLM.from_pretrained(path) is not None
         answers = pipeline("fill-mask", model=str(path), accelerator="ort")("The capital of France is [MASK].")

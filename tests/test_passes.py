@@ -154,6 +154,26 @@ def test_tied_table_decoder_matches_fp32_on_a_hand_built_graph():
     assert (got.argmax(-1) == expected.argmax(-1)).all()
 
 
+def test_int8_blockwise_is_matmulnbits_over_separate_projections(tiny_variants):
+    model = load(tiny_variants["int8-blockwise"])
+    ops = Counter(n.op_type for n in model.graph.node)
+    # 2 layers x (Q, K, V, attention output, FFN up, FFN down) + the head's transform
+    assert ops["MultiHeadAttention"] == 2 and ops["MatMulNBits"] == 13 and ops["MatMul"] == 0
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    attrs = {a.name: a.i for a in nbits[0].attribute}
+    assert attrs["bits"] == 8 and attrs["block_size"] == 16 and attrs["accuracy_level"] == 4
+    assert tied_tables(model) == [("bert.embeddings.word_embeddings.weight_q8", INT8)]
+    assert [n.op_type for n in model.graph.node if n.name.startswith("/cls/predictions/decoder/")] == [
+        "DynamicQuantizeMatMul"]
+    meta = read_manifest(tiny_variants["int8-blockwise"])["metadata"]
+    assert meta["block_size"] == 16 and meta["fused_operators"]["MultiHeadAttention"] == 2
+    assert (tiny_variants["int8-blockwise"] / "model.onnx").stat().st_size < 0.4 * (
+        tiny_variants["fused"] / "model.onnx").stat().st_size
+    ref = logits(tiny_variants["fp32"])
+    blockwise_error = np.abs(logits(tiny_variants["int8-blockwise"]) - ref).max()
+    assert blockwise_error < np.abs(logits(tiny_variants["int8-dynamic"]) - ref).max()
+
+
 def test_int8_static_is_qdq_calibrated(tiny_variants):
     model = load(tiny_variants["int8-static"])
     ops = Counter(n.op_type for n in model.graph.node)

@@ -15,6 +15,7 @@ from typing import Any
 from bertforge import __version__
 from bertforge.errors import EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE, BertforgeError, UsageError
 from bertforge.progress import MODES, Progress
+from bertforge.recipe import VARIANTS
 
 EPILOG = "exit codes: 0 ok, 1 a gate failed / regression / verify mismatch, 2 usage or config error, 3 build failed"
 
@@ -164,7 +165,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--recipe", help="YAML recipe (configs/*.yaml); flags below override its fields")
         p.add_argument("--model", help="model spec: a hub id (default bert-base-uncased), a local checkpoint "
                        "directory, 'demo' (offline real weights) or 'synthetic:bert-base-uncased'")
-        p.add_argument("--variants", help="comma-separated subset of fp32,fused,fp16,int8-dynamic,int8-static; "
+        p.add_argument("--variants", help="comma-separated subset of " + ",".join(VARIANTS) + "; "
                        "extra: int8-dynamic-masked (MLM head at [MASK] rows only)")
         p.add_argument("--corpus", help="validation sentences: 'builtin' or a UTF-8 text file, one a line")
         p.add_argument("--max-sentences", type=int, help="validate on the first N sentences only")

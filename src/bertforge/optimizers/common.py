@@ -56,6 +56,24 @@ def mlm_head_nodes(model) -> list[str]:
             if node.name.startswith("/cls/") or any(o.startswith("/cls/") for o in node.output)]
 
 
+def ort_fuse(model_path: Path, hf_config: dict, opt_level: int, multi_head_attention: bool = False):
+    """ORT's transformers optimizer on a BERT export: (OnnxModel, fused-operator counts).
+
+    multi_head_attention: fuse attention as MultiHeadAttention, which keeps the Q/K/V projections as
+    separate MatMuls (block-wise quantization needs them), instead of one Attention with packed QKV.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    options.use_multi_head_attention = multi_head_attention
+    optimized = optimize_model(str(model_path), model_type="bert", num_heads=hf_config["num_attention_heads"],
+                               hidden_size=hf_config["hidden_size"], opt_level=opt_level, use_gpu=False,
+                               optimization_options=options)
+    stats = {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
+    return optimized, stats
+
+
 def op_histogram(model) -> dict[str, int]:
     from collections import Counter
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bertforge.errors import StageError
-from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, model_config
+from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, model_config, ort_fuse
 from bertforge.recipe import FusionConfig
 
 NAME = "fusion"
@@ -37,12 +37,8 @@ def missing_fusions(stats: dict[str, int], num_layers: int) -> list[str]:
 
 
 def run(src: Path, out: Path, config: FusionConfig) -> dict[str, Any]:
-    from onnxruntime.transformers.optimizer import optimize_model
-
     hf = model_config(src)
-    optimized = optimize_model(str(src / MODEL_FILE), model_type="bert", num_heads=hf["num_attention_heads"],
-                               hidden_size=hf["hidden_size"], opt_level=config.opt_level, use_gpu=False)
-    stats = {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
+    optimized, stats = ort_fuse(src / MODEL_FILE, hf, opt_level=config.opt_level)
     problems = missing_fusions(stats, hf["num_hidden_layers"])
     if problems and config.require_full_fusion:
         raise StageError("fusion incomplete: " + ", ".join(problems) + " (was the model exported with SDPA "

@@ -1,0 +1,60 @@
+"""INT8 block-wise stage: every encoder and head MatMul as com.microsoft MatMulNBits, 8 bits, int8 compute.
+
+Why: int8-dynamic quantizes each activation tensor with one scale, and a trained encoder's outlier
+channels then swamp the rest (Bondarenko et al. 2021). MatMulNBits with accuracy_level 4 quantizes the
+activations per block of `block_size` input channels of each row, and the weights per block too.
+
+The graph it starts from: the export fused by ORT's transformers optimizer with MultiHeadAttention
+instead of Attention, so the Q/K/V projections stay separate MatMuls the quantizer can replace
+(a fused Attention node's packed QKV weight is not a MatMul). The tied word-embedding table is
+stored once as per-row int8 (tied_quant.py): the decoder is an int8 GEMM over it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from bertforge.errors import StageError
+from bertforge.optimizers.common import (
+    MODEL_FILE,
+    copy_loader_files,
+    excluded_nodes,
+    model_config,
+    op_histogram,
+    ort_fuse,
+)
+from bertforge.optimizers.tied_quant import share_tied_table
+from bertforge.recipe import Int8BlockwiseConfig
+
+NAME = "int8-blockwise"
+VERSION = "1"
+
+
+def run(src: Path, out: Path, config: Int8BlockwiseConfig) -> dict[str, Any]:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    hf = model_config(src)
+    fused, stats = ort_fuse(src / MODEL_FILE, hf, opt_level=0, multi_head_attention=True)
+    if stats.get("MultiHeadAttention", 0) != hf["num_hidden_layers"]:
+        raise StageError(f"int8-blockwise: MultiHeadAttention fused {stats.get('MultiHeadAttention', 0)}/"
+                         f"{hf['num_hidden_layers']} layers (was the model exported with SDPA attention?)")
+    model = fused.model
+    names = [node.name for node in model.graph.node]
+    exclude = excluded_nodes(names, config.exclude_presets, config.exclude_nodes)
+    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=config.block_size, is_symmetric=config.symmetric,
+                                     accuracy_level=config.accuracy_level, op_types_to_quantize=("MatMul",),
+                                     nodes_to_exclude=exclude)
+    quantizer.process()
+    model = quantizer.model.model
+    shared = {}
+    if "embeddings" not in config.exclude_presets:
+        int8_decoder = not {"mlm-decoder", "mlm-head"} & set(config.exclude_presets)
+        shared = share_tied_table(model, int8_decoder=int8_decoder)
+    onnx.save(model, str(out / MODEL_FILE))
+    copy_loader_files(src, out)
+    return {"fused_operators": stats, "excluded_nodes": exclude, "tied_table": shared, "bits": 8,
+            "block_size": config.block_size, "symmetric": config.symmetric,
+            "accuracy_level": config.accuracy_level, "op_types": op_histogram(model)}
