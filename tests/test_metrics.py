@@ -83,3 +83,18 @@ def test_gate_evaluation_names_metric_and_threshold():
     nan = evaluate("fp16", {"top1_agreement": float("nan"), "top5_overlap": 1, "max_abs": 0, "kl_mean": 0},
                    Gate(top1_min=0.5))
     assert not nan[0].passed  # a NaN never passes a gate
+
+
+def test_demo_logit_scale_recovers_a_known_temperature():
+    from bertforge.demo_head import fit_logit_scale
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4000, 50))
+    true_scale = 3.0
+    probabilities = np.exp(true_scale * logits)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    truth = np.array([rng.choice(50, p=row) for row in probabilities])
+    fitted = fit_logit_scale(logits, truth)
+    assert abs(fitted - true_scale) < 0.15
+    # ranking is untouched by a positive scale: the reason agreement does not move
+    assert (np.argsort(-fitted * logits, axis=1)[:, :5] == np.argsort(-logits, axis=1)[:, :5]).all()
