@@ -228,3 +228,21 @@ def test_json_lines_progress_for_ci_logs(built, capsys):
     assert ("step_start", "validate") in steps and ("step_end", "validate") in steps
     end = next(e for e in events if e["event"] == "step_end" and e["step"] == "validate")
     assert end["status"] == "done" and end["seconds"] > 0
+
+
+def test_sensitivity_command_measures_every_group_under_every_scheme(built, tmp_path, capsys):
+    copy = tmp_path / "build"
+    shutil.copytree(built, copy)
+    assert main(["sensitivity", str(copy), "--json", "-q"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert json.loads((copy / "sensitivity.json").read_text()) == result
+    groups = {row["group"]: row for row in result["groups"]}
+    assert list(groups)[:4] == ["layer.0.qkv", "layer.0.attn-out", "layer.0.ffn-up", "layer.0.ffn-down"]
+    assert set(groups) >= {"head.transform", "tied-table"} and len(groups) == 10
+    for name, row in groups.items():
+        for scheme in ("int8-dynamic",) if name == "tied-table" else ("int8-dynamic", "int8-blockwise"):
+            assert 0.0 <= row[scheme]["top1_agreement"] <= 1.0 and row[scheme]["kl_mean"] >= 0.0, (name, scheme)
+    assert result["calibration_positions"] >= 200
+    assert result["costs_ms"]["model_ms"]["fp32"] > 0
+    assert "| layer.1.ffn-down |" in (copy / "sensitivity.md").read_text()
+    assert main(["sensitivity", str(tmp_path / "missing")]) == 2

@@ -47,7 +47,7 @@ def test_demo_variants_meet_parity(demo_build):
     assert variants["fused"]["metrics"]["top1_agreement"] == 1.0
     assert variants["fp16"]["metrics"]["top1_agreement"] >= 0.99
     reference_recovery = report["reference"]["truth_recovery"]
-    for name in ("int8-dynamic", "int8-static", "int8-blockwise"):
+    for name in ("int8-dynamic", "int8-static", "int8-blockwise", "int8-auto"):
         metrics = variants[name]["metrics"]
         # the fitted head's near-ties flip under int8 (see recipe.default_gates); what it predicts
         # stays as good: ground-truth recovery within 2.5 points of the reference's
@@ -58,6 +58,12 @@ def test_demo_variants_meet_parity(demo_build):
     assert blockwise["top1_agreement"] >= 0.90 and blockwise["ref_top1_in_top5"] >= 0.99
     assert blockwise["top1_agreement"] > variants["int8-dynamic"]["metrics"]["top1_agreement"] + 0.1
     assert variants["int8-dynamic"]["size_bytes"] < 0.3 * variants["fp32"]["size_bytes"]
+    # int8-auto is planned for top-1 >= 95% on the calibration split; on the validation corpus it measured
+    # 96.5% here (int8 kernels differ by ISA, so the bound leaves room, as its 92% gate does)
+    auto = variants["int8-auto"]
+    assert auto["metrics"]["top1_agreement"] >= 0.94 and auto["metrics"]["ref_top1_in_top5"] >= 0.995
+    assert auto["metadata"]["calibration"]["top1_agreement"] >= 0.95
+    assert "int8-dynamic" in auto["metadata"]["plan"].values()  # not simply the fp32 graph
     assert variants["int8-blockwise"]["size_bytes"] < 0.35 * variants["fp32"]["size_bytes"]
     assert report["corpus"]["sentences"] >= 300
 
@@ -68,7 +74,7 @@ def test_demo_variants_answer_fill_mask(demo_build):
 
     from bertforge.runtime import fill_mask
 
-    for name in ("fp32", "fused", "fp16", "int8-dynamic", "int8-static", "int8-blockwise"):
+    for name in ("fp32", "fused", "fp16", "int8-dynamic", "int8-static", "int8-blockwise", "int8-auto"):
         path = demo_build / name
         assert ORTModelForMaskedLM.from_pretrained(path) is not None
         answers = pipeline("fill-mask", model=str(path), accelerator="ort")("The capital of France is [MASK].")
@@ -76,3 +82,14 @@ def test_demo_variants_answer_fill_mask(demo_build):
         assert [a["token_str"] for a in answers] == [token for token, _ in ours], name
         # the fitted logit scale makes the head's probabilities mean something (a flat head gave 5e-5)
         assert ours[0][1] > 0.01, (name, ours)
+
+
+def test_demo_report_shows_the_sensitivity_table_and_the_plan(demo_build):
+    report = json.loads((demo_build / "report.json").read_text())
+    table = report["variants"]["int8-auto"]["metadata"]["sensitivity"]
+    assert [row["group"] for row in table][-2:] == ["head.transform", "tied-table"] and len(table) == 26
+    assert all(row["int8-dynamic"]["kl_mean"] > 0 for row in table)
+    html = (demo_build / "report.html").read_text()
+    markdown = (demo_build / "report.md").read_text()
+    for text in (html, markdown):
+        assert "INT8 sensitivity and the int8-auto plan" in text and "layer.5.ffn-down" in text

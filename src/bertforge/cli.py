@@ -120,6 +120,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_GATE_FAILED if result["regressions"] else EXIT_OK
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from bertforge.artifact import write_json_atomic, write_text_atomic
+    from bertforge.sensitivity import analyze, render_markdown
+
+    root = Path(args.dir)
+    export_dir = root / "fp32" if (root / "fp32" / "model.onnx").is_file() else root
+    if not (export_dir / "model.onnx").is_file() or not (export_dir / "config.json").is_file():
+        raise UsageError(f"{root} holds no fp32 export (OUT/fp32/model.onnx): build with the fp32 variant first")
+    progress = _progress(args)
+    with progress.step("sensitivity") as info:
+        result = analyze(export_dir, args.block_size, args.corpus, progress=progress.update)
+        info["note"] = f"{len(result['groups'])} groups, {result['calibration_positions']} positions"
+    write_json_atomic(root / "sensitivity.json", result)
+    write_text_atomic(root / "sensitivity.md", render_markdown(result))
+    print(json.dumps(result, indent=2) if args.json else render_markdown(result))
+    return EXIT_OK
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from bertforge.bench import bench_directories, dump
     from bertforge.recipe import EXTRA_VARIANTS, VARIANTS
@@ -213,6 +231,20 @@ def parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--latency-tolerance", type=float, default=0.25,
                       help="allowed relative increase of p50 latency (default 0.25)")
     cmp_.set_defaults(func=cmd_compare)
+
+    sen = sub.add_parser("sensitivity", help="per-group INT8 sensitivity of a build (KL, top-1, ms per scheme)",
+                         description="Quantize each group (per layer: QKV, attention output, FFN up, FFN down; the "
+                         "head's transform; the tied embedding table) alone under int8-dynamic and int8-blockwise; "
+                         "compare with the fp32 graph at [MASK] positions of a calibration split (not the "
+                         "validation corpus); time each group per scheme. Writes DIR/sensitivity.{json,md}.")
+    sen.add_argument("dir", help="a build directory with an fp32 variant, or an fp32 variant directory")
+    sen.add_argument("--block-size", type=int, choices=(16, 32, 64, 128, 256), default=16,
+                     help="int8-blockwise block size (default 16)")
+    sen.add_argument("--corpus", default="head-fit",
+                     help="calibration sentences: 'head-fit' (default) or a UTF-8 text file, one a line")
+    sen.add_argument("--json", action="store_true")
+    progress_flags(sen)
+    sen.set_defaults(func=cmd_sensitivity)
 
     ben = sub.add_parser("bench", help="latency p50/p90, throughput, peak RSS and size of variants",
                          description="Batch 1 and 8 x sequence 128 and 32, variants interleaved, threads = "

@@ -25,7 +25,7 @@ from bertforge.artifact import (
 from bertforge.cache import cache_root, file_lock, stage_key
 from bertforge.errors import UsageError
 from bertforge.exporter import export
-from bertforge.optimizers import fp16, fusion, int8_blockwise, int8_dynamic, int8_static, masked_head
+from bertforge.optimizers import fp16, fusion, int8_auto, int8_blockwise, int8_dynamic, int8_static, masked_head
 from bertforge.progress import Progress
 from bertforge.recipe import Recipe
 from bertforge.sources import ResolvedSource
@@ -37,6 +37,7 @@ STAGES: dict[str, ModuleType] = {
     "int8-dynamic": int8_dynamic,
     "int8-static": int8_static,
     "int8-blockwise": int8_blockwise,
+    "int8-auto": int8_auto,
     "masked-head": masked_head,
 }
 
@@ -49,6 +50,7 @@ VARIANT_PLAN: dict[str, tuple[str, str | None, str]] = {
     "int8-static": ("int8-static", "fused", "int8_static"),
     # from the export: its own fusion keeps Q/K/V as separate MatMuls (MultiHeadAttention)
     "int8-blockwise": ("int8-blockwise", "fp32", "int8_blockwise"),
+    "int8-auto": ("int8-auto", "fp32", "int8_auto"),
     "int8-dynamic-masked": ("masked-head", "int8-dynamic", "masked_head"),
 }
 OUTPUT_MARKER = "build.json"

@@ -14,10 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bertforge.errors import UsageError
 
-VARIANTS = ("fp32", "fused", "fp16", "int8-dynamic", "int8-static", "int8-blockwise")
+VARIANTS = ("fp32", "fused", "fp16", "int8-dynamic", "int8-static", "int8-blockwise", "int8-auto")
 # Extras, built only when asked for: a different output interface than optimum's (see masked_head.py).
 EXTRA_VARIANTS = ("int8-dynamic-masked",)
-VariantName = Literal["fp32", "fused", "fp16", "int8-dynamic", "int8-static", "int8-blockwise", "int8-dynamic-masked"]
+VariantName = Literal["fp32", "fused", "fp16", "int8-dynamic", "int8-static", "int8-blockwise", "int8-auto",
+                      "int8-dynamic-masked"]
 
 
 class Section(BaseModel):
@@ -86,6 +87,24 @@ class Int8BlockwiseConfig(Section):
     exclude_nodes: tuple[str, ...] = ()
 
 
+class AgreementTarget(Section):
+    top1_min: float = Field(0.95, ge=0, le=1)
+    ref_top1_in_top5_min: float | None = Field(0.995, ge=0, le=1)
+    kl_mean_max: float | None = Field(None, ge=0)
+
+
+class Int8AutoConfig(Section):
+    # Agreement with the fp32 graph at the [MASK] positions of the calibration split (not the validation
+    # corpus); the validation gates then judge the chosen plan on the validation corpus.
+    target: AgreementTarget = AgreementTarget()
+    # Fail (one line, with the best agreement reached within it) when the plan that meets the target is
+    # slower than this fraction of the fp32 graph's latency (b1 x s128, ORT profiler).
+    max_latency_ratio: float | None = Field(None, gt=0)
+    schemes: tuple[Literal["int8-dynamic", "int8-blockwise"], ...] = ("int8-dynamic", "int8-blockwise")
+    block_size: Literal[16, 32, 64, 128, 256] = 16  # for int8-blockwise groups
+    calibration_corpus: str = "head-fit"
+
+
 class MaskedHeadConfig(Section):
     mask_token_id: int | None = Field(None, ge=0)  # None: read [MASK]'s id from tokenizer.json
 
@@ -104,7 +123,8 @@ def default_gates() -> dict[str, Gate]:
     Measured on demo (431 sentences, 1405 masked positions): fp32/fused max abs 6e-6, top-1 100%;
     fp16 top-1 99.9%; int8-dynamic top-1 73.7%, top-5 overlap 77.3%, reference top-1 inside its top-5
     91.7% (the fast, lossy choice: activations quantized per tensor); int8-static 69.3%, 73.2%, 88.5%;
-    int8-blockwise (activations per block of 16 channels) 93.8%, 95.6%, 100%. The demo's fitted head
+    int8-blockwise (activations per block of 16 channels) 93.8%, 95.6%, 100%; int8-auto (plan for top-1
+    >= 95% on the calibration split) 96.5%, 96.3%, 100%. The demo's fitted head
     has a median top-1/top-2 margin of 0.068 logits, so near-ties flip under int8. Each int8 gate sits
     ~4 points under its variant's measurement: a regression fails, the demo passes.
     """
@@ -115,6 +135,7 @@ def default_gates() -> dict[str, Gate]:
         "int8-dynamic": Gate(top1_min=0.70, top5_overlap_min=0.73, ref_top1_in_top5_min=0.88),
         "int8-static": Gate(top1_min=0.65, top5_overlap_min=0.69, ref_top1_in_top5_min=0.84),
         "int8-blockwise": Gate(top1_min=0.90, top5_overlap_min=0.92, ref_top1_in_top5_min=0.99),
+        "int8-auto": Gate(top1_min=0.92, top5_overlap_min=0.92, ref_top1_in_top5_min=0.99),
         "int8-dynamic-masked": Gate(top1_min=0.70, top5_overlap_min=0.73, ref_top1_in_top5_min=0.88),
     }
 
@@ -145,6 +166,7 @@ class Recipe(Section):
     int8_dynamic: Int8DynamicConfig = Int8DynamicConfig()
     int8_static: Int8StaticConfig = Int8StaticConfig()
     int8_blockwise: Int8BlockwiseConfig = Int8BlockwiseConfig()
+    int8_auto: Int8AutoConfig = Int8AutoConfig()
     masked_head: MaskedHeadConfig = MaskedHeadConfig()
     validation: ValidationConfig = ValidationConfig()
     bench: BenchConfig = BenchConfig()

@@ -81,3 +81,45 @@ def reference_note(reference: dict[str, Any]) -> str:
     if reference.get("mlm_head_missing_from_checkpoint"):
         note += " The checkpoint has no MLM head: it was initialised randomly."
     return note
+
+
+PLAN_HEADER = ["group", "int8-auto plan", "int8-dynamic alone: top-1", "KL", "int8-blockwise alone: top-1", "KL",
+               "ms fp32", "ms int8-dynamic", "ms int8-blockwise"]
+
+
+def plan_table(report: dict[str, Any]) -> tuple[list[list[str]], str] | None:
+    """The int8-auto variant's sensitivity table and plan as text cells, and a note; None without one."""
+    entry = report["variants"].get("int8-auto")
+    if not entry or "sensitivity" not in entry.get("metadata", {}):
+        return None
+    meta = entry["metadata"]
+    costs = meta["costs_ms"]["per_group"]
+    rows = []
+    for row in meta["sensitivity"]:
+        group = row["group"]
+        cells = [group, meta["plan"].get(group, "fp32")]
+        for scheme in ("int8-dynamic", "int8-blockwise"):
+            alone = row.get(scheme)
+            if alone is None:
+                cells += ["—", "—"]
+            else:
+                cells += [f"{alone['top1_agreement']:.1%}", f"{alone['kl_mean']:.1e}"]
+        cells += [fmt(costs[group].get(scheme), "{:.2f}") if scheme in costs[group] else "—"
+                  for scheme in ("fp32", "int8-dynamic", "int8-blockwise")]
+        rows.append(cells)
+    target = meta["target"]
+    chosen = meta["calibration"]
+    wanted = ", ".join(f"{label} {op} {target[key]:g}" for key, label, op in (
+        ("top1_min", "top-1", "≥"), ("ref_top1_in_top5_min", "ref top-1 in top-5", "≥"), ("kl_mean_max", "KL", "≤"))
+        if target.get(key) is not None)
+    note = (f"int8-auto: each group quantized alone on {meta['calibration_positions']} [MASK] positions of the "
+            f"calibration split (head-fit sentences, not the validation corpus), against the fp32 graph; ms: the "
+            f"group's kernel time at b1×s128 as planned (measured per scheme with the ORT profiler; — where a "
+            f"scheme is slower than fp32 for the group, so never chosen and not measured). Target {wanted}. "
+            f"Chosen plan on the calibration split: top-1 {chosen['top1_agreement']:.1%}, ref top-1 in top-5 "
+            f"{chosen['ref_top1_in_top5']:.1%}, KL {chosen['kl_mean']:.1e}; predicted latency "
+            f"{meta['predicted_latency_ratio']:.2f}× the fp32 graph; {len(meta['evaluations'])} plans evaluated, "
+            f"search {meta['search_seconds']:.0f} s. Plans on the way (moves → top-1, latency ratio): "
+            + "; ".join(f"{e['moves']} → {e['top1_agreement']:.1%}, {e['latency_ratio']:.2f}×"
+                        for e in sorted(meta["evaluations"], key=lambda e: e["moves"])) + ".")
+    return rows, note

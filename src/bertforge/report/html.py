@@ -10,7 +10,7 @@ import html
 import math
 from typing import Any
 
-from bertforge.report.content import COLUMNS, fmt, reference_note, variant_row
+from bertforge.report.content import COLUMNS, PLAN_HEADER, fmt, plan_table, reference_note, variant_row
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
 STYLE = """
@@ -85,6 +85,17 @@ def table(report: dict[str, Any]) -> str:
     return "".join(rows)
 
 
+def plan_section(report: dict[str, Any]) -> str:
+    plan = plan_table(report)
+    if plan is None:
+        return ""
+    rows, note = plan
+    head = "".join(f"<th>{html.escape(title)}</th>" for title in PLAN_HEADER)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>" for cells in rows)
+    return (f"<h2>INT8 sensitivity and the int8-auto plan</h2><table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table><p class=\"note\">{html.escape(note)}</p>")
+
+
 def render(report: dict[str, Any]) -> str:
     model = report["model"]
     rows = {name: variant_row(entry) for name, entry in report["variants"].items()}
@@ -108,6 +119,7 @@ def render(report: dict[str, Any]) -> str:
 {scatter(latency_points, "latency p50, ms (batch 1 × seq 128)", "top-1 agreement with PyTorch")}
 {scatter(size_points, "size on disk, MB", "top-1 agreement with PyTorch")}
 </div>
+{plan_section(report)}
 {f'<h2>Warnings</h2><ul>{warnings}</ul>' if warnings else ''}
 <p class="note">Machine: {html.escape(report['machine']['cpu'])}, {report['machine']['physical_cores']} physical
 cores. bertforge {html.escape(report['bertforge_version'])}, report schema {report['schema_version']}.</p>

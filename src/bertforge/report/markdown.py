@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bertforge.report.content import COLUMNS, fmt, reference_note, variant_row
+from bertforge.report.content import COLUMNS, PLAN_HEADER, fmt, plan_table, reference_note, variant_row
 
 
 def comparison_table(report: dict[str, Any]) -> str:
@@ -40,6 +40,11 @@ def render(report: dict[str, Any]) -> str:
     for gate in failures:
         parts.append(f"- {gate['variant']}: {gate['metric']} = {gate['value']:.6g}, gate {gate['op']} "
                      f"{gate['threshold']:g}")
+    plan = plan_table(report)
+    if plan is not None:
+        rows, note = plan
+        parts += ["", "## INT8 sensitivity and the int8-auto plan", "", "| " + " | ".join(PLAN_HEADER) + " |",
+                  "|" + "---|" * len(PLAN_HEADER)] + ["| " + " | ".join(cells) + " |" for cells in rows] + ["", note]
     if report["warnings"]:
         parts += ["", "Warnings:"] + [f"- {w}" for w in report["warnings"]]
     machine = report["machine"]

@@ -1,0 +1,78 @@
+"""INT8 auto stage: a scheme per group (int8-dynamic, int8-blockwise or fp32), chosen to meet a target.
+
+From the export fused with MultiHeadAttention (as int8-blockwise), this stage measures, on the
+calibration split (head-fit sentences, never the validation corpus): each group quantized alone under
+each scheme (the sensitivity table) and each group's kernel time under each scheme (ORT profiler at
+b1 x s128), then picks the fastest plan whose agreement with the fp32 graph meets
+`int8_auto.target` (int8_plan.py). The plan, the table, the costs and every evaluated plan go into
+manifest.json; the pipeline then validates the variant on the validation corpus like any other.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from bertforge.errors import StageError
+from bertforge.int8_plan import ordered_moves, search
+from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, model_config, op_histogram, ort_fuse
+from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, quant_groups
+from bertforge.recipe import Int8AutoConfig
+
+NAME = "int8-auto"
+VERSION = "1"
+
+
+def run(src: Path, out: Path, config: Int8AutoConfig) -> dict[str, Any]:
+    from bertforge import sensitivity
+
+    started = time.monotonic()
+    hf = model_config(src)
+    fused, stats = ort_fuse(src / MODEL_FILE, hf, opt_level=0, multi_head_attention=True)
+    if stats.get("MultiHeadAttention", 0) != hf["num_hidden_layers"]:
+        raise StageError(f"int8-auto: MultiHeadAttention fused {stats.get('MultiHeadAttention', 0)}/"
+                         f"{hf['num_hidden_layers']} layers (was the model exported with SDPA attention?)")
+    model = fused.model
+    groups = quant_groups(model)
+    weights = QuantizedWeights(block_size=config.block_size)
+    split = sensitivity.calibration_split(src, config.calibration_corpus)
+    reference = sensitivity.masked_logits(model, split)
+    costs = sensitivity.scheme_costs(model, groups, weights, hf["vocab_size"])
+    allowed = {"fp32", *config.schemes}
+    group_costs = {name: {s: ms for s, ms in by_scheme.items() if s in allowed}
+                   for name, by_scheme in sensitivity.modelled_costs(groups, costs).items()}
+    # a scheme slower than fp32 for a group can never be chosen: its sensitivity is not measured
+    slower = {name: {s for s, ms in by_scheme.items() if s != "fp32" and ms >= by_scheme["fp32"]}
+              for name, by_scheme in group_costs.items()}
+    table = sensitivity.sensitivity_table(model, groups, weights, split, reference, skip=slower)
+    kl = {row["group"]: {s: row[s]["kl_mean"] for s in allowed if row.get(s) is not None} for row in table}
+    group_costs = {name: {s: ms for s, ms in by_scheme.items() if s == "fp32" or s in kl[name]}
+                   for name, by_scheme in group_costs.items()}
+    names = [g.name for g in groups]
+    start, moves = ordered_moves(names, group_costs, kl)
+    fp32_ms = costs["model_ms"]["fp32"]
+    fixed_ms = fp32_ms - sum(group_costs[name]["fp32"] for name in names)
+
+    def latency_ratio(plan: dict[str, str]) -> float:
+        return (fixed_ms + sum(group_costs[name][plan[name]] for name in names)) / fp32_ms
+
+    def evaluate(plan: dict[str, str]) -> dict[str, float]:
+        return sensitivity.agreement(reference, sensitivity.masked_logits(apply_plan(model, plan, groups, weights),
+                                                                           split))
+
+    target = {"top1_agreement": config.target.top1_min, "ref_top1_in_top5": config.target.ref_top1_in_top5_min,
+              "kl_mean": config.target.kl_mean_max}
+    found = search(start, moves, evaluate, target, latency_ratio, config.max_latency_ratio)
+    chosen = apply_plan(model, found["plan"], groups, weights)
+    onnx.save(chosen, str(out / MODEL_FILE))
+    copy_loader_files(src, out)
+    return {**found, "target": config.target.model_dump(), "max_latency_ratio": config.max_latency_ratio,
+            "calibration_positions": split.positions, "sensitivity": table,
+            "costs_ms": {"per_group": group_costs, "measured_per_group": costs["ms"], "fp32_graph": round(fp32_ms, 3),
+                         "int8_dynamic_graph": round(costs["model_ms"]["int8-dynamic"], 3),
+                         "int8_blockwise_graph": round(costs["model_ms"]["int8-blockwise"], 3)},
+            "block_size": config.block_size, "fused_operators": stats, "op_types": op_histogram(chosen),
+            "search_seconds": round(time.monotonic() - started, 1)}

@@ -1,0 +1,218 @@
+"""Per-group INT8 sensitivity and per-scheme cost, measured on a calibration split.
+
+The calibration split is the project's head-fit sentences masked with their own seeds: never the
+validation corpus, so a plan chosen here is judged on sentences it was not chosen on. The reference is
+the model's own fp32 graph (the MultiHeadAttention fusion of the export, equal to PyTorch to ~1e-4),
+run once; every candidate graph is run over the same batches and compared at the [MASK] positions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from bertforge.optimizers.mixed_int8 import SCHEMES, TIED_GROUP, Group, QuantizedWeights, apply_plan
+from bertforge.validation.metrics import kl_divergence, top_k
+
+CALIBRATION_SEEDS = (7, 8)
+
+
+@dataclass
+class CalibrationSplit:
+    feeds: list[dict[str, np.ndarray]]
+    rows: list[np.ndarray]
+    cols: list[np.ndarray]
+
+    @property
+    def positions(self) -> int:
+        return int(sum(len(r) for r in self.rows))
+
+
+def calibration_split(checkpoint: Path, corpus: str = "head-fit", seeds: tuple[int, ...] = CALIBRATION_SEEDS,
+                      batch_size: int = 32) -> CalibrationSplit:
+    from transformers import AutoTokenizer
+
+    from bertforge.validation.corpus import batches, load_lines, mask_sentences
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    lines = load_lines(corpus)
+    examples = [example for seed in seeds for example in mask_sentences(lines, tokenizer, seed=seed)]
+    examples.sort(key=lambda e: len(e.input_ids))
+    split = CalibrationSplit([], [], [])
+    for batch in batches(examples, batch_size, pad_id=tokenizer.pad_token_id or 0):
+        split.feeds.append({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                            "token_type_ids": batch.token_type_ids})
+        split.rows.append(np.array([r for r, e in enumerate(batch.examples) for _ in e.masked_positions]))
+        split.cols.append(np.array([p for e in batch.examples for p in e.masked_positions]))
+    return split
+
+
+def session_for(model: onnx.ModelProto, threads: int | None = None, profile_prefix: str | None = None):
+    import onnxruntime as ort
+
+    from bertforge.runtime import session_options
+
+    options = session_options(threads, spinning=False)
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def masked_logits(model: onnx.ModelProto, split: CalibrationSplit) -> np.ndarray:
+    from bertforge.runtime import feeds_for
+
+    session = session_for(model)
+    out = []
+    for feeds, rows, cols in zip(split.feeds, split.rows, split.cols, strict=True):
+        logits = session.run(None, feeds_for(session, feeds["input_ids"], feeds["attention_mask"],
+                                             feeds["token_type_ids"]))[0]
+        out.append(logits[rows, cols])
+    return np.concatenate(out)
+
+
+def agreement(reference: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    ref_top1 = reference.argmax(axis=-1)
+    top = top_k(logits)
+    return {"top1_agreement": float(np.mean(top[:, 0] == ref_top1)),
+            "ref_top1_in_top5": float(np.mean((top == ref_top1[:, None]).any(axis=-1))),
+            "kl_mean": float(np.mean(kl_divergence(reference, logits)))}
+
+
+def group_schemes(group: Group) -> tuple[str, ...]:
+    """The tied table is int8 per row (int8-dynamic: its decoder is a DynamicQuantizeMatMul) or fp32."""
+    return ("fp32", "int8-dynamic") if group.name == TIED_GROUP else SCHEMES
+
+
+def sensitivity_table(model: onnx.ModelProto, groups: list[Group], weights: QuantizedWeights,
+                      split: CalibrationSplit, reference: np.ndarray, skip: dict[str, set[str]] | None = None,
+                      progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Each group quantized alone under each int8 scheme: agreement with the fp32 reference.
+
+    `skip`: {group: schemes not to measure} (int8-auto skips schemes slower than fp32 for a group)."""
+    rows = []
+    for index, group in enumerate(groups):
+        row: dict[str, Any] = {"group": group.name, "macs_per_token": group.macs_per_token}
+        for scheme in group_schemes(group):
+            if scheme == "fp32":
+                continue
+            if skip and scheme in skip.get(group.name, set()):
+                row[scheme] = None
+                continue
+            logits = masked_logits(apply_plan(model, {group.name: scheme}, groups, weights), split)
+            row[scheme] = agreement(reference, logits)
+        rows.append(row)
+        if progress:
+            progress(f"sensitivity {index + 1}/{len(groups)}")
+    return rows
+
+
+def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: QuantizedWeights,
+                 vocab_size: int, sequence: int = 128, runs: int = 10) -> dict[str, Any]:
+    """Measured ms per group and scheme at b1 x `sequence` (ORT profiler, one graph per scheme)."""
+    import os
+    import tempfile
+
+    from bertforge.bench import synthetic_inputs
+    from bertforge.runtime import feeds_for
+
+    inputs = synthetic_inputs(1, sequence, vocab_size)
+    per_scheme: dict[str, dict[str, float]] = {}
+    totals: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bertforge-profile-") as scratch:
+        for scheme in SCHEMES:
+            plan = {g.name: scheme for g in groups if scheme in group_schemes(g)}
+            session = session_for(apply_plan(model, plan, groups, weights), profile_prefix=f"{scratch}/{scheme}")
+            feeds = feeds_for(session, inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
+            for _ in range(3):
+                session.run(None, feeds)
+            for _ in range(runs):
+                session.run(None, feeds)
+            path = session.end_profiling()
+            events = json.loads(Path(path).read_text())
+            os.remove(path)
+            node_ms: dict[str, float] = {}
+            for event in events:
+                if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                    name = event["name"][: -len("_kernel_time")]
+                    node_ms[name] = node_ms.get(name, 0.0) + event["dur"] / 1000 / (runs + 3)
+            totals[scheme] = sum(node_ms.values())
+            per_scheme[scheme] = {g.name: group_ms(g, scheme, node_ms) for g in groups if scheme in group_schemes(g)}
+    return {"ms": per_scheme, "model_ms": totals, "sequence": sequence}
+
+
+def modelled_costs(groups: list[Group], costs: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """ms per group and scheme for planning: encoder groups at their scheme's measured ms per MAC
+    (rounded to 2 significant digits), the tied table at its own measured ms (same rounding).
+
+    Ordering plans by raw per-group profiler times would let run-to-run noise reorder near-equal
+    groups; the per-scheme rate keeps the measurement and makes the plan repeatable."""
+    def two_digits(value: float) -> float:
+        return float(f"{value:.2g}")
+
+    modelled: dict[str, dict[str, float]] = {g.name: {} for g in groups}
+    for scheme, per_group in costs["ms"].items():
+        encoder = [g for g in groups if g.name != TIED_GROUP and g.name in per_group]
+        macs = sum(g.macs_per_token for g in encoder)
+        rate = two_digits(sum(per_group[g.name] for g in encoder) / macs) if macs else 0.0
+        for group in encoder:
+            modelled[group.name][scheme] = rate * group.macs_per_token
+        if TIED_GROUP in per_group:
+            modelled[TIED_GROUP][scheme] = two_digits(per_group[TIED_GROUP])
+    return modelled
+
+
+def group_ms(group: Group, scheme: str, node_ms: dict[str, float]) -> float:
+    """The kernel time of a group's nodes in a profile (the decoder and its bias for the tied table)."""
+    if group.name == TIED_GROUP:
+        return sum(ms for name, ms in node_ms.items() if name.startswith("/cls/predictions/decoder/"))
+    suffix = {"fp32": "", "int8-dynamic": "_int8_dynamic", "int8-blockwise": "_int8_blockwise"}[scheme]
+    return sum(node_ms.get(f"{name}{suffix}", 0.0) for name in group.nodes)
+
+
+def analyze(export_dir: Path, block_size: int = 16, corpus: str = "head-fit",
+            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The full table for an fp32 export directory: every group alone under every scheme, with costs."""
+    from bertforge.errors import StageError
+    from bertforge.optimizers.common import MODEL_FILE, model_config, ort_fuse
+    from bertforge.optimizers.mixed_int8 import quant_groups
+
+    hf = model_config(export_dir)
+    fused, stats = ort_fuse(export_dir / MODEL_FILE, hf, opt_level=0, multi_head_attention=True)
+    if stats.get("MultiHeadAttention", 0) != hf["num_hidden_layers"]:
+        raise StageError(f"sensitivity: MultiHeadAttention fused {stats.get('MultiHeadAttention', 0)}/"
+                         f"{hf['num_hidden_layers']} layers of {export_dir}")
+    model = fused.model
+    groups = quant_groups(model)
+    weights = QuantizedWeights(block_size=block_size)
+    split = calibration_split(export_dir, corpus)
+    reference = masked_logits(model, split)
+    costs = scheme_costs(model, groups, weights, hf["vocab_size"])
+    table = sensitivity_table(model, groups, weights, split, reference, progress=progress)
+    return {"calibration_corpus": corpus, "calibration_positions": split.positions, "block_size": block_size,
+            "groups": table, "costs_ms": costs}
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    lines = ["| group | int8-dynamic top-1 | KL | int8-blockwise top-1 | KL | ms fp32 | ms int8-dynamic | "
+             "ms int8-blockwise |", "|---|---|---|---|---|---|---|---|"]
+    ms = result["costs_ms"]["ms"]
+    for row in result["groups"]:
+        cells = [row["group"]]
+        for scheme in ("int8-dynamic", "int8-blockwise"):
+            alone = row.get(scheme)
+            cells += ["—", "—"] if alone is None else [f"{alone['top1_agreement']:.1%}", f"{alone['kl_mean']:.1e}"]
+        cells += [f"{ms[s][row['group']]:.2f}" if row["group"] in ms[s] else "—" for s in SCHEMES]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Each group quantized alone, compared with the fp32 graph at {result['calibration_positions']} "
+                 f"[MASK] positions of the calibration split ({result['calibration_corpus']}); ms: the group's "
+                 "kernel time at b1×s128 with every group in that scheme (ORT profiler). Whole graph: "
+                 + ", ".join(f"{s} {v:.1f} ms" for s, v in result["costs_ms"]["model_ms"].items()) + ".")
+    return "\n".join(lines) + "\n"

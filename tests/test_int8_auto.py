@@ -1,0 +1,64 @@
+"""int8-auto on the tiny model: meets its target on the calibration split, repeatably; the planner's order."""
+
+from collections import Counter
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from bertforge.errors import UsageError
+from bertforge.int8_plan import hull, ordered_moves, plan_after
+from conftest import tiny_feeds
+
+
+def test_hull_drops_dearer_less_accurate_schemes_and_orders_moves():
+    options = [("fp32", 1.0, 0.0), ("int8-dynamic", 0.2, 0.01), ("int8-blockwise", 1.5, 0.001)]
+    assert [o[0] for o in hull(options)] == ["int8-dynamic", "fp32"]
+    costs = {"a": {"fp32": 1.0, "int8-dynamic": 0.2}, "b": {"fp32": 1.0, "int8-dynamic": 0.5},
+             "c": {"fp32": 2.0, "int8-dynamic": 2.5}}
+    kl = {"a": {"int8-dynamic": 0.01}, "b": {"int8-dynamic": 0.02}, "c": {"int8-dynamic": 0.5}}
+    start, moves = ordered_moves(["a", "b", "c"], costs, kl)
+    # c is slower in int8 and worse: it starts (and stays) fp32; b removes more KL per ms than a
+    assert start == {"a": "int8-dynamic", "b": "int8-dynamic", "c": "fp32"}
+    assert [(m.group, m.scheme) for m in moves] == [("b", "fp32"), ("a", "fp32")]
+    assert plan_after(start, moves, 1) == {"a": "int8-dynamic", "b": "fp32", "c": "fp32"}
+
+
+def test_int8_auto_meets_its_target_and_picks_the_same_plan_twice(tiny_variants, tmp_path):
+    from bertforge.optimizers import int8_auto
+    from bertforge.recipe import Int8AutoConfig
+
+    config = Int8AutoConfig(target={"top1_min": 0.9, "ref_top1_in_top5_min": 0.99})
+    metas = []
+    for attempt in ("a", "b"):
+        out = tmp_path / attempt
+        out.mkdir()
+        metas.append(int8_auto.run(tiny_variants["fp32"], out, config))
+    first, second = metas
+    assert first["plan"] == second["plan"]
+    assert first["calibration"]["top1_agreement"] >= 0.9 and first["calibration"]["ref_top1_in_top5"] >= 0.99
+    assert first["calibration_positions"] >= 200
+    # 2 layers x 4 groups + the head's transform + the tied table, each with a scheme
+    assert len(first["plan"]) == 10 and set(first["plan"].values()) <= {"fp32", "int8-dynamic", "int8-blockwise"}
+    assert {row["group"] for row in first["sensitivity"]} == set(first["plan"])
+    # a real artifact: it loads and stays near the fp32 logits
+    session = ort.InferenceSession(str(tmp_path / "a" / "model.onnx"))
+    reference = ort.InferenceSession(str(tiny_variants["fp32"] / "model.onnx")).run(None, tiny_feeds())[0]
+    assert np.abs(session.run(None, tiny_feeds())[0] - reference).max() < 0.5
+    quantized = Counter(first["plan"].values())
+    assert quantized["int8-dynamic"] + quantized["int8-blockwise"] == sum(
+        1 for scheme in first["plan"].values() if scheme != "fp32")
+
+
+def test_int8_auto_names_the_best_agreement_when_the_latency_bound_cannot_hold(tiny_variants, tmp_path):
+    from bertforge.optimizers import int8_auto
+    from bertforge.recipe import Int8AutoConfig
+
+    # KL 0 needs the fp32 plan (latency ratio 1.0), which the bound forbids
+    config = Int8AutoConfig(target={"top1_min": 0.5, "kl_mean_max": 0.0}, max_latency_ratio=0.999)
+    with pytest.raises(UsageError) as error:
+        int8_auto.run(tiny_variants["fp32"], tmp_path, config)
+    message = str(error.value)
+    assert message.startswith("int8-auto: ") and "\n" not in message
+    assert "max_latency_ratio 0.999" in message
+    assert "within it the best plan reaches top-1 " in message and "KL " in message
