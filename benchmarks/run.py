@@ -145,8 +145,11 @@ def bench_model(spec: str, repeats: int) -> dict:
     log(f"{spec}: peak RSS per variant (a fresh process each)")
     for label, path in candidates.items():
         rows[label]["peak_rss_mb"] = bench.peak_rss_mb(path)
+    auto = report["variants"].get("int8-auto", {}).get("metadata", {})
+    plan = {k: auto[k] for k in ("plan", "calibration", "predicted_latency_ratio", "search_seconds", "target")
+            if k in auto}
     return {"spec": spec, "description": source.description, "rows": rows,
-            "flops_b1xs128": bert_flops(config, 1, 128), "reference": report["reference"]}
+            "flops_b1xs128": bert_flops(config, 1, 128), "reference": report["reference"], "int8_auto": plan}
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -169,6 +172,7 @@ def render(results: dict) -> str:
         rows = model["rows"]
         torch_ms = rows["pytorch eager fp32"]["latency"]["b1xs128"]["p50_ms"]
         opt_ms = rows["optimum-int8"]["latency"]["b1xs128"]["p50_ms"]
+        dyn_ms = rows.get("bertforge int8-dynamic", {}).get("latency", {}).get("b1xs128", {}).get("p50_ms")
         lines += [f"## {model['spec']}", "", f"{model['description']}. FLOPs per sequence at b1×s128: "
                   f"{model['flops_b1xs128'] / 1e9:.1f} GFLOP. Agreement: at the [MASK] positions of the "
                   f"validation corpus, against PyTorch fp32 eager.", ""]
@@ -176,8 +180,9 @@ def render(results: dict) -> str:
             lines += ["The reference is degenerate (random weights predict one token almost everywhere): "
                       "agreement numbers for this model say little; speed and size are what it is for.", ""]
         lines += ["| runtime | size MB | p50 ms b1×s128 | p90 ms | p50 ms b8×s128 | p50 ms b1×s32 | seq/s b8×s128 | "
-                  "GFLOP/s b1×s128 | peak RSS MB | top-1 agr. | top-5 overlap | vs PyTorch | vs optimum int8 |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "GFLOP/s b1×s128 | peak RSS MB | top-1 agr. | top-5 overlap | vs PyTorch | vs optimum int8 | "
+                  "vs int8-dynamic |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for label, row in sorted(rows.items(), key=lambda kv: kv[1]["latency"]["b1xs128"]["p50_ms"]):
             lat = row["latency"]
             b1 = lat["b1xs128"]["p50_ms"]
@@ -187,8 +192,16 @@ def render(results: dict) -> str:
                          f"{lat['b8xs128']['p50_ms']:.1f} | {lat['b1xs32']['p50_ms']:.1f} | "
                          f"{lat['b8xs128']['throughput_seq_s']:.1f} | {lat['b1xs128']['gflops_effective']:.1f} | "
                          f"{rss} | {row['top1_agreement']:.2%} | {row['top5_overlap']:.2%} | "
-                         f"{ratio(torch_ms, b1)} | {ratio(opt_ms, b1)} |")
+                         f"{ratio(torch_ms, b1)} | {ratio(opt_ms, b1)} | {ratio(dyn_ms, b1)} |")
         lines.append("")
+        auto = model.get("int8_auto")
+        if auto:
+            quantized = sorted(group for group, scheme in auto["plan"].items() if scheme != "fp32")
+            lines += [f"int8-auto plan (target {json.dumps(auto['target'])} on the calibration split): "
+                      f"{len(quantized)} of {len(auto['plan'])} groups int8 ({', '.join(quantized)}), the rest "
+                      f"fp32; calibration top-1 {auto['calibration']['top1_agreement']:.2%}; predicted latency "
+                      f"{auto['predicted_latency_ratio']:.2f}x the fp32 graph; search {auto['search_seconds']:.0f} s.",
+                      ""]
     return "\n".join(lines)
 
 
