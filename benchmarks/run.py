@@ -197,9 +197,12 @@ def render(results: dict) -> str:
         auto = model.get("int8_auto")
         if auto:
             quantized = sorted(group for group, scheme in auto["plan"].items() if scheme != "fp32")
+            kept = sorted(group for group, scheme in auto["plan"].items() if scheme == "fp32")
+            named = (f"int8: {', '.join(quantized)}; the rest fp32" if len(quantized) <= len(kept)
+                     else f"fp32: {', '.join(kept) or 'none'}; the rest int8")
             lines += [f"int8-auto plan (target {json.dumps(auto['target'])} on the calibration split): "
-                      f"{len(quantized)} of {len(auto['plan'])} groups int8 ({', '.join(quantized)}), the rest "
-                      f"fp32; calibration top-1 {auto['calibration']['top1_agreement']:.2%}; predicted latency "
+                      f"{len(quantized)} of {len(auto['plan'])} groups int8 ({named}); calibration top-1 "
+                      f"{auto['calibration']['top1_agreement']:.2%}; predicted latency "
                       f"{auto['predicted_latency_ratio']:.2f}x the fp32 graph; search {auto['search_seconds']:.0f} s.",
                       ""]
     return "\n".join(lines)

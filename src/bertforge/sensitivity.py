@@ -179,16 +179,11 @@ def group_ms(group: Group, scheme: str, node_ms: dict[str, float]) -> float:
 def analyze(export_dir: Path, block_size: int = 16, corpus: str = "head-fit",
             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The full table for an fp32 export directory: every group alone under every scheme, with costs."""
-    from bertforge.errors import StageError
-    from bertforge.optimizers.common import MODEL_FILE, model_config, ort_fuse
+    from bertforge.optimizers.common import MODEL_FILE, mha_fused, model_config
     from bertforge.optimizers.mixed_int8 import quant_groups
 
     hf = model_config(export_dir)
-    fused, stats = ort_fuse(export_dir / MODEL_FILE, hf, opt_level=0, multi_head_attention=True)
-    if stats.get("MultiHeadAttention", 0) != hf["num_hidden_layers"]:
-        raise StageError(f"sensitivity: MultiHeadAttention fused {stats.get('MultiHeadAttention', 0)}/"
-                         f"{hf['num_hidden_layers']} layers of {export_dir}")
-    model = fused.model
+    model, _ = mha_fused(export_dir / MODEL_FILE, hf, "sensitivity")
     groups = quant_groups(model)
     weights = QuantizedWeights(block_size=block_size)
     split = calibration_split(export_dir, corpus)

@@ -74,6 +74,18 @@ def ort_fuse(model_path: Path, hf_config: dict, opt_level: int, multi_head_atten
     return optimized, stats
 
 
+def mha_fused(model_path: Path, hf_config: dict, who: str):
+    """The export fused with MultiHeadAttention (Q/K/V kept as MatMuls): (ModelProto, fused-op counts)."""
+    from bertforge.errors import StageError
+
+    optimized, stats = ort_fuse(model_path, hf_config, opt_level=0, multi_head_attention=True)
+    found, layers = stats.get("MultiHeadAttention", 0), hf_config["num_hidden_layers"]
+    if found != layers:
+        raise StageError(f"{who}: MultiHeadAttention fused {found}/{layers} layers of {model_path} "
+                         "(was the model exported with SDPA attention?)")
+    return optimized.model, stats
+
+
 def op_histogram(model) -> dict[str, int]:
     from collections import Counter
 

@@ -16,9 +16,8 @@ from typing import Any
 
 import onnx
 
-from bertforge.errors import StageError
 from bertforge.int8_plan import ordered_moves, search
-from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, model_config, op_histogram, ort_fuse
+from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mha_fused, model_config, op_histogram
 from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, quant_groups
 from bertforge.recipe import Int8AutoConfig
 
@@ -31,11 +30,7 @@ def run(src: Path, out: Path, config: Int8AutoConfig) -> dict[str, Any]:
 
     started = time.monotonic()
     hf = model_config(src)
-    fused, stats = ort_fuse(src / MODEL_FILE, hf, opt_level=0, multi_head_attention=True)
-    if stats.get("MultiHeadAttention", 0) != hf["num_hidden_layers"]:
-        raise StageError(f"int8-auto: MultiHeadAttention fused {stats.get('MultiHeadAttention', 0)}/"
-                         f"{hf['num_hidden_layers']} layers (was the model exported with SDPA attention?)")
-    model = fused.model
+    model, stats = mha_fused(src / MODEL_FILE, hf, NAME)
     groups = quant_groups(model)
     weights = QuantizedWeights(block_size=config.block_size)
     split = sensitivity.calibration_split(src, config.calibration_corpus)

@@ -17,14 +17,13 @@ from typing import Any
 
 import onnx
 
-from bertforge.errors import StageError
 from bertforge.optimizers.common import (
     MODEL_FILE,
     copy_loader_files,
     excluded_nodes,
+    mha_fused,
     model_config,
     op_histogram,
-    ort_fuse,
 )
 from bertforge.optimizers.tied_quant import share_tied_table
 from bertforge.recipe import Int8BlockwiseConfig
@@ -37,11 +36,7 @@ def run(src: Path, out: Path, config: Int8BlockwiseConfig) -> dict[str, Any]:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     hf = model_config(src)
-    fused, stats = ort_fuse(src / MODEL_FILE, hf, opt_level=0, multi_head_attention=True)
-    if stats.get("MultiHeadAttention", 0) != hf["num_hidden_layers"]:
-        raise StageError(f"int8-blockwise: MultiHeadAttention fused {stats.get('MultiHeadAttention', 0)}/"
-                         f"{hf['num_hidden_layers']} layers (was the model exported with SDPA attention?)")
-    model = fused.model
+    model, stats = mha_fused(src / MODEL_FILE, hf, NAME)
     names = [node.name for node in model.graph.node]
     exclude = excluded_nodes(names, config.exclude_presets, config.exclude_nodes)
     quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=config.block_size, is_symmetric=config.symmetric,
