@@ -140,7 +140,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from bertforge.bench import bench_directories, dump
-    from bertforge.recipe import EXTRA_VARIANTS, VARIANTS
+    from bertforge.recipe import EXTRA_VARIANTS
 
     root = Path(args.dir)
     if (root / "model.onnx").is_file():

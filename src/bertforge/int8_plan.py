@@ -12,7 +12,9 @@ the measured cost of each group in each scheme:
    bisection (agreement grows with the prefix, the last prefix is the most accurate plan), so a
    model with G groups costs about log2(G) + 2 evaluations.
 
-Deterministic: KL comes from deterministic sessions; costs are rounded to 0.01 ms before ordering.
+Deterministic: KL comes from deterministic sessions, and the costs it is given are already rounded
+(sensitivity.modelled_costs: a per-scheme rate, 2 significant digits) and rounded to 0.01 ms here,
+so profiler noise does not reorder the moves.
 """
 
 from __future__ import annotations

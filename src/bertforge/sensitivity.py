@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 
 from bertforge.optimizers.mixed_int8 import SCHEMES, TIED_GROUP, Group, QuantizedWeights, apply_plan
-from bertforge.validation.metrics import kl_divergence, top_k
+from bertforge.validation.corpus import NO_LABEL
+from bertforge.validation.metrics import Accumulator
 
 CALIBRATION_SEEDS = (7, 8)
 
@@ -48,8 +49,9 @@ def calibration_split(checkpoint: Path, corpus: str = "head-fit", seeds: tuple[i
     for batch in batches(examples, batch_size, pad_id=tokenizer.pad_token_id or 0):
         split.feeds.append({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                             "token_type_ids": batch.token_type_ids})
-        split.rows.append(np.array([r for r, e in enumerate(batch.examples) for _ in e.masked_positions]))
-        split.cols.append(np.array([p for e in batch.examples for p in e.masked_positions]))
+        rows, cols, _ = batch.masked_index()
+        split.rows.append(rows)
+        split.cols.append(cols)
     return split
 
 
@@ -78,11 +80,11 @@ def masked_logits(model: onnx.ModelProto, split: CalibrationSplit) -> np.ndarray
 
 
 def agreement(reference: np.ndarray, logits: np.ndarray) -> dict[str, float]:
-    ref_top1 = reference.argmax(axis=-1)
-    top = top_k(logits)
-    return {"top1_agreement": float(np.mean(top[:, 0] == ref_top1)),
-            "ref_top1_in_top5": float(np.mean((top == ref_top1[:, None]).any(axis=-1))),
-            "kl_mean": float(np.mean(kl_divergence(reference, logits)))}
+    """The validation metrics (one definition, validation.metrics) that a plan is judged by."""
+    accumulator = Accumulator()
+    accumulator.add(reference, logits, np.full(len(reference), NO_LABEL))
+    summary = accumulator.summary()
+    return {key: summary[key] for key in ("top1_agreement", "ref_top1_in_top5", "kl_mean")}
 
 
 def group_schemes(group: Group) -> tuple[str, ...]:
@@ -197,14 +199,13 @@ def analyze(export_dir: Path, block_size: int = 16, corpus: str = "head-fit",
 def render_markdown(result: dict[str, Any]) -> str:
     lines = ["| group | int8-dynamic top-1 | KL | int8-blockwise top-1 | KL | ms fp32 | ms int8-dynamic | "
              "ms int8-blockwise |", "|---|---|---|---|---|---|---|---|"]
+    from bertforge.report.content import sensitivity_cells
+
     ms = result["costs_ms"]["ms"]
     for row in result["groups"]:
-        cells = [row["group"]]
-        for scheme in ("int8-dynamic", "int8-blockwise"):
-            alone = row.get(scheme)
-            cells += ["—", "—"] if alone is None else [f"{alone['top1_agreement']:.1%}", f"{alone['kl_mean']:.1e}"]
-        cells += [f"{ms[s][row['group']]:.2f}" if row["group"] in ms[s] else "—" for s in SCHEMES]
-        lines.append("| " + " | ".join(cells) + " |")
+        group = row["group"]
+        by_scheme = {scheme: ms[scheme][group] for scheme in ms if group in ms[scheme]}
+        lines.append("| " + " | ".join([group] + sensitivity_cells(row, by_scheme)) + " |")
     lines.append("")
     lines.append(f"Each group quantized alone, compared with the fp32 graph at {result['calibration_positions']} "
                  f"[MASK] positions of the calibration split ({result['calibration_corpus']}); ms: the group's "

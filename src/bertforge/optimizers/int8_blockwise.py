@@ -25,7 +25,7 @@ from bertforge.optimizers.common import (
     model_config,
     op_histogram,
 )
-from bertforge.optimizers.tied_quant import share_tied_table
+from bertforge.optimizers.tied_quant import share_tied_table_per_presets
 from bertforge.recipe import Int8BlockwiseConfig
 
 NAME = "int8-blockwise"
@@ -44,10 +44,7 @@ def run(src: Path, out: Path, config: Int8BlockwiseConfig) -> dict[str, Any]:
                                      nodes_to_exclude=exclude)
     quantizer.process()
     model = quantizer.model.model
-    shared = {}
-    if "embeddings" not in config.exclude_presets:
-        int8_decoder = not {"mlm-decoder", "mlm-head"} & set(config.exclude_presets)
-        shared = share_tied_table(model, int8_decoder=int8_decoder)
+    shared = share_tied_table_per_presets(model, config.exclude_presets)
     onnx.save(model, str(out / MODEL_FILE))
     copy_loader_files(src, out)
     return {"fused_operators": stats, "excluded_nodes": exclude, "tied_table": shared, "bits": 8,

@@ -16,7 +16,7 @@ from typing import Any
 import onnx
 
 from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, excluded_nodes, node_names, op_histogram
-from bertforge.optimizers.tied_quant import share_tied_table
+from bertforge.optimizers.tied_quant import share_tied_table_per_presets
 from bertforge.recipe import Int8DynamicConfig
 
 NAME = "int8-dynamic"
@@ -37,10 +37,8 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     copy_loader_files(src, out)
     quantized = onnx.load(str(out / MODEL_FILE))
-    shared: dict[str, str] = {}
-    if "embeddings" not in config.exclude_presets:
-        int8_decoder = not {"mlm-decoder", "mlm-head"} & set(config.exclude_presets)
-        shared = share_tied_table(quantized, int8_decoder=int8_decoder)
+    shared = share_tied_table_per_presets(quantized, config.exclude_presets)
+    if shared:
         onnx.save(quantized, str(out / MODEL_FILE))
     return {"excluded_nodes": exclude, "tied_table": shared,
             "op_types": op_histogram(quantized), "weight_type": config.weight_type,

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bertforge.optimizers.tied_quant import share_tied_table
+from bertforge.optimizers.tied_quant import share_tied_table, symmetric_int8, tied_table
 
 SCHEMES = ("fp32", "int8-dynamic", "int8-blockwise")
 TIED_GROUP = "tied-table"
@@ -71,8 +71,6 @@ def quant_groups(model: onnx.ModelProto) -> list[Group]:
         dims = initializers[node.input[1]].dims
         macs[name] = macs.get(name, 0) + int(dims[0]) * int(dims[1])
     groups = [Group(name, tuple(nodes), macs[name]) for name, nodes in members.items()]
-    from bertforge.optimizers.tied_quant import tied_table
-
     found = tied_table(model.graph)
     if found is not None:
         table = initializers[found[0]]
@@ -90,10 +88,7 @@ class QuantizedWeights:
     def dynamic(self, weight: onnx.TensorProto) -> list[onnx.TensorProto]:
         key = (weight.name, "int8-dynamic")
         if key not in self.cache:
-            w = numpy_helper.to_array(weight)
-            scale = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)
-            scale[scale == 0] = 1.0
-            q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+            q, scale = symmetric_int8(numpy_helper.to_array(weight), axis=1)  # one scale per output column
             self.cache[key] = [numpy_helper.from_array(q, f"{weight.name}_s8"),
                                numpy_helper.from_array(scale, f"{weight.name}_s8_scale"),
                                numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{weight.name}_s8_zp")]

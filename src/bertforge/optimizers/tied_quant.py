@@ -34,11 +34,13 @@ def _consumers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
     return [node for node in graph.node if name in node.input]
 
 
-def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per row: table ~= q * scale[:, None], q in [-127, 127]."""
-    scale = np.abs(table).max(axis=1).astype(np.float32) / 127.0
+def symmetric_int8(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one scale per slice along `axis` (the axis the scale varies over):
+    weight ~= q * scale (broadcast along `axis`), q in [-127, 127]."""
+    reduce_over = 1 - axis  # 2-D weights: the other axis
+    scale = np.abs(weight).max(axis=reduce_over).astype(np.float32) / 127.0
     scale[scale == 0] = 1.0
-    quantized = np.clip(np.round(table / scale[:, None]), -127, 127).astype(np.int8)
+    quantized = np.clip(np.round(weight / np.expand_dims(scale, reduce_over)), -127, 127).astype(np.int8)
     return quantized, scale
 
 
@@ -68,7 +70,7 @@ def share_tied_table(model: onnx.ModelProto, int8_decoder: bool) -> dict[str, st
         return {}
     name, transpose, matmul, add = found
     initializer = next(init for init in graph.initializer if init.name == name)
-    quantized, scale = quantize_rows(numpy_helper.to_array(initializer))
+    quantized, scale = symmetric_int8(numpy_helper.to_array(initializer), axis=0)  # one scale per vocabulary row
     q_name, scale_name = f"{name}_q8", f"{name}_scale"
     graph.initializer.remove(initializer)
     graph.initializer.extend([numpy_helper.from_array(quantized, q_name), numpy_helper.from_array(scale, scale_name),
@@ -101,3 +103,11 @@ def share_tied_table(model: onnx.ModelProto, int8_decoder: bool) -> dict[str, st
     for offset, node in enumerate(dequantize):
         graph.node.insert(offset, node)
     return {name: how}
+
+
+def share_tied_table_per_presets(model: onnx.ModelProto, exclude_presets: tuple[str, ...]) -> dict[str, str]:
+    """The stages' common rule: `embeddings` keeps the table (and so the decoder) fp32; `mlm-decoder` or
+    `mlm-head` keep the decoder's arithmetic fp32 over the int8 table."""
+    if "embeddings" in exclude_presets:
+        return {}
+    return share_tied_table(model, int8_decoder=not {"mlm-decoder", "mlm-head"} & set(exclude_presets))

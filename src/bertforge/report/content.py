@@ -83,6 +83,19 @@ def reference_note(reference: dict[str, Any]) -> str:
     return note
 
 
+SENSITIVITY_SCHEMES = ("int8-dynamic", "int8-blockwise")
+COST_SCHEMES = ("fp32", "int8-dynamic", "int8-blockwise")
+
+
+def sensitivity_cells(row: dict[str, Any], ms: dict[str, float]) -> list[str]:
+    """A sensitivity row's cells: top-1 and KL per int8 scheme, then ms per scheme ("—": not measured)."""
+    cells = []
+    for scheme in SENSITIVITY_SCHEMES:
+        alone = row.get(scheme)
+        cells += ["—", "—"] if alone is None else [f"{alone['top1_agreement']:.1%}", f"{alone['kl_mean']:.1e}"]
+    return cells + [f"{ms[scheme]:.2f}" if scheme in ms else "—" for scheme in COST_SCHEMES]
+
+
 PLAN_HEADER = ["group", "int8-auto plan", "int8-dynamic alone: top-1", "KL", "int8-blockwise alone: top-1", "KL",
                "ms fp32", "ms int8-dynamic", "ms int8-blockwise"]
 
@@ -97,16 +110,7 @@ def plan_table(report: dict[str, Any]) -> tuple[list[list[str]], str] | None:
     rows = []
     for row in meta["sensitivity"]:
         group = row["group"]
-        cells = [group, meta["plan"].get(group, "fp32")]
-        for scheme in ("int8-dynamic", "int8-blockwise"):
-            alone = row.get(scheme)
-            if alone is None:
-                cells += ["—", "—"]
-            else:
-                cells += [f"{alone['top1_agreement']:.1%}", f"{alone['kl_mean']:.1e}"]
-        cells += [fmt(costs[group].get(scheme), "{:.2f}") if scheme in costs[group] else "—"
-                  for scheme in ("fp32", "int8-dynamic", "int8-blockwise")]
-        rows.append(cells)
+        rows.append([group, meta["plan"].get(group, "fp32")] + sensitivity_cells(row, costs[group]))
     target = meta["target"]
     chosen = meta["calibration"]
     wanted = ", ".join(f"{label} {op} {target[key]:g}" for key, label, op in (

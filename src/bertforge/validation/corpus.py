@@ -91,6 +91,13 @@ class Batch:
     attention_mask: np.ndarray
     token_type_ids: np.ndarray
 
+    def masked_index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, position, original id or NO_LABEL) of every masked position, row-major."""
+        rows = np.array([r for r, e in enumerate(self.examples) for _ in e.masked_positions])
+        cols = np.array([p for e in self.examples for p in e.masked_positions])
+        truth = np.array([t for e in self.examples for t in e.original_ids])
+        return rows, cols, truth
+
 
 def batches(examples: list[MaskedExample], batch_size: int, pad_id: int = 0) -> Iterator[Batch]:
     for start in range(0, len(examples), batch_size):

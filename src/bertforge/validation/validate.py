@@ -41,9 +41,7 @@ def run_validation(checkpoint: Path, variants: dict[str, Path], config: Validati
             reference = model(input_ids=torch.from_numpy(batch.input_ids),
                               attention_mask=torch.from_numpy(batch.attention_mask),
                               token_type_ids=torch.from_numpy(batch.token_type_ids)).logits.numpy()
-        rows = np.array([r for r, e in enumerate(batch.examples) for _ in e.masked_positions])
-        cols = np.array([p for e in batch.examples for p in e.masked_positions])
-        truth = np.array([t for e in batch.examples for t in e.original_ids])
+        rows, cols, truth = batch.masked_index()
         real = batch.attention_mask.astype(bool)
         reference_masked = reference[rows, cols]
         reference_stats.add(reference_masked, truth)
