@@ -10,13 +10,16 @@ from bertforge.artifact import MODEL_FILE
 from bertforge.environment import physical_cores
 
 
-def session_options(threads: int | None = None, spinning: bool = True):
+def session_options(threads: int | None = None, spinning: bool = True, arena: bool = True):
     """CPU session options. spinning=False: idle intra-op threads sleep instead of spinning, which a
     process holding several sessions needs (a session's spinning threads steal the cores the next
-    session's run needs; seen here as a 1.6x slower fused demo variant when interleaved)."""
+    session's run needs; seen here as a 1.6x slower fused demo variant when interleaved).
+    arena=False: no CPU memory arena, so a session returns its buffers after each run instead of
+    keeping its largest batch's; for processes that hold every variant's session at once (validation)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.intra_op_num_threads = threads or physical_cores()
@@ -26,14 +29,15 @@ def session_options(threads: int | None = None, spinning: bool = True):
     return options
 
 
-def open_session(location: Path, threads: int | None = None, spinning: bool = True):
+def open_session(location: Path, threads: int | None = None, spinning: bool = True, arena: bool = True):
     """A CPU session over `location`: a variant directory (its model.onnx) or an .onnx file."""
     import onnxruntime as ort
 
     path = Path(location)
     if path.is_dir():
         path = path / MODEL_FILE
-    return ort.InferenceSession(str(path), session_options(threads, spinning), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(threads, spinning, arena),
+                                providers=["CPUExecutionProvider"])
 
 
 def feeds_for(session, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray):

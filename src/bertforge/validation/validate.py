@@ -31,7 +31,7 @@ def run_validation(checkpoint: Path, variants: dict[str, Path], config: Validati
                               fraction=config.mask_fraction, limit=config.max_sentences)
     examples.sort(key=lambda e: len(e.input_ids))  # less padding per batch
     model, missing_head = load_reference(checkpoint)
-    sessions = {name: open_session(path, spinning=False) for name, path in variants.items()}
+    sessions = {name: open_session(path, spinning=False, arena=False) for name, path in variants.items()}
     accumulators = {name: Accumulator() for name in variants}
     reference_stats = ReferenceStats()
     total = len(examples)
