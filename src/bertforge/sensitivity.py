@@ -139,11 +139,13 @@ def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: Quantized
             path = session.end_profiling()
             events = json.loads(Path(path).read_text())
             os.remove(path)
-            node_ms: dict[str, float] = {}
+            durations: dict[str, list[float]] = {}
             for event in events:
                 if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-                    name = event["name"][: -len("_kernel_time")]
-                    node_ms[name] = node_ms.get(name, 0.0) + event["dur"] / 1000 / (runs + 3)
+                    durations.setdefault(event["name"][: -len("_kernel_time")], []).append(event["dur"] / 1000)
+            # the median of the timed runs (warm-up runs dropped): one preempted run on a busy machine
+            # must not reorder the plan (a mean let it, on the tiny test model)
+            node_ms = {name: float(np.median(times[3:] or times)) for name, times in durations.items()}
             totals[scheme] = sum(node_ms.values())
             per_scheme[scheme] = {g.name: group_ms(g, scheme, node_ms) for g in groups if scheme in group_schemes(g)}
     return {"ms": per_scheme, "model_ms": totals, "sequence": sequence}
