@@ -29,12 +29,11 @@ def test_cache_hit_skips_the_stage_function(tiny_variants, monkeypatch):
     calls = []
     original = pipeline.STAGES["int8-dynamic"].run
     monkeypatch.setattr(pipeline.STAGES["int8-dynamic"], "run", lambda *a: calls.append(a) or original(*a))
-    _, cached, _ = pipeline.run_stage("int8-dynamic", fused, Int8DynamicConfig())
-    assert cached and calls == []
+    assert pipeline.run_stage("int8-dynamic", fused, Int8DynamicConfig()).cached and calls == []
     # only the int8 config changed: the stage runs again, its parent (fusion) is untouched
-    artifact, cached, _ = pipeline.run_stage("int8-dynamic", fused, Int8DynamicConfig(per_channel=False))
-    assert not cached and len(calls) == 1
-    assert artifact.path != tiny_variants["int8-dynamic"]
+    run = pipeline.run_stage("int8-dynamic", fused, Int8DynamicConfig(per_channel=False))
+    assert not run.cached and len(calls) == 1
+    assert run.artifact.path != tiny_variants["int8-dynamic"]
 
 
 def test_a_stage_killed_midway_leaves_nothing_trusted(tiny_variants, monkeypatch):
@@ -48,7 +47,7 @@ def test_a_stage_killed_midway_leaves_nothing_trusted(tiny_variants, monkeypatch
     config = FusionConfig(opt_level=1)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_stage("fusion", fp32, config)
-    key = stage_key(fp32.key, "fusion", pipeline.STAGES["fusion"].VERSION, config.model_dump(mode="json"))
+    key = pipeline.key_of_stage("fusion", fp32, config, {})
     assert not (cache_root() / "stages" / f"fusion-{key}").exists()
     assert not list((cache_root() / "stages").glob(".tmp-*")), "the temporary directory is removed"
     # a hard kill (no cleanup) leaves at most a .tmp-* directory, which no lookup ever reads:
@@ -56,9 +55,9 @@ def test_a_stage_killed_midway_leaves_nothing_trusted(tiny_variants, monkeypatch
     (leftover / "model.onnx").parent.mkdir(parents=True)
     (leftover / "model.onnx").write_bytes(b"half")
     monkeypatch.undo()
-    artifact, cached, _ = pipeline.run_stage("fusion", fp32, config)
-    assert not cached and (artifact.path / MANIFEST).is_file()
-    assert verify_directory(artifact.path) == []
+    run = pipeline.run_stage("fusion", fp32, config)
+    assert not run.cached and (run.artifact.path / MANIFEST).is_file()
+    assert verify_directory(run.artifact.path) == []
 
 
 def test_verify_catches_a_flipped_byte(tiny_variants, tmp_path):
@@ -78,13 +77,20 @@ def test_verify_catches_a_flipped_byte(tiny_variants, tmp_path):
 def test_rebuild_is_byte_identical(tiny_checkpoint, tiny_variants, tmp_path):
     """The same recipe on the same machine gives the same model files, stage by stage."""
     import os
+    import shutil
 
     from bertforge.artifact import sha256_file
     from bertforge.progress import Progress
     from bertforge.recipe import Recipe
     from bertforge.sources import resolve
 
-    os.environ["BERTFORGE_CACHE"] = str(tmp_path / "fresh-cache")
+    # int8-auto plans by kernel times measured on this machine, an input the stage declares and its
+    # key covers; "the same machine" here means the same measurement, as a warm cache would give
+    fresh = tmp_path / "fresh-cache"
+    (fresh / "results").mkdir(parents=True)
+    for measured in (cache_root() / "results").glob("int8-costs-*.json"):
+        shutil.copy2(measured, fresh / "results" / measured.name)
+    os.environ["BERTFORGE_CACHE"] = str(fresh)
     try:
         recipe = Recipe(model=str(tiny_checkpoint), int8_static={"calibration_samples": 8})
         state = pipeline.build_variants(recipe, resolve(recipe.model), Progress("quiet"))
@@ -120,8 +126,8 @@ def test_two_builds_sharing_a_cache_run_a_stage_once(tiny_variants, monkeypatch)
     for thread in threads:
         thread.join()
     assert len(calls) == 1
-    assert sorted(cached for _, cached, _ in results) == [False, True]
-    assert verify_directory(results[0][0].path) == []
+    assert sorted(run.cached for run in results) == [False, True]
+    assert verify_directory(results[0].artifact.path) == []
 
 
 def test_source_keys_differ_for_checkpoints_kept_under_a_dot_cache_folder(tiny_checkpoint, tmp_path):
@@ -155,3 +161,84 @@ def test_cached_validation_follows_the_corpus_text(tmp_path):
     corpus.write_text("The cat sat on the mat.\nA second sentence.\n")
     assert corpus_digest(str(corpus)) != before
     assert corpus_digest("builtin") != corpus_digest("head-fit")
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_cache_entry_is_rebuilt_never_shipped(tiny_variants):
+    """A hit is verified against its manifest; a corrupt, partial or stripped entry is rebuilt."""
+    from bertforge.artifact import sha256_file
+
+    fused = Artifact(tiny_variants["fused"], tiny_variants["fused"].name.split("-", 1)[1], "fusion", None)
+    entry = tiny_variants["int8-dynamic"]
+    good = sha256_file(entry / "model.onnx")
+    damage = {
+        "sha256 differs": lambda: _flip_a_byte(entry / "model.onnx"),
+        "model.onnx: missing": lambda: (entry / "model.onnx").unlink(),
+        "tokenizer.json: missing": lambda: (entry / "tokenizer.json").unlink(),
+        "no manifest": lambda: (entry / MANIFEST).unlink(),
+    }
+    for expected, do in damage.items():
+        do()
+        run = pipeline.run_stage("int8-dynamic", fused, Int8DynamicConfig())
+        assert not run.cached and run.artifact.path == entry, expected
+        assert expected in run.rebuilt_because and run.rebuilt_because.endswith("rebuilt"), run.rebuilt_because
+        assert verify_directory(entry) == [] and sha256_file(entry / "model.onnx") == good
+    intact = pipeline.run_stage("int8-dynamic", fused, Int8DynamicConfig())
+    assert intact.cached and intact.rebuilt_because is None
+
+
+def test_key_covers_the_stage_code_and_every_helper_it_imports(tiny_variants, monkeypatch):
+    from bertforge.code_digest import code_modules
+
+    assert {"bertforge.optimizers.tied_quant", "bertforge.optimizers.common"} <= set(
+        code_modules("bertforge.optimizers.int8_dynamic"))
+    assert {"bertforge.sensitivity", "bertforge.int8_plan", "bertforge.optimizers.mixed_int8",
+            "bertforge.optimizers.tied_quant", "bertforge.validation.corpus"} <= set(
+        code_modules("bertforge.optimizers.int8_auto"))
+    fused = Artifact(tiny_variants["fused"], tiny_variants["fused"].name.split("-", 1)[1], "fusion", None)
+    before = pipeline.key_of_stage("int8-dynamic", fused, Int8DynamicConfig(), {})
+    assert before == tiny_variants["int8-dynamic"].name.split("-", 2)[2]
+    monkeypatch.setattr(pipeline, "code_digest", lambda module: "edited")
+    assert pipeline.key_of_stage("int8-dynamic", fused, Int8DynamicConfig(), {}) != before
+
+
+def test_key_covers_the_calibration_corpus_text(tiny_variants, tmp_path):
+    from bertforge.recipe import Int8StaticConfig
+
+    fused = Artifact(tiny_variants["fused"], tiny_variants["fused"].name.split("-", 1)[1], "fusion", None)
+    corpus = tmp_path / "calibration.txt"
+    corpus.write_text("The cat sat on the mat.\nA dog ran in the park.\n")
+    config = Int8StaticConfig(calibration_corpus=str(corpus))
+
+    def key():
+        return pipeline.key_of_stage("int8-static", fused, config, pipeline.stage_inputs("int8-static", fused, config))
+
+    before = key()
+    assert key() == before
+    corpus.write_text("The cat sat on the mat.\nA bird sang in the tree.\n")  # same file name, new text
+    assert key() != before
+
+
+def test_int8_auto_key_covers_the_costs_it_plans_by(tiny_variants):
+    """The kernel times are measured once per machine and kept; other times make another key."""
+    import json
+
+    from bertforge.recipe import Int8AutoConfig
+
+    fp32 = Artifact(tiny_variants["fp32"], tiny_variants["fp32"].name.split("-", 1)[1], "export", None)
+    config = Int8AutoConfig()
+    inputs = pipeline.stage_inputs("int8-auto", fp32, config)
+    assert pipeline.stage_inputs("int8-auto", fp32, config) == inputs, "read back, not measured again"
+    key = pipeline.key_of_stage("int8-auto", fp32, config, inputs)
+    assert key == tiny_variants["int8-auto"].name.split("-", 2)[2]
+    stored = [json.loads(p.read_text()) for p in (cache_root() / "results").glob("int8-costs-*.json")]
+    assert inputs["costs"] in stored
+    costs = json.loads(json.dumps(inputs["costs"]))
+    costs["ms"]["fp32"] = {group: ms * 2 for group, ms in costs["ms"]["fp32"].items()}
+    other = {**inputs, "costs": costs}
+    assert pipeline.key_of_stage("int8-auto", fp32, config, other) != key

@@ -24,8 +24,15 @@ def test_hull_drops_dearer_less_accurate_schemes_and_orders_moves():
     assert plan_after(start, moves, 1) == {"a": "int8-dynamic", "b": "fp32", "c": "fp32"}
 
 
+def fp32_artifact(tiny_variants):
+    from bertforge.artifact import Artifact
+
+    return Artifact(tiny_variants["fp32"], tiny_variants["fp32"].name.split("-", 1)[1], "export", None)
+
+
 def test_int8_auto_meets_its_target_and_picks_the_same_plan_twice(tiny_variants, tmp_path):
     from bertforge.optimizers import int8_auto
+    from bertforge.pipeline import stage_inputs
     from bertforge.recipe import Int8AutoConfig
 
     config = Int8AutoConfig(target={"top1_min": 0.9, "ref_top1_in_top5_min": 0.99})
@@ -33,9 +40,12 @@ def test_int8_auto_meets_its_target_and_picks_the_same_plan_twice(tiny_variants,
     for attempt in ("a", "b"):
         out = tmp_path / attempt
         out.mkdir()
-        metas.append(int8_auto.run(tiny_variants["fp32"], out, config))
+        # the same inputs (calibration text, this machine's measured kernel times): the same bytes
+        metas.append(int8_auto.run(tiny_variants["fp32"], out, config,
+                                   stage_inputs("int8-auto", fp32_artifact(tiny_variants), config)))
     first, second = metas
     assert first["plan"] == second["plan"]
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
     assert first["calibration"]["top1_agreement"] >= 0.9 and first["calibration"]["ref_top1_in_top5"] >= 0.99
     assert first["calibration_positions"] >= 200
     # 2 layers x 4 groups + the head's transform + the tied table, each with a scheme
@@ -52,12 +62,14 @@ def test_int8_auto_meets_its_target_and_picks_the_same_plan_twice(tiny_variants,
 
 def test_int8_auto_names_the_best_agreement_when_the_latency_bound_cannot_hold(tiny_variants, tmp_path):
     from bertforge.optimizers import int8_auto
+    from bertforge.pipeline import stage_inputs
     from bertforge.recipe import Int8AutoConfig
 
     # KL 0 needs the fp32 plan (latency ratio 1.0), which the bound forbids
     config = Int8AutoConfig(target={"top1_min": 0.5, "kl_mean_max": 0.0}, max_latency_ratio=0.999)
     with pytest.raises(UsageError) as error:
-        int8_auto.run(tiny_variants["fp32"], tmp_path, config)
+        int8_auto.run(tiny_variants["fp32"], tmp_path, config,
+                      stage_inputs("int8-auto", fp32_artifact(tiny_variants), config))
     message = str(error.value)
     assert message.startswith("int8-auto: ") and "\n" not in message
     assert "max_latency_ratio 0.999" in message

@@ -1,8 +1,9 @@
 """The content-addressed stage cache.
 
-A stage's key is the hash of its parent's key, the stage's name@version, its config and the versions
-of the libraries that shape its output, so changing any of them changes the key of the stage and of
-every stage below it. An unhashable config is an error, never a silent random key.
+A stage's key is the hash of its parent's key, the stage's name@version, its config, the versions
+of the libraries that shape its output and (from the pipeline) the digest of its code and the inputs
+it declares, so changing any of them changes the key of the stage and of every stage below it.
+An unhashable config is an error, never a silent random key.
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ def canonical_json(value: Any) -> str:
 
 
 def stage_key(parent_key: str | None, stage: str, version: str, config: dict[str, Any],
-              libraries: dict[str, str] | None = None) -> str:
+              libraries: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> str:
     payload = {
         "parent": parent_key,
         "stage": f"{stage}@{version}",
         "config": config,
         "libraries": library_versions() if libraries is None else libraries,
+        **(extra or {}),
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:KEY_LENGTH]
 

@@ -8,8 +8,10 @@ from importlib import metadata
 
 import psutil
 
-TRACKED_LIBRARIES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime",
-                     "onnxconverter-common")
+# Every library that shapes an artifact's bytes: accelerate decides the exporter's tied-weight dedup,
+# onnx-ir is MatMulNBitsQuantizer's graph library, numpy rounds the quantized weights.
+TRACKED_LIBRARIES = ("torch", "transformers", "tokenizers", "optimum", "optimum-onnx", "accelerate", "onnx",
+                     "onnx-ir", "onnxruntime", "onnxconverter-common", "numpy")
 
 
 @functools.cache

@@ -19,10 +19,12 @@ from bertforge.artifact import (
     atomic_directory,
     read_manifest,
     sha256_file,
+    verify_directory,
     write_json_atomic,
     write_manifest,
 )
 from bertforge.cache import cache_root, file_lock, stage_key
+from bertforge.code_digest import code_digest
 from bertforge.errors import UsageError
 from bertforge.exporter import export
 from bertforge.optimizers import fp16, fusion, int8_auto, int8_blockwise, int8_dynamic, int8_static, masked_head
@@ -61,6 +63,8 @@ class StageRun:
     artifact: Artifact
     cached: bool
     seconds: float
+    # why a cache entry under this key was not trusted and the stage ran again (None: it was fine or absent)
+    rebuilt_because: str | None = None
 
 
 @dataclass
@@ -97,23 +101,49 @@ def lineage_of(artifact: Artifact) -> list[dict[str, str]]:
     return read_manifest(artifact.path)["lineage"]
 
 
-def run_stage(stage: str, parent: Artifact, config: Any) -> tuple[Artifact, bool, float]:
+def stage_inputs(stage: str, parent: Artifact, config: Any) -> dict[str, Any]:
+    """What a stage reads besides its parent and config (file contents, measurements of this machine),
+    from its module's optional `key_inputs(parent, config)`; the stage's `run` receives the same dict."""
+    module = STAGES[stage]
+    return module.key_inputs(parent, config) if hasattr(module, "key_inputs") else {}
+
+
+def key_of_stage(stage: str, parent: Artifact, config: Any, inputs: dict[str, Any]) -> str:
+    """Parent key, stage@VERSION, config, library versions (stage_key), the digest of the stage's code
+    and every bertforge module it imports, and the inputs it declares."""
+    module = STAGES[stage]
+    return stage_key(parent.key, module.NAME, module.VERSION, config.model_dump(mode="json"),
+                     extra={"code": code_digest(module.__name__), "inputs": inputs})
+
+
+def run_stage(stage: str, parent: Artifact, config: Any) -> StageRun:
+    """The stage's artifact from the cache when a complete, intact entry exists, else built now.
+
+    A hit is verified against its manifest (every file present, same size and sha256); a damaged or
+    partial entry is rebuilt under the same key, and the reason returned."""
     module = STAGES[stage]
     config_data = config.model_dump(mode="json")
-    key = stage_key(parent.key, module.NAME, module.VERSION, config_data)
+    inputs = stage_inputs(stage, parent, config)
+    key = key_of_stage(stage, parent, config, inputs)
     target = cache_root() / "stages" / f"{stage}-{key}"
     artifact = Artifact(path=target, key=key, stage=stage, parent=parent.key)
     with file_lock(cache_root() / "locks" / f"{stage}-{key}.lock"):
-        if (target / MANIFEST).is_file():
-            return artifact, True, 0.0
+        damaged = None
+        if target.exists():
+            problems = verify_directory(target)
+            if not problems:
+                return StageRun(artifact, True, 0.0)
+            damaged = f"cache entry {target.name} failed verification ({problems[0]}" + (
+                f", and {len(problems) - 1} more" if len(problems) > 1 else "") + "); rebuilt"
         start = time.monotonic()
         with atomic_directory(target) as tmp:
-            metadata = module.run(parent.path, tmp, config)
+            metadata = (module.run(parent.path, tmp, config, inputs) if hasattr(module, "key_inputs")
+                        else module.run(parent.path, tmp, config))
             seconds = time.monotonic() - start
             write_manifest(tmp, key=key, stage=stage, stage_version=module.VERSION, parent=parent.key,
                            config=config_data, lineage=lineage_of(parent) + [{"stage": stage, "key": key}],
                            metadata=metadata, seconds=seconds)
-        return artifact, False, seconds
+        return StageRun(artifact, False, seconds, damaged)
 
 
 def required_variants(requested: tuple[str, ...]) -> list[str]:
@@ -139,11 +169,13 @@ def build_variants(recipe: Recipe, source: ResolvedSource, progress: Progress) -
         stage, parent_variant, section = VARIANT_PLAN[variant]
         parent = root if parent_variant is None else state.artifacts[parent_variant].artifact
         with progress.step(variant) as info:
-            artifact, cached, seconds = run_stage(stage, parent, getattr(recipe, section))
-            info["cached"] = cached
-            size = (artifact.path / "model.onnx").stat().st_size / 1e6
-            info["note"] = f"{size:.1f} MB  key {artifact.key}"
-        state.artifacts[variant] = StageRun(artifact, cached, seconds)
+            run = run_stage(stage, parent, getattr(recipe, section))
+            info["cached"] = run.cached
+            size = (run.artifact.path / "model.onnx").stat().st_size / 1e6
+            info["note"] = f"{size:.1f} MB  key {run.artifact.key}"
+        if run.rebuilt_because:
+            progress.message(f"warning: {variant}: {run.rebuilt_because}")
+        state.artifacts[variant] = run
     return state
 
 

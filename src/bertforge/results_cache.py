@@ -3,8 +3,8 @@
 A warm rebuild that changed one variant's config re-validates and re-times only that variant; the
 others' results come from here. Keys: the variant's artifact key (which already chains its whole
 lineage and the library versions), the source key, the section of the recipe that shapes the
-result and EVALUATION_VERSION; latency keys add the CPU and thread count, since they are
-measurements of this machine.
+result and EVALUATION_VERSION; latency keys (and int8-auto's per-group kernel times) add the CPU
+and thread count, since they are measurements of this machine.
 """
 
 from __future__ import annotations
@@ -24,8 +24,12 @@ def _path(kind: str, key: str) -> Path:
     return cache_root() / "results" / f"{kind}-{key}.json"
 
 
+# measurements of this machine: their keys add the CPU and the thread count
+MACHINE_KINDS = ("latency", "int8-costs")
+
+
 def key_for(kind: str, parts: dict[str, Any]) -> str:
-    if kind == "latency":
+    if kind in MACHINE_KINDS:
         parts = {**parts, "cpu": cpu_model(), "threads": physical_cores()}
     return stage_key(None, kind, EVALUATION_VERSION, parts)
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from bertforge.artifact import Artifact
 from bertforge.optimizers.mixed_int8 import SCHEMES, TIED_GROUP, Group, QuantizedWeights, apply_plan
 from bertforge.validation.corpus import NO_LABEL
 from bertforge.validation.metrics import Accumulator
@@ -149,6 +150,28 @@ def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: Quantized
             totals[scheme] = sum(node_ms.values())
             per_scheme[scheme] = {g.name: group_ms(g, scheme, node_ms) for g in groups if scheme in group_schemes(g)}
     return {"ms": per_scheme, "model_ms": totals, "sequence": sequence}
+
+
+def machine_costs(export: Artifact, block_size: int) -> dict[str, Any]:
+    """scheme_costs for an fp32 export on this machine, measured once and then read from the results
+    cache (keyed by the export, the block size, this module's code, the libraries, CPU and threads)."""
+    from bertforge import results_cache
+    from bertforge.cache import cache_root, file_lock
+    from bertforge.code_digest import code_digest
+    from bertforge.optimizers.common import MODEL_FILE, mha_fused, model_config
+    from bertforge.optimizers.mixed_int8 import quant_groups
+
+    key = results_cache.key_for("int8-costs", {"export": export.key, "block_size": block_size,
+                                               "code": code_digest(__name__)})
+    with file_lock(cache_root() / "locks" / f"int8-costs-{key}.lock"):  # two builds measure once
+        found = results_cache.load("int8-costs", key)
+        if found is not None:
+            return found
+        hf = model_config(export.path)
+        model, _ = mha_fused(export.path / MODEL_FILE, hf, "int8-auto")
+        costs = scheme_costs(model, quant_groups(model), QuantizedWeights(block_size=block_size), hf["vocab_size"])
+        results_cache.store("int8-costs", key, costs)
+        return costs
 
 
 def modelled_costs(groups: list[Group], costs: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -1,11 +1,16 @@
 """INT8 auto stage: a scheme per group (int8-dynamic, int8-blockwise or fp32), chosen to meet a target.
 
 From the export fused with MultiHeadAttention (as int8-blockwise), this stage measures, on the
-calibration split (head-fit sentences, never the validation corpus): each group quantized alone under
-each scheme (the sensitivity table) and each group's kernel time under each scheme (ORT profiler at
-b1 x s128), then picks the fastest plan whose agreement with the fp32 graph meets
-`int8_auto.target` (int8_plan.py). The plan, the table, the costs and every evaluated plan go into
-manifest.json; the pipeline then validates the variant on the validation corpus like any other.
+calibration split (head-fit sentences, never the validation corpus), each group quantized alone under
+each scheme (the sensitivity table), then picks the fastest plan whose agreement with the fp32 graph
+meets `int8_auto.target` (int8_plan.py), by each group's kernel time under each scheme (ORT profiler
+at b1 x s128). The plan, the table, the costs and every evaluated plan go into manifest.json; the
+pipeline then validates the variant on the validation corpus like any other.
+
+The kernel times are a measurement of this machine, so they are an input of the stage, not a step
+inside it (`key_inputs`): measured once per export, block size, CPU and thread count, kept in the
+results cache, and part of the cache key. A rebuild on this machine plans from the same numbers and
+writes the same bytes; other numbers give another key, so one key never names two artifacts.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 
 import onnx
 
+from bertforge.artifact import Artifact
 from bertforge.int8_plan import ordered_moves, search
 from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mha_fused, model_config, op_histogram
 from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, quant_groups
@@ -25,7 +31,16 @@ NAME = "int8-auto"
 VERSION = "1"
 
 
-def run(src: Path, out: Path, config: Int8AutoConfig) -> dict[str, Any]:
+def key_inputs(parent: Artifact, config: Int8AutoConfig) -> dict[str, Any]:
+    """The calibration corpus's text and the measured per-group costs the plan is chosen by."""
+    from bertforge import sensitivity
+    from bertforge.validation.corpus import corpus_digest
+
+    return {"calibration_corpus": corpus_digest(config.calibration_corpus),
+            "costs": sensitivity.machine_costs(parent, config.block_size)}
+
+
+def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) -> dict[str, Any]:
     from bertforge import sensitivity
 
     started = time.monotonic()
@@ -35,7 +50,7 @@ def run(src: Path, out: Path, config: Int8AutoConfig) -> dict[str, Any]:
     weights = QuantizedWeights(block_size=config.block_size)
     split = sensitivity.calibration_split(src, config.calibration_corpus)
     reference = sensitivity.masked_logits(model, split)
-    costs = sensitivity.scheme_costs(model, groups, weights, hf["vocab_size"])
+    costs = inputs["costs"]
     allowed = {"fp32", *config.schemes}
     group_costs = {name: {s: ms for s, ms in by_scheme.items() if s in allowed}
                    for name, by_scheme in sensitivity.modelled_costs(groups, costs).items()}

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from bertforge.artifact import Artifact
 from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, excluded_nodes, node_names, op_histogram
 from bertforge.recipe import Int8StaticConfig
 
@@ -45,7 +46,14 @@ def calibration_feeds(src: Path, config: Int8StaticConfig) -> list[dict[str, np.
     return feeds
 
 
-def run(src: Path, out: Path, config: Int8StaticConfig) -> dict[str, Any]:
+def key_inputs(parent: Artifact, config: Int8StaticConfig) -> dict[str, Any]:
+    """The calibration corpus's text: an edited corpus file is a new artifact, never the old one reused."""
+    from bertforge.validation.corpus import corpus_digest
+
+    return {"calibration_corpus": corpus_digest(config.calibration_corpus)}
+
+
+def run(src: Path, out: Path, config: Int8StaticConfig, inputs: dict[str, Any]) -> dict[str, Any]:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
