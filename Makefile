@@ -3,6 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.bertforge-installed
+# Olive (a benchmark peer) lives in its own environment: olive-ai pins its own dependency ranges.
+OLIVE_VENV := .venv-olive
+OLIVE_STAMP := $(OLIVE_VENV)/.installed
 
 .PHONY: demo test bench lint clean
 
@@ -15,17 +18,24 @@ $(STAMP): pyproject.toml requirements-demo.txt
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements-demo.txt
 	touch $(STAMP)
 
+$(OLIVE_STAMP): benchmarks/requirements-olive.txt
+	test -x $(OLIVE_VENV)/bin/python || $(PY) -m venv $(OLIVE_VENV)
+	$(OLIVE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OLIVE_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(OLIVE_VENV)/bin/python -m pip install --quiet -r benchmarks/requirements-olive.txt
+	touch $(OLIVE_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/bertforge build --recipe configs/demo.yaml --out out/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+bench: $(STAMP) $(OLIVE_STAMP)
+	$(BIN)/python benchmarks/run.py --olive-python $(OLIVE_VENV)/bin/python
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf out .pytest_cache
+	rm -rf out .pytest_cache $(OLIVE_VENV)

@@ -40,6 +40,44 @@ def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def small_cased_vocab(size: int = 1000) -> list[str]:
+    """A cased WordPiece vocabulary of `size` entries that still tokenizes English: the special tokens
+    first (so [CLS]/[SEP]/[MASK] are not bert-base's 101/102/103), every character of the corpora and
+    its ## continuation, then the corpora's most frequent words."""
+    from collections import Counter
+
+    from bertforge.validation.corpus import load_lines
+
+    lines = load_lines("builtin") + load_lines("head-fit")
+    chars = sorted({c for line in lines for c in line if not c.isspace()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + [f"##{c}" for c in chars]
+    words = Counter(w.strip(".,;:!?\"'()") for line in lines for w in line.split())
+    for word, _ in words.most_common():
+        if len(vocab) >= size:
+            break
+        if word and word not in vocab:
+            vocab.append(word)
+    return vocab[:size]
+
+
+def make_family_checkpoint(path: Path) -> Path:
+    """A tiny BERT shaped unlike bert-base-uncased: vocabulary 1000, cased, type_vocab_size 1,
+    max_position_embeddings 32, special-token ids 0-4."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_file = path / "vocab.txt"
+    vocab_file.write_text("\n".join(small_cased_vocab()) + "\n", encoding="utf-8")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=1000, type_vocab_size=1, pad_token_id=0,
+                        **{**TINY, "max_position_embeddings": 32})
+    BertForMaskedLM(config).eval().save_pretrained(path)
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=False, model_max_length=32)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint")

@@ -27,9 +27,24 @@ def test_fusion_counts_recorded_and_complete(tiny_variants):
     assert meta["fully_fused"] is True
     assert ops["Attention"] == 2 and meta["fused_operators"]["Attention"] == 2
     assert ops["EmbedLayerNormalization"] == 1
-    assert ops["SkipLayerNormalization"] == 4
+    assert meta["fused_operators"]["SkipLayerNormalization"] == 4
+    # ... then split again: Add + Add(bias) + LayerNormalization (4 + the head's own LayerNorm)
+    assert meta["skip_layer_norms_split"] == 4 and ops["SkipLayerNormalization"] == 0
+    assert ops["LayerNormalization"] == 5 and ops["Add"] >= 8
     assert ops["BiasGelu"] == 3  # two layers + the MLM head's transform
     assert np.abs(logits(tiny_variants["fused"]) - logits(tiny_variants["fp32"])).max() < 1e-4
+
+
+def test_split_skip_layer_norms_stay_split_when_ort_loads_them(tiny_variants, tmp_path):
+    """ORT's SkipLayerNormFusion runs at session load; the split form must not match it."""
+    optimized = tmp_path / "as-loaded.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(optimized)
+    for variant in ("fused", "int8-dynamic", "int8-auto"):
+        ort.InferenceSession(str(tiny_variants[variant] / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        ops = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+        assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] == 5, (variant, ops)
 
 
 def test_fusion_reports_what_did_not_fuse():
@@ -55,7 +70,8 @@ def test_fp16_weights_with_fp32_io_and_blocked_ops(tiny_variants):
             expected = FLOAT if node.name.startswith("/cls/") else FLOAT16  # the MLM head stays fp32
             assert by_name[node.input[1]].data_type == expected, node.name
     meta = read_manifest(tiny_variants["fp16"])["metadata"]
-    assert meta["ops_kept_fp32"]["SkipLayerNormalization"] == 4
+    # the split SkipLayerNormalization stays fp32, its residual Adds included
+    assert meta["ops_kept_fp32"]["LayerNormalization"] == 5 and meta["ops_kept_fp32"]["Add"] >= 8
     assert "/cls/predictions/decoder/MatMul" in meta["nodes_kept_fp32"]
     ref = logits(tiny_variants["fp32"])
     assert np.abs(logits(tiny_variants["fp16"]) - ref).max() < 0.05

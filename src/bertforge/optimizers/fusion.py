@@ -4,6 +4,9 @@ Records the fused-operator counts and fails when the graph is not fully fused fo
 one Attention per layer, one EmbedLayerNormalization, two SkipLayerNormalization per layer and a
 fused Gelu per layer. (ORT's own is_fully_optimized() expects as many Gelus as attentions and so
 rejects a masked-LM, whose prediction head adds one more Gelu.)
+
+Then, with `split_skip_layer_norm` (the default), each SkipLayerNormalization is written back as
+Add + Add + LayerNormalization, which ORT runs 3x faster on CPU (common.split_skip_layer_norms).
 """
 
 from __future__ import annotations
@@ -12,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from bertforge.errors import StageError
-from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, model_config, ort_fuse
+from bertforge.optimizers.common import (
+    MODEL_FILE,
+    copy_loader_files,
+    model_config,
+    ort_fuse,
+    split_skip_layer_norms,
+)
 from bertforge.recipe import FusionConfig
 
 NAME = "fusion"
@@ -43,7 +52,8 @@ def run(src: Path, out: Path, config: FusionConfig) -> dict[str, Any]:
     if problems and config.require_full_fusion:
         raise StageError("fusion incomplete: " + ", ".join(problems) + " (was the model exported with SDPA "
                          "attention? set fusion.require_full_fusion: false to accept a partial fusion)")
+    split = split_skip_layer_norms(optimized.model) if config.split_skip_layer_norm else 0
     optimized.save_model_to_file(str(out / MODEL_FILE))
     copy_loader_files(src, out)
     return {"fused_operators": stats, "fully_fused": not problems, "missing_fusions": problems,
-            "opt_level": config.opt_level}
+            "opt_level": config.opt_level, "skip_layer_norms_split": split}

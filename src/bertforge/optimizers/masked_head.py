@@ -21,18 +21,21 @@ import onnx
 from onnx import TensorProto, helper
 
 from bertforge.errors import StageError
-from bertforge.optimizers.common import MODEL_FILE, copy_loader_files
+from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mlm_head_nodes
 from bertforge.recipe import MaskedHeadConfig
 
 NAME = "masked-head"
 VERSION = "1"
 
 
-def head_input(graph: onnx.GraphProto) -> str:
-    """The encoder's output: the last SkipLayerNormalization's, which only the prediction head reads."""
-    outputs = [n.output[0] for n in graph.node if n.op_type == "SkipLayerNormalization"]
+def head_input(model: onnx.ModelProto) -> str:
+    """The encoder's output: the last (Skip)LayerNormalization's outside the prediction head, which only
+    the head reads (the fusion stage may have split SkipLayerNormalization into Add + LayerNormalization)."""
+    head = set(mlm_head_nodes(model))
+    outputs = [n.output[0] for n in model.graph.node
+               if n.op_type in ("SkipLayerNormalization", "LayerNormalization") and n.name not in head]
     if not outputs:
-        raise StageError("masked-head needs a fused graph (no SkipLayerNormalization found)")
+        raise StageError("masked-head needs a fused graph (no encoder LayerNormalization found)")
     return outputs[-1]
 
 
@@ -47,7 +50,7 @@ def mask_token_id(directory: Path) -> int:
 def run(src: Path, out: Path, config: MaskedHeadConfig) -> dict[str, Any]:
     model = onnx.load(str(src / MODEL_FILE))
     graph = model.graph
-    hidden = head_input(graph)
+    hidden = head_input(model)
     mask_id = config.mask_token_id if config.mask_token_id is not None else mask_token_id(src)
     gathered = f"{hidden}_at_masks"
     readers = [n for n in graph.node if hidden in n.input]
