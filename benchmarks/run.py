@@ -184,7 +184,7 @@ def bench_model(spec: str, repeats: int, olive_python: str | None) -> dict:
     rows["pytorch eager fp32"] = {"size_mb": None, "top1_agreement": 1.0, "top5_overlap": 1.0, "latency": {}}
     for batch, seq in SHAPES:
         log(f"{spec}: latency b{batch}xs{seq}, {repeats} interleaved repeats")
-        inputs = bench.synthetic_inputs(batch, seq)
+        inputs = bench.synthetic_inputs(batch, seq, bench.InputSpec.of(source.path))
         runners = {label: bench.onnx_runner(open_session(path, threads, spinning=False), inputs)
                    for label, path in candidates.items()}
         runners["pytorch eager fp32"] = torch_runner(source.path, inputs)

@@ -246,3 +246,100 @@ def test_sensitivity_command_measures_every_group_under_every_scheme(built, tmp_
     assert result["costs_ms"]["model_ms"]["fp32"] > 0
     assert "| layer.1.ffn-down |" in (copy / "sensitivity.md").read_text()
     assert main(["sensitivity", str(tmp_path / "missing")]) == 2
+
+
+def test_a_library_error_inside_a_stage_is_one_line_and_exit_3(tiny_recipe, tmp_path, monkeypatch, capsys):
+    """Not exit 1 (a failed gate) and not a traceback in the CI log: the traceback goes to a log file."""
+    from bertforge.optimizers import fp16
+
+    def breaks(*args):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : something deep in a library\nsecond line")
+
+    monkeypatch.setattr(fp16, "run", breaks)
+    recipe = tmp_path / "fp16.yaml"
+    recipe.write_text(tiny_recipe.read_text() + "fp16: {keep_io_types: false}\n")  # a key the cache has not seen
+    code = main(["build", "--recipe", str(recipe), "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3
+    assert len(err) == 1 and err[0].startswith("bertforge: error: stage fp16 failed: RuntimeError: "
+                                               "[ONNXRuntimeError] : 1 : FAIL : something deep in a library")
+    log = Path(err[0].split("(traceback: ")[1].rstrip(")"))
+    assert log.is_file() and "Traceback" in log.read_text() and "second line" in log.read_text()
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unexpected_error_outside_a_stage_is_exit_3_not_a_gate_failure(built, monkeypatch, capsys):
+    from bertforge import api
+
+    def breaks(*args, **kwargs):
+        raise ValueError("a corner nobody anticipated")
+
+    monkeypatch.setattr(api, "run_validation", breaks)
+    assert main(["validate", str(built), "--no-latency", "--quiet"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bertforge: error: validate failed: ValueError: a corner nobody")
+
+
+def test_sigterm_unwinds_like_ctrl_c(tiny_recipe, tmp_path):
+    """A cancelled CI job: exit 143, one line, no traceback, no half-written output or staging directory."""
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "BERTFORGE_CACHE": str(tmp_path / "cache")}  # cold: the build runs long enough
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "bertforge", "build", "--recipe", str(tiny_recipe), "--out",
+                             str(out), "--progress", "plain"], env=env, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # the export (seconds long) starts right after the source is hashed
+        seen.append(line)
+        if "hash source" in line:
+            break
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(seen) + rest
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("bertforge: terminated (SIGTERM)")
+    assert not out.exists()
+    assert not list((tmp_path / "cache" / "stages").glob(".tmp-*"))
+
+
+def test_compare_fails_when_b_lacks_a_variant_and_refuses_other_corpora(built, tmp_path, capsys):
+    report = json.loads((built / "report.json").read_text())
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    thinner = {**report, "variants": {"fp32": report["variants"]["fp32"]}}  # four of five variants gone
+    (partial / "report.json").write_text(json.dumps(thinner))
+    assert main(["compare", str(built), str(partial), "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert "int8-static: in A, missing from B" in result["regressions"]
+    other = tmp_path / "other-corpus"
+    other.mkdir()
+    (other / "report.json").write_text(json.dumps({**report, "corpus": {**report["corpus"], "digest": "0" * 64}}))
+    assert main(["compare", str(built), str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "validation corpus text" in err and "--allow-different" in err
+    assert main(["compare", str(built), str(other), "--allow-different"]) == 0
+    assert "compared although they differ" in capsys.readouterr().out
+
+
+def test_verify_checks_every_variant_the_build_listed(built, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    shutil.rmtree(copy / "fp16")
+    capsys.readouterr()
+    assert main(["verify", str(copy)]) == 1
+    assert f"{copy / 'fp16'}: MISSING (listed in build.json)" in capsys.readouterr().out
+
+
+def test_recipe_gates_merge_over_the_defaults():
+    from bertforge.recipe import default_gates, parse_recipe
+
+    recipe = parse_recipe({"validation": {"gates": {"fp16": {"top1_min": 0.995},
+                                                    "int8-dynamic": {"top5_overlap_min": None}}}})
+    gates, defaults = recipe.validation.gates, default_gates()
+    assert gates["fp16"].top1_min == 0.995
+    assert gates["int8-dynamic"].top5_overlap_min is None
+    assert gates["int8-dynamic"].top1_min == defaults["int8-dynamic"].top1_min  # the other keys stay
+    assert all(gates[name] == gate for name, gate in defaults.items() if name not in ("fp16", "int8-dynamic"))

@@ -58,7 +58,8 @@ def evaluate_variants(dirs: dict[str, Path], source: ResolvedSource, source_key:
     if missing or reference is None:
         with progress.step("validate") as info:
             fresh = run_validation(source.path, {n: dirs[n] for n in missing}, recipe.validation,
-                                   progress=lambda done, total: progress.update(f"{done}/{total} sentences"))
+                                   progress=lambda done, total: progress.update(
+                                       f"{done}/{total} sentence runs (reference, then one variant at a time)"))
             reference = {"corpus": fresh["corpus"], "reference": fresh["reference"]}
             results_cache.store("reference", reference_key, reference)
             for name in missing:
@@ -85,11 +86,32 @@ def evaluate_variants(dirs: dict[str, Path], source: ResolvedSource, source_key:
     return validation, latencies, cached
 
 
+def input_limit_warnings(corpus: dict[str, Any], latencies: dict[str, dict], recipe: Recipe) -> list[str]:
+    """What the model's input limit changed: corpus lines cut or left out, latency at a shorter sequence."""
+    found = []
+    limit = corpus.get("max_length")
+    if corpus.get("truncated_lines"):
+        found.append(f"{corpus['truncated_lines']} validation sentences were longer than the model takes ({limit} "
+                     "word pieces) and were cut to it")
+    if corpus.get("dropped_mask_lines"):
+        found.append(f"{corpus['dropped_mask_lines']} validation sentences lost their own [MASK] to that cut and "
+                     "were left out")
+    measured = {stats.get("sequence") for stats in latencies.values()} - {None}
+    if measured and min(measured) < recipe.bench.sequence_length:
+        found.append(f"latency measured at sequence {min(measured)}, the most the model takes "
+                     f"(bench.sequence_length {recipe.bench.sequence_length})")
+    return found
+
+
 def validate_and_report(out: Path, source: ResolvedSource, source_key: str, recipe: Recipe, variants: list[str],
                         progress: Progress, warnings: list[str], use_cache: bool = True) -> dict[str, Any]:
     """Validate the variant directories under `out`, time them, write report.{json,md,html} there."""
     dirs = {name: out / name for name in variants}
     validation, latencies, cached = evaluate_variants(dirs, source, source_key, recipe, progress, use_cache)
+    limited = input_limit_warnings(validation["corpus"], latencies, recipe)
+    for warning in limited:
+        progress.message(f"warning: {warning}")
+    warnings = warnings + limited
     entries = {}
     for name, path in dirs.items():
         metrics = validation["variants"][name]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,44 @@ from bertforge.runtime import feeds_for, open_session
 INPUT_SEED = 0
 
 
-def synthetic_inputs(batch: int, sequence: int, vocab_size: int = 30522) -> dict[str, np.ndarray]:
-    """[CLS] random word pieces [SEP], one [MASK] in the middle; the values don't change the speed."""
+@dataclass(frozen=True)
+class InputSpec:
+    """What valid inputs for a model are, read from its directory, never assumed to be bert-base's."""
+
+    vocab_size: int
+    cls_id: int
+    sep_id: int
+    mask_id: int
+    max_positions: int  # max_position_embeddings, or the tokenizer's limit when lower
+
+    @classmethod
+    def of(cls, directory: Path) -> InputSpec:
+        from transformers import AutoTokenizer
+
+        config = json.loads((Path(directory) / "config.json").read_text("utf-8"))
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        limits = [int(config.get("max_position_embeddings") or 512)]
+        if isinstance(tokenizer.model_max_length, int) and 0 < tokenizer.model_max_length < 1_000_000:
+            limits.append(tokenizer.model_max_length)
+        return cls(int(config["vocab_size"]), tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id,
+                   min(limits))
+
+    def sequence(self, wanted: int) -> int:
+        """`wanted`, or the model's limit when it takes fewer positions."""
+        return min(wanted, self.max_positions)
+
+
+def synthetic_inputs(batch: int, sequence: int, spec: InputSpec) -> dict[str, np.ndarray]:
+    """[CLS] random word pieces [SEP], one [MASK] in the middle; the values don't change the speed.
+
+    Word pieces are drawn above the special and reserved ids (from 1000 on a vocabulary large enough,
+    as bert-base's [unused] block ends there), so every id indexes the model's own table."""
+    if sequence > spec.max_positions:
+        raise ValueError(f"sequence {sequence} is longer than the model takes ({spec.max_positions} positions)")
     rng = np.random.default_rng(INPUT_SEED)
-    ids = rng.integers(1000, vocab_size, size=(batch, sequence), dtype=np.int64)
-    ids[:, 0], ids[:, -1], ids[:, sequence // 2] = 101, 102, 103
+    low = 1000 if spec.vocab_size > 2000 else max(spec.cls_id, spec.sep_id, spec.mask_id) + 1
+    ids = rng.integers(low, spec.vocab_size, size=(batch, sequence), dtype=np.int64)
+    ids[:, 0], ids[:, -1], ids[:, sequence // 2] = spec.cls_id, spec.sep_id, spec.mask_id
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
 
 
@@ -58,17 +92,23 @@ def onnx_runner(session, inputs: dict[str, np.ndarray]) -> Callable[[], object]:
 
 def latency(variants: dict[str, Path], batch: int = 1, sequence: int = 128, warmup: int = 3,
             repeats: int = 20, threads: int | None = None) -> dict[str, dict[str, float]]:
-    inputs = synthetic_inputs(batch, sequence)
+    """Interleaved p50/p90 per variant at batch x sequence, the sequence cut to what the model takes
+    (each result says the sequence it was measured at)."""
+    spec = InputSpec.of(next(iter(variants.values())))  # variants of one build share config and tokenizer
+    sequence = spec.sequence(sequence)
+    inputs = synthetic_inputs(batch, sequence, spec)
     spinning = len(variants) == 1  # several sessions in one process must not spin (runtime.session_options)
     runners = {name: onnx_runner(open_session(path, threads, spinning), inputs) for name, path in variants.items()}
-    return {name: summarize(times, batch) for name, times in time_runners(runners, warmup, repeats).items()}
+    return {name: {**summarize(times, batch), "batch": batch, "sequence": sequence}
+            for name, times in time_runners(runners, warmup, repeats).items()}
 
 
 def peak_rss_mb(directory: Path, batch: int = 1, sequence: int = 128, runs: int = 3) -> float:
     """Peak RSS of a fresh process that loads the artifact and runs it: memory is per process."""
     code = ("import sys;from pathlib import Path;import bertforge.bench as b;"
             "from bertforge.runtime import open_session;from bertforge.environment import peak_rss_mb;"
-            "s=open_session(Path(sys.argv[1]));r=b.onnx_runner(s,b.synthetic_inputs(int(sys.argv[2]),int(sys.argv[3])));"
+            "d=Path(sys.argv[1]);p=b.InputSpec.of(d);s=open_session(d);"
+            "r=b.onnx_runner(s,b.synthetic_inputs(int(sys.argv[2]),p.sequence(int(sys.argv[3])),p));"
             "[r() for _ in range(int(sys.argv[4]))];"
             "print(peak_rss_mb())")
     done = subprocess.run([sys.executable, "-c", code, str(directory), str(batch), str(sequence), str(runs)],

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bertforge import __version__
-from bertforge.errors import EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE, BertforgeError, UsageError
+from bertforge.errors import EXIT_BUILD_FAILED, EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE, BertforgeError, UsageError
 from bertforge.progress import MODES, Progress
 from bertforge.recipe import VARIANTS
 
@@ -76,8 +76,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
+    from bertforge import synthetic
     from bertforge.sources import resolve
 
+    if args.list:
+        print("demo: all-MiniLM-L6-v2's real encoder with a fitted MLM head (offline)")
+        for name in synthetic.FAMILY:
+            print(f"{synthetic.PREFIX}{name}: {synthetic.describe(name)}")
+        return EXIT_OK
+    if args.spec is None:
+        raise UsageError("resolve needs a SPEC (or --list)")
     source = resolve(args.spec)
     print(f"{source.spec}: {source.description}")
     print(source.path)
@@ -94,14 +102,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from bertforge.artifact import MANIFEST, verify_directory
+    from bertforge.pipeline import OUTPUT_MARKER
 
     root = Path(args.dir)
     if not root.is_dir():
         raise UsageError(f"{root} is not a directory")
     targets = [root] if (root / MANIFEST).is_file() else sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
-    if not targets:
-        raise UsageError(f"{root} holds no {MANIFEST} (not a variant or build directory)")
     failures = 0
+    marker = root / OUTPUT_MARKER
+    if marker.is_file():  # a build directory: every variant the build wrote must still be there
+        for name in json.loads(marker.read_text("utf-8"))["variants"]:
+            if not (root / name / MANIFEST).is_file():
+                failures += 1
+                print(f"{root / name}: MISSING (listed in {OUTPUT_MARKER})")
+    elif not targets:
+        raise UsageError(f"{root} holds no {MANIFEST} (not a variant or build directory)")
     for target in targets:
         problems = verify_directory(target)
         failures += bool(problems)
@@ -115,7 +130,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from bertforge.compare import Tolerances, compare_reports, load_report, render
 
     tol = Tolerances(agreement=args.agreement_tolerance, latency=args.latency_tolerance)
-    result = compare_reports(load_report(Path(args.run_a)), load_report(Path(args.run_b)), tol)
+    result = compare_reports(load_report(Path(args.run_a)), load_report(Path(args.run_b)), tol,
+                             allow_different=args.allow_different)
     print(json.dumps(result, indent=2) if args.json else render(result))
     return EXIT_GATE_FAILED if result["regressions"] else EXIT_OK
 
@@ -206,9 +222,10 @@ def parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=cmd_validate)
 
     res = sub.add_parser("resolve", help="print the local checkpoint directory a model spec resolves to",
-                         description="Resolve SPEC (hub id, directory, demo, synthetic:bert-base-uncased) to a "
+                         description="Resolve SPEC (hub id, directory, demo, synthetic:NAME) to a "
                          "local Hugging Face checkpoint; the last line printed is its path.")
-    res.add_argument("spec")
+    res.add_argument("spec", nargs="?")
+    res.add_argument("--list", action="store_true", help="name the offline models (demo and synthetic:NAME)")
     res.set_defaults(func=cmd_resolve)
 
     ins = sub.add_parser("inspect", help="op histogram, precision mix, fused ops, opset, size of a model")
@@ -222,7 +239,8 @@ def parser() -> argparse.ArgumentParser:
 
     cmp_ = sub.add_parser("compare", help="two builds side by side; exit 1 when B regresses",
                           description="Variant by variant: size, latency and every metric of RUN_A and RUN_B "
-                          "with deltas. Exits 1 when B regresses beyond the tolerances.")
+                          "with deltas. Exits 1 when B regresses beyond the tolerances or lacks a variant of A; "
+                          "exits 2 when the two reports are of different models, corpora or schemas.")
     cmp_.add_argument("run_a")
     cmp_.add_argument("run_b")
     cmp_.add_argument("--json", action="store_true", help="machine-readable output")
@@ -230,6 +248,8 @@ def parser() -> argparse.ArgumentParser:
                       help="allowed absolute drop of top-1/top-5 agreement and cosine (default 0.005)")
     cmp_.add_argument("--latency-tolerance", type=float, default=0.25,
                       help="allowed relative increase of p50 latency (default 0.25)")
+    cmp_.add_argument("--allow-different", action="store_true",
+                      help="compare reports of different models, corpora or schemas anyway (named in the output)")
     cmp_.set_defaults(func=cmd_compare)
 
     sen = sub.add_parser("sensitivity", help="per-group INT8 sensitivity of a build (KL, top-1, ms per scheme)",
@@ -258,16 +278,41 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job cancelled, a container stopped), unwound like Ctrl-C so nothing half-written stays."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    from bertforge.crash_log import one_line
+
     args = parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except BertforgeError as exc:
         print(f"bertforge: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("bertforge: terminated (SIGTERM); nothing half-written was kept", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("bertforge: interrupted; nothing half-written was kept", file=sys.stderr)
         return 130
+    except Exception as exc:  # not a gate failure: exit 3, one line, the traceback in a log file
+        print(f"bertforge: error: {one_line(args.command, exc)}", file=sys.stderr)
+        return EXIT_BUILD_FAILED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main_entry() -> None:

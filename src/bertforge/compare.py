@@ -42,9 +42,38 @@ def _delta(a: float | None, b: float | None) -> float | None:
     return b - a
 
 
-def compare_reports(a: dict[str, Any], b: dict[str, Any], tol: Tolerances = Tolerances()) -> dict[str, Any]:
+# what must be equal for two reports' numbers to be comparable: (where in the report, what it is)
+SAME_BASIS = (
+    (("schema_version",), "report schema"),
+    (("model", "spec"), "model"),
+    (("corpus", "digest"), "validation corpus text"),
+    (("corpus", "seed"), "masking seed"),
+    (("corpus", "mask_fraction"), "mask fraction"),
+    (("corpus", "max_sentences"), "sentence limit"),
+)
+
+
+def basis_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Why A's and B's numbers are not measurements of the same thing (empty when they are)."""
+    def get(report: dict[str, Any], path: tuple[str, ...]) -> Any:
+        for part in path:
+            report = report.get(part) if isinstance(report, dict) else None
+        return report
+
+    return [f"{what}: {get(a, path)!r} vs {get(b, path)!r}" for path, what in SAME_BASIS
+            if get(a, path) != get(b, path)]
+
+
+def compare_reports(a: dict[str, Any], b: dict[str, Any], tol: Tolerances = Tolerances(),
+                    allow_different: bool = False) -> dict[str, Any]:
+    """Regressions of B against A. A variant of A that B lacks is a regression; reports of different
+    models, corpora or schemas are refused (UsageError) unless `allow_different`."""
+    differences = basis_differences(a, b)
+    if differences and not allow_different:
+        raise UsageError("the two reports measure different things (" + "; ".join(differences)
+                         + "); compare builds of one model on one corpus, or pass --allow-different")
     rows = []
-    regressions = []
+    regressions = [f"{variant}: in A, missing from B" for variant in a["variants"] if variant not in b["variants"]]
     for variant in [v for v in a["variants"] if v in b["variants"]]:
         va, vb = a["variants"][variant], b["variants"][variant]
         facts = {
@@ -72,7 +101,7 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any], tol: Tolerances = Tole
             regressions.append(f"{variant}: gates passed in A and fail in B")
     only = sorted(set(a["variants"]) ^ set(b["variants"]))
     return {"rows": rows, "regressions": regressions, "variants_in_one_run_only": only,
-            "tolerances": tol.__dict__}
+            "basis_differences": differences, "tolerances": tol.__dict__}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -82,6 +111,8 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"{row['variant']:<14} {row['metric']:<18} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}")
     if result["variants_in_one_run_only"]:
         lines.append("in one run only: " + ", ".join(result["variants_in_one_run_only"]))
+    if result.get("basis_differences"):
+        lines.append("compared although they differ (--allow-different): " + "; ".join(result["basis_differences"]))
     if result["regressions"]:
         lines.append("REGRESSIONS:")
         lines += [f"  {r}" for r in result["regressions"]]

@@ -25,7 +25,8 @@ from bertforge.artifact import (
 )
 from bertforge.cache import cache_root, file_lock, stage_key
 from bertforge.code_digest import code_digest
-from bertforge.errors import UsageError
+from bertforge.crash_log import one_line
+from bertforge.errors import BertforgeError, StageError, UsageError
 from bertforge.exporter import export
 from bertforge.optimizers import fp16, fusion, int8_auto, int8_blockwise, int8_dynamic, int8_static, masked_head
 from bertforge.progress import Progress
@@ -137,8 +138,13 @@ def run_stage(stage: str, parent: Artifact, config: Any) -> StageRun:
                 f", and {len(problems) - 1} more" if len(problems) > 1 else "") + "); rebuilt"
         start = time.monotonic()
         with atomic_directory(target) as tmp:
-            metadata = (module.run(parent.path, tmp, config, inputs) if hasattr(module, "key_inputs")
-                        else module.run(parent.path, tmp, config))
+            try:
+                metadata = (module.run(parent.path, tmp, config, inputs) if hasattr(module, "key_inputs")
+                            else module.run(parent.path, tmp, config))
+            except BertforgeError:
+                raise
+            except Exception as exc:  # a library's error inside the stage: one line, exit 3, traceback logged
+                raise StageError(one_line(f"stage {stage}", exc)) from exc
             seconds = time.monotonic() - start
             write_manifest(tmp, key=key, stage=stage, stage_version=module.VERSION, parent=parent.key,
                            config=config_data, lineage=lineage_of(parent) + [{"stage": stage, "key": key}],

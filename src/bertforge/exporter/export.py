@@ -3,7 +3,10 @@
 Through optimum's exporter (task fill-mask, dynamic batch and sequence axes). Two traps handled:
 - attention is loaded as eager: SDPA exports a graph ORT's attention fusion skips (ORT PR #22629);
 - the MLM decoder is tied to the word embeddings: optimum stores it once (Gather + Transpose->MatMul)
-  when accelerate is installed (it is a dependency); we check that it did.
+  when accelerate is installed (it is a dependency); we check that it did;
+- optimum traces with token_type_ids drawn from {0, 1} whatever the model's type_vocab_size: a BERT
+  with a single token type crashed the trace (index out of range), so the export passes optimum's own
+  BERT config with a dummy-input generator that stays within type_vocab_size.
 """
 
 from __future__ import annotations
@@ -38,6 +41,28 @@ def load_reference(checkpoint: Path):
     return model.eval(), missing_head
 
 
+def bert_onnx_config(model_config):
+    """optimum's BertOnnxConfig for fill-mask, its dummy token_type_ids within the model's type_vocab_size
+    (optimum's DummyTextInputGenerator hard-codes 2 token types)."""
+    from optimum.exporters.onnx.model_configs import BertOnnxConfig
+    from optimum.utils.input_generators import DummyTextInputGenerator
+
+    token_types = max(1, int(getattr(model_config, "type_vocab_size", 2) or 1))
+
+    class TokenTypeSafeGenerator(DummyTextInputGenerator):
+        def generate(self, input_name: str, framework: str = "pt", int_dtype: str = "int64",
+                     float_dtype: str = "fp32"):
+            if input_name == "token_type_ids":
+                return self.random_int_tensor([self.batch_size, self.sequence_length], max_value=token_types,
+                                              min_value=0, framework=framework, dtype=int_dtype)
+            return super().generate(input_name, framework, int_dtype, float_dtype)
+
+    class Config(BertOnnxConfig):
+        DUMMY_INPUT_GENERATOR_CLASSES = (TokenTypeSafeGenerator,)
+
+    return Config(model_config, task="fill-mask")
+
+
 def run(checkpoint: Path, out: Path, config: ExportConfig) -> dict[str, Any]:
     from optimum.exporters.onnx import onnx_export_from_model
     from transformers import AutoTokenizer
@@ -46,7 +71,7 @@ def run(checkpoint: Path, out: Path, config: ExportConfig) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     logging.getLogger("optimum").setLevel(logging.ERROR)
     onnx_export_from_model(model, out, task="fill-mask", opset=config.opset, do_validation=False,
-                           preprocessors=[tokenizer])
+                           preprocessors=[tokenizer], custom_onnx_configs={"model": bert_onnx_config(model.config)})
     model_path = out / MODEL_FILE
     onnx.checker.check_model(str(model_path))
     proto = onnx.load(str(model_path), load_external_data=False)

@@ -18,7 +18,14 @@ import numpy as np
 import onnx
 
 from bertforge.artifact import Artifact
-from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, excluded_nodes, node_names, op_histogram
+from bertforge.optimizers.common import (
+    MODEL_FILE,
+    copy_loader_files,
+    excluded_nodes,
+    model_config,
+    node_names,
+    op_histogram,
+)
 from bertforge.recipe import Int8StaticConfig
 
 NAME = "int8-static"
@@ -28,11 +35,12 @@ VERSION = "1"
 def calibration_feeds(src: Path, config: Int8StaticConfig) -> list[dict[str, np.ndarray]]:
     from transformers import AutoTokenizer
 
-    from bertforge.validation.corpus import load_lines, mask_sentences
+    from bertforge.validation.corpus import input_limit, load_lines, mask_sentences
 
     tokenizer = AutoTokenizer.from_pretrained(src)
     examples = mask_sentences(load_lines(config.calibration_corpus), tokenizer, seed=7,
-                              limit=config.calibration_samples)
+                              limit=config.calibration_samples,
+                              max_length=input_limit(tokenizer, model_config(src)))
     # One common length: ORT's Entropy/Percentile calibrators stack every sample's activations and
     # fail on ragged shapes ("inhomogeneous shape"); padding is masked out as in batched inference.
     length = max(len(example.input_ids) for example in examples)

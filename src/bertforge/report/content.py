@@ -25,6 +25,16 @@ COLUMNS = [
 ]
 
 
+def columns(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """COLUMNS, the latency title naming the shape the latencies were measured at."""
+    shapes = {(v["latency"].get("batch", 1), v["latency"].get("sequence", 128))
+              for v in report["variants"].values() if v.get("latency")}
+    if len(shapes) != 1:
+        return COLUMNS
+    batch, sequence = shapes.pop()
+    return [(k, f"p50 ms b{batch}×s{sequence}" if k == "latency_p50_ms" else t, p) for k, t, p in COLUMNS]
+
+
 def fmt(value: Any, pattern: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"

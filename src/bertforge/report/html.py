@@ -10,7 +10,7 @@ import html
 import math
 from typing import Any
 
-from bertforge.report.content import COLUMNS, PLAN_HEADER, fmt, plan_table, reference_note, variant_row
+from bertforge.report.content import PLAN_HEADER, columns, fmt, plan_table, reference_note, variant_row
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
 STYLE = """
@@ -69,11 +69,12 @@ def scatter(points: list[tuple[str, float, float]], x_label: str, y_label: str, 
 
 
 def table(report: dict[str, Any]) -> str:
-    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in COLUMNS)
+    shown = columns(report)
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in shown)
     rows = [f"<table><thead><tr><th>variant</th>{head}<th>gates</th></tr></thead><tbody>"]
     for name, entry in report["variants"].items():
         row = variant_row(entry)
-        cells = "".join(f"<td>{html.escape(fmt(row.get(k), p))}</td>" for k, _, p in COLUMNS)
+        cells = "".join(f"<td>{html.escape(fmt(row.get(k), p))}</td>" for k, _, p in shown)
         failed = [g for g in entry["gates"] if not g["passed"]]
         if failed:
             text = "; ".join(f"{g['metric']} {g['value']:.4g} (gate {g['op']} {g['threshold']:g})" for g in failed)
@@ -100,6 +101,7 @@ def render(report: dict[str, Any]) -> str:
     model = report["model"]
     rows = {name: variant_row(entry) for name, entry in report["variants"].items()}
     latency_points = [(n, r.get("latency_p50_ms"), r.get("top1_agreement")) for n, r in rows.items()]
+    latency_title = next(t for k, t, _ in columns(report) if k == "latency_p50_ms")
     size_points = [(n, r["size_mb"], r.get("top1_agreement")) for n, r in rows.items()]
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"])
     verdict = ('<p class="pass">All gates passed.</p>' if report["gates_passed"]
@@ -116,7 +118,7 @@ def render(report: dict[str, Any]) -> str:
 <p class="note">{html.escape(reference_note(report['reference']))}</p>
 <h2>Agreement against cost</h2>
 <div class="plots">
-{scatter(latency_points, "latency p50, ms (batch 1 × seq 128)", "top-1 agreement with PyTorch")}
+{scatter(latency_points, "latency " + latency_title.replace("p50 ms ", "p50, ms, "), "top-1 agreement with PyTorch")}
 {scatter(size_points, "size on disk, MB", "top-1 agreement with PyTorch")}
 </div>
 {plan_section(report)}

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from bertforge.report.content import COLUMNS, PLAN_HEADER, fmt, plan_table, reference_note, variant_row
+from bertforge.report.content import PLAN_HEADER, columns, fmt, plan_table, reference_note, variant_row
 
 
 def comparison_table(report: dict[str, Any]) -> str:
-    header = "| variant | " + " | ".join(title for _, title, _ in COLUMNS) + " | gates |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
+    shown = columns(report)
+    header = "| variant | " + " | ".join(title for _, title, _ in shown) + " | gates |"
+    lines = [header, "|" + "---|" * (len(shown) + 2)]
     for name, entry in report["variants"].items():
         row = variant_row(entry)
         failed = [g["metric"] for g in entry["gates"] if not g["passed"]]
         gates = "pass" if not failed else "FAIL: " + ", ".join(failed)
-        cells = [fmt(row.get(key), pattern) for key, _, pattern in COLUMNS]
+        cells = [fmt(row.get(key), pattern) for key, _, pattern in shown]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {gates} |")
     return "\n".join(lines)
 

@@ -6,6 +6,10 @@ earlier sentences' masks where they were. Every chosen position is replaced by [
 inference a fill-mask user always sends [MASK], so BERT's 80/10/10 training-time replacement
 does not apply. Sentences that already contain [MASK] (the probes) keep exactly their own masks
 and have no ground truth.
+
+Sentences are cut to what the model takes (`input_limit`: its position table, its tokenizer's limit,
+and MAX_LENGTH); a cut line is counted, and a line whose own [MASK] falls past the cut is dropped and
+counted (`Truncation`), never silently.
 """
 
 from __future__ import annotations
@@ -35,6 +39,28 @@ class MaskedExample:
     original_ids: tuple[int, ...]  # NO_LABEL where the sentence came with its own [MASK]
 
 
+@dataclass
+class Truncation:
+    """What cutting sentences to the model's input limit did to a corpus."""
+
+    max_length: int = MAX_LENGTH
+    truncated_lines: int = 0  # lines longer than max_length word pieces, cut to it
+    dropped_mask_lines: int = 0  # lines whose own [MASK] fell past the cut: nothing left to predict
+
+    def as_dict(self) -> dict[str, int]:
+        return {"max_length": self.max_length, "truncated_lines": self.truncated_lines,
+                "dropped_mask_lines": self.dropped_mask_lines}
+
+
+def input_limit(tokenizer, model_config: dict) -> int:
+    """The longest input the model takes: MAX_LENGTH, its max_position_embeddings, its tokenizer's limit."""
+    limits = [MAX_LENGTH, int(model_config.get("max_position_embeddings") or MAX_LENGTH)]
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:  # transformers' "unset" is ~1e30
+        limits.append(tokenizer_limit)
+    return min(limits)
+
+
 def builtin_lines(name: str) -> list[str]:
     filename = {BUILTIN: "sentences.txt", HEAD_FIT: "head_fit_sentences.txt"}[name]
     text = resources.files("bertforge.validation").joinpath("data", filename).read_text("utf-8")
@@ -60,13 +86,23 @@ def corpus_digest(source: str) -> str:
 
 
 def mask_sentences(lines: list[str], tokenizer, *, seed: int = 0, fraction: float = MASK_FRACTION,
-                   max_length: int = MAX_LENGTH, limit: int | None = None) -> list[MaskedExample]:
+                   max_length: int = MAX_LENGTH, limit: int | None = None,
+                   truncation: Truncation | None = None) -> list[MaskedExample]:
     mask_id = tokenizer.mask_token_id
     special = set(tokenizer.all_special_ids)
     examples = []
+    if truncation is not None:
+        truncation.max_length = max_length
     for index, text in enumerate(lines[:limit] if limit else lines):
+        full = tokenizer(text, verbose=False)["input_ids"]  # uncut, only to count what the cut removes
         ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
         own_masks = [i for i, token in enumerate(ids) if token == mask_id]
+        if len(full) > len(ids) and truncation is not None:
+            truncation.truncated_lines += 1
+        if mask_id in full and not own_masks:
+            if truncation is not None:
+                truncation.dropped_mask_lines += 1
+            continue  # its [MASK] was cut off: masking other words would not be the line's question
         if own_masks:
             examples.append(MaskedExample(text, tuple(ids), tuple(own_masks), (NO_LABEL,) * len(own_masks)))
             continue

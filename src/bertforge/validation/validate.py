@@ -1,11 +1,15 @@
-"""Run every variant and the PyTorch reference over the masked corpus, batch by batch.
+"""Run the PyTorch reference over the masked corpus once, then every variant, one at a time.
 
-The reference runs once per batch and its logits are compared with every variant's before the next
-batch, so it is computed once per build and nothing of size [corpus tokens x vocab] is kept.
+Memory stays at about one model plus one variant, whatever the number of variants: the reference's
+logits (every real position, for the max-abs parity check) go to a scratch folder under the cache,
+batch by batch, and the PyTorch model is released before the first variant opens; each variant's
+session is closed before the next one opens. Nothing of size [corpus tokens x vocab] stays in RAM.
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,52 +19,82 @@ import numpy as np
 from bertforge.errors import StageError
 from bertforge.recipe import ValidationConfig
 from bertforge.runtime import feeds_for, open_session
-from bertforge.validation.corpus import batches, load_lines, mask_sentences
+from bertforge.validation.corpus import Truncation, batches, corpus_digest, input_limit, load_lines, mask_sentences
 from bertforge.validation.metrics import Accumulator, ReferenceStats
 
 
 def run_validation(checkpoint: Path, variants: dict[str, Path], config: ValidationConfig,
                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    import gc
+
     import torch
     from transformers import AutoTokenizer
 
+    from bertforge.cache import cache_root
     from bertforge.exporter.export import load_reference
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    truncation = Truncation()
+    model_config = json.loads((Path(checkpoint) / "config.json").read_text("utf-8"))
     examples = mask_sentences(load_lines(config.corpus), tokenizer, seed=config.seed,
-                              fraction=config.mask_fraction, limit=config.max_sentences)
+                              fraction=config.mask_fraction, limit=config.max_sentences,
+                              max_length=input_limit(tokenizer, model_config), truncation=truncation)
     examples.sort(key=lambda e: len(e.input_ids))  # less padding per batch
-    model, missing_head = load_reference(checkpoint)
-    sessions = {name: open_session(path, spinning=False, arena=False) for name, path in variants.items()}
-    accumulators = {name: Accumulator() for name in variants}
-    reference_stats = ReferenceStats()
-    total = len(examples)
+    corpus_batches = list(batches(examples, config.batch_size, pad_id=tokenizer.pad_token_id or 0))
+    total = len(examples) * (1 + len(variants))  # sentence passes: the reference's, then each variant's
     done = 0
-    for batch in batches(examples, config.batch_size, pad_id=tokenizer.pad_token_id or 0):
-        with torch.no_grad():
-            reference = model(input_ids=torch.from_numpy(batch.input_ids),
-                              attention_mask=torch.from_numpy(batch.attention_mask),
-                              token_type_ids=torch.from_numpy(batch.token_type_ids)).logits.numpy()
-        rows, cols, truth = batch.masked_index()
-        real = batch.attention_mask.astype(bool)
-        reference_masked = reference[rows, cols]
-        reference_stats.add(reference_masked, truth)
-        for name, session in sessions.items():
-            logits = session.run(None, feeds_for(session, batch.input_ids, batch.attention_mask,
-                                                 batch.token_type_ids))[0]
-            if logits.ndim == 2:  # a masked-head variant: one row per [MASK], row-major like rows/cols
-                if logits.shape[0] != len(rows):
-                    raise StageError(f"{name}: {logits.shape[0]} logit rows for {len(rows)} [MASK] positions")
-                accumulators[name].add(reference_masked, logits, truth)
-                continue
-            accumulators[name].add(reference_masked, logits[rows, cols], truth)
-            accumulators[name].add_all_positions(np.abs(logits[real] - reference[real]).max())
-        done += len(batch.examples)
-        if progress:
-            progress(done, total)
+    reference_stats = ReferenceStats()
+    (cache_root() / "tmp").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="validation-reference-", dir=cache_root() / "tmp") as scratch:
+        model, missing_head = load_reference(checkpoint)
+        masked_reference = []
+        for index, batch in enumerate(corpus_batches):
+            with torch.no_grad():
+                reference = model(input_ids=torch.from_numpy(batch.input_ids),
+                                  attention_mask=torch.from_numpy(batch.attention_mask),
+                                  token_type_ids=torch.from_numpy(batch.token_type_ids)).logits.numpy()
+            rows, cols, truth = batch.masked_index()
+            masked_reference.append(reference[rows, cols])
+            reference_stats.add(masked_reference[-1], truth)
+            np.save(Path(scratch) / f"{index}.npy", reference[batch.attention_mask.astype(bool)])
+            done += len(batch.examples)
+            if progress:
+                progress(done, total)
+        del model, reference
+        gc.collect()
+        summaries = {}
+        for name, path in variants.items():
+            summaries[name] = validate_variant(name, path, corpus_batches, masked_reference, Path(scratch))
+            done += len(examples)
+            if progress:
+                progress(done, total)
     return {
-        "corpus": {"source": config.corpus, "sentences": total, "seed": config.seed,
-                   "masked_positions": int(sum(len(e.masked_positions) for e in examples))},
+        "corpus": {"source": config.corpus, "digest": corpus_digest(config.corpus), "sentences": len(examples),
+                   "seed": config.seed, "mask_fraction": config.mask_fraction, "max_sentences": config.max_sentences,
+                   "masked_positions": int(sum(len(e.masked_positions) for e in examples)),
+                   **truncation.as_dict()},
         "reference": {**reference_stats.summary(), "mlm_head_missing_from_checkpoint": missing_head},
-        "variants": {name: acc.summary() for name, acc in accumulators.items()},
+        "variants": summaries,
     }
+
+
+def validate_variant(name: str, path: Path, corpus_batches: list, masked_reference: list[np.ndarray],
+                     scratch: Path) -> dict[str, Any]:
+    """One variant over every batch against the stored reference; its session is released on return."""
+    session = open_session(path, spinning=False, arena=False)
+    accumulator = Accumulator()
+    for index, batch in enumerate(corpus_batches):
+        rows, cols, truth = batch.masked_index()
+        logits = session.run(None, feeds_for(session, batch.input_ids, batch.attention_mask,
+                                             batch.token_type_ids))[0]
+        if logits.ndim == 2:  # a masked-head variant: one row per [MASK], row-major like rows/cols
+            if logits.shape[0] != len(rows):
+                raise StageError(f"{name}: {logits.shape[0]} logit rows for {len(rows)} [MASK] positions")
+            accumulator.add(masked_reference[index], logits, truth)
+            continue
+        accumulator.add(masked_reference[index], logits[rows, cols], truth)
+        real = batch.attention_mask.astype(bool)
+        reference_real = np.load(scratch / f"{index}.npy", mmap_mode="r")
+        accumulator.add_all_positions(np.abs(logits[real] - reference_real).max())
+    del session
+    return accumulator.summary()
