@@ -37,13 +37,12 @@ class InputSpec:
     def of(cls, directory: Path) -> InputSpec:
         from transformers import AutoTokenizer
 
+        from bertforge.validation.corpus import position_limit
+
         config = json.loads((Path(directory) / "config.json").read_text("utf-8"))
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        limits = [int(config.get("max_position_embeddings") or 512)]
-        if isinstance(tokenizer.model_max_length, int) and 0 < tokenizer.model_max_length < 1_000_000:
-            limits.append(tokenizer.model_max_length)
         return cls(int(config["vocab_size"]), tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id,
-                   min(limits))
+                   position_limit(tokenizer, config))
 
     def sequence(self, wanted: int) -> int:
         """`wanted`, or the model's limit when it takes fewer positions."""

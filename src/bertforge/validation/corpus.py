@@ -52,13 +52,18 @@ class Truncation:
                 "dropped_mask_lines": self.dropped_mask_lines}
 
 
-def input_limit(tokenizer, model_config: dict) -> int:
-    """The longest input the model takes: MAX_LENGTH, its max_position_embeddings, its tokenizer's limit."""
-    limits = [MAX_LENGTH, int(model_config.get("max_position_embeddings") or MAX_LENGTH)]
+def position_limit(tokenizer, model_config: dict) -> int:
+    """The most positions the model takes: its max_position_embeddings, or its tokenizer's limit when lower."""
+    limits = [int(model_config.get("max_position_embeddings") or 512)]
     tokenizer_limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:  # transformers' "unset" is ~1e30
         limits.append(tokenizer_limit)
     return min(limits)
+
+
+def input_limit(tokenizer, model_config: dict) -> int:
+    """The longest corpus sentence fed to the model: its position limit, at most MAX_LENGTH."""
+    return min(MAX_LENGTH, position_limit(tokenizer, model_config))
 
 
 def builtin_lines(name: str) -> list[str]:
