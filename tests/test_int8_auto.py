@@ -49,14 +49,15 @@ def test_int8_auto_meets_its_target_and_picks_the_same_plan_twice(tiny_variants,
     assert first["calibration"]["top1_agreement"] >= 0.9 and first["calibration"]["ref_top1_in_top5"] >= 0.99
     assert first["calibration_positions"] >= 200
     # 2 layers x 4 groups + the head's transform + the tied table, each with a scheme
-    assert len(first["plan"]) == 10 and set(first["plan"].values()) <= {"fp32", "int8-dynamic", "int8-blockwise"}
+    assert len(first["plan"]) == 10
+    assert set(first["plan"].values()) <= {"fp32", "int8-dynamic", "int8-smooth", "int8-blockwise"}
     assert {row["group"] for row in first["sensitivity"]} == set(first["plan"])
     # a real artifact: it loads and stays near the fp32 logits
     session = ort.InferenceSession(str(tmp_path / "a" / "model.onnx"))
     reference = ort.InferenceSession(str(tiny_variants["fp32"] / "model.onnx")).run(None, tiny_feeds())[0]
     assert np.abs(session.run(None, tiny_feeds())[0] - reference).max() < 0.5
     quantized = Counter(first["plan"].values())
-    assert quantized["int8-dynamic"] + quantized["int8-blockwise"] == sum(
+    assert quantized["int8-dynamic"] + quantized["int8-smooth"] + quantized["int8-blockwise"] == sum(
         1 for scheme in first["plan"].values() if scheme != "fp32")
 
 

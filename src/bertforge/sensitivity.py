@@ -19,7 +19,15 @@ import onnx
 
 from bertforge.artifact import Artifact
 from bertforge.bench import InputSpec
-from bertforge.optimizers.mixed_int8 import SCHEMES, TIED_GROUP, Group, QuantizedWeights, apply_plan
+from bertforge.optimizers.mixed_int8 import (
+    SCHEMES,
+    SMOOTH_ALPHA,
+    TIED_GROUP,
+    Group,
+    QuantizedWeights,
+    apply_plan,
+    group_input,
+)
 from bertforge.validation.corpus import NO_LABEL
 from bertforge.validation.metrics import Accumulator
 
@@ -83,6 +91,31 @@ def masked_logits(model: onnx.ModelProto, split: CalibrationSplit) -> np.ndarray
     return np.concatenate(out)
 
 
+def activation_absmax(model: onnx.ModelProto, groups: list[Group], split: CalibrationSplit) -> dict[str, np.ndarray]:
+    """max |x| per channel of every group's input over the calibration split's real (unpadded) tokens,
+    from the fp32 graph: what int8-smooth's scales are computed from."""
+    import copy
+
+    from onnx import helper
+
+    from bertforge.runtime import feeds_for
+
+    tensors = sorted({group_input(model, group) for group in groups})
+    probe = copy.deepcopy(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors)
+    session = session_for(probe)
+    wanted = [o.name for o in session.get_outputs()][-len(tensors):]
+    found: dict[str, np.ndarray] = {}
+    for feeds in split.feeds:
+        values = session.run(wanted, feeds_for(session, feeds["input_ids"], feeds["attention_mask"],
+                                               feeds["token_type_ids"]))
+        real = feeds["attention_mask"].astype(bool)
+        for name, value in zip(wanted, values, strict=True):
+            absmax = np.abs(value[real]).max(axis=0)
+            found[name] = absmax if name not in found else np.maximum(found[name], absmax)
+    return found
+
+
 def agreement(reference: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     """The validation metrics (one definition, validation.metrics) that a plan is judged by."""
     accumulator = Accumulator()
@@ -92,8 +125,8 @@ def agreement(reference: np.ndarray, logits: np.ndarray) -> dict[str, float]:
 
 
 def group_schemes(group: Group) -> tuple[str, ...]:
-    """The tied table is int8 per row (int8-dynamic: its decoder is a DynamicQuantizeMatMul) or fp32."""
-    return ("fp32", "int8-dynamic") if group.name == TIED_GROUP else SCHEMES
+    """The tied table is int8 per row (its decoder a DynamicQuantizeMatMul, smoothed or not) or fp32."""
+    return ("fp32", "int8-dynamic", "int8-smooth") if group.name == TIED_GROUP else SCHEMES
 
 
 def sensitivity_table(model: onnx.ModelProto, groups: list[Group], weights: QuantizedWeights,
@@ -130,12 +163,16 @@ def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: Quantized
 
     sequence = spec.sequence(sequence)
     inputs = synthetic_inputs(1, sequence, spec)
+    # timing does not depend on the smoothing factors' values: unit absmax stands in for calibration
+    timing = QuantizedWeights(weights.block_size, {group_input(model, g): np.ones(1, np.float32) for g in groups},
+                              weights.alpha, dict(weights.cache))  # own smooth entries
     per_scheme: dict[str, dict[str, float]] = {}
     totals: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bertforge-profile-") as scratch:
         for scheme in SCHEMES:
             plan = {g.name: scheme for g in groups if scheme in group_schemes(g)}
-            session = session_for(apply_plan(model, plan, groups, weights), profile_prefix=f"{scratch}/{scheme}")
+            session = session_for(apply_plan(model, plan, groups, timing, repack=False),
+                                  profile_prefix=f"{scratch}/{scheme}")
             feeds = feeds_for(session, inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
             for _ in range(3):
                 session.run(None, feeds)
@@ -204,11 +241,12 @@ def group_ms(group: Group, scheme: str, node_ms: dict[str, float]) -> float:
     """The kernel time of a group's nodes in a profile (the decoder and its bias for the tied table)."""
     if group.name == TIED_GROUP:
         return sum(ms for name, ms in node_ms.items() if name.startswith("/cls/predictions/decoder/"))
-    suffix = {"fp32": "", "int8-dynamic": "_int8_dynamic", "int8-blockwise": "_int8_blockwise"}[scheme]
-    return sum(node_ms.get(f"{name}{suffix}", 0.0) for name in group.nodes)
+    suffix = "" if scheme == "fp32" else "_" + scheme.replace("-", "_")
+    ms = sum(node_ms.get(f"{name}{suffix}", 0.0) for name in group.nodes)
+    return ms + (node_ms.get(f"{group.nodes[0]}_smooth", 0.0) if scheme == "int8-smooth" else 0.0)
 
 
-def analyze(export_dir: Path, block_size: int = 16, corpus: str = "head-fit",
+def analyze(export_dir: Path, block_size: int = 16, corpus: str = "head-fit", alpha: float = SMOOTH_ALPHA,
             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The full table for an fp32 export directory: every group alone under every scheme, with costs."""
     from bertforge.optimizers.common import MODEL_FILE, mha_fused, model_config
@@ -217,18 +255,20 @@ def analyze(export_dir: Path, block_size: int = 16, corpus: str = "head-fit",
     hf = model_config(export_dir)
     model, _ = mha_fused(export_dir / MODEL_FILE, hf, "sensitivity")
     groups = quant_groups(model)
-    weights = QuantizedWeights(block_size=block_size)
     split = calibration_split(export_dir, corpus)
     reference = masked_logits(model, split)
+    weights = QuantizedWeights(block_size=block_size, activation_absmax=activation_absmax(model, groups, split),
+                               alpha=alpha)
     costs = scheme_costs(model, groups, weights, InputSpec.of(export_dir))
     table = sensitivity_table(model, groups, weights, split, reference, progress=progress)
     return {"calibration_corpus": corpus, "calibration_positions": split.positions, "block_size": block_size,
+            "smooth_alpha": alpha,
             "groups": table, "costs_ms": costs}
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    lines = ["| group | int8-dynamic top-1 | KL | int8-blockwise top-1 | KL | ms fp32 | ms int8-dynamic | "
-             "ms int8-blockwise |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| group | int8-dynamic top-1 | KL | int8-smooth top-1 | KL | int8-blockwise top-1 | KL | ms fp32 | "
+             "ms int8-dynamic | ms int8-smooth | ms int8-blockwise |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     from bertforge.report.content import sensitivity_cells
 
     ms = result["costs_ms"]["ms"]

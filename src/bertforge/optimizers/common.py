@@ -132,3 +132,45 @@ def op_histogram(model) -> dict[str, int]:
     from collections import Counter
 
     return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))
+
+
+def repack_fp32_attention(model) -> int:
+    """Turn each MultiHeadAttention whose Q/K/V are fp32 MatMuls of one input back into ORT's packed
+    Attention (one [hidden, 3 x hidden] GEMM, what the fusion stage makes), in place; returns how many.
+
+    Why: int8-auto plans on the MultiHeadAttention fusion, where Q/K/V are separate MatMuls so each
+    can be quantized; but a layer whose Q/K/V stay fp32 runs three GEMMs and MultiHeadAttention's
+    layout copies, measurably slower than the packed Attention node (demo, b1 x s128)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    repacked = 0
+    for mha in [n for n in graph.node if n.op_type == "MultiHeadAttention"]:
+        if len(mha.input) != 5 or not mha.input[3] or not mha.input[4]:
+            continue
+        projections = [producers.get(name) for name in mha.input[:3]]
+        if any(p is None or p.op_type != "MatMul" or p.input[1] not in initializers or readers[p.output[0]] != 1
+               for p in projections) or len({p.input[0] for p in projections}) != 1:
+            continue
+        weight = np.concatenate([numpy_helper.to_array(initializers[p.input[1]]) for p in projections], axis=1)
+        weight_name = f"{mha.name}_qkv_weight"
+        graph.initializer.append(numpy_helper.from_array(weight, weight_name))
+        attributes = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
+        attention = helper.make_node("Attention", [projections[0].input[0], weight_name, mha.input[3], mha.input[4]],
+                                     list(mha.output), name=mha.name, domain="com.microsoft", **attributes)
+        index = list(graph.node).index(mha)
+        graph.node.remove(mha)
+        graph.node.insert(index, attention)
+        for projection in projections:
+            graph.node.remove(projection)
+            if readers[projection.input[1]] == 1:
+                graph.initializer.remove(initializers[projection.input[1]])
+        repacked += 1
+    return repacked

@@ -24,7 +24,7 @@ import onnx
 from bertforge.artifact import Artifact
 from bertforge.int8_plan import ordered_moves, search
 from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mha_fused, model_config, op_histogram
-from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, quant_groups
+from bertforge.optimizers.mixed_int8 import SCHEMES, QuantizedWeights, apply_plan, quant_groups
 from bertforge.recipe import Int8AutoConfig
 
 NAME = "int8-auto"
@@ -47,17 +47,20 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
     hf = model_config(src)
     model, stats = mha_fused(src / MODEL_FILE, hf, NAME)
     groups = quant_groups(model)
-    weights = QuantizedWeights(block_size=config.block_size)
     split = sensitivity.calibration_split(src, config.calibration_corpus)
     reference = sensitivity.masked_logits(model, split)
+    absmax = sensitivity.activation_absmax(model, groups, split) if "int8-smooth" in config.schemes else {}
+    weights = QuantizedWeights(block_size=config.block_size, activation_absmax=absmax, alpha=config.smooth_alpha)
     costs = inputs["costs"]
     allowed = {"fp32", *config.schemes}
     group_costs = {name: {s: ms for s, ms in by_scheme.items() if s in allowed}
                    for name, by_scheme in sensitivity.modelled_costs(groups, costs).items()}
-    # a scheme slower than fp32 for a group can never be chosen: its sensitivity is not measured
-    slower = {name: {s for s, ms in by_scheme.items() if s != "fp32" and ms >= by_scheme["fp32"]}
-              for name, by_scheme in group_costs.items()}
-    table = sensitivity.sensitivity_table(model, groups, weights, split, reference, skip=slower)
+    # a scheme slower than fp32 for a group, or not in the recipe's schemes, can never be chosen: its
+    # sensitivity is not measured
+    skip = {name: {s for s in SCHEMES if s not in allowed} | {s for s, ms in by_scheme.items()
+                                                               if s != "fp32" and ms >= by_scheme["fp32"]}
+            for name, by_scheme in group_costs.items()}
+    table = sensitivity.sensitivity_table(model, groups, weights, split, reference, skip=skip)
     kl = {row["group"]: {s: row[s]["kl_mean"] for s in allowed if row.get(s) is not None} for row in table}
     group_costs = {name: {s: ms for s, ms in by_scheme.items() if s == "fp32" or s in kl[name]}
                    for name, by_scheme in group_costs.items()}
@@ -83,6 +86,8 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
             "calibration_positions": split.positions, "sensitivity": table,
             "costs_ms": {"per_group": group_costs, "measured_per_group": costs["ms"], "fp32_graph": round(fp32_ms, 3),
                          "int8_dynamic_graph": round(costs["model_ms"]["int8-dynamic"], 3),
+                         "int8_smooth_graph": round(costs["model_ms"]["int8-smooth"], 3),
                          "int8_blockwise_graph": round(costs["model_ms"]["int8-blockwise"], 3)},
-            "block_size": config.block_size, "fused_operators": stats, "op_types": op_histogram(chosen),
+            "block_size": config.block_size, "smooth_alpha": config.smooth_alpha, "fused_operators": stats,
+            "op_types": op_histogram(chosen),
             "search_seconds": round(time.monotonic() - started, 1)}

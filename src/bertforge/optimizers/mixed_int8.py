@@ -8,6 +8,11 @@ output, the FFN up- and down-projections), the head's transform, or the tied wor
 - `int8-dynamic`: com.microsoft DynamicQuantizeMatMul, int8 weights with one scale per output
   channel, activations quantized per tensor on every call (what ORT's quantize_dynamic makes, once
   ORT has fused its MatMulInteger pattern at load);
+- `int8-smooth`: int8-dynamic after a SmoothQuant scale migration (Xiao et al. 2023): the group's
+  input x is divided per channel by s = max|x|^alpha / max|W|^(1 - alpha) (max|x| measured on the
+  calibration split) and W's rows multiplied by s, so an outlier channel of x (a trained encoder's
+  LayerNorm outputs have a few, up to 15x the median) no longer sets the per-tensor activation scale
+  alone. One Mul per group (Q/K/V share it); for the tied table the embeddings' side folds at load;
 - `int8-blockwise`: com.microsoft MatMulNBits, 8 bits, symmetric, int8 compute (accuracy_level 4),
   activations and weights quantized per block of `block_size` input channels; packed by ORT's own
   DefaultWeightOnlyQuantizer.
@@ -28,9 +33,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bertforge.optimizers.common import repack_fp32_attention
 from bertforge.optimizers.tied_quant import share_tied_table, symmetric_int8, tied_table
 
-SCHEMES = ("fp32", "int8-dynamic", "int8-blockwise")
+SCHEMES = ("fp32", "int8-dynamic", "int8-smooth", "int8-blockwise")
+SMOOTH_ALPHA = 0.8
 TIED_GROUP = "tied-table"
 # role of a MatMul, from the exporter's module path (the same names the exclusion presets use)
 ROLE_PATTERNS = (
@@ -78,20 +85,47 @@ def quant_groups(model: onnx.ModelProto) -> list[Group]:
     return groups
 
 
+def group_input(model: onnx.ModelProto, group: Group) -> str:
+    """The tensor a group's MatMuls read (Q/K/V share one); for the tied table, the decoder's input."""
+    if group.name == TIED_GROUP:
+        found = tied_table(model.graph)
+        assert found is not None
+        return found[2].input[0]
+    first = next(node for node in model.graph.node if node.name == group.nodes[0])
+    return first.input[0]
+
+
 @dataclass
 class QuantizedWeights:
-    """Per MatMul and scheme, the initializers its quantized node needs, computed once."""
+    """Per MatMul and scheme, the initializers its quantized node needs, computed once.
+
+    activation_absmax: {tensor: max |x| per channel on the calibration split}, for int8-smooth."""
 
     block_size: int = 16
+    activation_absmax: dict[str, np.ndarray] = field(default_factory=dict)
+    alpha: float = SMOOTH_ALPHA
     cache: dict[tuple[str, str], list[onnx.TensorProto]] = field(default_factory=dict)
 
-    def dynamic(self, weight: onnx.TensorProto) -> list[onnx.TensorProto]:
-        key = (weight.name, "int8-dynamic")
+    def smoothing(self, tensor: str, weights: list[np.ndarray]) -> np.ndarray:
+        """SmoothQuant's s [in channels] for `tensor`, read by `weights` ([in, out] each)."""
+        if tensor not in self.activation_absmax:
+            raise ValueError(f"int8-smooth needs the calibration absmax of {tensor}")
+        x_max = np.maximum(self.activation_absmax[tensor].astype(np.float64), 1e-5)
+        w_max = np.maximum(np.max([np.abs(w).max(axis=1) for w in weights], axis=0).astype(np.float64), 1e-5)
+        return (x_max ** self.alpha / w_max ** (1 - self.alpha)).astype(np.float32)
+
+    def dynamic(self, weight: onnx.TensorProto, smooth: np.ndarray | None = None) -> list[onnx.TensorProto]:
+        key = (weight.name, "int8-dynamic" if smooth is None else "int8-smooth")
         if key not in self.cache:
-            q, scale = symmetric_int8(numpy_helper.to_array(weight), axis=1)  # one scale per output column
-            self.cache[key] = [numpy_helper.from_array(q, f"{weight.name}_s8"),
-                               numpy_helper.from_array(scale, f"{weight.name}_s8_scale"),
-                               numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{weight.name}_s8_zp")]
+            array = numpy_helper.to_array(weight)
+            if smooth is not None:
+                array = array * smooth[:, None]
+            q, scale = symmetric_int8(array, axis=1)  # one scale per output column
+            suffix = "_s8" if smooth is None else "_sq8"
+            self.cache[key] = [numpy_helper.from_array(q, f"{weight.name}{suffix}"),
+                               numpy_helper.from_array(scale, f"{weight.name}{suffix}_scale"),
+                               numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8),
+                                                       f"{weight.name}{suffix}_zp")]
         return self.cache[key]
 
     def blockwise(self, weight: onnx.TensorProto) -> list[onnx.TensorProto]:
@@ -111,8 +145,11 @@ class QuantizedWeights:
 
 
 def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group],
-               weights: QuantizedWeights) -> onnx.ModelProto:
-    """A copy of `model` with each group in its planned scheme (groups not in `plan` stay fp32)."""
+               weights: QuantizedWeights, repack: bool = True) -> onnx.ModelProto:
+    """A copy of `model` with each group in its planned scheme (groups not in `plan` stay fp32).
+
+    repack: layers whose Q/K/V stay fp32 go back to the packed Attention node (faster); off only to
+    time each projection's MatMul on its own (sensitivity.scheme_costs)."""
     result = copy.deepcopy(model)
     graph = result.graph
     initializers = {init.name: init for init in graph.initializer}
@@ -124,13 +161,25 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
             raise ValueError(f"unknown scheme {scheme!r} for group {group.name}")
         if group.name == TIED_GROUP or scheme == "fp32":
             continue
+        smooth = None
+        if scheme == "int8-smooth":
+            tensor = by_name[group.nodes[0]].input[0]
+            smooth = weights.smoothing(tensor, [numpy_helper.to_array(initializers[by_name[n].input[1]])
+                                                for n in group.nodes])
+            inverse = numpy_helper.from_array((1.0 / smooth).astype(np.float32), f"{group.name}_smooth_inv")
+            graph.initializer.append(inverse)
+            first = list(graph.node).index(by_name[group.nodes[0]])
+            graph.node.insert(first, helper.make_node("Mul", [tensor, inverse.name], [f"{group.name}_smoothed"],
+                                                      name=f"{group.nodes[0]}_smooth"))
         for node_name in group.nodes:
             node = by_name[node_name]
             weight = initializers[node.input[1]]
-            if scheme == "int8-dynamic":
-                extra = weights.dynamic(weight)
-                new = helper.make_node("DynamicQuantizeMatMul", [node.input[0]] + [t.name for t in extra],
-                                       list(node.output), name=f"{node.name}_int8_dynamic", domain="com.microsoft")
+            if scheme in ("int8-dynamic", "int8-smooth"):
+                extra = weights.dynamic(weight, smooth)
+                source = node.input[0] if smooth is None else f"{group.name}_smoothed"
+                new = helper.make_node("DynamicQuantizeMatMul", [source] + [t.name for t in extra],
+                                       list(node.output), name=f"{node.name}_{scheme.replace('-', '_')}",
+                                       domain="com.microsoft")
             else:
                 extra = weights.blockwise(weight)
                 k, n = (int(d) for d in weight.dims)
@@ -145,8 +194,17 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
     still_read = {name for node in graph.node for name in node.input}
     for name in used - still_read:
         graph.initializer.remove(initializers[name])
-    if plan.get(TIED_GROUP, "fp32") != "fp32":
-        share_tied_table(result, int8_decoder=True)
+    tied_scheme = plan.get(TIED_GROUP, "fp32")
+    if tied_scheme != "fp32":
+        smooth = None
+        if tied_scheme == "int8-smooth":
+            found = tied_table(graph)
+            assert found is not None
+            table = numpy_helper.to_array(next(i for i in graph.initializer if i.name == found[0]))
+            smooth = weights.smoothing(found[2].input[0], [table.T])
+        share_tied_table(result, int8_decoder=True, smooth=smooth)
+    if repack:
+        repack_fp32_attention(result)
     if not any(o.domain == "com.microsoft" for o in result.opset_import):
         result.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return result

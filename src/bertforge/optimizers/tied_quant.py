@@ -62,15 +62,24 @@ def tied_table(graph: onnx.GraphProto) -> tuple[str, onnx.NodeProto, onnx.NodePr
     return None
 
 
-def share_tied_table(model: onnx.ModelProto, int8_decoder: bool) -> dict[str, str]:
-    """Store the tied table once as per-row int8; return {table: how the decoder reads it} ({} if untied)."""
+def share_tied_table(model: onnx.ModelProto, int8_decoder: bool,
+                     smooth: np.ndarray | None = None) -> dict[str, str]:
+    """Store the tied table once as per-row int8; return {table: how the decoder reads it} ({} if untied).
+
+    smooth: SmoothQuant factors s [hidden] for the int8 decoder: the table is stored as W * s (each
+    hidden column scaled) and the decoder reads x / s, so x's outlier channels move into the weights,
+    where per-row scales absorb them. The embeddings read W * s / s, folded at load like the rest of
+    their dequantization, so smoothing costs them nothing."""
     graph = model.graph
     found = tied_table(graph)
     if found is None:
         return {}
     name, transpose, matmul, add = found
     initializer = next(init for init in graph.initializer if init.name == name)
-    quantized, scale = symmetric_int8(numpy_helper.to_array(initializer), axis=0)  # one scale per vocabulary row
+    table = numpy_helper.to_array(initializer)
+    if smooth is not None:
+        table = table * smooth[None, :].astype(np.float32)
+    quantized, scale = symmetric_int8(table, axis=0)  # one scale per vocabulary row
     q_name, scale_name = f"{name}_q8", f"{name}_scale"
     graph.initializer.remove(initializer)
     graph.initializer.extend([numpy_helper.from_array(quantized, q_name), numpy_helper.from_array(scale, scale_name),
@@ -80,10 +89,20 @@ def share_tied_table(model: onnx.ModelProto, int8_decoder: bool) -> dict[str, st
         helper.make_node("Unsqueeze", [scale_name, f"{name}_row_axis"], [f"{name}_scale_column"],
                          name=f"{name}/Unsqueeze"),
         # Output named like the old initializer, so every other reader (embeddings) is unchanged.
-        helper.make_node("Mul", [f"{name}_q8_float", f"{name}_scale_column"], [name], name=f"{name}/Dequantize"),
+        helper.make_node("Mul", [f"{name}_q8_float", f"{name}_scale_column"],
+                         [name if smooth is None else f"{name}_smoothed"], name=f"{name}/Dequantize"),
     ]
+    if smooth is not None:
+        graph.initializer.append(numpy_helper.from_array((1.0 / smooth).astype(np.float32), f"{name}_smooth_inv"))
+        dequantize.append(helper.make_node("Mul", [f"{name}_smoothed", f"{name}_smooth_inv"], [name],
+                                           name=f"{name}/Unsmooth"))
     how = "fp32 MatMul over the table dequantized at load"
     if int8_decoder:
+        if smooth is not None:
+            smoothed_input = f"{matmul.input[0]}_smoothed"
+            graph.node.insert(list(graph.node).index(matmul), helper.make_node(
+                "Mul", [matmul.input[0], f"{name}_smooth_inv"], [smoothed_input], name=f"{DECODER_NODE}/Smooth"))
+            matmul.input[0] = smoothed_input
         graph.initializer.append(numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{name}_zero_point"))
         transpose.input[0] = q_name
         transpose.output[0] = f"{q_name}_transposed"  # a new name: value_info typed the old one float
@@ -97,7 +116,8 @@ def share_tied_table(model: onnx.ModelProto, int8_decoder: bool) -> dict[str, st
         graph.node.remove(matmul)
         graph.node.insert(index, helper.make_node("DynamicQuantizeMatMul", inputs, outputs, name=DECODER_NODE,
                                                   domain="com.microsoft"))
-        how = "int8 DynamicQuantizeMatMul, constant per-row int8 B, bias fused"
+        how = "int8 DynamicQuantizeMatMul, constant per-row int8 B, bias fused" + (
+            ", SmoothQuant-scaled input" if smooth is not None else "")
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     for offset, node in enumerate(dequantize):

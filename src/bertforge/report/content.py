@@ -93,8 +93,8 @@ def reference_note(reference: dict[str, Any]) -> str:
     return note
 
 
-SENSITIVITY_SCHEMES = ("int8-dynamic", "int8-blockwise")
-COST_SCHEMES = ("fp32", "int8-dynamic", "int8-blockwise")
+SENSITIVITY_SCHEMES = ("int8-dynamic", "int8-smooth", "int8-blockwise")
+COST_SCHEMES = ("fp32", "int8-dynamic", "int8-smooth", "int8-blockwise")
 
 
 def sensitivity_cells(row: dict[str, Any], ms: dict[str, float]) -> list[str]:
@@ -106,8 +106,8 @@ def sensitivity_cells(row: dict[str, Any], ms: dict[str, float]) -> list[str]:
     return cells + [f"{ms[scheme]:.2f}" if scheme in ms else "—" for scheme in COST_SCHEMES]
 
 
-PLAN_HEADER = ["group", "int8-auto plan", "int8-dynamic alone: top-1", "KL", "int8-blockwise alone: top-1", "KL",
-               "ms fp32", "ms int8-dynamic", "ms int8-blockwise"]
+PLAN_HEADER = ["group", "int8-auto plan", "int8-dynamic alone: top-1", "KL", "int8-smooth alone: top-1", "KL",
+               "int8-blockwise alone: top-1", "KL", "ms fp32", "ms int8-dynamic", "ms int8-smooth", "ms int8-blockwise"]
 
 
 def plan_table(report: dict[str, Any]) -> tuple[list[list[str]], str] | None:
@@ -129,7 +129,9 @@ def plan_table(report: dict[str, Any]) -> tuple[list[list[str]], str] | None:
     note = (f"int8-auto: each group quantized alone on {meta['calibration_positions']} [MASK] positions of the "
             f"calibration split (head-fit sentences, not the validation corpus), against the fp32 graph; ms: the "
             f"group's kernel time at b1×s128 as planned (measured per scheme with the ORT profiler; — where a "
-            f"scheme is slower than fp32 for the group, so never chosen and not measured). Target {wanted}. "
+            f"scheme is slower than fp32 for the group or not in the recipe's schemes, so never chosen and not "
+            f"measured; "
+            f"int8-smooth: SmoothQuant α {meta.get('smooth_alpha', 0.8):g} before int8-dynamic). Target {wanted}. "
             f"Chosen plan on the calibration split: top-1 {chosen['top1_agreement']:.1%}, ref top-1 in top-5 "
             f"{chosen['ref_top1_in_top5']:.1%}, KL {chosen['kl_mean']:.1e}; predicted latency "
             f"{meta['predicted_latency_ratio']:.2f}× the fp32 graph; {len(meta['evaluations'])} plans evaluated, "
