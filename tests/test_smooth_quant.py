@@ -43,14 +43,15 @@ def test_smoothing_moves_an_outlier_channel_into_the_weights_and_cuts_the_int8_e
 
     def error(scheme: str) -> float:
         quantized = apply_plan(model, {"layer.0.qkv": scheme}, groups, weights)
-        return max(float(np.abs(a - b).max()) for a, b in zip(run(quantized, x), reference, strict=True))
+        return float(np.mean([np.abs(a - b).mean() for a, b in zip(run(quantized, x), reference, strict=True)]))
 
     smoothed = apply_plan(model, {"layer.0.qkv": "int8-smooth"}, groups, weights)
     ops = Counter(node.op_type for node in smoothed.graph.node)
     assert ops == {"Mul": 1, "DynamicQuantizeMatMul": 3}  # Q/K/V share one smoothing Mul
     plain, smooth = error("int8-dynamic"), error("int8-smooth")
-    # measured: 0.21 plain, 0.04 smoothed; the outlier no longer sets the activation scale alone
-    assert smooth < plain / 2, (plain, smooth)
+    # mean abs error, measured here: 0.104 plain, 0.022 smoothed (seeds 1, 2: the same 4-5x); the
+    # outlier channel no longer sets the activation's one scale alone
+    assert smooth < plain / 2.5, (plain, smooth)
 
 
 def test_int8_smooth_needs_the_calibration_absmax():

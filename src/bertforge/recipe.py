@@ -104,8 +104,9 @@ class Int8AutoConfig(Section):
     # Fail (one line, with the best agreement reached within it) when the plan that meets the target is
     # slower than this fraction of the fp32 graph's latency (b1 x s128, ORT profiler).
     max_latency_ratio: float | None = Field(None, gt=0)
-    schemes: tuple[Literal["int8-dynamic", "int8-smooth", "int8-blockwise"], ...] = (
-        "int8-dynamic", "int8-smooth", "int8-blockwise")
+    # int8-smooth is opt-in: on demo it moved the plan to 0.61x fused but 93.7% top-1 on the validation
+    # corpus (96.6% without it), because the head-fit calibration split overstates its agreement
+    schemes: tuple[Literal["int8-dynamic", "int8-smooth", "int8-blockwise"], ...] = ("int8-dynamic", "int8-blockwise")
     block_size: Literal[16, 32, 64, 128, 256] = 16  # for int8-blockwise groups
     # SmoothQuant's migration strength for int8-smooth groups: 0 leaves x as it is, 1 moves all of its
     # per-channel range into the weights (0.8 measured best on demo's attention and FFN-down inputs)
