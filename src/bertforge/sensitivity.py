@@ -104,13 +104,12 @@ def activation_absmax(model: onnx.ModelProto, groups: list[Group], split: Calibr
     probe = copy.deepcopy(model)
     probe.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors)
     session = session_for(probe)
-    wanted = [o.name for o in session.get_outputs()][-len(tensors):]
     found: dict[str, np.ndarray] = {}
     for feeds in split.feeds:
-        values = session.run(wanted, feeds_for(session, feeds["input_ids"], feeds["attention_mask"],
-                                               feeds["token_type_ids"]))
+        values = session.run(tensors, feeds_for(session, feeds["input_ids"], feeds["attention_mask"],
+                                                feeds["token_type_ids"]))
         real = feeds["attention_mask"].astype(bool)
-        for name, value in zip(wanted, values, strict=True):
+        for name, value in zip(tensors, values, strict=True):
             absmax = np.abs(value[real]).max(axis=0)
             found[name] = absmax if name not in found else np.maximum(found[name], absmax)
     return found

@@ -163,7 +163,7 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
             continue
         smooth = None
         if scheme == "int8-smooth":
-            tensor = by_name[group.nodes[0]].input[0]
+            tensor = group_input(model, group)
             smooth = weights.smoothing(tensor, [numpy_helper.to_array(initializers[by_name[n].input[1]])
                                                 for n in group.nodes])
             inverse = numpy_helper.from_array((1.0 / smooth).astype(np.float32), f"{group.name}_smooth_inv")
@@ -198,10 +198,9 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
     if tied_scheme != "fp32":
         smooth = None
         if tied_scheme == "int8-smooth":
-            found = tied_table(graph)
-            assert found is not None
-            table = numpy_helper.to_array(next(i for i in graph.initializer if i.name == found[0]))
-            smooth = weights.smoothing(found[2].input[0], [table.T])
+            tied = next(g for g in groups if g.name == TIED_GROUP)
+            table = numpy_helper.to_array(initializers[tied_table(graph)[0]])
+            smooth = weights.smoothing(group_input(model, tied), [table.T])
         share_tied_table(result, int8_decoder=True, smooth=smooth)
     if repack:
         repack_fp32_attention(result)

@@ -130,8 +130,10 @@ def plan_table(report: dict[str, Any]) -> tuple[list[list[str]], str] | None:
             f"calibration split (head-fit sentences, not the validation corpus), against the fp32 graph; ms: the "
             f"group's kernel time at b1×s128 as planned (measured per scheme with the ORT profiler; — where a "
             f"scheme is slower than fp32 for the group or not in the recipe's schemes, so never chosen and not "
-            f"measured; "
-            f"int8-smooth: SmoothQuant α {meta.get('smooth_alpha', 0.8):g} before int8-dynamic). Target {wanted}. "
+            f"measured"
+            + (f"; int8-smooth: SmoothQuant α {meta['smooth_alpha']:g} before int8-dynamic" if "smooth_alpha" in meta
+               else "")
+            + f"). Target {wanted}. "
             f"Chosen plan on the calibration split: top-1 {chosen['top1_agreement']:.1%}, ref top-1 in top-5 "
             f"{chosen['ref_top1_in_top5']:.1%}, KL {chosen['kl_mean']:.1e}; predicted latency "
             f"{meta['predicted_latency_ratio']:.2f}× the fp32 graph; {len(meta['evaluations'])} plans evaluated, "
