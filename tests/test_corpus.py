@@ -2,7 +2,7 @@
 
 from transformers import AutoTokenizer
 
-from bertforge.validation.corpus import BUILTIN, HEAD_FIT, NO_LABEL, builtin_lines, mask_sentences
+from bertforge.validation.corpus import BUILTIN, CALIBRATION, HEAD_FIT, NO_LABEL, builtin_lines, mask_sentences
 
 PROBES = ["The capital of France is [MASK].", "The man worked as a [MASK].", "The woman worked as a [MASK]."]
 
@@ -15,6 +15,13 @@ def test_corpus_is_large_varied_and_kept_apart_from_head_fit():
     assert len(set(sentences)) == len(sentences)
     assert not set(sentences) & set(head_fit)
     assert len(head_fit) >= 80
+
+
+def test_calibration_sentences_are_neither_validated_nor_fitted_on():
+    calibration = builtin_lines(CALIBRATION)
+    assert len(calibration) >= 150
+    assert len(set(calibration)) == len(calibration)
+    assert not set(calibration) & (set(builtin_lines(BUILTIN)) | set(builtin_lines(HEAD_FIT)))
 
 
 def test_masking_is_deterministic_and_bert_like(tiny_checkpoint):

@@ -42,6 +42,23 @@ def test_top_k_and_overlap():
     assert top_k_overlap(ref, var).tolist() == [pytest.approx(3 / 5)]
 
 
+
+def test_top_k_orders_like_a_stable_full_sort_with_ties_infinities_and_nans():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        rows, vocab = int(rng.integers(1, 30)), int(rng.integers(2, 50))
+        logits = (rng.integers(-3, 4, size=(rows, vocab)) if trial % 2 else rng.standard_normal((rows, vocab)))
+        logits = logits.astype(np.float32)
+        if trial % 5 == 0:
+            logits[0, rng.integers(vocab)] = np.nan
+        if trial % 11 == 0:
+            logits[:, :3] = np.inf
+        for k in (1, 5, vocab):
+            expected = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+            assert top_k(logits, k).tolist() == expected.tolist(), (trial, k)
+    batched = rng.standard_normal((3, 4, 100))
+    assert top_k(batched).tolist() == np.argsort(-batched, axis=-1, kind="stable")[..., :5].tolist()
+
 def test_accumulator_summary_by_hand():
     vocab = 6
     ref = np.zeros((2, vocab))

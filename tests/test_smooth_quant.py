@@ -108,3 +108,65 @@ def test_fp32_layers_go_back_to_packed_attention_and_every_smooth_plan_runs(tiny
                    if i.data_type == TensorProto.INT8 and list(i.dims) == [30522, 32]]
     assert len(int8_tables) == 1
     assert np.abs(logits(smooth) - reference).max() < 0.5
+
+
+def test_the_head_runs_at_the_mask_rows_only_where_that_changes_no_logit(tiny_variants):
+    from bertforge.optimizers.mixed_int8 import QuantizedWeights, quant_groups
+    from bertforge.sensitivity import calibration_split, head_reads_masked_rows_only, plan_logits
+
+    model = mha_graph(tiny_variants)
+    groups = quant_groups(model)
+    split = calibration_split(tiny_variants["fp32"], seeds=(7,))
+    weights = QuantizedWeights()
+    for plan in ({}, {"layer.0.ffn-up": "int8-dynamic"}, {"head.transform": "int8-blockwise"}):
+        assert head_reads_masked_rows_only(plan)
+        gathered = plan_logits(model, plan, groups, weights, split)
+        full = np.concatenate([logits_of(model, plan, groups, weights, feeds)[rows, cols]
+                               for feeds, rows, cols in zip(split.feeds, split.rows, split.cols, strict=True)])
+        assert gathered.shape == full.shape == (split.positions, 30522)
+        assert np.array_equal(gathered, full), plan
+    # one activation scale per tensor: the other rows would change the head's logits
+    assert not head_reads_masked_rows_only({"tied-table": "int8-dynamic"})
+    assert not head_reads_masked_rows_only({"head.transform": "int8-smooth"})
+
+
+def logits_of(model, plan, groups, weights, feeds) -> np.ndarray:
+    from bertforge.optimizers.mixed_int8 import apply_plan
+
+    session = ort.InferenceSession(apply_plan(model, plan, groups, weights).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    return session.run(None, {name: value for name, value in feeds.items() if name in wanted})[0]
+
+
+def test_each_group_keeps_the_smoothquant_alpha_of_lowest_kl(tiny_variants):
+    from bertforge.optimizers.mixed_int8 import QuantizedWeights, quant_groups
+    from bertforge.sensitivity import (
+        Reference,
+        activation_absmax,
+        agreement,
+        calibration_split,
+        masked_logits,
+        plan_logits,
+        sensitivity_table,
+    )
+
+    model = mha_graph(tiny_variants)
+    groups = quant_groups(model)
+    split = calibration_split(tiny_variants["fp32"], seeds=(7,))
+    reference = Reference.of(masked_logits(model, split))
+    absmax = activation_absmax(model, groups, split)
+    weights = QuantizedWeights(activation_absmax=absmax)
+    skip = {g.name: {"int8-dynamic", "int8-blockwise"} for g in groups}
+    table = sensitivity_table(model, groups, weights, split, reference, skip=skip, smooth_alphas=(0.3, 0.9))
+    for row in table:
+        chosen = row["int8-smooth"]
+        assert weights.alphas[row["group"]] == chosen["alpha"]
+        kls = {}
+        for alpha in (0.3, 0.9):
+            alone = QuantizedWeights(activation_absmax=absmax, alpha=alpha)
+            kls[alpha] = agreement(reference, plan_logits(model, {row["group"]: "int8-smooth"}, groups, alone,
+                                                          split))["kl_mean"]
+        assert chosen["kl_mean"] == min(kls.values()), (row["group"], kls)
+        assert kls[chosen["alpha"]] == chosen["kl_mean"]
+    assert len({row["int8-smooth"]["alpha"] for row in table}) == 2, "both alphas win somewhere on the tiny model"

@@ -260,8 +260,9 @@ def parser() -> argparse.ArgumentParser:
     sen.add_argument("dir", help="a build directory with an fp32 variant, or an fp32 variant directory")
     sen.add_argument("--block-size", type=int, choices=(16, 32, 64, 128, 256), default=16,
                      help="int8-blockwise block size (default 16)")
-    sen.add_argument("--corpus", default="head-fit",
-                     help="calibration sentences: 'head-fit' (default) or a UTF-8 text file, one a line")
+    sen.add_argument("--corpus", default="calibration",
+                     help="calibration sentences: 'calibration' (default, the built-in calibration set) or a "
+                     "UTF-8 text file, one a line")
     sen.add_argument("--json", action="store_true")
     progress_flags(sen)
     sen.set_defaults(func=cmd_sensitivity)

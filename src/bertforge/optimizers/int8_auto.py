@@ -1,7 +1,7 @@
 """INT8 auto stage: a scheme per group (int8-dynamic, int8-blockwise or fp32), chosen to meet a target.
 
 From the export fused with MultiHeadAttention (as int8-blockwise), this stage measures, on the
-calibration split (head-fit sentences, never the validation corpus), each group quantized alone under
+calibration split (its own sentences, never the validation corpus), each group quantized alone under
 each scheme (the sensitivity table), then picks the fastest plan whose agreement with the fp32 graph
 meets `int8_auto.target` (int8_plan.py), by each group's kernel time under each scheme (ORT profiler
 at b1 x s128). The plan, the table, the costs and every evaluated plan go into manifest.json; the
@@ -48,9 +48,9 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
     model, stats = mha_fused(src / MODEL_FILE, hf, NAME)
     groups = quant_groups(model)
     split = sensitivity.calibration_split(src, config.calibration_corpus)
-    reference = sensitivity.masked_logits(model, split)
+    reference = sensitivity.Reference.of(sensitivity.masked_logits(model, split, masked_rows_only=True))
     absmax = sensitivity.activation_absmax(model, groups, split) if "int8-smooth" in config.schemes else {}
-    weights = QuantizedWeights(block_size=config.block_size, activation_absmax=absmax, alpha=config.smooth_alpha)
+    weights = QuantizedWeights(block_size=config.block_size, activation_absmax=absmax, alpha=config.smooth_alphas[-1])
     costs = inputs["costs"]
     allowed = {"fp32", *config.schemes}
     group_costs = {name: {s: ms for s, ms in by_scheme.items() if s in allowed}
@@ -60,7 +60,8 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
     skip = {name: {s for s in SCHEMES if s not in allowed} | {s for s, ms in by_scheme.items()
                                                                if s != "fp32" and ms >= by_scheme["fp32"]}
             for name, by_scheme in group_costs.items()}
-    table = sensitivity.sensitivity_table(model, groups, weights, split, reference, skip=skip)
+    table = sensitivity.sensitivity_table(model, groups, weights, split, reference, skip=skip,
+                                          smooth_alphas=config.smooth_alphas)
     kl = {row["group"]: {s: row[s]["kl_mean"] for s in allowed if row.get(s) is not None} for row in table}
     group_costs = {name: {s: ms for s, ms in by_scheme.items() if s == "fp32" or s in kl[name]}
                    for name, by_scheme in group_costs.items()}
@@ -73,8 +74,7 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
         return (fixed_ms + sum(group_costs[name][plan[name]] for name in names)) / fp32_ms
 
     def evaluate(plan: dict[str, str]) -> dict[str, float]:
-        return sensitivity.agreement(reference, sensitivity.masked_logits(apply_plan(model, plan, groups, weights),
-                                                                           split))
+        return sensitivity.agreement(reference, sensitivity.plan_logits(model, plan, groups, weights, split))
 
     target = {"top1_agreement": config.target.top1_min, "ref_top1_in_top5": config.target.ref_top1_in_top5_min,
               "kl_mean": config.target.kl_mean_max}
@@ -83,11 +83,15 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
     onnx.save(chosen, str(out / MODEL_FILE))
     copy_loader_files(src, out)
     return {**found, "target": config.target.model_dump(), "max_latency_ratio": config.max_latency_ratio,
-            "calibration_positions": split.positions, "sensitivity": table,
+            "calibration_corpus": config.calibration_corpus, "calibration_positions": split.positions,
+            "sensitivity": table,
             "costs_ms": {"per_group": group_costs, "measured_per_group": costs["ms"], "fp32_graph": round(fp32_ms, 3),
                          "int8_dynamic_graph": round(costs["model_ms"]["int8-dynamic"], 3),
                          "int8_smooth_graph": round(costs["model_ms"]["int8-smooth"], 3),
                          "int8_blockwise_graph": round(costs["model_ms"]["int8-blockwise"], 3)},
-            "block_size": config.block_size, "smooth_alpha": config.smooth_alpha, "fused_operators": stats,
+            "block_size": config.block_size, "schemes": list(config.schemes),
+            "smooth_alphas": list(config.smooth_alphas),
+            "smooth_alpha_by_group": {g: weights.alpha_of(g) for g, s in found["plan"].items() if s == "int8-smooth"},
+            "fused_operators": stats,
             "op_types": op_histogram(chosen),
             "search_seconds": round(time.monotonic() - started, 1)}

@@ -1,7 +1,7 @@
 """INT8 static stage: QDQ quantization of the fused graph, calibrated on masked sentences.
 
-Calibration feeds sentences from the project's head-fit corpus (kept apart from the validation
-sentences) masked the way the model is used, one sentence at a time, at most `calibration_samples`
+Calibration feeds sentences from the project's calibration corpus (kept apart from the validation
+and head-fit sentences) masked the way the model is used, one sentence at a time, at most `calibration_samples`
 of them: MinMax keeps two numbers per tensor; Entropy/Percentile keep histograms whose memory grows
 with the sample count (ORT #10503), which is why the count is bounded.
 quant_pre_process (symbolic shape inference) runs first: without the activations' types the

@@ -47,28 +47,36 @@ def mask_token_id(directory: Path) -> int:
     return ids[0]
 
 
-def run(src: Path, out: Path, config: MaskedHeadConfig) -> dict[str, Any]:
-    model = onnx.load(str(src / MODEL_FILE))
+def gather_before_head(model: onnx.ModelProto, index: str, nodes_before: list[onnx.NodeProto] = ()) -> str:
+    """Rewire the head to read the encoder's hidden states at `index` ([n, 2] int64: batch, position)
+    only: GatherND(hidden, index) before the head's first node, `nodes_before` (what computes `index`)
+    ahead of it. Returns the head input's name."""
     graph = model.graph
     hidden = head_input(model)
-    mask_id = config.mask_token_id if config.mask_token_id is not None else mask_token_id(src)
     gathered = f"{hidden}_at_masks"
     readers = [n for n in graph.node if hidden in n.input]
     for node in readers:
-        for index, name in enumerate(node.input):
+        for position, name in enumerate(node.input):
             if name == hidden:
-                node.input[index] = gathered
-    new_nodes = [
+                node.input[position] = gathered
+    new_nodes = [*nodes_before, helper.make_node("GatherND", [hidden, index], [gathered], name="masked_head/GatherND")]
+    first_reader = min(list(graph.node).index(n) for n in readers)
+    for offset, node in enumerate(new_nodes):
+        graph.node.insert(first_reader + offset, node)
+    return hidden
+
+
+def run(src: Path, out: Path, config: MaskedHeadConfig) -> dict[str, Any]:
+    model = onnx.load(str(src / MODEL_FILE))
+    graph = model.graph
+    mask_id = config.mask_token_id if config.mask_token_id is not None else mask_token_id(src)
+    hidden = gather_before_head(model, "mask_positions", [
         helper.make_node("Constant", [], ["mask_token_id"], name="masked_head/mask_id",
                          value=helper.make_tensor("mask_id", TensorProto.INT64, [], [mask_id])),
         helper.make_node("Equal", ["input_ids", "mask_token_id"], ["is_mask"], name="masked_head/Equal"),
         helper.make_node("NonZero", ["is_mask"], ["mask_index"], name="masked_head/NonZero"),
         helper.make_node("Transpose", ["mask_index"], ["mask_positions"], name="masked_head/Transpose", perm=[1, 0]),
-        helper.make_node("GatherND", [hidden, "mask_positions"], [gathered], name="masked_head/GatherND"),
-    ]
-    first_reader = min(list(graph.node).index(n) for n in readers)
-    for offset, node in enumerate(new_nodes):
-        graph.node.insert(first_reader + offset, node)
+    ])
     logits = graph.output[0]
     vocab = logits.type.tensor_type.shape.dim[-1]
     vocab_size = vocab.dim_value or json.loads((src / "config.json").read_text("utf-8"))["vocab_size"]

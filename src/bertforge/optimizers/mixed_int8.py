@@ -99,23 +99,30 @@ def group_input(model: onnx.ModelProto, group: Group) -> str:
 class QuantizedWeights:
     """Per MatMul and scheme, the initializers its quantized node needs, computed once.
 
-    activation_absmax: {tensor: max |x| per channel on the calibration split}, for int8-smooth."""
+    activation_absmax: {tensor: max |x| per channel on the calibration split}, for int8-smooth;
+    alphas: {group: its SmoothQuant alpha} where it is not `alpha` (the sensitivity table picks them)."""
 
     block_size: int = 16
     activation_absmax: dict[str, np.ndarray] = field(default_factory=dict)
     alpha: float = SMOOTH_ALPHA
-    cache: dict[tuple[str, str], list[onnx.TensorProto]] = field(default_factory=dict)
+    cache: dict[tuple[str, str, float | None], list[onnx.TensorProto]] = field(default_factory=dict)
+    alphas: dict[str, float] = field(default_factory=dict)
 
-    def smoothing(self, tensor: str, weights: list[np.ndarray]) -> np.ndarray:
+    def alpha_of(self, group: str) -> float:
+        return self.alphas.get(group, self.alpha)
+
+    def smoothing(self, tensor: str, weights: list[np.ndarray], alpha: float) -> np.ndarray:
         """SmoothQuant's s [in channels] for `tensor`, read by `weights` ([in, out] each)."""
         if tensor not in self.activation_absmax:
             raise ValueError(f"int8-smooth needs the calibration absmax of {tensor}")
         x_max = np.maximum(self.activation_absmax[tensor].astype(np.float64), 1e-5)
         w_max = np.maximum(np.max([np.abs(w).max(axis=1) for w in weights], axis=0).astype(np.float64), 1e-5)
-        return (x_max ** self.alpha / w_max ** (1 - self.alpha)).astype(np.float32)
+        return (x_max ** alpha / w_max ** (1 - alpha)).astype(np.float32)
 
-    def dynamic(self, weight: onnx.TensorProto, smooth: np.ndarray | None = None) -> list[onnx.TensorProto]:
-        key = (weight.name, "int8-dynamic" if smooth is None else "int8-smooth")
+    def dynamic(self, weight: onnx.TensorProto, smooth: np.ndarray | None = None,
+                alpha: float | None = None) -> list[onnx.TensorProto]:
+        """`smooth`: int8-smooth's factors, computed with `alpha` (part of the cache key)."""
+        key = (weight.name, "int8-dynamic", None) if smooth is None else (weight.name, "int8-smooth", alpha)
         if key not in self.cache:
             array = numpy_helper.to_array(weight)
             if smooth is not None:
@@ -129,7 +136,7 @@ class QuantizedWeights:
         return self.cache[key]
 
     def blockwise(self, weight: onnx.TensorProto) -> list[onnx.TensorProto]:
-        key = (weight.name, "int8-blockwise")
+        key = (weight.name, "int8-blockwise", None)
         if key not in self.cache:
             from onnxruntime.quantization.matmul_nbits_quantizer import (
                 DefaultWeightOnlyQuantConfig,
@@ -161,11 +168,11 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
             raise ValueError(f"unknown scheme {scheme!r} for group {group.name}")
         if group.name == TIED_GROUP or scheme == "fp32":
             continue
-        smooth = None
+        smooth, alpha = None, weights.alpha_of(group.name)
         if scheme == "int8-smooth":
             tensor = group_input(model, group)
             smooth = weights.smoothing(tensor, [numpy_helper.to_array(initializers[by_name[n].input[1]])
-                                                for n in group.nodes])
+                                                for n in group.nodes], alpha)
             inverse = numpy_helper.from_array((1.0 / smooth).astype(np.float32), f"{group.name}_smooth_inv")
             graph.initializer.append(inverse)
             first = list(graph.node).index(by_name[group.nodes[0]])
@@ -175,7 +182,7 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
             node = by_name[node_name]
             weight = initializers[node.input[1]]
             if scheme in ("int8-dynamic", "int8-smooth"):
-                extra = weights.dynamic(weight, smooth)
+                extra = weights.dynamic(weight, smooth, alpha)
                 source = node.input[0] if smooth is None else f"{group.name}_smoothed"
                 new = helper.make_node("DynamicQuantizeMatMul", [source] + [t.name for t in extra],
                                        list(node.output), name=f"{node.name}_{scheme.replace('-', '_')}",
@@ -200,7 +207,7 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
         if tied_scheme == "int8-smooth":
             tied = next(g for g in groups if g.name == TIED_GROUP)
             table = numpy_helper.to_array(initializers[tied_table(graph)[0]])
-            smooth = weights.smoothing(group_input(model, tied), [table.T])
+            smooth = weights.smoothing(group_input(model, tied), [table.T], weights.alpha_of(TIED_GROUP))
         share_tied_table(result, int8_decoder=True, smooth=smooth)
     if repack:
         repack_fp32_attention(result)

@@ -102,12 +102,25 @@ def sensitivity_cells(row: dict[str, Any], ms: dict[str, float]) -> list[str]:
     cells = []
     for scheme in SENSITIVITY_SCHEMES:
         alone = row.get(scheme)
-        cells += ["—", "—"] if alone is None else [f"{alone['top1_agreement']:.1%}", f"{alone['kl_mean']:.1e}"]
+        if alone is None:
+            cells += ["—", "—"]
+            continue
+        alpha = f" (α {alone['alpha']:g})" if "alpha" in alone else ""
+        cells += [f"{alone['top1_agreement']:.1%}{alpha}", f"{alone['kl_mean']:.1e}"]
     return cells + [f"{ms[scheme]:.2f}" if scheme in ms else "—" for scheme in COST_SCHEMES]
 
 
 PLAN_HEADER = ["group", "int8-auto plan", "int8-dynamic alone: top-1", "KL", "int8-smooth alone: top-1", "KL",
                "int8-blockwise alone: top-1", "KL", "ms fp32", "ms int8-dynamic", "ms int8-smooth", "ms int8-blockwise"]
+
+
+def smooth_note(meta: dict[str, Any]) -> str:
+    if "smooth_alphas" in meta and "int8-smooth" in meta.get("schemes", ("int8-smooth",)):
+        grid = ", ".join(f"{a:g}" for a in meta["smooth_alphas"])
+        return f"; int8-smooth: SmoothQuant before int8-dynamic, α per group the lowest-KL of {grid}"
+    if "smooth_alpha" in meta:  # manifests of bertforge before per-group alpha
+        return f"; int8-smooth: SmoothQuant α {meta['smooth_alpha']:g} before int8-dynamic"
+    return ""
 
 
 def plan_table(report: dict[str, Any]) -> tuple[list[list[str]], str] | None:
@@ -127,12 +140,11 @@ def plan_table(report: dict[str, Any]) -> tuple[list[list[str]], str] | None:
         ("top1_min", "top-1", "≥"), ("ref_top1_in_top5_min", "ref top-1 in top-5", "≥"), ("kl_mean_max", "KL", "≤"))
         if target.get(key) is not None)
     note = (f"int8-auto: each group quantized alone on {meta['calibration_positions']} [MASK] positions of the "
-            f"calibration split (head-fit sentences, not the validation corpus), against the fp32 graph; ms: the "
-            f"group's kernel time at b1×s128 as planned (measured per scheme with the ORT profiler; — where a "
-            f"scheme is slower than fp32 for the group or not in the recipe's schemes, so never chosen and not "
-            f"measured"
-            + (f"; int8-smooth: SmoothQuant α {meta['smooth_alpha']:g} before int8-dynamic" if "smooth_alpha" in meta
-               else "")
+            f"calibration split ({meta.get('calibration_corpus', 'head-fit')} sentences, not the validation "
+            f"corpus), against the fp32 graph; ms: the group's kernel time at b1×s128 as planned (measured per "
+            f"scheme with the ORT profiler; — where a scheme is slower than fp32 for the group or not in the "
+            f"recipe's schemes, so never chosen and not measured"
+            + smooth_note(meta)
             + f"). Target {wanted}. "
             f"Chosen plan on the calibration split: top-1 {chosen['top1_agreement']:.1%}, ref top-1 in top-5 "
             f"{chosen['ref_top1_in_top5']:.1%}, KL {chosen['kl_mean']:.1e}; predicted latency "
