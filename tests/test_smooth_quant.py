@@ -1,4 +1,5 @@
-"""int8-smooth (SmoothQuant before int8-dynamic) and the packed-attention repack of int8-auto's graphs."""
+"""int8-smooth (SmoothQuant before int8-dynamic), int8-outlier (outlier channels kept fp32), the
+packed-attention repack of int8-auto's graphs, and the search's head at the [MASK] rows."""
 
 from collections import Counter
 
@@ -53,6 +54,29 @@ def test_smoothing_moves_an_outlier_channel_into_the_weights_and_cuts_the_int8_e
     # outlier channel no longer sets the activation's one scale alone
     assert smooth < plain / 2.5, (plain, smooth)
 
+
+
+def test_outlier_channels_stay_fp32_and_the_rest_is_int8():
+    from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, quant_groups
+
+    model, x = projections_with_an_outlier_channel(np.random.default_rng(0))
+    groups = quant_groups(model)
+    weights = QuantizedWeights(activation_absmax={"x": np.abs(x[0]).max(axis=0)}, outlier_channels=1)
+    assert weights.outliers("x").tolist() == [3]
+    reference = run(model, x)
+
+    def error(scheme: str) -> float:
+        quantized = apply_plan(model, {"layer.0.qkv": scheme}, groups, weights)
+        return float(np.mean([np.abs(a - b).mean() for a, b in zip(run(quantized, x), reference, strict=True)]))
+
+    split = apply_plan(model, {"layer.0.qkv": "int8-outlier"}, groups, weights)
+    ops = Counter(node.op_type for node in split.graph.node)
+    assert ops == {"Gather": 1, "Mul": 1, "DynamicQuantizeMatMul": 3, "MatMul": 3, "Add": 3}
+    outlier_rows = [i for i in split.graph.initializer if i.name.endswith("_o32")]
+    assert [list(i.dims) for i in outlier_rows] == [[1, 32]] * 3
+    plain, kept = error("int8-dynamic"), error("int8-outlier")
+    # mean abs error, measured here: 0.104 plain, 0.0038 with channel 3 in fp32
+    assert kept < plain / 4, (plain, kept)
 
 def test_int8_smooth_needs_the_calibration_absmax():
     import pytest

@@ -79,7 +79,7 @@ def session_for(model: onnx.ModelProto, threads: int | None = None, profile_pref
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-# Schemes whose arithmetic for one row does not depend on the other rows: int8-dynamic and int8-smooth
+# Schemes whose arithmetic for one row does not depend on the other rows: int8-dynamic, -smooth and -outlier
 # quantize the whole activation tensor with one scale (DynamicQuantizeMatMul), int8-blockwise per row.
 ROW_LOCAL_SCHEMES = frozenset({"fp32", "int8-blockwise"})
 HEAD_GROUPS = frozenset({"head.transform", TIED_GROUP})
@@ -235,9 +235,10 @@ def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: Quantized
 
     sequence = spec.sequence(sequence)
     inputs = synthetic_inputs(1, sequence, spec)
-    # timing does not depend on the smoothing factors' values: unit absmax stands in for calibration
-    timing = QuantizedWeights(weights.block_size, {group_input(model, g): np.ones(1, np.float32) for g in groups},
-                              weights.alpha, dict(weights.cache))  # own smooth entries
+    # timing does not depend on the calibration's values: a unit absmax per input channel stands in
+    timing = QuantizedWeights(weights.block_size, {group_input(model, g): np.ones(input_channels(model, g), np.float32)
+                                                   for g in groups},
+                              weights.alpha, dict(weights.cache), outlier_channels=weights.outlier_channels)
     per_scheme: dict[str, dict[str, float]] = {}
     totals: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bertforge-profile-") as scratch:
@@ -268,6 +269,17 @@ def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: Quantized
             totals[scheme] = sum(node_ms.values())
             per_scheme[scheme] = {g.name: group_ms(g, scheme, node_ms) for g in groups if scheme in group_schemes(g)}
     return {"ms": per_scheme, "model_ms": totals, "sequence": sequence}
+
+
+def input_channels(model: onnx.ModelProto, group: Group) -> int:
+    """The width of a group's input: its first MatMul's K, the hidden size for the tied table."""
+    from bertforge.optimizers.tied_quant import tied_table
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    if group.name == TIED_GROUP:
+        return int(initializers[tied_table(model.graph)[0]].dims[1])
+    first = next(node for node in model.graph.node if node.name == group.nodes[0])
+    return int(initializers[first.input[1]].dims[0])
 
 
 def machine_costs(export: Artifact, block_size: int) -> dict[str, Any]:
@@ -319,6 +331,10 @@ def group_ms(group: Group, scheme: str, node_ms: dict[str, float]) -> float:
     if group.name == TIED_GROUP:
         return sum(ms for name, ms in node_ms.items() if name.startswith("/cls/predictions/decoder/"))
     suffix = "" if scheme == "fp32" else "_" + scheme.replace("-", "_")
+    if scheme == "int8-outlier":  # each MatMul's int8 part, fp32 part and Add; the group's Gather and Mul
+        names = [f"{name}{suffix}{part}" for name in group.nodes for part in ("", "_fp32", "_add")]
+        names += [f"{group.nodes[0]}_outlier_gather", f"{group.nodes[0]}_outlier_mask"]
+        return sum(node_ms.get(name, 0.0) for name in names)
     ms = sum(node_ms.get(f"{name}{suffix}", 0.0) for name in group.nodes)
     return ms + (node_ms.get(f"{group.nodes[0]}_smooth", 0.0) if scheme == "int8-smooth" else 0.0)
 
@@ -347,9 +363,10 @@ def analyze(export_dir: Path, block_size: int = 16, corpus: str = "calibration",
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    lines = ["| group | int8-dynamic top-1 | KL | int8-smooth top-1 | KL | int8-blockwise top-1 | KL | ms fp32 | "
-             "ms int8-dynamic | ms int8-smooth | ms int8-blockwise |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    from bertforge.report.content import sensitivity_cells
+    from bertforge.report.content import SENSITIVITY_HEADER, sensitivity_cells
+
+    header = ["group", *SENSITIVITY_HEADER]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     ms = result["costs_ms"]["ms"]
     for row in result["groups"]:

@@ -49,8 +49,10 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
     groups = quant_groups(model)
     split = sensitivity.calibration_split(src, config.calibration_corpus)
     reference = sensitivity.Reference.of(sensitivity.masked_logits(model, split, masked_rows_only=True))
-    absmax = sensitivity.activation_absmax(model, groups, split) if "int8-smooth" in config.schemes else {}
-    weights = QuantizedWeights(block_size=config.block_size, activation_absmax=absmax, alpha=config.smooth_alphas[-1])
+    calibrated = {"int8-smooth", "int8-outlier"} & set(config.schemes)
+    absmax = sensitivity.activation_absmax(model, groups, split) if calibrated else {}
+    weights = QuantizedWeights(block_size=config.block_size, activation_absmax=absmax, alpha=config.smooth_alphas[-1],
+                               outlier_channels=config.outlier_channels)
     costs = inputs["costs"]
     allowed = {"fp32", *config.schemes}
     group_costs = {name: {s: ms for s, ms in by_scheme.items() if s in allowed}
@@ -88,10 +90,11 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
             "costs_ms": {"per_group": group_costs, "measured_per_group": costs["ms"], "fp32_graph": round(fp32_ms, 3),
                          "int8_dynamic_graph": round(costs["model_ms"]["int8-dynamic"], 3),
                          "int8_smooth_graph": round(costs["model_ms"]["int8-smooth"], 3),
+                         "int8_outlier_graph": round(costs["model_ms"]["int8-outlier"], 3),
                          "int8_blockwise_graph": round(costs["model_ms"]["int8-blockwise"], 3)},
             "block_size": config.block_size, "schemes": list(config.schemes),
             "smooth_alphas": list(config.smooth_alphas),
             "smooth_alpha_by_group": {g: weights.alpha_of(g) for g, s in found["plan"].items() if s == "int8-smooth"},
-            "fused_operators": stats,
+            "outlier_channels": config.outlier_channels, "fused_operators": stats,
             "op_types": op_histogram(chosen),
             "search_seconds": round(time.monotonic() - started, 1)}

@@ -93,8 +93,8 @@ def reference_note(reference: dict[str, Any]) -> str:
     return note
 
 
-SENSITIVITY_SCHEMES = ("int8-dynamic", "int8-smooth", "int8-blockwise")
-COST_SCHEMES = ("fp32", "int8-dynamic", "int8-smooth", "int8-blockwise")
+SENSITIVITY_SCHEMES = ("int8-dynamic", "int8-smooth", "int8-outlier", "int8-blockwise")
+COST_SCHEMES = ("fp32", *SENSITIVITY_SCHEMES)
 
 
 def sensitivity_cells(row: dict[str, Any], ms: dict[str, float]) -> list[str]:
@@ -110,8 +110,9 @@ def sensitivity_cells(row: dict[str, Any], ms: dict[str, float]) -> list[str]:
     return cells + [f"{ms[scheme]:.2f}" if scheme in ms else "—" for scheme in COST_SCHEMES]
 
 
-PLAN_HEADER = ["group", "int8-auto plan", "int8-dynamic alone: top-1", "KL", "int8-smooth alone: top-1", "KL",
-               "int8-blockwise alone: top-1", "KL", "ms fp32", "ms int8-dynamic", "ms int8-smooth", "ms int8-blockwise"]
+SENSITIVITY_HEADER = [cell for scheme in SENSITIVITY_SCHEMES for cell in (f"{scheme} alone: top-1", "KL")] + [
+    f"ms {scheme}" for scheme in COST_SCHEMES]
+PLAN_HEADER = ["group", "int8-auto plan", *SENSITIVITY_HEADER]
 
 
 def smooth_note(meta: dict[str, Any]) -> str:
