@@ -28,7 +28,7 @@ from bertforge.optimizers.mixed_int8 import (
     apply_plan,
     group_input,
 )
-from bertforge.validation.metrics import kl_divergence, log_softmax, ref_top1_in_top_k, top1_agrees, top_k
+from bertforge.validation.metrics import kl_to, log_softmax, ref_top1_in_top_k, top1_agrees, top_k
 
 CALIBRATION_SEEDS = (7, 8)
 WARMUP_RUNS = 3
@@ -166,11 +166,14 @@ class Reference:
 
     logits: np.ndarray
     top: np.ndarray
-    log_p: np.ndarray
+    p: np.ndarray  # softmax
+    p_log_p: np.ndarray  # sum p log p per row
 
     @classmethod
     def of(cls, logits: np.ndarray) -> Reference:
-        return cls(logits, top_k(logits), log_softmax(logits))
+        log_p = log_softmax(logits)
+        p = np.exp(log_p)
+        return cls(logits, top_k(logits), p, (p * log_p).sum(axis=-1))
 
 
 def agreement(reference: Reference, logits: np.ndarray) -> dict[str, float]:
@@ -179,7 +182,7 @@ def agreement(reference: Reference, logits: np.ndarray) -> dict[str, float]:
     top = top_k(logits)
     return {"top1_agreement": float(np.mean(top1_agrees(reference.top, top))),
             "ref_top1_in_top5": float(np.mean(ref_top1_in_top_k(reference.top, top))),
-            "kl_mean": float(np.mean(kl_divergence(reference.logits, logits, log_p=reference.log_p)))}
+            "kl_mean": float(np.mean(kl_to(reference.p, reference.p_log_p, logits)))}
 
 
 def group_schemes(group: Group) -> tuple[str, ...]:

@@ -21,12 +21,21 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted
 
 
-def kl_divergence(reference: np.ndarray, variant: np.ndarray, log_p: np.ndarray | None = None) -> np.ndarray:
-    """KL(softmax(reference) || softmax(variant)) per row, in nats (`log_p`: log_softmax(reference),
-    where it is already known)."""
-    log_p = log_softmax(reference) if log_p is None else log_p
-    log_q = log_softmax(variant)
-    return (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+def kl_divergence(reference: np.ndarray, variant: np.ndarray) -> np.ndarray:
+    """KL(softmax(reference) || softmax(variant)) per row, in nats."""
+    log_p = log_softmax(reference)
+    p = np.exp(log_p)
+    return kl_to(p, (p * log_p).sum(axis=-1), variant)
+
+
+def kl_to(p: np.ndarray, p_log_p: np.ndarray, variant: np.ndarray) -> np.ndarray:
+    """kl_divergence from the reference's softmax p and sum(p log p) per row, computed once where many
+    variants meet one reference: KL = sum p log p - (sum p x - logsumexp x), x the variant's logits,
+    which needs no [rows x vocab] log-softmax of the variant."""
+    x = variant.astype(np.float64)
+    top = x.max(axis=-1, keepdims=True)
+    log_sum_exp = np.log(np.exp(x - top).sum(axis=-1)) + top[..., 0]
+    return p_log_p - (np.einsum("...j,...j->...", p, x) - log_sum_exp)
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
