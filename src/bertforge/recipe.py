@@ -106,9 +106,9 @@ class Int8AutoConfig(Section):
     max_latency_ratio: float | None = Field(None, gt=0)
     # int8-smooth was opt-in while the calibration split was the demo head's fit sentences (its plan met
     # the target there and kept 93.7% on the validation corpus). On sentences the head never saw, demo's
-    # plan with it: 95.2% on the calibration split, 96.7% on the validation corpus, at 0.64x fused.
-    # int8-outlier is opt-in: alone it cuts the KL of demo's FFN down-projections 5-20x, but demo's plan
-    # that meets 95% keeps those fp32 anyway (its head's margins leave room for ~3 int8 groups), so it
+    # plan with it: 95.2% on the calibration split, 96.7% on the validation corpus, at 0.65x fused.
+    # int8-outlier is opt-in: alone it cuts the KL of demo's FFN down-projections 2-20x, but demo's plan
+    # that meets 95% keeps those fp32 anyway (its head's margins leave room for ~5 int8 groups), so it
     # only made the search 40% longer there (same plan)
     schemes: tuple[Literal["int8-dynamic", "int8-smooth", "int8-outlier", "int8-blockwise"], ...] = (
         "int8-dynamic", "int8-smooth", "int8-blockwise")

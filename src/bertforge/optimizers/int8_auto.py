@@ -1,4 +1,4 @@
-"""INT8 auto stage: a scheme per group (int8-dynamic, int8-blockwise or fp32), chosen to meet a target.
+"""INT8 auto stage: a scheme per group (fp32 or one of `int8_auto.schemes`), chosen to meet a target.
 
 From the export fused with MultiHeadAttention (as int8-blockwise), this stage measures, on the
 calibration split (its own sentences, never the validation corpus), each group quantized alone under
