@@ -195,7 +195,7 @@ def bench_model(spec: str, repeats: int, olive_python: str | None) -> dict:
             rows[label]["latency"][f"b{batch}xs{seq}"] = stats
     log(f"{spec}: peak RSS per variant (a fresh process each)")
     for label, path in candidates.items():
-        rows[label]["peak_rss_mb"] = bench.peak_rss_mb(path)
+        rows[label]["peak_rss_mb"] = bench.peak_rss_mb(path, inputs_from=source.path)
     auto = report["variants"].get("int8-auto", {}).get("metadata", {})
     plan = {k: auto[k] for k in ("plan", "calibration", "predicted_latency_ratio", "search_seconds", "target")
             if k in auto}

@@ -242,3 +242,49 @@ def test_int8_auto_key_covers_the_costs_it_plans_by(tiny_variants):
     costs["ms"]["fp32"] = {group: ms * 2 for group, ms in costs["ms"]["fp32"].items()}
     other = {**inputs, "costs": costs}
     assert pipeline.key_of_stage("int8-auto", fp32, config, other) != key
+
+
+def _exited_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_killed_builds_staging_and_scratch_are_removed_by_the_next_build(tmp_path):
+    import os
+    import tempfile
+    import time
+
+    from bertforge.artifact import STALE_AFTER_S, atomic_directory, owned_scratch
+
+    gone = _exited_pid()
+    old = time.time() - STALE_AFTER_S - 60
+    stale = tmp_path / f".tmp-fused-abc-{gone}-x1y2"
+    recent = tmp_path / f".tmp-fused-abc-{gone}-r3s4"  # its process is gone, but it may be another container's
+    running = tmp_path / f".tmp-fp32-def-{os.getppid()}-q5w6"  # a live process (pytest's parent)
+    legacy = tmp_path / ".tmp-fp16-u7v8"  # no pid in the name: not ours to judge
+    for path in (stale, recent, running, legacy):
+        path.mkdir()
+        (path / "model.onnx").write_bytes(b"partial")
+    for path in (stale, running, legacy):
+        os.utime(path, (old, old))
+    with atomic_directory(tmp_path / "int8-dynamic-key") as staging:
+        assert f"-{os.getpid()}-" in staging.name
+        (staging / "model.onnx").write_bytes(b"done")
+    assert not stale.exists()
+    assert recent.exists() and running.exists() and legacy.exists()
+    assert (tmp_path / "int8-dynamic-key" / "model.onnx").read_bytes() == b"done"
+
+    # libraries' temp files (ORT's quantizers use the default temp directory) land in bertforge's scratch
+    killed = tmp_path / "tmp" / f"int8-static-{gone}-k9l0"
+    killed.mkdir(parents=True)
+    os.utime(killed, (old, old))
+    with owned_scratch(tmp_path / "tmp", "int8-static-") as scratch:
+        with tempfile.TemporaryDirectory(prefix="ort.quant.") as library_temp:
+            assert os.path.dirname(library_temp) == str(scratch)
+        assert not killed.exists()
+    assert not scratch.exists()
+    assert tempfile.gettempdir() != str(scratch)

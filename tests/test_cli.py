@@ -100,6 +100,10 @@ def test_a_failing_gate_exits_1_and_names_the_metric(built, tiny_checkpoint, tmp
     ("validation: {batch_size: 0}\n", "'validation.batch_size': Input should be greater than or equal to 1"),
     ("export: {opset: eleven}\n", "'export.opset': Input should be a valid integer"),
     ("- a list\n", "a recipe is a mapping"),
+    ("variants: []\n", "'variants': Value error, names no variant"),
+    ("variants: [fp32, fused, fp32]\n", "'variants': Value error, names fp32 more than once"),
+    ("int8_static: {calibration_samples: true}\n",
+     "'int8_static.calibration_samples': Input should be a valid integer"),
 ])
 def test_bad_recipe_is_one_line_and_writes_nothing(tmp_path, capsys, content, message):
     recipe = tmp_path / "bad.yaml"
@@ -139,6 +143,41 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path, tiny_checkpoint, capsy
     assert "not a bertforge output directory" in capsys.readouterr().err
     assert (out / "thesis.tex").read_text() == "keep me"
 
+
+
+def test_max_sentences_zero_is_an_error_not_no_limit(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["build", "--model", str(tiny_checkpoint), "--variants", "fp32", "--max-sentences", "0",
+                 "--out", str(out), "--quiet"]) == 2
+    assert "max_sentences': Input should be greater than or equal to 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_cache_inside_out_is_refused_before_any_work(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setenv("BERTFORGE_CACHE", str(out / "cache"))
+    assert main(["build", "--model", str(tiny_checkpoint), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is inside --out" in err
+    assert not out.exists()
+
+
+def test_a_second_build_into_the_same_out_is_refused_while_the_first_runs(tiny_checkpoint, tmp_path, capsys):
+    import hashlib
+
+    from bertforge.cache import cache_root, exclusive_or_fail
+
+    out = tmp_path / "out"
+    target = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:20]
+    with exclusive_or_fail(cache_root() / "locks" / f"out-{target}.lock", "held by the test"):
+        # a separate process, as a second CI job would be: flock is per open file, so the same process
+        # opening the lock file again would be refused too, but that proves less
+        second = subprocess.run([sys.executable, "-m", "bertforge", "build", "--model", str(tiny_checkpoint),
+                                 "--out", str(out), "--quiet"], capture_output=True, text=True,
+                                env={**os.environ, "BERTFORGE_CACHE": str(cache_root())})
+    assert second.returncode == 2, second.stderr
+    assert f"another bertforge build is writing {out}" in second.stderr
+    assert not out.exists()
 
 def test_resolve_prints_the_checkpoint_last(tiny_checkpoint, capsys):
     assert main(["resolve", str(tiny_checkpoint)]) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from bertforge.artifact import (
     write_json_atomic,
     write_text_atomic,
 )
+from bertforge.cache import cache_root, exclusive_or_fail
 from bertforge.errors import EXIT_GATE_FAILED, EXIT_OK, BertforgeError, UsageError
 from bertforge.pipeline import (
     OUTPUT_MARKER,
@@ -146,6 +148,34 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> Outcom
     progress = progress or Progress("quiet")
     out = Path(out)
     check_output_dir(out)
+    check_writable(out)
+    # one build per --out at a time: two would race to replace it (a traceback in 3 of 7 trials)
+    target = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:20]
+    with exclusive_or_fail(cache_root() / "locks" / f"out-{target}.lock",
+                          f"another bertforge build is writing {out}; wait for it or choose another --out"):
+        return _build(recipe, out, progress)
+
+
+def check_writable(out: Path) -> None:
+    """Before any work: --out's parent and the cache must be writable, and the cache not inside --out
+    (replacing --out would delete it)."""
+    import tempfile
+
+    root = cache_root().resolve()
+    if root == out.resolve() or out.resolve() in root.parents:
+        raise UsageError(f"the cache ({root}, $BERTFORGE_CACHE) is inside --out {out}: each build replaces "
+                         "--out and would delete it; choose a cache or an --out outside the other")
+    parent = out.resolve().parent  # created if missing, as the build would
+    for place, what in ((parent, f"--out's parent directory {parent}"), (root, f"the cache {root}")):
+        try:
+            place.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=place, prefix=".bertforge-write-check-"):
+                pass
+        except OSError as error:
+            raise UsageError(f"{what} is not writable: {error.strerror or error}") from None
+
+
+def _build(recipe: Recipe, out: Path, progress: Progress) -> Outcome:
     with progress.step("resolve") as info:
         source = resolve(recipe.model)
         info["note"] = f"{source.spec} -> {source.path}"

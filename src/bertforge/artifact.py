@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -61,10 +62,14 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `final` only if the block completes."""
+    """Yield a temporary directory that becomes `final` only if the block completes.
+
+    Its name carries this process's id, so a later build can tell a killed build's leftover (its
+    process gone) from a running build's staging, and removes the leftovers it finds beside `final`."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    remove_stale(final.parent, ".tmp-")
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
         yield tmp
@@ -74,6 +79,65 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# <prefix><anything>-<pid>-<mkdtemp's suffix, which has no '-'>
+_OWNER = re.compile(r"-(\d+)-[^-]+$")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+# a leftover must also be this old: a build in another container sharing the cache has its own pids
+STALE_AFTER_S = 3600.0
+
+
+def remove_stale(directory: Path, prefix: str, older_than_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the entries of `directory` named `prefix...-<pid>-<suffix>` whose process is gone and
+    that are older than `older_than_s` (a killed build's staging or scratch). Entries without a pid
+    in their name are left alone."""
+    import time
+
+    removed = []
+    for entry in Path(directory).glob(f"{prefix}*"):
+        match = _OWNER.search(entry.name)
+        if not match or int(match.group(1)) == os.getpid() or process_alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - entry.stat().st_mtime < older_than_s:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def owned_scratch(base: Path, prefix: str) -> Iterator[Path]:
+    """A scratch directory under `base` (named with this process's id; removed after, and by the
+    next build if this one is killed) that Python's tempfile uses by default meanwhile: ORT's
+    quantizers write their temporary models (`ort.quant.*`) to the default temp directory and offer
+    no option for it, and a killed build left them in /tmp for good."""
+    base = Path(base)
+    base.mkdir(parents=True, exist_ok=True)
+    remove_stale(base, prefix)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(scratch)
+    try:
+        yield scratch
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def file_inventory(directory: Path) -> dict[str, dict[str, object]]:

@@ -102,15 +102,20 @@ def latency(variants: dict[str, Path], batch: int = 1, sequence: int = 128, warm
             for name, times in time_runners(runners, warmup, repeats).items()}
 
 
-def peak_rss_mb(directory: Path, batch: int = 1, sequence: int = 128, runs: int = 3) -> float:
-    """Peak RSS of a fresh process that loads the artifact and runs it: memory is per process."""
+def peak_rss_mb(directory: Path, batch: int = 1, sequence: int = 128, runs: int = 3,
+                inputs_from: Path | None = None) -> float:
+    """Peak RSS of a fresh process that loads the artifact and runs it: memory is per process.
+
+    inputs_from: the directory whose config and tokenizer shape the inputs (default: the artifact's
+    own; a peer's output, e.g. Olive's, may hold the model alone)."""
     code = ("import sys;from pathlib import Path;import bertforge.bench as b;"
             "from bertforge.runtime import open_session;from bertforge.environment import peak_rss_mb;"
-            "d=Path(sys.argv[1]);p=b.InputSpec.of(d);s=open_session(d);"
+            "d=Path(sys.argv[1]);p=b.InputSpec.of(Path(sys.argv[5]));s=open_session(d);"
             "r=b.onnx_runner(s,b.synthetic_inputs(int(sys.argv[2]),p.sequence(int(sys.argv[3])),p));"
             "[r() for _ in range(int(sys.argv[4]))];"
             "print(peak_rss_mb())")
-    done = subprocess.run([sys.executable, "-c", code, str(directory), str(batch), str(sequence), str(runs)],
+    done = subprocess.run([sys.executable, "-c", code, str(directory), str(batch), str(sequence), str(runs),
+                           str(inputs_from or directory)],
                           capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 

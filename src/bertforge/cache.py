@@ -52,6 +52,25 @@ def stage_key(parent_key: str | None, stage: str, version: str, config: dict[str
 
 
 @contextlib.contextmanager
+def exclusive_or_fail(path: Path, busy: str) -> Iterator[None]:
+    """An exclusive advisory lock taken without waiting: `busy` (a UsageError) when another process
+    holds it. The kernel drops the lock with its holder, so a killed build never leaves it stuck."""
+    from bertforge.errors import UsageError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(busy) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock, so two builds sharing a cache never write one entry at once."""
     path = Path(path)

@@ -40,7 +40,7 @@ def _recipe(args: argparse.Namespace, fallback: dict[str, Any] | None = None):
     updates: dict[str, Any] = {}
     if getattr(args, "corpus", None):
         updates["validation"] = recipe.validation.model_copy(update={"corpus": args.corpus})
-    if getattr(args, "max_sentences", None):
+    if getattr(args, "max_sentences", None) is not None:  # 0 is an error, not "no limit"
         base = updates.get("validation", recipe.validation)
         updates["validation"] = base.model_copy(update={"max_sentences": args.max_sentences})
     if getattr(args, "no_latency", False):

@@ -17,6 +17,7 @@ from bertforge.artifact import (
     MANIFEST,
     Artifact,
     atomic_directory,
+    owned_scratch,
     read_manifest,
     sha256_file,
     verify_directory,
@@ -137,7 +138,7 @@ def run_stage(stage: str, parent: Artifact, config: Any) -> StageRun:
             damaged = f"cache entry {target.name} failed verification ({problems[0]}" + (
                 f", and {len(problems) - 1} more" if len(problems) > 1 else "") + "); rebuilt"
         start = time.monotonic()
-        with atomic_directory(target) as tmp:
+        with atomic_directory(target) as tmp, owned_scratch(cache_root() / "tmp", f"{stage}-"):
             try:
                 metadata = (module.run(parent.path, tmp, config, inputs) if hasattr(module, "key_inputs")
                             else module.run(parent.path, tmp, config))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from bertforge.errors import UsageError
 
@@ -22,13 +22,14 @@ VariantName = Literal["fp32", "fused", "fp16", "int8-dynamic", "int8-static", "i
 
 
 class Section(BaseModel):
+    # counts are StrictInt: in pydantic's lax mode YAML's `true` is read as 1
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ExportConfig(Section):
     # 17: the first opset with a native LayerNormalization; ORT's BERT fusion is fully exercised on it
     # and it avoids opset 18's reworked Reduce* ops where LayerNorm fusion regressed (ORT #16341).
-    opset: int = Field(17, ge=14, le=21)
+    opset: StrictInt = Field(17, ge=14, le=21)
 
 
 class FusionConfig(Section):
@@ -70,7 +71,7 @@ class Int8DynamicConfig(Section):
 
 class Int8StaticConfig(Section):
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    calibration_samples: int = Field(64, ge=1, le=4096)
+    calibration_samples: StrictInt = Field(64, ge=1, le=4096)
     calibration_corpus: str = "calibration"
     per_channel: bool = True
     reduce_range: bool = False
@@ -113,7 +114,7 @@ class Int8AutoConfig(Section):
     schemes: tuple[Literal["int8-dynamic", "int8-smooth", "int8-outlier", "int8-blockwise"], ...] = (
         "int8-dynamic", "int8-smooth", "int8-blockwise")
     # int8-outlier: how many input channels (those of largest max|x| on the calibration split) stay fp32
-    outlier_channels: int = Field(8, ge=1, le=64)
+    outlier_channels: StrictInt = Field(8, ge=1, le=64)
     block_size: Literal[16, 32, 64, 128, 256] = 16  # for int8-blockwise groups
     # SmoothQuant's migration strengths tried for each int8-smooth group, which keeps the one of lowest
     # KL: 0 leaves x as it is, 1 moves all of its per-channel range into the weights. Each value costs
@@ -124,7 +125,7 @@ class Int8AutoConfig(Section):
 
 
 class MaskedHeadConfig(Section):
-    mask_token_id: int | None = Field(None, ge=0)  # None: read [MASK]'s id from tokenizer.json
+    mask_token_id: StrictInt | None = Field(None, ge=0)  # None: read [MASK]'s id from tokenizer.json
 
 
 class Gate(Section):
@@ -160,10 +161,10 @@ def default_gates() -> dict[str, Gate]:
 
 class ValidationConfig(Section):
     corpus: str = "builtin"  # or a path to a UTF-8 text file, one sentence a line
-    seed: int = 0
+    seed: StrictInt = 0
     mask_fraction: float = Field(0.15, gt=0, le=1)
-    max_sentences: int | None = Field(None, ge=1)
-    batch_size: int = Field(16, ge=1, le=256)
+    max_sentences: StrictInt | None = Field(None, ge=1)
+    batch_size: StrictInt = Field(16, ge=1, le=256)
     gates: dict[VariantName, Gate] = Field(
         default_factory=default_gates)
 
@@ -186,9 +187,9 @@ class ValidationConfig(Section):
 
 class BenchConfig(Section):
     enabled: bool = True
-    repeats: int = Field(20, ge=3)
-    warmup: int = Field(3, ge=0)
-    sequence_length: int = Field(128, ge=8, le=512)
+    repeats: StrictInt = Field(20, ge=3)
+    warmup: StrictInt = Field(3, ge=0)
+    sequence_length: StrictInt = Field(128, ge=8, le=512)
 
 
 class Recipe(Section):
@@ -204,6 +205,16 @@ class Recipe(Section):
     masked_head: MaskedHeadConfig = MaskedHeadConfig()
     validation: ValidationConfig = ValidationConfig()
     bench: BenchConfig = BenchConfig()
+
+    @field_validator("variants")
+    @classmethod
+    def _some_variants_each_once(cls, variants: tuple[str, ...]) -> tuple[str, ...]:
+        if not variants:
+            raise ValueError("names no variant: list at least one (e.g. [fused, int8-auto])")
+        repeated = sorted({v for v in variants if variants.count(v) > 1})
+        if repeated:
+            raise ValueError(f"names {', '.join(repeated)} more than once")
+        return variants
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -9,13 +9,13 @@ session is closed before the next one opens. Nothing of size [corpus tokens x vo
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bertforge.artifact import owned_scratch
 from bertforge.errors import StageError
 from bertforge.recipe import ValidationConfig
 from bertforge.runtime import feeds_for, open_session
@@ -44,8 +44,7 @@ def run_validation(checkpoint: Path, variants: dict[str, Path], config: Validati
     total = len(examples) * (1 + len(variants))  # sentence passes: the reference's, then each variant's
     done = 0
     reference_stats = ReferenceStats()
-    (cache_root() / "tmp").mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="validation-reference-", dir=cache_root() / "tmp") as scratch:
+    with owned_scratch(cache_root() / "tmp", "validation-reference-") as scratch:
         model, missing_head = load_reference(checkpoint)
         masked_reference = []
         for index, batch in enumerate(corpus_batches):
