@@ -382,3 +382,18 @@ def test_recipe_gates_merge_over_the_defaults():
     assert gates["int8-dynamic"].top5_overlap_min is None
     assert gates["int8-dynamic"].top1_min == defaults["int8-dynamic"].top1_min  # the other keys stay
     assert all(gates[name] == gate for name, gate in defaults.items() if name not in ("fp16", "int8-dynamic"))
+
+
+def test_a_tokenizer_without_its_mask_token_is_a_one_line_error(tiny_checkpoint, tmp_path, capsys):
+    source = tmp_path / "no-mask"
+    shutil.copytree(tiny_checkpoint, source)
+    tokenizer = json.loads((source / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"].pop("[MASK]")
+    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if t["content"] != "[MASK]"]
+    (source / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (source / "vocab.txt").unlink(missing_ok=True)
+    out = tmp_path / "out"
+    assert main(["build", "--model", str(source), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mask token" in err, err
+    assert not out.exists()

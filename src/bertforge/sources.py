@@ -74,7 +74,35 @@ def check_checkpoint(path: Path) -> Path:
         raise SourceError(f"{path} has no weights ({' or '.join(WEIGHT_FILES)})")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise SourceError(f"{path} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    check_mask_token(path)
     return path.resolve()
+
+
+def check_mask_token(path: Path) -> None:
+    """Fill-mask needs a [MASK] token of its own. A BERT tokenizer class names "[MASK]" by default even
+    when the vocabulary lacks it, and then maps it to [UNK]'s id: every masked position would ask
+    the model about [UNK], and agreement would be measured on the wrong question."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # a library's message, kept to one line
+        raise SourceError(f"{path}: its tokenizer does not load: {' '.join(str(exc).split())[:300]}") from exc
+    mask, mask_id = tokenizer.mask_token, tokenizer.mask_token_id
+    if mask is None or mask_id is None:
+        raise SourceError(f"{path}: its tokenizer has no mask token; fill-mask needs one (e.g. [MASK])")
+    vocab = tokenizer.get_vocab()
+    if mask not in vocab:
+        raise SourceError(f"{path}: its tokenizer's mask token {mask!r} is not in its vocabulary (it would be "
+                          f"read as {tokenizer.convert_ids_to_tokens(mask_id)!r})")
+    # transformers re-adds a special token missing from the vocabulary at id len(vocab), which can be a
+    # real token's id: the model would then read that token's embedding row at every [MASK]
+    sharing = sorted(token for token, index in vocab.items() if index == mask_id and token != mask)
+    size = json.loads((path / "config.json").read_text("utf-8")).get("vocab_size")
+    if sharing or (isinstance(size, int) and mask_id >= size):
+        what = f"also the id of {sharing[0]!r}" if sharing else f"outside the model's {size} embedding rows"
+        raise SourceError(f"{path}: its tokenizer's mask token {mask!r} has id {mask_id}, {what}: the "
+                          "vocabulary lacks its own [MASK] entry")
 
 
 def resolve_hub(repo_id: str) -> Path:
