@@ -397,3 +397,15 @@ def test_a_tokenizer_without_its_mask_token_is_a_one_line_error(tiny_checkpoint,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "mask token" in err, err
     assert not out.exists()
+
+
+def test_an_int8_variant_that_quantized_nothing_is_an_error_naming_the_config(tiny_checkpoint, tmp_path, capsys):
+    recipe = tmp_path / "nothing.yaml"
+    recipe.write_text(f"model: {tiny_checkpoint}\nvariants: [int8-dynamic]\n"
+                      "int8_dynamic: {exclude_nodes: ['.*'], exclude_presets: [embeddings]}\n")
+    out = tmp_path / "out"
+    assert main(["build", "--recipe", str(recipe), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "int8-dynamic quantized nothing: int8_dynamic.op_types ['MatMul', 'Attention']" in err
+    assert not out.exists()
