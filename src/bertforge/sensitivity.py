@@ -27,6 +27,7 @@ from bertforge.optimizers.mixed_int8 import (
     QuantizedWeights,
     apply_plan,
     group_input,
+    input_channels,
 )
 from bertforge.validation.metrics import kl_to, log_softmax, ref_top1_in_top_k, top1_agrees, top_k
 
@@ -272,17 +273,6 @@ def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: Quantized
             totals[scheme] = sum(node_ms.values())
             per_scheme[scheme] = {g.name: group_ms(g, scheme, node_ms) for g in groups if scheme in group_schemes(g)}
     return {"ms": per_scheme, "model_ms": totals, "sequence": sequence}
-
-
-def input_channels(model: onnx.ModelProto, group: Group) -> int:
-    """The width of a group's input: its first MatMul's K, the hidden size for the tied table."""
-    from bertforge.optimizers.tied_quant import tied_table
-
-    initializers = {init.name: init for init in model.graph.initializer}
-    if group.name == TIED_GROUP:
-        return int(initializers[tied_table(model.graph)[0]].dims[1])
-    first = next(node for node in model.graph.node if node.name == group.nodes[0])
-    return int(initializers[first.input[1]].dims[0])
 
 
 def machine_costs(export: Artifact, block_size: int) -> dict[str, Any]:

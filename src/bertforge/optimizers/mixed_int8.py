@@ -103,6 +103,17 @@ def group_input(model: onnx.ModelProto, group: Group) -> str:
     return first.input[0]
 
 
+def input_channels(model: onnx.ModelProto, group: Group) -> int:
+    """The width of a group's input: its first MatMul's K, the hidden size for the tied table."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    if group.name == TIED_GROUP:
+        found = tied_table(model.graph)
+        assert found is not None
+        return int(initializers[found[0]].dims[1])
+    first = next(node for node in model.graph.node if node.name == group.nodes[0])
+    return int(initializers[first.input[1]].dims[0])
+
+
 @dataclass
 class QuantizedWeights:
     """Per MatMul and scheme, the initializers its quantized node needs, computed once.
@@ -114,7 +125,9 @@ class QuantizedWeights:
     block_size: int = 16
     activation_absmax: dict[str, np.ndarray] = field(default_factory=dict)
     alpha: float = SMOOTH_ALPHA
-    cache: dict[tuple[str, str, float | None], list[onnx.TensorProto]] = field(default_factory=dict)
+    # (weight, scheme, what else its initializers depend on: int8-smooth's alpha, int8-outlier's channels)
+    cache: dict[tuple[str, str, float | tuple[int, ...] | None], list[onnx.TensorProto]] = field(
+        default_factory=dict)
     alphas: dict[str, float] = field(default_factory=dict)
     outlier_channels: int = OUTLIER_CHANNELS
 
@@ -154,7 +167,7 @@ class QuantizedWeights:
 
     def split_outliers(self, weight: onnx.TensorProto, channels: np.ndarray) -> list[onnx.TensorProto]:
         """[W's outlier rows (fp32), then int8-dynamic's three initializers of W with those rows zeroed]."""
-        key = (weight.name, "int8-outlier", float(len(channels)))
+        key = (weight.name, "int8-outlier", tuple(channels.tolist()))
         if key not in self.cache:
             array = numpy_helper.to_array(weight)
             main = array.copy()
@@ -210,7 +223,8 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
             graph.node.insert(first, helper.make_node("Mul", [tensor, inverse.name], [f"{group.name}_smoothed"],
                                                       name=f"{group.nodes[0]}_smooth"))
         if scheme == "int8-outlier":
-            replace_with_outlier_split(graph, group, group_input(model, group), weights, initializers, by_name)
+            replace_with_outlier_split(graph, group, group_input(model, group), input_channels(model, group),
+                                       weights, initializers, by_name)
             used.update(by_name[n].input[1] for n in group.nodes)
             continue
         for node_name in group.nodes:
@@ -251,11 +265,12 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
     return result
 
 
-def replace_with_outlier_split(graph: onnx.GraphProto, group: Group, tensor: str, weights: QuantizedWeights,
-                               initializers: dict[str, onnx.TensorProto], by_name: dict[str, onnx.NodeProto]) -> None:
+def replace_with_outlier_split(graph: onnx.GraphProto, group: Group, tensor: str, width: int,
+                               weights: QuantizedWeights, initializers: dict[str, onnx.TensorProto],
+                               by_name: dict[str, onnx.NodeProto]) -> None:
     """int8-outlier for one group: x's outlier channels through fp32, the rest through int8-dynamic."""
     channels = weights.outliers(tensor)
-    keep = np.ones(int(initializers[by_name[group.nodes[0]].input[1]].dims[0]), dtype=np.float32)
+    keep = np.ones(width, dtype=np.float32)
     keep[channels] = 0.0
     index = numpy_helper.from_array(channels, f"{group.name}_outlier_channels")
     mask = numpy_helper.from_array(keep, f"{group.name}_outlier_mask")
