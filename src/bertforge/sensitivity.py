@@ -20,6 +20,7 @@ import onnx
 
 from bertforge.artifact import Artifact
 from bertforge.bench import InputSpec
+from bertforge.layer_prefix import LayerPrefix
 from bertforge.optimizers.mixed_int8 import (
     SCHEMES,
     TIED_GROUP,
@@ -115,25 +116,40 @@ def gathered_head(model: onnx.ModelProto) -> onnx.ModelProto:
     return gathered
 
 
-def masked_logits(model: onnx.ModelProto, split: CalibrationSplit, masked_rows_only: bool = False) -> np.ndarray:
-    """Logits at the split's [MASK] positions. `masked_rows_only`: run the head at those rows only
-    (exact only where head_reads_masked_rows_only holds for the graph's plan)."""
-    session = session_for(gathered_head(model) if masked_rows_only else model)
+def masked_logits(model: onnx.ModelProto, split: CalibrationSplit, masked_rows_only: bool = False,
+                  prefix: LayerPrefix | None = None) -> np.ndarray:
+    """Logits at the split's [MASK] positions. `masked_rows_only`: `model` is a gathered_head graph
+    (exact only where head_reads_masked_rows_only holds for the graph's plan). `prefix`: `model` is a
+    suffix graph reading the prefix's stored values."""
+    session = session_for(model)
     wanted = [i.name for i in session.get_inputs()]
     out = []
-    for feeds, rows, cols in zip(split.feeds, split.rows, split.cols, strict=True):
+    for index, (feeds, rows, cols) in enumerate(zip(split.feeds, split.rows, split.cols, strict=True)):
         available = {**feeds, GATHER_INDEX: np.stack([rows, cols], axis=1).astype(np.int64)}
+        if prefix is not None:
+            available.update(prefix.feeds(session, index))
         logits = session.run(None, {name: available[name] for name in wanted})[0]
         out.append(logits if masked_rows_only else logits[rows, cols])
     return np.concatenate(out)
 
 
+def reference_logits(model: onnx.ModelProto, split: CalibrationSplit) -> np.ndarray:
+    """The fp32 graph's logits at the split's [MASK] positions (its head at those rows only)."""
+    return masked_logits(gathered_head(model), split, masked_rows_only=True)
+
+
 def plan_logits(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group], weights: QuantizedWeights,
-                split: CalibrationSplit) -> np.ndarray:
+                split: CalibrationSplit, prefix: LayerPrefix | None = None) -> np.ndarray:
     """The logits of a plan's graph at the split's [MASK] positions, the head at those rows only when
-    that changes no logit."""
-    return masked_logits(apply_plan(model, plan, groups, weights), split,
-                         masked_rows_only=head_reads_masked_rows_only(plan))
+    that changes no logit; with `prefix`, only the graph from the plan's first changed layer runs."""
+    graph = apply_plan(model, plan, groups, weights)
+    rows_only = head_reads_masked_rows_only(plan)
+    if rows_only:
+        graph = gathered_head(graph)
+    suffix = prefix.suffix(graph, plan) if prefix is not None else None
+    if suffix is not None:
+        return masked_logits(suffix, split, masked_rows_only=rows_only, prefix=prefix)
+    return masked_logits(graph, split, masked_rows_only=rows_only)
 
 
 def activation_absmax(model: onnx.ModelProto, groups: list[Group], split: CalibrationSplit) -> dict[str, np.ndarray]:
@@ -194,7 +210,8 @@ def group_schemes(group: Group) -> tuple[str, ...]:
 def sensitivity_table(model: onnx.ModelProto, groups: list[Group], weights: QuantizedWeights,
                       split: CalibrationSplit, reference: Reference, skip: dict[str, set[str]] | None = None,
                       progress: Callable[[str], None] | None = None,
-                      smooth_alphas: tuple[float, ...] | None = None) -> list[dict[str, Any]]:
+                      smooth_alphas: tuple[float, ...] | None = None,
+                      prefix: LayerPrefix | None = None) -> list[dict[str, Any]]:
     """Each group quantized alone under each int8 scheme: agreement with the fp32 reference.
 
     `skip`: {group: schemes not to measure} (int8-auto skips schemes slower than fp32 for a group).
@@ -213,12 +230,13 @@ def sensitivity_table(model: onnx.ModelProto, groups: list[Group], weights: Quan
                 row[scheme] = None
                 continue
             if scheme != "int8-smooth":
-                row[scheme] = agreement(reference, plan_logits(model, {group.name: scheme}, groups, weights, split))
+                row[scheme] = agreement(reference, plan_logits(model, {group.name: scheme}, groups, weights, split,
+                                                               prefix))
                 continue
             tried = []
             for alpha in alphas:
                 weights.alphas[group.name] = alpha
-                found = agreement(reference, plan_logits(model, {group.name: scheme}, groups, weights, split))
+                found = agreement(reference, plan_logits(model, {group.name: scheme}, groups, weights, split, prefix))
                 tried.append({**found, "alpha": alpha})
             row[scheme] = min(tried, key=lambda result: result["kl_mean"])  # the first of equal KLs
             weights.alphas[group.name] = row[scheme]["alpha"]
@@ -242,7 +260,8 @@ def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: Quantized
     # timing does not depend on the calibration's values: a unit absmax per input channel stands in
     timing = QuantizedWeights(weights.block_size, {group_input(model, g): np.ones(input_channels(model, g), np.float32)
                                                    for g in groups},
-                              weights.alpha, dict(weights.cache), outlier_channels=weights.outlier_channels)
+                              weights.alpha, dict(weights.cache), outlier_channels=weights.outlier_channels,
+                              fp16_embeddings=weights.fp16_embeddings)
     per_scheme: dict[str, dict[str, float]] = {}
     totals: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bertforge-profile-") as scratch:
@@ -337,6 +356,8 @@ def analyze(export_dir: Path, block_size: int = 16, corpus: str = "calibration",
             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The full table for an fp32 export directory: every group alone under every scheme, with costs
     (int8-smooth at each of `smooth_alphas`, int8-auto's by default, keeping the lowest KL)."""
+    from bertforge.artifact import owned_scratch
+    from bertforge.cache import cache_root
     from bertforge.optimizers.common import MODEL_FILE, mha_fused, model_config
     from bertforge.optimizers.mixed_int8 import quant_groups
     from bertforge.recipe import Int8AutoConfig
@@ -346,11 +367,13 @@ def analyze(export_dir: Path, block_size: int = 16, corpus: str = "calibration",
     model, _ = mha_fused(export_dir / MODEL_FILE, hf, "sensitivity")
     groups = quant_groups(model)
     split = calibration_split(export_dir, corpus)
-    reference = Reference.of(masked_logits(model, split, masked_rows_only=True))
+    reference = Reference.of(reference_logits(model, split))
     weights = QuantizedWeights(block_size=block_size, activation_absmax=activation_absmax(model, groups, split),
                                alpha=alphas[-1])
     costs = scheme_costs(model, groups, weights, InputSpec.of(export_dir))
-    table = sensitivity_table(model, groups, weights, split, reference, progress=progress, smooth_alphas=alphas)
+    with owned_scratch(cache_root() / "tmp", "sensitivity-prefix-") as scratch:
+        table = sensitivity_table(model, groups, weights, split, reference, progress=progress, smooth_alphas=alphas,
+                                  prefix=LayerPrefix.compute(model, groups, split.feeds, scratch))
     return {"calibration_corpus": corpus, "calibration_positions": split.positions, "block_size": block_size,
             "smooth_alphas": list(alphas), "groups": table, "costs_ms": costs}
 

@@ -21,8 +21,10 @@ from typing import Any
 
 import onnx
 
-from bertforge.artifact import Artifact
+from bertforge.artifact import Artifact, owned_scratch
+from bertforge.cache import cache_root
 from bertforge.int8_plan import ordered_moves, search
+from bertforge.layer_prefix import LayerPrefix
 from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mha_fused, model_config, op_histogram
 from bertforge.optimizers.mixed_int8 import SCHEMES, QuantizedWeights, apply_plan, quant_groups
 from bertforge.recipe import Int8AutoConfig
@@ -48,11 +50,12 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
     model, stats = mha_fused(src / MODEL_FILE, hf, NAME)
     groups = quant_groups(model)
     split = sensitivity.calibration_split(src, config.calibration_corpus)
-    reference = sensitivity.Reference.of(sensitivity.masked_logits(model, split, masked_rows_only=True))
+    reference = sensitivity.Reference.of(sensitivity.reference_logits(model, split))
     calibrated = {"int8-smooth", "int8-outlier"} & set(config.schemes)
     absmax = sensitivity.activation_absmax(model, groups, split) if calibrated else {}
     weights = QuantizedWeights(block_size=config.block_size, activation_absmax=absmax, alpha=config.smooth_alphas[-1],
-                               outlier_channels=config.outlier_channels)
+                               outlier_channels=config.outlier_channels,
+                               fp16_embeddings=config.embedding_table == "fp16")
     costs = inputs["costs"]
     allowed = {"fp32", *config.schemes}
     group_costs = {name: {s: ms for s, ms in by_scheme.items() if s in allowed}
@@ -62,25 +65,28 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
     skip = {name: {s for s in SCHEMES if s not in allowed} | {s for s, ms in by_scheme.items()
                                                                if s != "fp32" and ms >= by_scheme["fp32"]}
             for name, by_scheme in group_costs.items()}
-    table = sensitivity.sensitivity_table(model, groups, weights, split, reference, skip=skip,
-                                          smooth_alphas=config.smooth_alphas)
-    kl = {row["group"]: {s: row[s]["kl_mean"] for s in allowed if row.get(s) is not None} for row in table}
-    group_costs = {name: {s: ms for s, ms in by_scheme.items() if s == "fp32" or s in kl[name]}
-                   for name, by_scheme in group_costs.items()}
-    names = [g.name for g in groups]
-    start, moves = ordered_moves(names, group_costs, kl)
-    fp32_ms = costs["model_ms"]["fp32"]
-    fixed_ms = fp32_ms - sum(group_costs[name]["fp32"] for name in names)
+    with owned_scratch(cache_root() / "tmp", "int8-auto-prefix-") as scratch:
+        prefix = LayerPrefix.compute(model, groups, split.feeds, scratch)
+        table = sensitivity.sensitivity_table(model, groups, weights, split, reference, skip=skip,
+                                              smooth_alphas=config.smooth_alphas, prefix=prefix)
+        kl = {row["group"]: {s: row[s]["kl_mean"] for s in allowed if row.get(s) is not None} for row in table}
+        group_costs = {name: {s: ms for s, ms in by_scheme.items() if s == "fp32" or s in kl[name]}
+                       for name, by_scheme in group_costs.items()}
+        names = [g.name for g in groups]
+        start, moves = ordered_moves(names, group_costs, kl)
+        fp32_ms = costs["model_ms"]["fp32"]
+        fixed_ms = fp32_ms - sum(group_costs[name]["fp32"] for name in names)
 
-    def latency_ratio(plan: dict[str, str]) -> float:
-        return (fixed_ms + sum(group_costs[name][plan[name]] for name in names)) / fp32_ms
+        def latency_ratio(plan: dict[str, str]) -> float:
+            return (fixed_ms + sum(group_costs[name][plan[name]] for name in names)) / fp32_ms
 
-    def evaluate(plan: dict[str, str]) -> dict[str, float]:
-        return sensitivity.agreement(reference, sensitivity.plan_logits(model, plan, groups, weights, split))
+        def evaluate(plan: dict[str, str]) -> dict[str, float]:
+            return sensitivity.agreement(reference, sensitivity.plan_logits(model, plan, groups, weights, split,
+                                                                            prefix))
 
-    target = {"top1_agreement": config.target.top1_min, "ref_top1_in_top5": config.target.ref_top1_in_top5_min,
-              "kl_mean": config.target.kl_mean_max}
-    found = search(start, moves, evaluate, target, latency_ratio, config.max_latency_ratio)
+        target = {"top1_agreement": config.target.top1_min, "ref_top1_in_top5": config.target.ref_top1_in_top5_min,
+                  "kl_mean": config.target.kl_mean_max}
+        found = search(start, moves, evaluate, target, latency_ratio, config.max_latency_ratio)
     chosen = apply_plan(model, found["plan"], groups, weights)
     onnx.save(chosen, str(out / MODEL_FILE))
     copy_loader_files(src, out)
@@ -95,6 +101,7 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
             "block_size": config.block_size, "schemes": list(config.schemes),
             "smooth_alphas": list(config.smooth_alphas),
             "smooth_alpha_by_group": {g: weights.alpha_of(g) for g, s in found["plan"].items() if s == "int8-smooth"},
-            "outlier_channels": config.outlier_channels, "fused_operators": stats,
+            "outlier_channels": config.outlier_channels, "embedding_table": config.embedding_table,
+            "fused_operators": stats,
             "op_types": op_histogram(chosen),
             "search_seconds": round(time.monotonic() - started, 1)}

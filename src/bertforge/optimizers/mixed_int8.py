@@ -130,6 +130,8 @@ class QuantizedWeights:
         default_factory=dict)
     alphas: dict[str, float] = field(default_factory=dict)
     outlier_channels: int = OUTLIER_CHANNELS
+    # an int8 tied table: the embeddings read an fp16 copy (tied_quant.share_tied_table), or the int8 one
+    fp16_embeddings: bool = False
 
     def alpha_of(self, group: str) -> float:
         return self.alphas.get(group, self.alpha)
@@ -257,7 +259,7 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
             tied = next(g for g in groups if g.name == TIED_GROUP)
             table = numpy_helper.to_array(initializers[tied_table(graph)[0]])
             smooth = weights.smoothing(group_input(model, tied), [table.T], weights.alpha_of(TIED_GROUP))
-        share_tied_table(result, int8_decoder=True, smooth=smooth)
+        share_tied_table(result, int8_decoder=True, smooth=smooth, fp16_embeddings=weights.fp16_embeddings)
     if repack:
         repack_fp32_attention(result)
     if not any(o.domain == "com.microsoft" for o in result.opset_import):

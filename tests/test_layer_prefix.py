@@ -1,0 +1,55 @@
+"""The search's suffix graphs (the fp32 prefix computed once) and the fp16 embedding table."""
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto
+
+from conftest import tiny_feeds
+from test_smooth_quant import logits, mha_graph
+
+
+def test_a_plan_runs_from_its_first_changed_layer_with_the_logits_of_its_whole_graph(tiny_variants, tmp_path):
+    from bertforge.layer_prefix import HEAD_START, LayerPrefix
+    from bertforge.optimizers.mixed_int8 import QuantizedWeights, quant_groups
+    from bertforge.sensitivity import activation_absmax, calibration_split, plan_logits
+
+    model = mha_graph(tiny_variants)
+    groups = quant_groups(model)
+    split = calibration_split(tiny_variants["fp32"], seeds=(7,))
+    weights = QuantizedWeights(activation_absmax=activation_absmax(model, groups, split))
+    prefix = LayerPrefix.compute(model, groups, split.feeds, tmp_path)
+    assert sorted(prefix.starts) == [0, 1, HEAD_START]
+    assert len(list(tmp_path.glob("*.npy"))) == len(prefix.dtypes) * len(split.feeds)
+
+    for plan, start in (({"layer.1.ffn-down": "int8-dynamic"}, 1), ({"layer.0.qkv": "int8-smooth"}, 0),
+                        ({"layer.1.attn-out": "int8-blockwise", "head.transform": "int8-dynamic"}, 1),
+                        ({"head.transform": "int8-blockwise"}, HEAD_START)):
+        assert prefix.start_of_plan(plan) == start
+        whole = plan_logits(model, plan, groups, weights, split)
+        from_prefix = plan_logits(model, plan, groups, weights, split, prefix)
+        assert from_prefix.shape == whole.shape == (split.positions, 30522)
+        # not bitwise: the prefix's fp32 values come from the all-fp32 graph, whose nodes ORT may
+        # optimize a little differently at load; float32 rounding only
+        assert np.abs(from_prefix - whole).max() < 1e-4, plan
+
+    # the tied table changes the embeddings, so such a plan runs whole; so does an all-fp32 one
+    assert prefix.start_of_plan({"tied-table": "int8-dynamic", "layer.1.qkv": "int8-dynamic"}) is None
+    assert prefix.start_of_plan({"layer.0.qkv": "fp32"}) is None
+
+
+def test_fp16_embeddings_keep_the_decoder_int8_and_read_their_own_fp16_table(tiny_variants):
+    from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, quant_groups
+
+    model = mha_graph(tiny_variants)
+    groups = quant_groups(model)
+    reference = logits(model)
+    errors = {}
+    for fp16 in (False, True):
+        quantized = apply_plan(model, {"tied-table": "int8-dynamic"}, groups, QuantizedWeights(fp16_embeddings=fp16))
+        tables = {i.data_type for i in quantized.graph.initializer if list(i.dims) == [30522, 32]}
+        assert tables == ({TensorProto.INT8, TensorProto.FLOAT16} if fp16 else {TensorProto.INT8})
+        assert sum(n.op_type == "DynamicQuantizeMatMul" for n in quantized.graph.node) == 1  # the decoder
+        session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+        errors[fp16] = float(np.abs(session.run(None, tiny_feeds())[0] - reference).mean())
+    # the embeddings' int8 error is gone; the decoder's stays
+    assert errors[True] < errors[False], errors
