@@ -409,3 +409,39 @@ def test_an_int8_variant_that_quantized_nothing_is_an_error_naming_the_config(ti
     assert len(err.splitlines()) == 1, err
     assert "int8-dynamic quantized nothing: int8_dynamic.op_types ['MatMul', 'Attention']" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda r: {**r, "model": {**r["model"], "spec": "bert-base-cased"}}, "model"),
+    (lambda r: {**r, "schema_version": r["schema_version"] + 1}, "schema"),
+])
+def test_compare_refuses_reports_of_another_model_or_schema(built, tmp_path, capsys, change, named):
+    report = json.loads((built / "report.json").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "report.json").write_text(json.dumps(change(report)))
+    assert main(["compare", str(built), str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err and "--allow-different" in err, err
+
+
+def test_compare_into_a_closed_pipe_ends_without_a_traceback(built):
+    # `true` exits at once, so the pipe is closed before bertforge writes (`| head` on a long output)
+    command = f"{sys.executable} -m bertforge compare {built} {built} --json | true"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.returncode == 141, (done.returncode, done.stderr)  # 128 + SIGPIPE, as any Unix tool's
+
+
+def test_validate_refuses_a_build_that_lost_a_variant(built, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    shutil.rmtree(copy / "fp16")
+    assert main(["validate", str(copy), "--quiet"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fp16 listed in build.json but missing" in err, err
+
+
+def test_an_empty_variants_flag_is_an_error_not_the_default_list(tiny_checkpoint, tmp_path, capsys):
+    assert main(["build", "--model", str(tiny_checkpoint), "--variants", "", "--out", str(tmp_path / "o")]) == 2
+    assert "variants" in capsys.readouterr().err

@@ -175,6 +175,26 @@ def check_writable(out: Path) -> None:
             raise UsageError(f"{what} is not writable: {error.strerror or error}") from None
 
 
+def check_corpora(recipe: Recipe, source: ResolvedSource) -> None:
+    """Every corpus the build will read, checked before any stage runs: the validation corpus used to
+    be read only after every variant was built."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from bertforge.validation.corpus import check_corpus
+
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    model_config = json.loads((source.path / "config.json").read_text("utf-8"))
+    corpora = {"validation.corpus": recipe.validation.corpus}
+    if "int8-static" in recipe.variants:
+        corpora["int8_static.calibration_corpus"] = recipe.int8_static.calibration_corpus
+    if "int8-auto" in recipe.variants:
+        corpora["int8_auto.calibration_corpus"] = recipe.int8_auto.calibration_corpus
+    for key, corpus in corpora.items():
+        check_corpus(corpus, tokenizer, model_config, key)
+
+
 def _build(recipe: Recipe, out: Path, progress: Progress) -> Outcome:
     with progress.step("resolve") as info:
         source = resolve(recipe.model)
@@ -182,6 +202,8 @@ def _build(recipe: Recipe, out: Path, progress: Progress) -> Outcome:
     warnings = warnings_for(recipe)
     for warning in warnings:
         progress.message(f"warning: {warning}")
+    with progress.step("check corpora"):
+        check_corpora(recipe, source)
     state = build_variants(recipe, source, progress)
     variants = list(recipe.variants)
     with atomic_directory(out) as staging:  # the output appears complete or not at all
@@ -201,9 +223,16 @@ def validate_existing(out: Path, recipe: Recipe, progress: Progress | None = Non
     out = Path(out)
     if not (out / OUTPUT_MARKER).is_file():
         raise UsageError(f"{out} is not a bertforge build directory (no {OUTPUT_MARKER})")
-    variants = [v for v in VARIANTS + EXTRA_VARIANTS if (out / v / "model.onnx").is_file()]
+    import json
+
+    listed = json.loads((out / OUTPUT_MARKER).read_text("utf-8")).get("variants") or list(VARIANTS + EXTRA_VARIANTS)
+    variants = [v for v in listed if (out / v / "model.onnx").is_file()]
     if not variants:
         raise UsageError(f"{out} holds no variant directories")
+    gone = [v for v in listed if v not in variants]
+    if gone:  # validating the rest would pass a build that no longer holds what it built
+        raise BertforgeError(f"{out}: {', '.join(gone)} listed in {OUTPUT_MARKER} but missing (rebuild; "
+                             "`bertforge verify` lists every difference)")
     for variant in variants:
         problems = verify_directory(out / variant)
         if problems:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if getattr(args, "model", None):
         overrides["model"] = args.model
-    if getattr(args, "variants", None):
+    if getattr(args, "variants", None) is not None:  # "" is an empty list (an error), not the default one
         overrides["variants"] = [v.strip() for v in args.variants.split(",") if v.strip()]
     return overrides
 
@@ -299,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is handled below, not at interpreter exit
+        return code
     except BertforgeError as exc:
         print(f"bertforge: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -309,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bertforge: interrupted; nothing half-written was kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # stdout's reader went away (`bertforge compare --json | head`): exit as a tool killed by SIGPIPE
+        # would, without a traceback, and with stdout on /dev/null so the exit-time flush stays quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception as exc:  # not a gate failure: exit 3, one line, the traceback in a log file
         print(f"bertforge: error: {one_line(args.command, exc)}", file=sys.stderr)
         return EXIT_BUILD_FAILED

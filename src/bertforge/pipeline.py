@@ -172,6 +172,8 @@ def build_variants(recipe: Recipe, source: ResolvedSource, progress: Progress) -
         root = source_artifact(source)
         state.source_key = root.key
         info["note"] = root.key
+    with progress.step("check weights") as info:
+        info["cached"] = check_weights_once(root)
     for variant in required_variants(recipe.variants):
         stage, parent_variant, section = VARIANT_PLAN[variant]
         parent = root if parent_variant is None else state.artifacts[parent_variant].artifact
@@ -184,6 +186,19 @@ def build_variants(recipe: Recipe, source: ResolvedSource, progress: Progress) -
             progress.message(f"warning: {variant}: {run.rebuilt_because}")
         state.artifacts[variant] = run
     return state
+
+
+def check_weights_once(root: Artifact) -> bool:
+    """export.check_weights before any stage, once per checkpoint content and check code (a warm build
+    does not load the model again); returns whether an earlier check was reused."""
+    from bertforge import results_cache
+
+    key = results_cache.key_for("weights-check", {"source": root.key, "code": code_digest(export.__name__)})
+    if results_cache.load("weights-check", key) is not None:
+        return True
+    export.check_weights(root.path)
+    results_cache.store("weights-check", key, {"checked": root.key})
+    return False
 
 
 def check_output_dir(out: Path) -> None:

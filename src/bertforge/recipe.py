@@ -6,11 +6,12 @@ cache key. Defaults are data, here, and documented in the README.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from bertforge.errors import UsageError
 
@@ -55,6 +56,18 @@ class Fp16Config(Section):
 ExcludePreset = Literal["embeddings", "mlm-decoder", "mlm-head", "ffn-output"]
 
 
+def _a_regular_expression(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+    return pattern
+
+
+# checked when the recipe is read, not inside the stage after export and fusion have run
+NodePattern = Annotated[str, AfterValidator(_a_regular_expression)]
+
+
 class Int8DynamicConfig(Section):
     weight_type: Literal["qint8", "quint8"] = "qint8"
     per_channel: bool = True
@@ -66,7 +79,7 @@ class Int8DynamicConfig(Section):
     # top-1 agreement 98.1% vs 98.3% with the encoder kept fp32. "mlm-decoder" keeps its arithmetic fp32;
     # "embeddings" keeps the whole table fp32 (and so the decoder too: +3x the table's int8 size).
     exclude_presets: tuple[ExcludePreset, ...] = ()
-    exclude_nodes: tuple[str, ...] = ()  # regular expressions matched against node names
+    exclude_nodes: tuple[NodePattern, ...] = ()  # regular expressions matched against node names
 
 
 class Int8StaticConfig(Section):
@@ -78,7 +91,7 @@ class Int8StaticConfig(Section):
     # ffn-output: the FFN down-projections read GELU outputs with outliers; per-tensor static
     # activation scales ruin them (demo top-1 agreement 39% with them quantized, 65% without).
     exclude_presets: tuple[ExcludePreset, ...] = ("embeddings", "mlm-decoder", "ffn-output")
-    exclude_nodes: tuple[str, ...] = ()
+    exclude_nodes: tuple[NodePattern, ...] = ()
 
 
 class Int8BlockwiseConfig(Section):
@@ -89,7 +102,7 @@ class Int8BlockwiseConfig(Section):
     # 4: int8 compute with activations quantized per block; 0: weight-only, fp32 compute (slower still)
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
     exclude_presets: tuple[ExcludePreset, ...] = ()
-    exclude_nodes: tuple[str, ...] = ()
+    exclude_nodes: tuple[NodePattern, ...] = ()
 
 
 class AgreementTarget(Section):
@@ -252,6 +265,8 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise UsageError(f"recipe {path} does not exist")
         try:
             loaded = yaml.safe_load(path.read_text("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
         except yaml.YAMLError as exc:
             raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
         if loaded is not None and not isinstance(loaded, dict):

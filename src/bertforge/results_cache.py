@@ -3,8 +3,8 @@
 A warm rebuild that changed one variant's config re-validates and re-times only that variant; the
 others' results come from here. Keys: the variant's artifact key (which already chains its whole
 lineage and the library versions), the source key, the section of the recipe that shapes the
-result and EVALUATION_VERSION; latency keys (and int8-auto's per-group kernel times) add the CPU
-and thread count, since they are measurements of this machine.
+result, a digest of the code that computes it (RESULT_CODE) and EVALUATION_VERSION; latency keys
+(and int8-auto's per-group kernel times) add the CPU and thread count, since they are measurements of this machine.
 """
 
 from __future__ import annotations
@@ -28,9 +28,18 @@ def _path(kind: str, key: str) -> Path:
 MACHINE_KINDS = ("latency", "int8-costs")
 
 
+# the code that computes each kind of result: a change to it is a new key, never a stale result
+RESULT_CODE = {"reference": "bertforge.validation.validate", "validation": "bertforge.validation.validate",
+               "latency": "bertforge.bench"}
+
+
 def key_for(kind: str, parts: dict[str, Any]) -> str:
     if kind in MACHINE_KINDS:
         parts = {**parts, "cpu": cpu_model(), "threads": physical_cores()}
+    if kind in RESULT_CODE:
+        from bertforge.code_digest import code_digest
+
+        parts = {**parts, "code": code_digest(RESULT_CODE[kind])}
     return stage_key(None, kind, EVALUATION_VERSION, parts)
 
 

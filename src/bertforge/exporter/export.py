@@ -18,15 +18,26 @@ from typing import Any
 import onnx
 
 from bertforge.artifact import MODEL_FILE
-from bertforge.errors import StageError
+from bertforge.errors import SourceError, StageError
 from bertforge.recipe import ExportConfig
 
 NAME = "export"
 VERSION = "1"
 
 
+# Weights a BERT checkpoint may hold that BertForMaskedLM has no place for: the pooler and the
+# next-sentence head (bert-base-uncased's own checkpoint has both). Any other unused weight means the
+# checkpoint and its config.json disagree.
+OTHER_HEADS = ("bert.pooler.", "cls.seq_relationship.")
+
+
 def load_reference(checkpoint: Path):
-    """The PyTorch reference exactly as exported: BertForMaskedLM, fp32, eager attention, eval mode."""
+    """The PyTorch reference exactly as exported: BertForMaskedLM, fp32, eager attention, eval mode.
+
+    Weights config.json's model needs but the checkpoint lacks (transformers would initialise them at
+    random and say so only in a log line), weights it has no place for, and weights that do not load
+    are a one-line SourceError naming them. The MLM head is the documented exception: a checkpoint
+    without one (an encoder) gets the missing head reported as data."""
     from transformers import BertForMaskedLM
     from transformers.utils import logging as hf_logging
 
@@ -35,10 +46,33 @@ def load_reference(checkpoint: Path):
     try:
         model, info = BertForMaskedLM.from_pretrained(checkpoint, attn_implementation="eager",
                                                       output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - truncated files, shapes that do not fit config.json, ...
+        raise SourceError(f"{checkpoint}: its weights do not load: {' '.join(str(exc).split())[:300]}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
     missing_head = sorted(k for k in info["missing_keys"] if k.startswith("cls."))
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith("cls."))
+    unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(OTHER_HEADS))
+    if missing:
+        raise SourceError(f"{checkpoint}: config.json's model needs {len(missing)} weights the checkpoint lacks "
+                          f"(they would be random): {_some(missing)}")
+    if unexpected:
+        raise SourceError(f"{checkpoint}: {len(unexpected)} weights in the checkpoint have no place in config.json's "
+                          f"model: {_some(unexpected)}")
     return model.eval(), missing_head
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def check_weights(checkpoint: Path) -> None:
+    """load_reference's checks, before any stage runs (the model is loaded and released)."""
+    import gc
+
+    model, _ = load_reference(checkpoint)
+    del model
+    gc.collect()
 
 
 def bert_onnx_config(model_config):

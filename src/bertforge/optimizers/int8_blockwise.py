@@ -24,6 +24,7 @@ from bertforge.optimizers.common import (
     mha_fused,
     model_config,
     op_histogram,
+    require_quantized,
 )
 from bertforge.optimizers.tied_quant import share_tied_table_per_presets
 from bertforge.recipe import Int8BlockwiseConfig
@@ -45,8 +46,12 @@ def run(src: Path, out: Path, config: Int8BlockwiseConfig) -> dict[str, Any]:
     quantizer.process()
     model = quantizer.model.model
     shared = share_tied_table_per_presets(model, config.exclude_presets)
+    histogram = op_histogram(model)
+    require_quantized(NAME, histogram, ("MatMulNBits",),
+                      f"int8_blockwise.exclude_presets {list(config.exclude_presets)} and exclude_nodes "
+                      f"{list(config.exclude_nodes)}", bool(shared))
     onnx.save(model, str(out / MODEL_FILE))
     copy_loader_files(src, out)
     return {"fused_operators": stats, "excluded_nodes": exclude, "tied_table": shared, "bits": 8,
             "block_size": config.block_size, "symmetric": config.symmetric,
-            "accuracy_level": config.accuracy_level, "op_types": op_histogram(model)}
+            "accuracy_level": config.accuracy_level, "op_types": histogram}

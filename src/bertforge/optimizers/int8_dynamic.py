@@ -15,8 +15,14 @@ from typing import Any
 
 import onnx
 
-from bertforge.errors import UsageError
-from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, excluded_nodes, node_names, op_histogram
+from bertforge.optimizers.common import (
+    MODEL_FILE,
+    copy_loader_files,
+    excluded_nodes,
+    node_names,
+    op_histogram,
+    require_quantized,
+)
 from bertforge.optimizers.tied_quant import share_tied_table_per_presets
 from bertforge.recipe import Int8DynamicConfig
 
@@ -42,11 +48,9 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
     quantized = onnx.load(str(out / MODEL_FILE))
     shared = share_tied_table_per_presets(quantized, config.exclude_presets)
     histogram = op_histogram(quantized)
-    if not shared and not any(histogram.get(op) for op in INT8_COMPUTE_OPS):
-        # an "int8" variant that is all float32 would pass every gate and mislead whoever ships it
-        raise UsageError(f"int8-dynamic quantized nothing: int8_dynamic.op_types {list(config.op_types)}, "
-                         f"exclude_presets {list(config.exclude_presets)} and exclude_nodes "
-                         f"{list(config.exclude_nodes)} leave no node to quantize")
+    require_quantized(NAME, histogram, INT8_COMPUTE_OPS,
+                      f"int8_dynamic.op_types {list(config.op_types)}, exclude_presets {list(config.exclude_presets)} "
+                      f"and exclude_nodes {list(config.exclude_nodes)}", bool(shared))
     if shared:
         onnx.save(quantized, str(out / MODEL_FILE))
     return {"excluded_nodes": exclude, "tied_table": shared,

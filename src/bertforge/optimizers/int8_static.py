@@ -25,6 +25,7 @@ from bertforge.optimizers.common import (
     model_config,
     node_names,
     op_histogram,
+    require_quantized,
 )
 from bertforge.recipe import Int8StaticConfig
 
@@ -92,7 +93,11 @@ def run(src: Path, out: Path, config: Int8StaticConfig, inputs: dict[str, Any]) 
                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude, calibrate_method=method,
                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     copy_loader_files(src, out)
-    quantized = onnx.load(str(out / MODEL_FILE))
-    return {"excluded_nodes": exclude, "op_types": op_histogram(quantized),
+    histogram = op_histogram(onnx.load(str(out / MODEL_FILE)))
+    # QDQ: every quantized MatMul's activation goes through a QuantizeLinear
+    require_quantized(NAME, histogram, ("QuantizeLinear",),
+                      f"int8_static.exclude_presets {list(config.exclude_presets)} and exclude_nodes "
+                      f"{list(config.exclude_nodes)}")
+    return {"excluded_nodes": exclude, "op_types": histogram,
             "calibration_method": config.calibration_method, "calibration_samples": len(feeds),
             "per_channel": config.per_channel, "reduce_range": config.reduce_range}

@@ -84,10 +84,25 @@ def load_lines(source: str) -> list[str]:
     if not path.is_file():
         raise UsageError(f"corpus file {path} does not exist "
                          "(use 'builtin', 'calibration' or a text file, one sentence a line)")
-    lines = [line.strip() for line in path.read_text("utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"corpus file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise UsageError(f"corpus file {path} cannot be read: {exc.strerror or exc}") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise UsageError(f"corpus file {path} holds no sentences")
     return lines
+
+
+def check_corpus(source: str, tokenizer, model_config: dict, what: str) -> None:
+    """Before any stage runs: the corpus reads, and at least one of its lines has a word to mask once
+    tokenized. Masking skips lines that tokenize to special tokens only; a corpus of nothing else used
+    to fail after every stage had run."""
+    lines = load_lines(source)
+    if not mask_sentences(lines, tokenizer, max_length=input_limit(tokenizer, model_config)):
+        raise UsageError(f"{what} {source}: none of its {len(lines)} lines has a word to mask once tokenized")
 
 
 def corpus_digest(source: str) -> str:
