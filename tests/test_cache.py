@@ -1,5 +1,7 @@
 """The stage cache: hits skip the stage, keys chain, interrupted writes are never trusted."""
 
+import os
+
 import pytest
 
 from bertforge import pipeline
@@ -207,16 +209,17 @@ def test_key_covers_the_stage_code_and_every_helper_it_imports(tiny_variants, mo
     assert pipeline.key_of_stage("int8-dynamic", fused, Int8DynamicConfig(), {}) != before
 
 
-def test_key_covers_the_calibration_corpus_text(tiny_variants, tmp_path):
-    from bertforge.recipe import Int8StaticConfig
+@pytest.mark.parametrize("stage, parent", [("int8-static", "fused"), ("int8-auto", "fp32")])
+def test_key_covers_the_calibration_corpus_text(tiny_variants, tmp_path, stage, parent):
+    from bertforge.recipe import Int8AutoConfig, Int8StaticConfig
 
-    fused = Artifact(tiny_variants["fused"], tiny_variants["fused"].name.split("-", 1)[1], "fusion", None)
+    built = Artifact(tiny_variants[parent], tiny_variants[parent].name.split("-", 1)[1], "?", None)
     corpus = tmp_path / "calibration.txt"
     corpus.write_text("The cat sat on the mat.\nA dog ran in the park.\n")
-    config = Int8StaticConfig(calibration_corpus=str(corpus))
+    config = (Int8StaticConfig if stage == "int8-static" else Int8AutoConfig)(calibration_corpus=str(corpus))
 
     def key():
-        return pipeline.key_of_stage("int8-static", fused, config, pipeline.stage_inputs("int8-static", fused, config))
+        return pipeline.key_of_stage(stage, built, config, pipeline.stage_inputs(stage, built, config))
 
     before = key()
     assert key() == before
@@ -288,3 +291,39 @@ def test_a_killed_builds_staging_and_scratch_are_removed_by_the_next_build(tmp_p
         assert not killed.exists()
     assert not scratch.exists()
     assert tempfile.gettempdir() != str(scratch)
+
+
+def test_key_covers_every_library_that_shapes_an_artifact():
+    """accelerate decides whether optimum stores the tied decoder once, so it is in the key too."""
+    from bertforge.cache import stage_key
+    from bertforge.environment import TRACKED_LIBRARIES, library_versions
+
+    versions = library_versions()
+    assert {"accelerate", "optimum", "onnxruntime", "onnxconverter-common", "transformers", "torch"} <= set(versions)
+    assert list(versions) == list(TRACKED_LIBRARIES)
+    other = {**versions, "accelerate": versions["accelerate"] + ".post1"}
+    assert stage_key(None, "export", "1", {}, versions) != stage_key(None, "export", "1", {}, other)
+
+
+def test_a_write_that_fails_midway_keeps_nothing_half_written(tiny_checkpoint, tmp_path):
+    """A full disk, as far as a test can make one without mounting a filesystem: a file-size limit
+    (RLIMIT_FSIZE, SIGXFSZ ignored) makes the export's write of model.onnx fail with an OSError."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    cache, out = tmp_path / "cache", tmp_path / "out"
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # the tiny export is ~4 MB
+
+    done = subprocess.run([sys.executable, "-m", "bertforge", "build", "--model", str(tiny_checkpoint), "--variants",
+                           "fp32", "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "BERTFORGE_CACHE": str(cache)}, preexec_fn=limit_file_size)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 3, done.stderr
+    assert lines[-1].startswith("bertforge: error: ") and "File too large" in lines[-1], done.stderr
+    assert not out.exists()
+    assert not list((cache / "stages").glob("*")), "no cache entry, complete or partial, is kept"

@@ -28,11 +28,12 @@ from bertforge.pipeline import (
 )
 from bertforge.preflight import warnings_for
 from bertforge.progress import Progress
-from bertforge.recipe import EXTRA_VARIANTS, VARIANTS, Recipe
+from bertforge.recipe import Recipe
 from bertforge.report import html as html_report
 from bertforge.report import markdown as md_report
 from bertforge.report.content import make_report
 from bertforge.sources import ResolvedSource, resolve
+from bertforge.stages import EXTRA_VARIANTS, VARIANTS
 from bertforge.validation.corpus import corpus_digest
 from bertforge.validation.gates import evaluate
 from bertforge.validation.validate import run_validation

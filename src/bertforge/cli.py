@@ -16,7 +16,7 @@ from typing import Any
 from bertforge import __version__
 from bertforge.errors import EXIT_BUILD_FAILED, EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE, BertforgeError, UsageError
 from bertforge.progress import MODES, Progress
-from bertforge.recipe import VARIANTS
+from bertforge.stages import SPECS, VARIANTS
 
 EPILOG = "exit codes: 0 ok, 1 a gate failed / regression / verify mismatch, 2 usage or config error, 3 build failed"
 
@@ -157,7 +157,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from bertforge.bench import bench_directories, dump
-    from bertforge.recipe import EXTRA_VARIANTS
+    from bertforge.stages import EXTRA_VARIANTS
 
     root = Path(args.dir)
     if (root / "model.onnx").is_file():
@@ -200,8 +200,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--recipe", help="YAML recipe (configs/*.yaml); flags below override its fields")
         p.add_argument("--model", help="model spec: a hub id (default bert-base-uncased), a local checkpoint "
                        "directory, 'demo' (offline real weights) or 'synthetic:bert-base-uncased'")
-        p.add_argument("--variants", help="comma-separated subset of " + ",".join(VARIANTS) + "; "
-                       "extra: int8-dynamic-masked (MLM head at [MASK] rows only)")
+        p.add_argument("--variants", help="comma-separated subset of " + ",".join(VARIANTS) + "; extra: "
+                       + ", ".join(f"{s.name} ({s.summary})" for s in SPECS if s.extra))
         p.add_argument("--corpus", help="validation sentences: 'builtin' or a UTF-8 text file, one a line")
         p.add_argument("--max-sentences", type=int, help="validate on the first N sentences only")
         p.add_argument("--no-latency", action="store_true", help="skip the latency measurement in the report")

@@ -1,4 +1,4 @@
-"""The pipeline: one explicit STAGES mapping, the stage cache, lineage, the assembled output.
+"""The pipeline: the stage table (read off stages.SPECS), the stage cache, lineage, the assembled output.
 
 A stage never calls another stage; this module decides what runs, in which order, from which parent.
 """
@@ -6,6 +6,7 @@ A stage never calls another stage; this module decides what runs, in which order
 from __future__ import annotations
 
 import hashlib
+import importlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -29,34 +30,19 @@ from bertforge.code_digest import code_digest
 from bertforge.crash_log import one_line
 from bertforge.errors import BertforgeError, StageError, UsageError
 from bertforge.exporter import export
-from bertforge.optimizers import fp16, fusion, int8_auto, int8_blockwise, int8_dynamic, int8_static, masked_head
 from bertforge.progress import Progress
 from bertforge.recipe import Recipe
 from bertforge.sources import ResolvedSource
+from bertforge.stages import SPECS
 
-STAGES: dict[str, ModuleType] = {
-    "export": export,
-    "fusion": fusion,
-    "fp16": fp16,
-    "int8-dynamic": int8_dynamic,
-    "int8-static": int8_static,
-    "int8-blockwise": int8_blockwise,
-    "int8-auto": int8_auto,
-    "masked-head": masked_head,
-}
-
-# variant -> (stage, parent variant or None for the source checkpoint, the recipe section configuring it)
-VARIANT_PLAN: dict[str, tuple[str, str | None, str]] = {
-    "fp32": ("export", None, "export"),
-    "fused": ("fusion", "fp32", "fusion"),
-    "fp16": ("fp16", "fused", "fp16"),
-    "int8-dynamic": ("int8-dynamic", "fused", "int8_dynamic"),
-    "int8-static": ("int8-static", "fused", "int8_static"),
-    # from the export: its own fusion keeps Q/K/V as separate MatMuls (MultiHeadAttention)
-    "int8-blockwise": ("int8-blockwise", "fp32", "int8_blockwise"),
-    "int8-auto": ("int8-auto", "fp32", "int8_auto"),
-    "int8-dynamic-masked": ("masked-head", "int8-dynamic", "masked_head"),
-}
+# stage name -> its module, and variant -> (stage, parent variant or None for the source checkpoint,
+# the recipe section configuring it): both read off stages.SPECS
+STAGES: dict[str, ModuleType] = {}
+VARIANT_PLAN: dict[str, tuple[str, str | None, str]] = {}
+for _spec in SPECS:
+    _module = importlib.import_module(f"bertforge.{_spec.stage}")
+    STAGES[_module.NAME] = _module
+    VARIANT_PLAN[_spec.name] = (_module.NAME, _spec.parent, _spec.section)
 OUTPUT_MARKER = "build.json"
 
 

@@ -14,12 +14,10 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from bertforge.errors import UsageError
+from bertforge.stages import SPECS, VARIANTS
 
-VARIANTS = ("fp32", "fused", "fp16", "int8-dynamic", "int8-static", "int8-blockwise", "int8-auto")
-# Extras, built only when asked for: a different output interface than optimum's (see masked_head.py).
-EXTRA_VARIANTS = ("int8-dynamic-masked",)
-VariantName = Literal["fp32", "fused", "fp16", "int8-dynamic", "int8-static", "int8-blockwise", "int8-auto",
-                      "int8-dynamic-masked"]
+# every variant name and default gate comes from the one declaration in stages.py
+VariantName = Literal[tuple(spec.name for spec in SPECS)]  # type: ignore[valid-type]
 
 
 class Section(BaseModel):
@@ -156,26 +154,8 @@ class Gate(Section):
 
 
 def default_gates() -> dict[str, Gate]:
-    """Set from measurements on `demo` (README, "How the gate defaults were set").
-
-    Measured on demo (431 sentences, 1405 masked positions): fp32/fused max abs 6e-6, top-1 100%;
-    fp16 top-1 99.9%; int8-dynamic top-1 73.7%, top-5 overlap 77.3%, reference top-1 inside its top-5
-    91.7% (the fast, lossy choice: activations quantized per tensor); int8-static 69.3%, 73.2%, 88.5%;
-    int8-blockwise (activations per block of 16 channels) 93.8%, 95.6%, 100%; int8-auto (plan for top-1
-    >= 95% on the calibration split) 96.5%, 96.3%, 100%. The demo's fitted head
-    has a median top-1/top-2 margin of 0.068 logits, so near-ties flip under int8. Each int8 gate sits
-    ~4 points under its variant's measurement: a regression fails, the demo passes.
-    """
-    return {
-        "fp32": Gate(max_abs_max=1e-3, top1_min=1.0),
-        "fused": Gate(max_abs_max=1e-3, top1_min=1.0),
-        "fp16": Gate(top1_min=0.99),
-        "int8-dynamic": Gate(top1_min=0.70, top5_overlap_min=0.73, ref_top1_in_top5_min=0.88),
-        "int8-static": Gate(top1_min=0.65, top5_overlap_min=0.69, ref_top1_in_top5_min=0.84),
-        "int8-blockwise": Gate(top1_min=0.90, top5_overlap_min=0.92, ref_top1_in_top5_min=0.99),
-        "int8-auto": Gate(top1_min=0.92, top5_overlap_min=0.92, ref_top1_in_top5_min=0.99),
-        "int8-dynamic-masked": Gate(top1_min=0.70, top5_overlap_min=0.73, ref_top1_in_top5_min=0.88),
-    }
+    """Each variant's declared gate (stages.py says how they were set)."""
+    return {spec.name: Gate(**spec.gate) for spec in SPECS}
 
 
 class ValidationConfig(Section):
