@@ -72,16 +72,17 @@ def test_demo_variants_answer_fill_mask(demo_build):
     from optimum.onnxruntime import ORTModelForMaskedLM
     from optimum.pipelines import pipeline
 
-    from bertforge.runtime import fill_mask
+    from bertforge.predict import fill_mask
 
     for name in ("fp32", "fused", "fp16", "int8-dynamic", "int8-static", "int8-blockwise", "int8-auto"):
         path = demo_build / name
         assert ORTModelForMaskedLM.from_pretrained(path) is not None
         answers = pipeline("fill-mask", model=str(path), accelerator="ort")("The capital of France is [MASK].")
         ours = fill_mask(path, "The capital of France is [MASK].")[0]
-        assert [a["token_str"] for a in answers] == [token for token, _ in ours], name
+        assert [a["token_str"] for a in answers] == [p.token_str for p in ours], name
+        assert [a["sequence"] for a in answers] == [p.sequence for p in ours], name
         # the fitted logit scale makes the head's probabilities mean something (a flat head gave 5e-5)
-        assert ours[0][1] > 0.01, (name, ours)
+        assert ours[0].score > 0.01, (name, ours)
 
 
 def test_demo_report_shows_the_sensitivity_table_and_the_plan(demo_build):

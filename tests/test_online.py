@@ -32,7 +32,7 @@ def bert_base_available() -> bool:
 @pytest.mark.skipif(not bert_base_available(), reason="bert-base-uncased is not in the local Hugging Face cache "
                     "and the hub is unreachable here (set BERTFORGE_ONLINE=1 where it is reachable)")
 def test_published_predictions_through_every_variant(tmp_path):
-    from bertforge.runtime import fill_mask
+    from bertforge.predict import fill_mask
 
     os.environ.pop("HF_HUB_OFFLINE", None)
     out = tmp_path / "bert-base"
@@ -40,7 +40,7 @@ def test_published_predictions_through_every_variant(tmp_path):
     for variant in ("fp32", "fused", "fp16", "int8-dynamic", "int8-static"):
         for text, (tokens, top_score) in EXPECTED.items():
             answers = fill_mask(out / variant, text)[0]
-            assert [t for t, _ in answers][:1] == tokens[:1], (variant, text, answers)
+            assert [p.token_str for p in answers][:1] == tokens[:1], (variant, text, answers)
             if variant in ("fp32", "fused"):
-                assert [t for t, _ in answers] == tokens
-                assert answers[0][1] == pytest.approx(top_score, abs=0.005)
+                assert [p.token_str for p in answers] == tokens
+                assert answers[0].score == pytest.approx(top_score, abs=0.005)

@@ -10,3 +10,73 @@ __version__ = "0.1.0"
 if os.environ.get("BERTFORGE_ALLOW_TELEMETRY") != "1":
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+# The Python API. Each function imports what it needs when called: `import bertforge` stays light,
+# and bertforge.fill_mask never imports torch.
+
+def build(out, recipe=None, *, model: str | None = None, variants: list[str] | None = None,
+          progress: str = "quiet", **sections):
+    """Build, validate and report every variant of a model into `out`, like `bertforge build`.
+
+    recipe: a YAML path, a `bertforge.recipe.Recipe`, or None (the defaults); `model`, `variants` and
+    any recipe section given as a keyword (e.g. `int8_auto={"target": {"top1_min": 0.97}}`) override
+    it. Returns `bertforge.api.Outcome` (exit_code as the CLI's, the report dict, the out path). A bad
+    recipe or input raises `bertforge.errors.UsageError`/`SourceError`; a failed gate does not raise:
+    `outcome.exit_code` is 1 and `outcome.report["gates_passed"]` False."""
+    from pathlib import Path
+
+    from bertforge import api
+    from bertforge.progress import Progress
+    from bertforge.recipe import Recipe, load_recipe, parse_recipe
+
+    overrides = {"model": model, "variants": variants, **sections}
+    if isinstance(recipe, Recipe):
+        given = {key: value for key, value in overrides.items() if value is not None}
+        recipe = parse_recipe({**recipe.model_dump(mode="json"), **given}) if given else recipe
+    else:
+        recipe = load_recipe(recipe, overrides)
+    return api.build(recipe, Path(out), Progress(progress))
+
+
+def validate(out, recipe=None, *, model: str | None = None, progress: str = "quiet"):
+    """Re-validate an existing build directory and rewrite its report, like `bertforge validate`;
+    the recipe defaults to the one `out/build.json` recorded. Returns `bertforge.api.Outcome`."""
+    import json
+    from pathlib import Path
+
+    from bertforge import api
+    from bertforge.pipeline import OUTPUT_MARKER
+    from bertforge.progress import Progress
+    from bertforge.recipe import Recipe, load_recipe, parse_recipe
+
+    marker = Path(out) / OUTPUT_MARKER
+    if not isinstance(recipe, Recipe):
+        recorded = json.loads(marker.read_text("utf-8"))["recipe"] if recipe is None and marker.is_file() else None
+        recipe = parse_recipe(recorded) if recorded is not None else load_recipe(recipe)
+    return api.validate_existing(Path(out), recipe, Progress(progress), model)
+
+
+def compare(run_a, run_b, *, agreement_tolerance: float = 0.005, latency_tolerance: float = 0.25,
+            allow_different: bool = False) -> dict:
+    """B's regressions against A, like `bertforge compare` (its --json output as a dict): "regressions"
+    empty means no regression. Reports of different models, corpora or schemas raise UsageError
+    unless `allow_different`."""
+    from pathlib import Path
+
+    from bertforge.compare import Tolerances, compare_reports, load_report
+
+    return compare_reports(load_report(Path(run_a)), load_report(Path(run_b)),
+                           Tolerances(agreement=agreement_tolerance, latency=latency_tolerance),
+                           allow_different=allow_different)
+
+
+def fill_mask(directory, text: str, top_k: int = 5):
+    """Top-k `Prediction`s (score, token, token_str, sequence) at each [MASK] of `text` from a variant
+    directory, with onnxruntime and tokenizers only; one list per [MASK]."""
+    from bertforge.predict import fill_mask as run
+
+    return run(directory, text, top_k)
+
+
+__all__ = ["__version__", "build", "compare", "fill_mask", "validate"]

@@ -137,6 +137,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_GATE_FAILED if result["regressions"] else EXIT_OK
 
 
+def cmd_fill_mask(args: argparse.Namespace) -> int:
+    from bertforge.predict import fill_mask
+
+    answers = fill_mask(Path(args.dir), args.text, args.top_k)
+    if args.json:
+        print(json.dumps([[p.as_dict() for p in found] for found in answers], indent=2, ensure_ascii=False))
+        return EXIT_OK
+    for index, found in enumerate(answers, 1):
+        if len(answers) > 1:
+            print(f"[MASK] {index} of {len(answers)}")
+        width = max(len(p.token_str) for p in found)
+        for p in found:
+            print(f"{p.score:8.4f}  {p.token_str:<{width}}  {p.sequence}")
+    return EXIT_OK
+
+
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from bertforge.artifact import write_json_atomic, write_text_atomic
     from bertforge.sensitivity import analyze, render_markdown
@@ -278,6 +294,16 @@ def parser() -> argparse.ArgumentParser:
     ben.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-RSS subprocesses")
     ben.add_argument("--json", action="store_true")
     ben.set_defaults(func=cmd_bench)
+
+    fil = sub.add_parser("fill-mask", help="top-k predictions at each [MASK] of a text, from one variant",
+                         description="Fill-mask from a variant directory with onnxruntime and tokenizers only "
+                         "(no torch): score, token, token_str and sequence, as optimum's fill-mask pipeline "
+                         "gives them. Any variant, int8-dynamic-masked included.")
+    fil.add_argument("dir", help="a variant directory, e.g. out/demo/int8-dynamic")
+    fil.add_argument("text", help="a sentence with one or more [MASK]")
+    fil.add_argument("--top-k", type=int, default=5, help="predictions per [MASK] (default 5)")
+    fil.add_argument("--json", action="store_true", help="a JSON list per [MASK], the pipeline's fields")
+    fil.set_defaults(func=cmd_fill_mask)
     return top
 
 

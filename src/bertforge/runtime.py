@@ -1,4 +1,4 @@
-"""onnxruntime sessions over an artifact directory, and fill-mask with tokenizers only (no torch)."""
+"""onnxruntime sessions over an artifact directory (fill-mask on them: predict.py)."""
 
 from __future__ import annotations
 
@@ -43,23 +43,3 @@ def open_session(location: Path, threads: int | None = None, spinning: bool = Tr
 def feeds_for(session, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray):
     available = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
     return {i.name: available[i.name] for i in session.get_inputs()}
-
-
-def fill_mask(directory: Path, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
-    """Top-k (token, probability) at each [MASK] of `text`, from the artifact alone."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
-    encoding = tokenizer.encode(text)
-    ids = np.array([encoding.ids], dtype=np.int64)
-    session = open_session(directory)
-    logits = session.run(None, feeds_for(session, ids, np.ones_like(ids), np.array([encoding.type_ids])))[0][0]
-    mask_id = tokenizer.token_to_id("[MASK]")
-    answers = []
-    for position in np.flatnonzero(ids[0] == mask_id):
-        row = logits[position].astype(np.float64)
-        probs = np.exp(row - row.max())
-        probs /= probs.sum()
-        best = np.argsort(-probs)[:top_k]
-        answers.append([(tokenizer.id_to_token(int(i)), float(probs[i])) for i in best])
-    return answers

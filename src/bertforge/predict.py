@@ -1,0 +1,109 @@
+"""Fill-mask from a variant directory with onnxruntime and tokenizers only: no torch, no transformers.
+
+The answers have the fields and the order of transformers' (and optimum's) fill-mask pipeline:
+score (softmax over the vocabulary at the [MASK]), token (id), token_str (that id decoded) and
+sequence (the text with the [MASK] replaced, decoded without special tokens when the text has one
+[MASK], with them when it has several, as the pipeline does). The masked-head variant
+(int8-dynamic-masked), which returns one logit row per [MASK], is read the same way.
+
+The decoding is the pipeline's: `tokenizer.json`'s decoder, then transformers' clean-up of spaces
+before punctuation when the checkpoint's tokenizer_config.json asks for it (re-implemented here, four
+lines, because importing transformers imports torch).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bertforge.errors import UsageError
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    score: float
+    token: int
+    token_str: str
+    sequence: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' PreTrainedTokenizerBase.clean_up_tokenization."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+
+class MaskFiller:
+    """One variant directory's session and tokenizer, for many texts."""
+
+    def __init__(self, directory: Path | str) -> None:
+        from tokenizers import Tokenizer
+
+        from bertforge.runtime import open_session
+
+        self.directory = Path(directory)
+        if not (self.directory / "model.onnx").is_file() or not (self.directory / TOKENIZER_FILE).is_file():
+            raise UsageError(f"{self.directory} is not a variant directory (needs model.onnx and {TOKENIZER_FILE})")
+        self.tokenizer = Tokenizer.from_file(str(self.directory / TOKENIZER_FILE))
+        config_path = self.directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text("utf-8")) if config_path.is_file() else {}
+        self.clean_up = bool(config.get("clean_up_tokenization_spaces", False))
+        self.mask_token = config.get("mask_token") or "[MASK]"
+        if isinstance(self.mask_token, dict):
+            self.mask_token = self.mask_token.get("content", "[MASK]")
+        self.mask_id = self.tokenizer.token_to_id(self.mask_token)
+        if self.mask_id is None:
+            raise UsageError(f"{self.directory}: its tokenizer has no {self.mask_token} token")
+        pad = config.get("pad_token") or "[PAD]"
+        self.pad_id = self.tokenizer.token_to_id(pad if isinstance(pad, str) else pad.get("content", "[PAD]"))
+        self.session = open_session(self.directory)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return clean_up_tokenization(text) if self.clean_up else text
+
+    def __call__(self, text: str, top_k: int = 5) -> list[list[Prediction]]:
+        """The top_k predictions at each [MASK] of `text`, one list per [MASK] in text order."""
+        from bertforge.runtime import feeds_for
+
+        if top_k < 1:
+            raise UsageError(f"top_k must be at least 1, got {top_k}")
+        encoding = self.tokenizer.encode(text)
+        ids = np.array([encoding.ids], dtype=np.int64)
+        positions = np.flatnonzero(ids[0] == self.mask_id)
+        if not len(positions):
+            raise UsageError(f"no {self.mask_token} in {text!r}")
+        logits = self.session.run(None, feeds_for(self.session, ids, np.ones_like(ids),
+                                                  np.array([encoding.type_ids], dtype=np.int64)))[0]
+        rows = logits if logits.ndim == 2 else logits[0, positions]  # the masked head: one row per [MASK]
+        single = len(positions) == 1
+        answers = []
+        for position, row in zip(positions, rows, strict=True):
+            shifted = row.astype(np.float64) - row.max()
+            probs = np.exp(shifted) / np.exp(shifted).sum()
+            best = np.argsort(-probs, kind="stable")[: min(top_k, len(probs))]
+            found = []
+            for token in (int(t) for t in best):
+                filled = ids[0].copy()
+                filled[position] = token
+                kept = [int(t) for t in filled if t != self.pad_id]
+                found.append(Prediction(float(probs[token]), token, self.decode([token], False),
+                                        self.decode(kept, skip_special_tokens=single)))
+            answers.append(found)
+        return answers
+
+
+def fill_mask(directory: Path | str, text: str, top_k: int = 5) -> list[list[Prediction]]:
+    """Top-k predictions at each [MASK] of `text` from the variant in `directory` (any variant,
+    int8-dynamic-masked included), with onnxruntime and tokenizers only."""
+    return MaskFiller(directory)(text, top_k)

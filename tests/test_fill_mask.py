@@ -1,0 +1,67 @@
+"""`bertforge fill-mask` / bertforge.fill_mask: optimum's pipeline's answers, without torch."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+TEXTS = ("The capital of France is [MASK].", "The [MASK] sat on the [MASK], didn't it?")
+
+
+@pytest.mark.parametrize("variant", ["fp32", "fused", "int8-dynamic"])
+def test_the_answers_are_optimums_fill_mask_pipelines(tiny_variants, variant):
+    from optimum.pipelines import pipeline
+
+    from bertforge.predict import fill_mask
+
+    path = tiny_variants[variant]
+    theirs_of = pipeline("fill-mask", model=str(path), accelerator="ort")
+    for text in TEXTS:
+        theirs = theirs_of(text, top_k=4)
+        theirs = [theirs] if isinstance(theirs[0], dict) else theirs  # one [MASK]: a flat list
+        ours = fill_mask(path, text, top_k=4)
+        assert len(ours) == len(theirs) == text.count("[MASK]")
+        for mine, reference in zip(ours, theirs, strict=True):
+            assert [(p.token, p.token_str, p.sequence) for p in mine] == [
+                (r["token"], r["token_str"], r["sequence"]) for r in reference], (variant, text)
+            assert [p.score for p in mine] == pytest.approx([r["score"] for r in reference], rel=1e-4)
+
+
+def test_the_masked_head_variant_answers_like_the_graph_it_came_from(tiny_variants, tmp_path):
+    from bertforge.optimizers import masked_head
+    from bertforge.predict import fill_mask
+    from bertforge.recipe import MaskedHeadConfig
+    from bertforge.runtime import open_session
+
+    out = tmp_path / "masked"
+    out.mkdir()
+    masked_head.run(tiny_variants["fused"], out, MaskedHeadConfig())
+    assert len(open_session(out).get_outputs()[0].shape) == 2  # one logit row per [MASK]
+    for text in TEXTS:
+        ours = fill_mask(out, text)
+        full = fill_mask(tiny_variants["fused"], text)
+        assert [[p.token for p in found] for found in ours] == [[p.token for p in found] for found in full]
+        assert [p.score for found in ours for p in found] == pytest.approx(
+            [p.score for found in full for p in found], rel=1e-4)
+
+
+def test_the_command_prints_the_top_k_without_importing_torch(tiny_variants):
+    variant = str(tiny_variants["int8-dynamic"])
+    code = ("import sys; from bertforge.cli import main; "
+            f"rc = main(['fill-mask', {variant!r}, {TEXTS[0]!r}, '--top-k', '3', '--json']); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch was imported'; "
+            "sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    answers = json.loads(done.stdout)
+    assert len(answers) == 1 and len(answers[0]) == 3
+    assert set(answers[0][0]) == {"score", "token", "token_str", "sequence"}
+    assert answers[0][0]["score"] >= answers[0][1]["score"] >= answers[0][2]["score"]
+
+
+def test_a_text_without_a_mask_is_a_usage_error(tiny_variants, capsys):
+    from bertforge.cli import main
+
+    assert main(["fill-mask", str(tiny_variants["fp32"]), "No mask here."]) == 2
+    assert "no [MASK] in" in capsys.readouterr().err
