@@ -67,7 +67,9 @@ def test_report_html_is_self_contained(built):
     html = (built / "report.html").read_text()
     for forbidden in ("<script", "<link", "@import", "url(", "src="):
         assert forbidden not in html, forbidden
-    assert html.count("<svg") == 2 and html.count("<circle") == 10
+    assert html.count("<svg") == 2 and html.count('r="6"') == 10  # 5 variants, 2 plots
+    frontier = json.loads((built / "report.json").read_text())["recommendation"]["pareto_frontier"]
+    assert html.count('r="9"') == len(frontier) >= 1  # rings on the latency plot's Pareto frontier
     assert all(f"<td>{name}</td>" in html for name in ("fp32", "fused", "fp16", "int8-dynamic", "int8-static"))
 
 
@@ -445,3 +447,13 @@ def test_validate_refuses_a_build_that_lost_a_variant(built, tmp_path, capsys):
 def test_an_empty_variants_flag_is_an_error_not_the_default_list(tiny_checkpoint, tmp_path, capsys):
     assert main(["build", "--model", str(tiny_checkpoint), "--variants", "", "--out", str(tmp_path / "o")]) == 2
     assert "variants" in capsys.readouterr().err
+
+
+def test_the_report_says_what_to_ship(built):
+    report = json.loads((built / "report.json").read_text())
+    found = report["recommendation"]
+    assert [t["top1_min"] for t in found["targets"]] == [0.99, 0.95, 0.9]
+    assert found["targets"][0]["smallest"] in report["variants"]
+    page = (built / "report.html").read_text()
+    assert '<h2>What to ship</h2><p class="note" id="recommendation">What to ship' in page
+    assert found["summary"] in (built / "report.md").read_text()

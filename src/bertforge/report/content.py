@@ -7,8 +7,9 @@ from typing import Any
 
 from bertforge import __version__
 from bertforge.environment import library_versions, machine_info
+from bertforge.report.recommend import recommend
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # keys added since (recommendation) are optional: readers of 1 still read it
 
 # (metric key, column title, format) shown in every comparison table
 COLUMNS = [
@@ -61,6 +62,7 @@ def make_report(*, model: dict[str, Any], validation: dict[str, Any], variants: 
         "reference": validation["reference"],
         "variants": variants,
         "gates_passed": passed,
+        "recommendation": recommend(variants),
         "warnings": warnings,
     })
 

@@ -11,8 +11,15 @@ import math
 from typing import Any
 
 from bertforge.report.content import PLAN_HEADER, columns, fmt, plan_table, reference_note, variant_row
+from bertforge.stages import SPECS
 
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+
+def color_of(name: str) -> str:
+    """A variant's colour from its place in the registry: the same in every report."""
+    names = [spec.name for spec in SPECS]
+    return COLORS[names.index(name) % len(COLORS)] if name in names else "#555555"
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1200px}
 table{border-collapse:collapse;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -23,8 +30,9 @@ svg text{font-size:12px;font-family:inherit}
 
 
 def scatter(points: list[tuple[str, float, float]], x_label: str, y_label: str, width: int = 460,
-            height: int = 320) -> str:
-    """An SVG scatter of (label, x, y); y is an agreement fraction shown in percent."""
+            height: int = 320, frontier: list[str] | None = None) -> str:
+    """An SVG scatter of (label, x, y); y is an agreement fraction shown in percent. `frontier`: the
+    Pareto-optimal variants, joined by a dashed line and ringed."""
     left, right, top, bottom = 60, 20, 20, 50
     valid = [(n, x, y) for n, x, y in points if x is not None and y is not None and not math.isnan(y)]
     if not valid:
@@ -51,9 +59,16 @@ def scatter(points: list[tuple[str, float, float]], x_label: str, y_label: str, 
                      f'<text x="{left - 6}" y="{py(gy) + 4:.1f}" text-anchor="end">{gy:.1%}</text>')
         gx = x_max * i / 4
         parts.append(f'<text x="{px(gx):.1f}" y="{height - bottom + 16}" text-anchor="middle">{gx:.0f}</text>')
+    on_frontier = [(x, y) for n, x, y in sorted(valid, key=lambda p: p[1]) if n in (frontier or [])]
+    if len(on_frontier) > 1:
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in on_frontier)
+        parts.append(f'<polyline class="frontier" points="{path}" fill="none" stroke="#444" '
+                     'stroke-dasharray="4 3"><title>Pareto frontier</title></polyline>')
     placed: list[tuple[float, float]] = []
-    for index, (name, x, y) in enumerate(valid):
-        color = COLORS[index % len(COLORS)]
+    for name, x, y in valid:
+        color = color_of(name)
+        if name in (frontier or []):
+            parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="9" fill="none" stroke="#444"/>')
         label_x, label_y = px(x) + 9, py(y) - 7
         while any(abs(label_x - lx) < 60 and abs(label_y - ly) < 13 for lx, ly in placed):
             label_y += 13  # points that coincide (fp32 and fused) get stacked labels, not overprinted ones
@@ -86,6 +101,13 @@ def table(report: dict[str, Any]) -> str:
     return "".join(rows)
 
 
+def recommendation_section(report: dict[str, Any]) -> str:
+    found = report.get("recommendation")
+    if not found:
+        return ""
+    return f'<h2>What to ship</h2><p class="note" id="recommendation">{html.escape(found["summary"])}</p>'
+
+
 def plan_section(report: dict[str, Any]) -> str:
     plan = plan_table(report)
     if plan is None:
@@ -114,11 +136,14 @@ def render(report: dict[str, Any]) -> str:
 {report['corpus']['masked_positions']} masked positions. Every metric compares the variant's logits with PyTorch fp32
 (eager) at the [MASK] positions.</p>
 {verdict}
+{recommendation_section(report)}
 {table(report)}
 <p class="note">{html.escape(reference_note(report['reference']))}</p>
 <h2>Agreement against cost</h2>
+<p class="note">Dashed and ringed: the Pareto frontier (no other variant both as fast and as accurate).</p>
 <div class="plots">
-{scatter(latency_points, "latency " + latency_title.replace("p50 ms ", "p50, ms, "), "top-1 agreement with PyTorch")}
+{scatter(latency_points, "latency " + latency_title.replace("p50 ms ", "p50, ms, "), "top-1 agreement with PyTorch",
+         frontier=report.get("recommendation", {}).get("pareto_frontier"))}
 {scatter(size_points, "size on disk, MB", "top-1 agreement with PyTorch")}
 </div>
 {plan_section(report)}

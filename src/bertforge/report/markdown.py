@@ -31,6 +31,7 @@ def render(report: dict[str, Any]) -> str:
         f"positions, seed {corpus['seed']}. Metrics compare each variant's logits with PyTorch fp32 (eager) "
         "at the masked positions.",
         "",
+        *([report["recommendation"]["summary"], ""] if report.get("recommendation") else []),
         comparison_table(report),
         "",
         reference_note(report["reference"]),

@@ -27,9 +27,10 @@ def pareto_frontier(variants: dict[str, dict[str, Any]]) -> list[str]:
     """Standard variants with a latency and a top-1 that no other one dominates, fastest first."""
     facts = {n: f for n, f in _facts(variants).items()
              if n not in EXTRA_VARIANTS and f["ms"] is not None and f["top1"] is not None}
-    frontier = [n for n, f in facts.items()
-                if not any(g["ms"] <= f["ms"] and g["top1"] >= f["top1"] and (g["ms"] < f["ms"] or g["top1"] > f["top1"])
-                           for m, g in facts.items() if m != n)]
+    def dominates(g: dict[str, Any], f: dict[str, Any]) -> bool:
+        return g["ms"] <= f["ms"] and g["top1"] >= f["top1"] and (g["ms"] < f["ms"] or g["top1"] > f["top1"])
+
+    frontier = [n for n, f in facts.items() if not any(dominates(g, f) for m, g in facts.items() if m != n)]
     return sorted(frontier, key=lambda n: facts[n]["ms"])
 
 
@@ -71,7 +72,7 @@ def summary(targets: list[dict[str, Any]], facts: dict[str, dict[str, Any]], fas
                          f"{_describe(entry['smallest'], facts)}.")
     if fastest is not None:
         parts.append(f"The fastest is {_describe(fastest, facts)}.")
-    for name, f in extras.items():
+    for name in extras:
         parts.append(f"{_describe(name, facts)} runs with bertforge's runtime (`bertforge fill-mask`), not in "
                      "ORTModelForMaskedLM.")
     timing = ("Latency: p50 at batch 1 as measured in this build on this machine." if timed
