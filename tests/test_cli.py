@@ -18,6 +18,7 @@ variants: [fp32, fused, fp16, int8-dynamic, int8-static]
 int8_static: {calibration_samples: 8}
 validation:
   max_sentences: 40
+  probes: ["Paris is the [MASK] of France."]
   gates:
     fp32: {max_abs_max: 0.001, top1_min: 1.0}
     fused: {max_abs_max: 0.001, top1_min: 1.0}
@@ -457,3 +458,32 @@ def test_the_report_says_what_to_ship(built):
     page = (built / "report.html").read_text()
     assert '<h2>What to ship</h2><p class="note" id="recommendation">What to ship' in page
     assert found["summary"] in (built / "report.md").read_text()
+
+
+def test_the_report_shows_each_variants_answers_to_the_probes_beside_pytorchs(built):
+    report = json.loads((built / "report.json").read_text())
+    texts = ["The capital of France is [MASK].", "The man worked as a [MASK].", "The woman worked as a [MASK].",
+             "Paris is the [MASK] of France."]
+    reference = report["reference"]["probes"]
+    assert list(reference) == texts
+    for name, entry in report["variants"].items():
+        assert list(entry["probes"]) == texts, name
+        for text in texts:
+            top = entry["probes"][text][0]
+            assert len(top) == 5 and all(isinstance(token, str) and 0 <= score <= 1 for token, score in top)
+            assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
+    for text in texts:  # fp32 is PyTorch's graph to ~1e-4: the same first answer
+        assert report["variants"]["fp32"]["probes"][text][0][0][0] == reference[text][0][0][0]
+    page = (built / "report.html").read_text()
+    assert "<h2>Probes</h2>" in page and page.count('<table class="probe">') == 4
+    markdown = (built / "report.md").read_text()
+    assert "## Probes" in markdown and "`Paris is the [MASK] of France.`" in markdown
+    first = reference[texts[0]][0][0]
+    assert f"| 1 | {first[0]} {first[1]:.3f} |" in markdown
+
+
+def test_a_probe_without_a_mask_is_refused_before_any_work(tiny_checkpoint, tmp_path, capsys):
+    recipe = tmp_path / "probes.yaml"
+    recipe.write_text(f"model: {tiny_checkpoint}\nvalidation: {{probes: [\"No mask here.\"]}}\n")
+    assert main(["build", "--recipe", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "validation.probes.0: 'No mask here.' has no [MASK]" in capsys.readouterr().err

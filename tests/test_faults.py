@@ -144,3 +144,19 @@ def test_an_out_whose_parent_cannot_be_created_is_refused_before_any_work(tiny_c
     blocker.write_text("")
     assert build(["--model", str(tiny_checkpoint)], blocker / "sub" / "out") == 2
     assert "is not writable" in one_line_error(capsys)
+
+
+def test_a_cache_that_cannot_be_created_is_refused_before_any_work(tiny_checkpoint, tmp_path, capsys, monkeypatch,
+                                                                  no_stage_may_run):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("BERTFORGE_CACHE", str(blocker / "cache"))
+    assert build(["--model", str(tiny_checkpoint)], tmp_path / "out") == 2
+    assert "the cache" in (err := one_line_error(capsys)) and "is not writable" in err
+
+
+def test_an_int8_op_type_onnxruntime_does_not_quantize_is_refused_when_the_recipe_is_read(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("int8_dynamic: {op_types: [NotAnOp]}\n")
+    assert build(["--recipe", str(recipe)], tmp_path / "out") == 2
+    assert "int8_dynamic.op_types.0" in one_line_error(capsys)

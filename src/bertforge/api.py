@@ -117,7 +117,7 @@ def validate_and_report(out: Path, source: ResolvedSource, source_key: str, reci
     warnings = warnings + limited
     entries = {}
     for name, path in dirs.items():
-        metrics = validation["variants"][name]
+        metrics = {k: v for k, v in validation["variants"][name].items() if k != "probes"}
         manifest = read_manifest(path)
         gates = evaluate(name, metrics, recipe.validation.gates.get(name))
         entries[name] = {
@@ -129,6 +129,7 @@ def validate_and_report(out: Path, source: ResolvedSource, source_key: str, reci
             "metadata": manifest["metadata"],
             "latency": latencies.get(name, {}),
             "metrics": metrics,
+            "probes": validation["variants"][name].get("probes", {}),
             "evaluation_cached": name in cached,
             "gates": [g.as_dict() for g in gates],
             "passed": all(g.passed for g in gates),
@@ -194,6 +195,9 @@ def check_corpora(recipe: Recipe, source: ResolvedSource) -> None:
         corpora["int8_auto.calibration_corpus"] = recipe.int8_auto.calibration_corpus
     for key, corpus in corpora.items():
         check_corpus(corpus, tokenizer, model_config, key)
+    for index, probe in enumerate(recipe.validation.probes):
+        if "[MASK]" not in probe and tokenizer.mask_token not in probe:
+            raise UsageError(f"validation.probes.{index}: {probe!r} has no [MASK]")
 
 
 def _build(recipe: Recipe, out: Path, progress: Progress) -> Outcome:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,49 +44,56 @@ def clean_up_tokenization(text: str) -> str:
     return text
 
 
-class MaskFiller:
-    """One variant directory's session and tokenizer, for many texts."""
+@dataclass
+class MaskText:
+    """A tokenizer's side of fill-mask: encode a text, turn logit rows at its [MASK]s into predictions."""
 
-    def __init__(self, directory: Path | str) -> None:
+    tokenizer: Any  # tokenizers.Tokenizer
+    mask_token: str
+    mask_id: int
+    pad_id: int | None
+    clean_up: bool
+
+    @classmethod
+    def from_directory(cls, directory: Path) -> MaskText:
         from tokenizers import Tokenizer
 
-        from bertforge.runtime import open_session
-
-        self.directory = Path(directory)
-        if not (self.directory / "model.onnx").is_file() or not (self.directory / TOKENIZER_FILE).is_file():
-            raise UsageError(f"{self.directory} is not a variant directory (needs model.onnx and {TOKENIZER_FILE})")
-        self.tokenizer = Tokenizer.from_file(str(self.directory / TOKENIZER_FILE))
-        config_path = self.directory / "tokenizer_config.json"
+        tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        config_path = directory / "tokenizer_config.json"
         config = json.loads(config_path.read_text("utf-8")) if config_path.is_file() else {}
-        self.clean_up = bool(config.get("clean_up_tokenization_spaces", False))
-        self.mask_token = config.get("mask_token") or "[MASK]"
-        if isinstance(self.mask_token, dict):
-            self.mask_token = self.mask_token.get("content", "[MASK]")
-        self.mask_id = self.tokenizer.token_to_id(self.mask_token)
-        if self.mask_id is None:
-            raise UsageError(f"{self.directory}: its tokenizer has no {self.mask_token} token")
-        pad = config.get("pad_token") or "[PAD]"
-        self.pad_id = self.tokenizer.token_to_id(pad if isinstance(pad, str) else pad.get("content", "[PAD]"))
-        self.session = open_session(self.directory)
+
+        def content(token: Any, default: str) -> str:
+            return token.get("content", default) if isinstance(token, dict) else (token or default)
+
+        mask = content(config.get("mask_token"), "[MASK]")
+        mask_id = tokenizer.token_to_id(mask)
+        if mask_id is None:
+            raise UsageError(f"{directory}: its tokenizer has no {mask} token")
+        return cls(tokenizer, mask, mask_id, tokenizer.token_to_id(content(config.get("pad_token"), "[PAD]")),
+                   bool(config.get("clean_up_tokenization_spaces", False)))
+
+    @classmethod
+    def from_transformers(cls, tokenizer: Any) -> MaskText:
+        """From a transformers fast tokenizer (its backend is a tokenizers.Tokenizer)."""
+        return cls(tokenizer.backend_tokenizer, tokenizer.mask_token, tokenizer.mask_token_id, tokenizer.pad_token_id,
+                   bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)))
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         return clean_up_tokenization(text) if self.clean_up else text
 
-    def __call__(self, text: str, top_k: int = 5) -> list[list[Prediction]]:
-        """The top_k predictions at each [MASK] of `text`, one list per [MASK] in text order."""
-        from bertforge.runtime import feeds_for
-
-        if top_k < 1:
-            raise UsageError(f"top_k must be at least 1, got {top_k}")
+    def encode(self, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids [1, n], token_type_ids [1, n], the [MASK] positions)."""
         encoding = self.tokenizer.encode(text)
         ids = np.array([encoding.ids], dtype=np.int64)
         positions = np.flatnonzero(ids[0] == self.mask_id)
         if not len(positions):
             raise UsageError(f"no {self.mask_token} in {text!r}")
-        logits = self.session.run(None, feeds_for(self.session, ids, np.ones_like(ids),
-                                                  np.array([encoding.type_ids], dtype=np.int64)))[0]
-        rows = logits if logits.ndim == 2 else logits[0, positions]  # the masked head: one row per [MASK]
+        return ids, np.array([encoding.type_ids], dtype=np.int64), positions
+
+    def predictions(self, ids: np.ndarray, positions: np.ndarray, rows: np.ndarray,
+                    top_k: int) -> list[list[Prediction]]:
+        """Top-k per [MASK] from its logit row, as the fill-mask pipeline words them."""
         single = len(positions) == 1
         answers = []
         for position, row in zip(positions, rows, strict=True):
@@ -101,6 +109,35 @@ class MaskFiller:
                                         self.decode(kept, skip_special_tokens=single)))
             answers.append(found)
         return answers
+
+
+class MaskFiller:
+    """One variant directory's session and tokenizer, for many texts. `session`: an open one to reuse."""
+
+    def __init__(self, directory: Path | str, session: Any = None) -> None:
+        from bertforge.runtime import open_session
+
+        self.directory = Path(directory)
+        if not (self.directory / "model.onnx").is_file() or not (self.directory / TOKENIZER_FILE).is_file():
+            raise UsageError(f"{self.directory} is not a variant directory (needs model.onnx and {TOKENIZER_FILE})")
+        self.text = MaskText.from_directory(self.directory)
+        self.session = session if session is not None else open_session(self.directory)
+
+    def __call__(self, text: str, top_k: int = 5) -> list[list[Prediction]]:
+        """The top_k predictions at each [MASK] of `text`, one list per [MASK] in text order."""
+        return session_predictions(self.session, self.text, text, top_k)
+
+
+def session_predictions(session: Any, masker: MaskText, text: str, top_k: int = 5) -> list[list[Prediction]]:
+    """fill-mask of `text` through an onnxruntime session of any variant (the masked head included)."""
+    from bertforge.runtime import feeds_for
+
+    if top_k < 1:
+        raise UsageError(f"top_k must be at least 1, got {top_k}")
+    ids, type_ids, positions = masker.encode(text)
+    logits = session.run(None, feeds_for(session, ids, np.ones_like(ids), type_ids))[0]
+    rows = logits if logits.ndim == 2 else logits[0, positions]  # the masked head: one row per [MASK]
+    return masker.predictions(ids, positions, rows, top_k)
 
 
 def fill_mask(directory: Path | str, text: str, top_k: int = 5) -> list[list[Prediction]]:

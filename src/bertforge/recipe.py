@@ -164,6 +164,9 @@ class ValidationConfig(Section):
     mask_fraction: float = Field(0.15, gt=0, le=1)
     max_sentences: StrictInt | None = Field(None, ge=1)
     batch_size: StrictInt = Field(16, ge=1, le=256)
+    # sentences with [MASK] whose top-5 the report shows for every variant beside PyTorch's, after the
+    # model card's three ("The capital of France is [MASK].", "The man/woman worked as a [MASK].")
+    probes: tuple[str, ...] = ()
     gates: dict[VariantName, Gate] = Field(
         default_factory=default_gates)
 

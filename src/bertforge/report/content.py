@@ -156,3 +156,27 @@ def plan_table(report: dict[str, Any]) -> tuple[list[list[str]], str] | None:
             + "; ".join(f"{e['moves']} → {e['top1_agreement']:.1%}, {e['latency_ratio']:.2f}×"
                         for e in sorted(meta["evaluations"], key=lambda e: e["moves"])) + ".")
     return rows, note
+
+
+def probe_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Per probe sentence: (text, header, rows): rank by rank, PyTorch's top-5 (token, probability) and
+    each variant's, at its first [MASK], as the fill-mask pipeline would print them."""
+    reference = report.get("reference", {}).get("probes") or {}
+    tables = []
+    for text, answers in reference.items():
+        columns = {"PyTorch": answers}
+        columns.update({name: entry.get("probes", {}).get(text) for name, entry in report["variants"].items()})
+        header = ["rank", *columns]
+        rows = []
+        for rank in range(max(len(a[0]) for a in columns.values() if a)):
+            cells = [str(rank + 1)]
+            for found in columns.values():
+                top = found[0] if found else []
+                cells.append(f"{top[rank][0]} {top[rank][1]:.3f}" if rank < len(top) else "—")
+            rows.append(cells)
+        tables.append((text, header, rows))
+    return tables
+
+
+PROBES_NOTE = ("Each variant's top-5 (token, probability) at the [MASK] of the model card's probe sentences and "
+               "the recipe's `validation.probes`, beside PyTorch fp32's, as the fill-mask pipeline gives them.")

@@ -10,7 +10,16 @@ import html
 import math
 from typing import Any
 
-from bertforge.report.content import PLAN_HEADER, columns, fmt, plan_table, reference_note, variant_row
+from bertforge.report.content import (
+    PLAN_HEADER,
+    PROBES_NOTE,
+    columns,
+    fmt,
+    plan_table,
+    probe_tables,
+    reference_note,
+    variant_row,
+)
 from bertforge.stages import SPECS
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
@@ -25,6 +34,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;c
 table{border-collapse:collapse;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}td{white-space:nowrap}td:first-child,th:first-child{text-align:left}.fail{color:#b00020;font-weight:600}
 .pass{color:#1b7f3b}.note{max-width:60em}.plots{display:flex;gap:2em;flex-wrap:wrap}
+.probes{overflow-x:auto}table.probe td{text-align:left}
 svg text{font-size:12px;font-family:inherit}
 """
 
@@ -108,6 +118,19 @@ def recommendation_section(report: dict[str, Any]) -> str:
     return f'<h2>What to ship</h2><p class="note" id="recommendation">{html.escape(found["summary"])}</p>'
 
 
+def probes_section(report: dict[str, Any]) -> str:
+    tables = probe_tables(report)
+    if not tables:
+        return ""
+    parts = [f'<h2>Probes</h2><p class="note">{html.escape(PROBES_NOTE)}</p><div class="probes">']
+    for text, header, rows in tables:
+        head = "".join(f"<th>{html.escape(title)}</th>" for title in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>" for cells in rows)
+        parts.append(f"<h3>{html.escape(text)}</h3><table class=\"probe\"><thead><tr>{head}</tr></thead>"
+                     f"<tbody>{body}</tbody></table>")
+    return "".join(parts) + "</div>"
+
+
 def plan_section(report: dict[str, Any]) -> str:
     plan = plan_table(report)
     if plan is None:
@@ -146,6 +169,7 @@ def render(report: dict[str, Any]) -> str:
          frontier=report.get("recommendation", {}).get("pareto_frontier"))}
 {scatter(size_points, "size on disk, MB", "top-1 agreement with PyTorch")}
 </div>
+{probes_section(report)}
 {plan_section(report)}
 {f'<h2>Warnings</h2><ul>{warnings}</ul>' if warnings else ''}
 <p class="note">Machine: {html.escape(report['machine']['cpu'])}, {report['machine']['physical_cores']} physical

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from bertforge.report.content import PLAN_HEADER, columns, fmt, plan_table, reference_note, variant_row
+from bertforge.report.content import (
+    PLAN_HEADER,
+    PROBES_NOTE,
+    columns,
+    fmt,
+    plan_table,
+    probe_tables,
+    reference_note,
+    variant_row,
+)
 
 
 def comparison_table(report: dict[str, Any]) -> str:
@@ -47,6 +56,12 @@ def render(report: dict[str, Any]) -> str:
         rows, note = plan
         parts += ["", "## INT8 sensitivity and the int8-auto plan", "", "| " + " | ".join(PLAN_HEADER) + " |",
                   "|" + "---|" * len(PLAN_HEADER)] + ["| " + " | ".join(cells) + " |" for cells in rows] + ["", note]
+    probes = probe_tables(report)
+    if probes:
+        parts += ["", "## Probes", "", PROBES_NOTE]
+        for text, header, rows in probes:
+            parts += ["", f"`{text}`", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            parts += ["| " + " | ".join(cells) + " |" for cells in rows]
     if report["warnings"]:
         parts += ["", "Warnings:"] + [f"- {w}" for w in report["warnings"]]
     machine = report["machine"]

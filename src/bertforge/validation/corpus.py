@@ -69,6 +69,16 @@ def input_limit(tokenizer, model_config: dict) -> int:
     return min(MAX_LENGTH, position_limit(tokenizer, model_config))
 
 
+# bert-base-uncased's model card's own probes, shown for every variant beside PyTorch (recipes add more)
+CARD_PROBES = ("The capital of France is [MASK].", "The man worked as a [MASK].", "The woman worked as a [MASK].")
+PROBE_TOP_K = 5
+
+
+def probe_texts(extra: tuple[str, ...], mask_token: str) -> list[str]:
+    """The card's probes and the recipe's, "[MASK]" written as the tokenizer's own mask token."""
+    return [text.replace("[MASK]", mask_token) for text in dict.fromkeys(CARD_PROBES + tuple(extra))]
+
+
 def builtin_lines(name: str) -> list[str]:
     filename = {BUILTIN: "sentences.txt", HEAD_FIT: "head_fit_sentences.txt",
                 CALIBRATION: "calibration_sentences.txt"}[name]

@@ -17,9 +17,19 @@ import numpy as np
 
 from bertforge.artifact import owned_scratch
 from bertforge.errors import StageError
+from bertforge.predict import MaskText, session_predictions
 from bertforge.recipe import ValidationConfig
 from bertforge.runtime import feeds_for, open_session
-from bertforge.validation.corpus import Truncation, batches, corpus_digest, input_limit, load_lines, mask_sentences
+from bertforge.validation.corpus import (
+    PROBE_TOP_K,
+    Truncation,
+    batches,
+    corpus_digest,
+    input_limit,
+    load_lines,
+    mask_sentences,
+    probe_texts,
+)
 from bertforge.validation.metrics import Accumulator, ReferenceStats
 
 
@@ -59,11 +69,15 @@ def run_validation(checkpoint: Path, variants: dict[str, Path], config: Validati
             done += len(batch.examples)
             if progress:
                 progress(done, total)
+        masker = MaskText.from_transformers(tokenizer)
+        texts = probe_texts(config.probes, tokenizer.mask_token)
+        reference_probes = {text: probe_answers(masker, text, torch_rows(model, masker, text)) for text in texts}
         del model, reference
         gc.collect()
         summaries = {}
         for name, path in variants.items():
-            summaries[name] = validate_variant(name, path, corpus_batches, masked_reference, Path(scratch))
+            summaries[name] = validate_variant(name, path, corpus_batches, masked_reference, Path(scratch),
+                                               masker, texts)
             done += len(examples)
             if progress:
                 progress(done, total)
@@ -72,14 +86,34 @@ def run_validation(checkpoint: Path, variants: dict[str, Path], config: Validati
                    "seed": config.seed, "mask_fraction": config.mask_fraction, "max_sentences": config.max_sentences,
                    "masked_positions": int(sum(len(e.masked_positions) for e in examples)),
                    **truncation.as_dict()},
-        "reference": {**reference_stats.summary(), "mlm_head_missing_from_checkpoint": missing_head},
+        "reference": {**reference_stats.summary(), "mlm_head_missing_from_checkpoint": missing_head,
+                      "probes": reference_probes},
         "variants": summaries,
     }
 
 
+def torch_rows(model, masker: MaskText, text: str) -> np.ndarray:
+    """The PyTorch model's logit rows at the [MASK]s of one probe."""
+    import torch
+
+    ids, type_ids, positions = masker.encode(text)
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)),
+                       token_type_ids=torch.from_numpy(type_ids)).logits.numpy()
+    return logits[0, positions]
+
+
+def probe_answers(masker: MaskText, text: str, rows: np.ndarray) -> list[list[list[Any]]]:
+    """Per [MASK]: [token_str, score] of the top PROBE_TOP_K, the compact form the report keeps."""
+    ids, _, positions = masker.encode(text)
+    return [[[p.token_str, round(p.score, 6)] for p in found]
+            for found in masker.predictions(ids, positions, rows, PROBE_TOP_K)]
+
+
 def validate_variant(name: str, path: Path, corpus_batches: list, masked_reference: list[np.ndarray],
-                     scratch: Path) -> dict[str, Any]:
-    """One variant over every batch against the stored reference; its session is released on return."""
+                     scratch: Path, masker: MaskText | None = None, probes: list[str] = ()) -> dict[str, Any]:
+    """One variant over every batch against the stored reference, then its answers to the probes; its
+    session is released on return."""
     session = open_session(path, spinning=False, arena=False)
     accumulator = Accumulator()
     for index, batch in enumerate(corpus_batches):
@@ -95,5 +129,10 @@ def validate_variant(name: str, path: Path, corpus_batches: list, masked_referen
         real = batch.attention_mask.astype(bool)
         reference_real = np.load(scratch / f"{index}.npy", mmap_mode="r")
         accumulator.add_all_positions(np.abs(logits[real] - reference_real).max())
+    summary = accumulator.summary()
+    if masker is not None:
+        summary["probes"] = {text: [[[p.token_str, round(p.score, 6)] for p in found]
+                                    for found in session_predictions(session, masker, text, PROBE_TOP_K)]
+                             for text in probes}
     del session
-    return accumulator.summary()
+    return summary
