@@ -487,3 +487,28 @@ def test_a_probe_without_a_mask_is_refused_before_any_work(tiny_checkpoint, tmp_
     recipe.write_text(f"model: {tiny_checkpoint}\nvalidation: {{probes: [\"No mask here.\"]}}\n")
     assert main(["build", "--recipe", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "validation.probes.0: 'No mask here.' has no [MASK]" in capsys.readouterr().err
+
+
+def test_the_report_defines_its_metrics_and_shows_thresholds_intervals_and_provenance(built):
+    report = json.loads((built / "report.json").read_text())
+    fp32 = report["variants"]["fp32"]
+    low, high = fp32["intervals"]["top1_agreement"]
+    assert low < fp32["metrics"]["top1_agreement"] <= high <= 1.0
+    assert report["generated_utc"].endswith("Z") and fp32["latency"]["p90_ms"] >= fp32["latency"]["p50_ms"]
+    import html
+
+    for text in ((built / "report.md").read_text(), html.unescape((built / "report.html").read_text())):
+        assert "Gates" in text and ">= 100%" in text  # fp32's top-1 gate beside its verdict
+        assert f"{low:.1%}–{high:.1%}" in text
+        assert "truth recovery" in text and "share of masked positions where the variant's top-1 is the word" in text
+        assert report["generated_utc"] in text and "onnxruntime " + report["libraries"]["onnxruntime"] in text
+        assert "p90 ms" in text
+
+
+def test_the_closing_summary_fits_100_columns(built, capsys):
+    from bertforge.report.markdown import terminal_summary
+
+    report = json.loads((built / "report.json").read_text())
+    text = terminal_summary(report)
+    assert all(len(line) <= 100 for line in text.splitlines()), text
+    assert all(name in text for name in report["variants"]) and "What to ship" in text

@@ -32,6 +32,7 @@ from bertforge.recipe import Recipe
 from bertforge.report import html as html_report
 from bertforge.report import markdown as md_report
 from bertforge.report.content import make_report
+from bertforge.report.weigh import few_positions_warnings, intervals
 from bertforge.sources import ResolvedSource, resolve
 from bertforge.stages import EXTRA_VARIANTS, VARIANTS
 from bertforge.validation.corpus import corpus_digest
@@ -129,6 +130,7 @@ def validate_and_report(out: Path, source: ResolvedSource, source_key: str, reci
             "metadata": manifest["metadata"],
             "latency": latencies.get(name, {}),
             "metrics": metrics,
+            "intervals": intervals(metrics),
             "probes": validation["variants"][name].get("probes", {}),
             "evaluation_cached": name in cached,
             "gates": [g.as_dict() for g in gates],
@@ -137,6 +139,10 @@ def validate_and_report(out: Path, source: ResolvedSource, source_key: str, reci
         for gate in gates:
             if not gate.passed:
                 progress.alert(gate.line())
+    few = few_positions_warnings(entries, {name: gate.model_dump() for name, gate in recipe.validation.gates.items()})
+    for warning in few:
+        progress.message(f"warning: {warning}")
+    warnings = warnings + few
     model = {"spec": source.spec, "kind": source.kind, "description": source.description,
              "checkpoint": str(source.path)}
     report = make_report(model=model, validation=validation, variants=entries, warnings=warnings)
@@ -216,7 +222,7 @@ def _build(recipe: Recipe, out: Path, progress: Progress) -> Outcome:
             assemble_variant(state.artifacts[name], staging / name, recipe)
         report = validate_and_report(staging, source, state.source_key, recipe, variants, progress, warnings)
         write_marker(staging, recipe, source, variants)
-    progress.message(md_report.comparison_table(report))
+    progress.message(md_report.terminal_summary(report))
     progress.message(f"wrote {out}/ (report.md, report.html, report.json)")
     return Outcome(EXIT_OK if report["gates_passed"] else EXIT_GATE_FAILED, report, out)
 
@@ -250,5 +256,5 @@ def validate_existing(out: Path, recipe: Recipe, progress: Progress | None = Non
         source_key = source_artifact(source).key
     report = validate_and_report(out, source, source_key, recipe, variants, progress, warnings_for(recipe),
                                  use_cache=False)
-    progress.message(md_report.comparison_table(report))
+    progress.message(md_report.terminal_summary(report))
     return Outcome(EXIT_OK if report["gates_passed"] else EXIT_GATE_FAILED, report, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime, timezone
 from typing import Any
 
 from bertforge import __version__
@@ -15,6 +16,7 @@ SCHEMA_VERSION = 1  # keys added since (recommendation) are optional: readers of
 COLUMNS = [
     ("size_mb", "size MB", "{:.1f}"),
     ("latency_p50_ms", "p50 ms b1×s128", "{:.1f}"),
+    ("latency_p90_ms", "p90 ms", "{:.1f}"),
     ("max_abs", "max abs", "{:.2e}"),
     ("mean_abs", "mean abs", "{:.2e}"),
     ("cosine_mean", "cosine", "{:.6f}"),
@@ -46,6 +48,7 @@ def variant_row(entry: dict[str, Any]) -> dict[str, Any]:
     row = dict(entry.get("metrics", {}))
     row["size_mb"] = entry["size_bytes"] / 1e6
     row["latency_p50_ms"] = entry.get("latency", {}).get("p50_ms")
+    row["latency_p90_ms"] = entry.get("latency", {}).get("p90_ms")
     return row
 
 
@@ -55,6 +58,7 @@ def make_report(*, model: dict[str, Any], validation: dict[str, Any], variants: 
     return without_nan({
         "schema_version": SCHEMA_VERSION,
         "bertforge_version": __version__,
+        "generated_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "model": model,
         "machine": machine_info(),
         "libraries": library_versions(),
@@ -180,3 +184,24 @@ def probe_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list
 
 PROBES_NOTE = ("Each variant's top-5 (token, probability) at the [MASK] of the model card's probe sentences and "
                "the recipe's `validation.probes`, beside PyTorch fp32's, as the fill-mask pipeline gives them.")
+
+
+def gates_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Every gate with its threshold beside the verdict, and the 95% interval of the shares."""
+    from bertforge.report.weigh import gate_rows
+
+    rows = []
+    for cells, (name, gate) in zip(gate_rows(report["variants"]),
+                                   [(n, g) for n, e in report["variants"].items() for g in e.get("gates", [])],
+                                   strict=True):
+        span = report["variants"][name].get("intervals", {}).get(gate["metric"])
+        rows.append(cells[:3] + ([f"{span[0]:.1%}–{span[1]:.1%}"] if span else ["—"]) + cells[3:])
+    return ["variant", "metric", "measured", "95% interval", "gate", "verdict"], rows
+
+
+def provenance(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    libraries = ", ".join(f"{name} {version}" for name, version in report["libraries"].items() if version != "absent")
+    return (f"Generated {report.get('generated_utc', 'n/a')} by bertforge {report['bertforge_version']} (report "
+            f"schema {report['schema_version']}) on {machine['cpu']}, {machine['physical_cores']} physical cores, ISA "
+            + ", ".join(k for k, v in machine["isa"].items() if v) + f". Libraries: {libraries}.")

@@ -15,11 +15,14 @@ from bertforge.report.content import (
     PROBES_NOTE,
     columns,
     fmt,
+    gates_table,
     plan_table,
     probe_tables,
+    provenance,
     reference_note,
     variant_row,
 )
+from bertforge.report.weigh import METRIC_DEFINITIONS
 from bertforge.stages import SPECS
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
@@ -35,7 +38,7 @@ table{border-collapse:collapse;font-size:14px}th,td{border:1px solid #ccc;paddin
 th{background:#f3f3f3}td{white-space:nowrap}td:first-child,th:first-child{text-align:left}.fail{color:#b00020;font-weight:600}
 .pass{color:#1b7f3b}.note{max-width:60em}.plots{display:flex;gap:2em;flex-wrap:wrap}
 .probes{overflow-x:auto}table.probe td{text-align:left}
-svg text{font-size:12px;font-family:inherit}
+svg text{font-size:12px;font-family:inherit}dt{font-weight:600}dd{margin:0 0 .4em 1.5em}
 """
 
 
@@ -118,6 +121,22 @@ def recommendation_section(report: dict[str, Any]) -> str:
     return f'<h2>What to ship</h2><p class="note" id="recommendation">{html.escape(found["summary"])}</p>'
 
 
+def gates_section(report: dict[str, Any]) -> str:
+    header, rows = gates_table(report)
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(title)}</th>" for title in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells[:-1])
+                   + f'<td class="{"pass" if cells[-1] == "pass" else "fail"}">{cells[-1]}</td></tr>' for cells in rows)
+    return f'<h2>Gates</h2><table id="gates"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def definitions_section() -> str:
+    items = "".join(f"<dt>{html.escape(name)}</dt><dd>{html.escape(meaning)}</dd>"
+                    for name, meaning in METRIC_DEFINITIONS)
+    return f'<h2>Metrics</h2><dl class="note" id="metrics">{items}</dl>'
+
+
 def probes_section(report: dict[str, Any]) -> str:
     tables = probe_tables(report)
     if not tables:
@@ -169,10 +188,11 @@ def render(report: dict[str, Any]) -> str:
          frontier=report.get("recommendation", {}).get("pareto_frontier"))}
 {scatter(size_points, "size on disk, MB", "top-1 agreement with PyTorch")}
 </div>
+{gates_section(report)}
 {probes_section(report)}
 {plan_section(report)}
 {f'<h2>Warnings</h2><ul>{warnings}</ul>' if warnings else ''}
-<p class="note">Machine: {html.escape(report['machine']['cpu'])}, {report['machine']['physical_cores']} physical
-cores. bertforge {html.escape(report['bertforge_version'])}, report schema {report['schema_version']}.</p>
+{definitions_section()}
+<p class="note" id="provenance">{html.escape(provenance(report))}</p>
 </body></html>
 """

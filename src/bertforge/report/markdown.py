@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 from bertforge.report.content import (
@@ -9,11 +10,14 @@ from bertforge.report.content import (
     PROBES_NOTE,
     columns,
     fmt,
+    gates_table,
     plan_table,
     probe_tables,
+    provenance,
     reference_note,
     variant_row,
 )
+from bertforge.report.weigh import METRIC_DEFINITIONS
 
 
 def comparison_table(report: dict[str, Any]) -> str:
@@ -26,6 +30,22 @@ def comparison_table(report: dict[str, Any]) -> str:
         gates = "pass" if not failed else "FAIL: " + ", ".join(failed)
         cells = [fmt(row.get(key), pattern) for key, _, pattern in shown]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {gates} |")
+    return "\n".join(lines)
+
+
+def terminal_summary(report: dict[str, Any]) -> str:
+    """The closing summary of a build: within 100 columns (report.md keeps every metric), then what to ship."""
+    lines = [f"{'variant':<20} {'MB':>7} {'p50 ms':>7} {'top-1':>8} {'ref in top-5':>12}  gates"]
+    for name, entry in report["variants"].items():
+        row = variant_row(entry)
+        failed = [g["metric"] for g in entry["gates"] if not g["passed"]]
+        gates = "pass" if not failed else "FAIL: " + ", ".join(failed)
+        lines.append(f"{name:<20} {row['size_mb']:>7.1f} {fmt(row.get('latency_p50_ms'), '{:.1f}'):>7} "
+                     f"{fmt(row.get('top1_agreement'), '{:.2%}'):>8} {fmt(row.get('ref_top1_in_top5'), '{:.2%}'):>12}"
+                     f"  {gates}"[:100])
+    summary = report.get("recommendation", {}).get("summary")
+    if summary:
+        lines += ["", *textwrap.wrap(summary, 100)]
     return "\n".join(lines)
 
 
@@ -56,6 +76,10 @@ def render(report: dict[str, Any]) -> str:
         rows, note = plan
         parts += ["", "## INT8 sensitivity and the int8-auto plan", "", "| " + " | ".join(PLAN_HEADER) + " |",
                   "|" + "---|" * len(PLAN_HEADER)] + ["| " + " | ".join(cells) + " |" for cells in rows] + ["", note]
+    header, rows = gates_table(report)
+    if rows:
+        parts += ["", "## Gates", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        parts += ["| " + " | ".join(cells) + " |" for cells in rows]
     probes = probe_tables(report)
     if probes:
         parts += ["", "## Probes", "", PROBES_NOTE]
@@ -64,8 +88,6 @@ def render(report: dict[str, Any]) -> str:
             parts += ["| " + " | ".join(cells) + " |" for cells in rows]
     if report["warnings"]:
         parts += ["", "Warnings:"] + [f"- {w}" for w in report["warnings"]]
-    machine = report["machine"]
-    parts += ["", f"Machine: {machine['cpu']}, {machine['physical_cores']} physical cores, ISA "
-              + ", ".join(k for k, v in machine["isa"].items() if v) + ". Latency: p50 of interleaved runs, "
-              "batch 1 × sequence 128, onnxruntime CPU."]
+    parts += ["", "## Metrics", ""] + [f"- **{name}**: {meaning}" for name, meaning in METRIC_DEFINITIONS]
+    parts += ["", provenance(report) + " Latency: interleaved runs, batch 1 × sequence 128, onnxruntime CPU."]
     return "\n".join(parts) + "\n"

@@ -1,0 +1,25 @@
+"""The report's intervals and the warning when a gate rests on too few masked positions."""
+
+import pytest
+
+from bertforge.report.weigh import few_positions_warnings, intervals, wilson
+
+
+def test_wilson_intervals_match_the_textbook_values():
+    low, high = wilson(0.9, 100)  # Wilson 95% for 90/100: 0.8256 .. 0.9448
+    assert (low, high) == (pytest.approx(0.8256, abs=1e-4), pytest.approx(0.9448, abs=1e-4))
+    assert wilson(1.0, 1405) == (pytest.approx(0.99727, abs=1e-4), pytest.approx(1.0))
+    assert wilson(0.5, 0) == (0.0, 1.0)
+
+
+def test_a_gate_on_too_few_positions_is_warned_about_and_the_full_demo_corpus_is_not():
+    gates = {"int8-dynamic": {"top1_min": 0.70, "ref_top1_in_top5_min": None}}
+
+    def variants(positions):
+        metrics = {"positions": positions, "top1_agreement": 0.736, "ref_top1_in_top5": 0.905}
+        return {"int8-dynamic": {"metrics": metrics, "intervals": intervals(metrics)}}
+
+    assert few_positions_warnings(variants(1405), gates) == []  # demo's validation corpus
+    (line,) = few_positions_warnings(variants(24), gates)
+    assert line.startswith("int8-dynamic: top1_agreement 73.6% on 24 masked positions has a 95% interval of")
+    assert few_positions_warnings(variants(24), {"int8-dynamic": {"top1_min": None}}) == []  # no gate, no warning
