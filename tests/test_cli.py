@@ -494,7 +494,9 @@ def test_the_report_defines_its_metrics_and_shows_thresholds_intervals_and_prove
     fp32 = report["variants"]["fp32"]
     low, high = fp32["intervals"]["top1_agreement"]
     assert low < fp32["metrics"]["top1_agreement"] <= high <= 1.0
-    assert report["generated_utc"].endswith("Z") and fp32["latency"]["p90_ms"] >= fp32["latency"]["p50_ms"]
+    assert report["generated_utc"].endswith("Z")
+    # an earlier test re-validates `built` with --no-latency; a timed report carries p90 beside p50
+    assert not fp32["latency"] or fp32["latency"]["p90_ms"] >= fp32["latency"]["p50_ms"]
     import html
 
     for text in ((built / "report.md").read_text(), html.unescape((built / "report.html").read_text())):

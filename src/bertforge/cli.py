@@ -137,6 +137,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_GATE_FAILED if result["regressions"] else EXIT_OK
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from bertforge import cache_admin
+
+    if args.action == "list":
+        listed = cache_admin.entries()
+    else:
+        listed = cache_admin.prune(args.older_than, args.max_size, args.dry_run)
+    if args.json:
+        print(json.dumps([entry.as_dict() for entry in listed], indent=2))
+    else:
+        if args.action == "prune":
+            print(("would remove" if args.dry_run else "removed") + ":")
+        print(cache_admin.render(listed))
+    return EXIT_OK
+
+
 def cmd_fill_mask(args: argparse.Namespace) -> int:
     from bertforge.predict import fill_mask
 
@@ -304,6 +320,17 @@ def parser() -> argparse.ArgumentParser:
     fil.add_argument("--top-k", type=int, default=5, help="predictions per [MASK] (default 5)")
     fil.add_argument("--json", action="store_true", help="a JSON list per [MASK], the pipeline's fields")
     fil.set_defaults(func=cmd_fill_mask)
+
+    cac = sub.add_parser("cache", help="list the stage cache's entries, or prune the ones not used lately",
+                         description="Entries of $BERTFORGE_CACHE/stages with their size and last use (a cache hit "
+                         "counts as a use). prune removes entries unused for --older-than DAYS, then the least "
+                         "recently used until the rest fit in --max-size GB; an entry a build holds is skipped.")
+    cac.add_argument("action", choices=("list", "prune"))
+    cac.add_argument("--older-than", type=float, metavar="DAYS", help="prune: entries unused for this many days")
+    cac.add_argument("--max-size", type=float, metavar="GB", help="prune: keep at most this many GB of entries")
+    cac.add_argument("--dry-run", action="store_true", help="prune: say what would go, remove nothing")
+    cac.add_argument("--json", action="store_true")
+    cac.set_defaults(func=cmd_cache)
     return top
 
 

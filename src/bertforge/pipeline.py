@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -120,6 +121,7 @@ def run_stage(stage: str, parent: Artifact, config: Any) -> StageRun:
         if target.exists():
             problems = verify_directory(target)
             if not problems:
+                os.utime(target)  # its last use, for `bertforge cache prune` (cache_admin.py)
                 return StageRun(artifact, True, 0.0)
             damaged = f"cache entry {target.name} failed verification ({problems[0]}" + (
                 f", and {len(problems) - 1} more" if len(problems) > 1 else "") + "); rebuilt"
