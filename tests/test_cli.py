@@ -514,3 +514,15 @@ def test_the_closing_summary_fits_100_columns(built, capsys):
     text = terminal_summary(report)
     assert all(len(line) <= 100 for line in text.splitlines()), text
     assert all(name in text for name in report["variants"]) and "What to ship" in text
+
+
+def test_each_variant_directory_explains_itself_and_still_verifies(built, capsys):
+    report = json.loads((built / "report.json").read_text())
+    for name in report["variants"]:
+        card = (built / name / "README.md").read_text()
+        assert card.startswith(f"# {name}: ") and "## Load it" in card and "ORTModelForMaskedLM" in card
+        top1 = report["variants"][name]["metrics"]["top1_agreement"]
+        assert f"| top-1 agreement | {top1:.2%}" in card
+        assert "README.md" in json.loads((built / name / "manifest.json").read_text())["files"]
+    capsys.readouterr()
+    assert main(["verify", str(built)]) == 0, capsys.readouterr().out

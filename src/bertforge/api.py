@@ -32,6 +32,7 @@ from bertforge.recipe import Recipe
 from bertforge.report import html as html_report
 from bertforge.report import markdown as md_report
 from bertforge.report.content import make_report
+from bertforge.report.model_card import write_cards
 from bertforge.report.weigh import few_positions_warnings, intervals
 from bertforge.sources import ResolvedSource, resolve
 from bertforge.stages import EXTRA_VARIANTS, VARIANTS
@@ -146,6 +147,7 @@ def validate_and_report(out: Path, source: ResolvedSource, source_key: str, reci
     model = {"spec": source.spec, "kind": source.kind, "description": source.description,
              "checkpoint": str(source.path)}
     report = make_report(model=model, validation=validation, variants=entries, warnings=warnings)
+    write_cards(out, report)  # each variant's README.md, listed in its manifest
     write_json_atomic(out / "report.json", report, sort_keys=False)  # variants in recipe order
     write_text_atomic(out / "report.md", md_report.render(report))
     write_text_atomic(out / "report.html", html_report.render(report))

@@ -31,23 +31,31 @@ class VariantSpec:
     section: str  # the recipe section configuring it
     gate: dict[str, float] = field(default_factory=dict)  # default gate (recipe.Gate's keys)
     extra: bool = False  # built only when asked for
-    summary: str = ""  # what an extra is, for --help
+    summary: str = ""  # what the variant is, for --help (extras) and each variant's README.md
 
 
 INT8_DYNAMIC_GATE = {"top1_min": 0.70, "top5_overlap_min": 0.73, "ref_top1_in_top5_min": 0.88}
 
 SPECS: tuple[VariantSpec, ...] = (
-    VariantSpec("fp32", "exporter.export", None, "export", {"max_abs_max": 1e-3, "top1_min": 1.0}),
-    VariantSpec("fused", "optimizers.fusion", "fp32", "fusion", {"max_abs_max": 1e-3, "top1_min": 1.0}),
-    VariantSpec("fp16", "optimizers.fp16", "fused", "fp16", {"top1_min": 0.99}),
-    VariantSpec("int8-dynamic", "optimizers.int8_dynamic", "fused", "int8_dynamic", INT8_DYNAMIC_GATE),
+    VariantSpec("fp32", "exporter.export", None, "export", {"max_abs_max": 1e-3, "top1_min": 1.0},
+                summary="the PyTorch model exported to ONNX by optimum, fp32"),
+    VariantSpec("fused", "optimizers.fusion", "fp32", "fusion", {"max_abs_max": 1e-3, "top1_min": 1.0},
+                summary="fp32 with ONNX Runtime's transformer fusions (attention, LayerNorm, GELU)"),
+    VariantSpec("fp16", "optimizers.fp16", "fused", "fp16", {"top1_min": 0.99},
+                summary="the fused graph in fp16, numerically sensitive ops and the MLM head kept fp32"),
+    VariantSpec("int8-dynamic", "optimizers.int8_dynamic", "fused", "int8_dynamic", INT8_DYNAMIC_GATE,
+                summary="the fast, lossy int8: weights per channel, activations quantized per tensor on each call"),
     VariantSpec("int8-static", "optimizers.int8_static", "fused", "int8_static",
-                {"top1_min": 0.65, "top5_overlap_min": 0.69, "ref_top1_in_top5_min": 0.84}),
+                {"top1_min": 0.65, "top5_overlap_min": 0.69, "ref_top1_in_top5_min": 0.84},
+                summary="int8 QDQ with activation scales calibrated once (MinMax)"),
     # from the export: their own fusion keeps Q/K/V as separate MatMuls (MultiHeadAttention)
     VariantSpec("int8-blockwise", "optimizers.int8_blockwise", "fp32", "int8_blockwise",
-                {"top1_min": 0.90, "top5_overlap_min": 0.92, "ref_top1_in_top5_min": 0.99}),
+                {"top1_min": 0.90, "top5_overlap_min": 0.92, "ref_top1_in_top5_min": 0.99},
+                summary="every MatMul as 8-bit MatMulNBits: activations and weights quantized per block of channels"),
     VariantSpec("int8-auto", "optimizers.int8_auto", "fp32", "int8_auto",
-                {"top1_min": 0.92, "top5_overlap_min": 0.92, "ref_top1_in_top5_min": 0.99}),
+                {"top1_min": 0.92, "top5_overlap_min": 0.92, "ref_top1_in_top5_min": 0.99},
+                summary="a scheme per layer group (fp32 or an int8 scheme), the fastest plan meeting an agreement "
+                        "target on a calibration split"),
     VariantSpec("int8-dynamic-masked", "optimizers.masked_head", "int8-dynamic", "masked_head", INT8_DYNAMIC_GATE,
                 extra=True, summary="MLM head at [MASK] rows only"),
 )

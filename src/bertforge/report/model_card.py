@@ -1,0 +1,81 @@
+"""A README.md in every variant directory: what it is, how it was built, what it measured, how to load it.
+
+Written after validation (the card carries the measurements) and listed in the variant's manifest, so
+`bertforge verify` still holds the directory to exactly what bertforge wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bertforge.artifact import MANIFEST, read_manifest, sha256_file, write_json_atomic, write_text_atomic
+from bertforge.stages import BY_NAME
+
+CARD = "README.md"
+
+
+def card_text(name: str, entry: dict[str, Any], report: dict[str, Any], manifest: dict[str, Any]) -> str:
+    spec = BY_NAME.get(name)
+    metrics, latency = entry.get("metrics", {}), entry.get("latency", {})
+    span = entry.get("intervals", {}).get("top1_agreement")
+    corpus = report["corpus"]
+    lineage = " → ".join(f"{step['stage']} ({step['key']})" for step in manifest.get("lineage", []))
+    section = manifest.get("recipe", {}).get(spec.section) if spec else None
+    gates = ", ".join(f"{g['metric']} {g['op']} {g['threshold']:g}: {'pass' if g['passed'] else 'FAIL'}"
+                      for g in entry.get("gates", [])) or "none"
+    lines = [
+        f"# {name}: {report['model']['spec']}",
+        "",
+        f"{spec.summary if spec else name}. Made by bertforge {report['bertforge_version']} from "
+        f"{report['model']['description']}.",
+        "",
+        "## Measured against PyTorch fp32",
+        "",
+        f"On {corpus['masked_positions']} masked positions of {corpus['sentences']} sentences ({corpus['source']}), "
+        f"{report['machine']['cpu']}:",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| top-1 agreement | {metrics.get('top1_agreement', float('nan')):.2%}"
+        + (f" (95% interval {span[0]:.1%}–{span[1]:.1%})" if span else "") + " |",
+        f"| PyTorch's top-1 in this variant's top-5 | {metrics.get('ref_top1_in_top5', float('nan')):.2%} |",
+        f"| top-5 overlap | {metrics.get('top5_overlap', float('nan')):.2%} |",
+        f"| KL mean | {metrics.get('kl_mean', float('nan')):.2e} |",
+        f"| max abs logit difference | {metrics.get('max_abs', float('nan')):.2e} |",
+        f"| size | {entry['size_bytes'] / 1e6:.1f} MB |",
+    ]
+    if latency:
+        lines.append(f"| latency b{latency.get('batch', 1)}×s{latency.get('sequence', 128)} | p50 "
+                     f"{latency['p50_ms']:.1f} ms, p90 {latency['p90_ms']:.1f} ms (this build's run) |")
+    lines += ["", f"Gates: {gates}.", "", "## How it was built", "",
+              f"Lineage: {lineage}. Recipe section `{spec.section if spec else '?'}`: "
+              f"`{json.dumps(section, sort_keys=True)}`. Files and their sha256: `{MANIFEST}`.", "", "## Load it", ""]
+    if spec is not None and spec.extra:
+        lines += ["Not a drop-in for `ORTModelForMaskedLM`: its graph returns one logit row per [MASK] "
+                  "(`logits` [n, vocab]) and their positions (`mask_positions` [n, 2]), so optimum's pipeline "
+                  "would fail at the first call. Use bertforge's runtime (onnxruntime and tokenizers only):", "",
+                  "```", f'bertforge fill-mask {name} "The capital of France is [MASK]."', "```", "",
+                  "```python", "import bertforge", "",
+                  f'bertforge.fill_mask("{name}", "The capital of France is [MASK].")', "```"]
+    else:
+        lines += ["```python", "from optimum.onnxruntime import ORTModelForMaskedLM",
+                  "from optimum.pipelines import pipeline", "",
+                  f'model = ORTModelForMaskedLM.from_pretrained("{name}")',
+                  f'fill = pipeline("fill-mask", model="{name}", accelerator="ort")',
+                  'fill("The capital of France is [MASK].")', "```", "",
+                  f'Without torch: `bertforge fill-mask {name} "The capital of France is [MASK]."`; plain '
+                  f'onnxruntime: `onnxruntime.InferenceSession("{name}/model.onnx")`.']
+    return "\n".join(lines) + "\n"
+
+
+def write_cards(out: Path, report: dict[str, Any]) -> None:
+    """README.md in each variant directory under `out`, added to its manifest's file list."""
+    for name, entry in report["variants"].items():
+        directory = Path(out) / name
+        manifest = read_manifest(directory)
+        write_text_atomic(directory / CARD, card_text(name, entry, report, manifest))
+        path = directory / CARD
+        manifest["files"][CARD] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+        write_json_atomic(directory / MANIFEST, manifest)
