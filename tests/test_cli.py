@@ -526,3 +526,15 @@ def test_each_variant_directory_explains_itself_and_still_verifies(built, capsys
         assert "README.md" in json.loads((built / name / "manifest.json").read_text())["files"]
     capsys.readouterr()
     assert main(["verify", str(built)]) == 0, capsys.readouterr().out
+
+
+def test_library_warnings_go_to_a_log_not_into_the_progress(tiny_checkpoint, tmp_path, monkeypatch, capfd):
+    # a fresh cache, so onnxruntime's quantize_dynamic runs and writes its warning through the root logger
+    monkeypatch.setenv("BERTFORGE_CACHE", str(tmp_path / "cache"))
+    code = main(["build", "--model", str(tiny_checkpoint), "--variants", "int8-dynamic", "--no-latency",
+                 "--max-sentences", "5", "--out", str(tmp_path / "out"), "--progress", "plain"])
+    assert code in (0, 1)
+    err = capfd.readouterr().err
+    assert "Please consider" not in err
+    (log,) = (tmp_path / "cache" / "logs").glob("build-*-libraries.log")
+    assert "Please consider to run pre-processing" in log.read_text() and f"library warnings: {log}" in err

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,7 +167,34 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> Outcom
     target = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:20]
     with exclusive_or_fail(cache_root() / "locks" / f"out-{target}.lock",
                           f"another bertforge build is writing {out}; wait for it or choose another --out"):
-        return _build(recipe, out, progress)
+        log = cache_root() / "logs" / f"build-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-libraries.log"
+        with library_messages_to(log):
+            outcome = _build(recipe, out, progress)
+        if log.is_file():
+            progress.message(f"library warnings: {log}")
+        return outcome
+
+
+@contextlib.contextmanager
+def library_messages_to(path: Path) -> Iterator[None]:
+    """The libraries' warnings (logging's root logger, where onnxruntime's quantizers write "Please
+    consider to run pre-processing", and Python warnings) go to a log file under the cache, not into
+    the progress line; the file exists only if something was written."""
+    import logging
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, delay=True)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
+        handler.close()
 
 
 def check_writable(out: Path) -> None:
