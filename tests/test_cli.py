@@ -261,6 +261,14 @@ def test_warm_rebuild_reruns_only_what_changed(built, tiny_recipe, tmp_path, mon
     before = json.loads((built / "report.json").read_text())
     assert report["variants"]["fp16"]["metrics"] == before["variants"]["fp16"]["metrics"]
     assert report["variants"]["int8-dynamic"]["key"] != before["variants"]["int8-dynamic"]["key"]
+    # the reused latencies are marked, in the data and in every view, and the recommendation says so
+    this_run = {name: entry["latency"]["this_run"] for name, entry in report["variants"].items()}
+    assert this_run == {"fp32": False, "fused": False, "fp16": False, "int8-dynamic": True, "int8-static": False}
+    fp32_p50 = f"{report['variants']['fp32']['latency']['p50_ms']:.1f}*"
+    for view in ("report.md", "report.html"):
+        text = (out / view).read_text()
+        assert fp32_p50 in text and "latency from an earlier build" in text, view
+    assert "some of it from an earlier build's run" in report["recommendation"]["summary"]
 
 
 def test_json_lines_progress_for_ci_logs(built, capsys):

@@ -92,6 +92,8 @@ def evaluate_variants(dirs: dict[str, Path], source: ResolvedSource, source_key:
                     results_cache.store("latency", latency_keys[name], stats)
                 latencies.update(timed)
                 info["note"] = f"timed {', '.join(to_time)}"
+        # which latencies this run measured (together, interleaved) and which an earlier build did
+        latencies = {n: {**v, "this_run": n in to_time} for n, v in latencies.items()}
     return validation, latencies, cached
 
 

@@ -205,3 +205,18 @@ def provenance(report: dict[str, Any]) -> str:
     return (f"Generated {report.get('generated_utc', 'n/a')} by bertforge {report['bertforge_version']} (report "
             f"schema {report['schema_version']}) on {machine['cpu']}, {machine['physical_cores']} physical cores, ISA "
             + ", ".join(k for k, v in machine["isa"].items() if v) + f". Libraries: {libraries}.")
+
+
+EARLIER_RUN_NOTE = ("* latency from an earlier build's run (the same artifact and bench settings, this machine); "
+                    "the others were timed together, interleaved, in this build. `bertforge bench OUT` times every "
+                    "variant in one run.")
+
+
+def from_earlier_run(entry: dict[str, Any]) -> bool:
+    """Whether a variant's latency was reused from an earlier build rather than timed in this one."""
+    latency = entry.get("latency") or {}
+    return bool(latency) and latency.get("this_run") is False
+
+
+def latency_cell(entry: dict[str, Any], text: str) -> str:
+    return text + "*" if from_earlier_run(entry) else text

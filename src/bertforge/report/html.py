@@ -11,11 +11,14 @@ import math
 from typing import Any
 
 from bertforge.report.content import (
+    EARLIER_RUN_NOTE,
     PLAN_HEADER,
     PROBES_NOTE,
     columns,
     fmt,
+    from_earlier_run,
     gates_table,
+    latency_cell,
     plan_table,
     probe_tables,
     provenance,
@@ -102,7 +105,9 @@ def table(report: dict[str, Any]) -> str:
     rows = [f"<table><thead><tr><th>variant</th>{head}<th>gates</th></tr></thead><tbody>"]
     for name, entry in report["variants"].items():
         row = variant_row(entry)
-        cells = "".join(f"<td>{html.escape(fmt(row.get(k), p))}</td>" for k, _, p in shown)
+        texts = [latency_cell(entry, fmt(row.get(k), p)) if k.startswith("latency") else fmt(row.get(k), p)
+                 for k, _, p in shown]
+        cells = "".join(f"<td>{html.escape(text)}</td>" for text in texts)
         failed = [g for g in entry["gates"] if not g["passed"]]
         if failed:
             text = "; ".join(f"{g['metric']} {g['value']:.4g} (gate {g['op']} {g['threshold']:g})" for g in failed)
@@ -111,6 +116,8 @@ def table(report: dict[str, Any]) -> str:
             gate_cell = '<td class="pass">pass</td>'
         rows.append(f"<tr><td>{html.escape(name)}</td>{cells}{gate_cell}</tr>")
     rows.append("</tbody></table>")
+    if any(from_earlier_run(entry) for entry in report["variants"].values()):
+        rows.append(f'<p class="note" id="earlier-run">{html.escape(EARLIER_RUN_NOTE)}</p>')
     return "".join(rows)
 
 

@@ -6,11 +6,14 @@ import textwrap
 from typing import Any
 
 from bertforge.report.content import (
+    EARLIER_RUN_NOTE,
     PLAN_HEADER,
     PROBES_NOTE,
     columns,
     fmt,
+    from_earlier_run,
     gates_table,
+    latency_cell,
     plan_table,
     probe_tables,
     provenance,
@@ -28,8 +31,11 @@ def comparison_table(report: dict[str, Any]) -> str:
         row = variant_row(entry)
         failed = [g["metric"] for g in entry["gates"] if not g["passed"]]
         gates = "pass" if not failed else "FAIL: " + ", ".join(failed)
-        cells = [fmt(row.get(key), pattern) for key, _, pattern in shown]
+        cells = [latency_cell(entry, fmt(row.get(key), pattern)) if key.startswith("latency")
+                 else fmt(row.get(key), pattern) for key, _, pattern in shown]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {gates} |")
+    if any(from_earlier_run(entry) for entry in report["variants"].values()):
+        lines += ["", EARLIER_RUN_NOTE]
     return "\n".join(lines)
 
 

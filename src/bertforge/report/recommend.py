@@ -19,6 +19,7 @@ TARGETS = (0.99, 0.95, 0.90)
 def _facts(variants: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {name: {"top1": entry.get("metrics", {}).get("top1_agreement"),
                    "ms": entry.get("latency", {}).get("p50_ms"), "mb": entry["size_bytes"] / 1e6,
+                   "this_run": entry.get("latency", {}).get("this_run", True),
                    "passed": entry.get("passed", True)}
             for name, entry in variants.items()}
 
@@ -75,7 +76,10 @@ def summary(targets: list[dict[str, Any]], facts: dict[str, dict[str, Any]], fas
     for name in extras:
         parts.append(f"{_describe(name, facts)} runs with bertforge's runtime (`bertforge fill-mask`), not in "
                      "ORTModelForMaskedLM.")
-    timing = ("Latency: p50 at batch 1 as measured in this build on this machine." if timed
-              else "Latency was not measured in this build (--no-latency), so only the smallest is named.")
+    mixed = timed and len({f.get("this_run") for f in facts.values() if f["ms"] is not None}) > 1
+    timing = ("Latency was not measured in this build (--no-latency), so only the smallest is named." if not timed
+              else "Latency: p50 at batch 1 on this machine; some of it from an earlier build's run (marked *), so "
+                   "compare them with `bertforge bench OUT` before choosing on speed." if mixed
+              else "Latency: p50 at batch 1, every variant timed in this build's run, on this machine.")
     return ("What to ship (agreement with PyTorch at the validation corpus's [MASK] positions; variants "
             "whose gates failed are left out): " + " ".join(parts) + " " + timing)
