@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -221,8 +222,6 @@ def check_writable(out: Path) -> None:
 def check_corpora(recipe: Recipe, source: ResolvedSource) -> None:
     """Every corpus the build will read, checked before any stage runs: the validation corpus used to
     be read only after every variant was built."""
-    import json
-
     from transformers import AutoTokenizer
 
     from bertforge.validation.corpus import check_corpus
@@ -269,8 +268,6 @@ def validate_existing(out: Path, recipe: Recipe, progress: Progress | None = Non
     out = Path(out)
     if not (out / OUTPUT_MARKER).is_file():
         raise UsageError(f"{out} is not a bertforge build directory (no {OUTPUT_MARKER})")
-    import json
-
     listed = json.loads((out / OUTPUT_MARKER).read_text("utf-8")).get("variants") or list(VARIANTS + EXTRA_VARIANTS)
     variants = [v for v in listed if (out / v / "model.onnx").is_file()]
     if not variants:

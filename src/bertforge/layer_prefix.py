@@ -69,7 +69,6 @@ class LayerPrefix:
     directory: Path
     starts: dict[int, str] = field(default_factory=dict)  # start -> the tensor its first node reads
     dtypes: dict[str, np.dtype] = field(default_factory=dict)
-    batches: int = 0
 
     @classmethod
     def compute(cls, model: onnx.ModelProto, groups: list[Group], feeds: list[dict[str, np.ndarray]],
@@ -94,7 +93,6 @@ class LayerPrefix:
             for name, value in zip(wanted, values, strict=True):
                 prefix.dtypes[name] = value.dtype
                 np.save(prefix.path(name, index), value)
-        prefix.batches = len(feeds)
         return prefix
 
     def path(self, tensor: str, batch: int) -> Path:

@@ -97,8 +97,8 @@ class MaskText:
         single = len(positions) == 1
         answers = []
         for position, row in zip(positions, rows, strict=True):
-            shifted = row.astype(np.float64) - row.max()
-            probs = np.exp(shifted) / np.exp(shifted).sum()
+            probs = np.exp(row.astype(np.float64) - row.max())
+            probs /= probs.sum()
             best = np.argsort(-probs, kind="stable")[: min(top_k, len(probs))]
             found = []
             for token in (int(t) for t in best):
@@ -112,16 +112,16 @@ class MaskText:
 
 
 class MaskFiller:
-    """One variant directory's session and tokenizer, for many texts. `session`: an open one to reuse."""
+    """One variant directory's session and tokenizer, for many texts."""
 
-    def __init__(self, directory: Path | str, session: Any = None) -> None:
+    def __init__(self, directory: Path | str) -> None:
         from bertforge.runtime import open_session
 
         self.directory = Path(directory)
         if not (self.directory / "model.onnx").is_file() or not (self.directory / TOKENIZER_FILE).is_file():
             raise UsageError(f"{self.directory} is not a variant directory (needs model.onnx and {TOKENIZER_FILE})")
         self.text = MaskText.from_directory(self.directory)
-        self.session = session if session is not None else open_session(self.directory)
+        self.session = open_session(self.directory)
 
     def __call__(self, text: str, top_k: int = 5) -> list[list[Prediction]]:
         """The top_k predictions at each [MASK] of `text`, one list per [MASK] in text order."""

@@ -380,15 +380,15 @@ def analyze(export_dir: Path, block_size: int = 16, corpus: str = "calibration",
 
 def render_markdown(result: dict[str, Any]) -> str:
     from bertforge.report.content import SENSITIVITY_HEADER, sensitivity_cells
-
-    header = ["group", *SENSITIVITY_HEADER]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    from bertforge.report.markdown import table_lines
 
     ms = result["costs_ms"]["ms"]
+    rows = []
     for row in result["groups"]:
         group = row["group"]
         by_scheme = {scheme: ms[scheme][group] for scheme in ms if group in ms[scheme]}
-        lines.append("| " + " | ".join([group] + sensitivity_cells(row, by_scheme)) + " |")
+        rows.append([group, *sensitivity_cells(row, by_scheme)])
+    lines = table_lines(["group", *SENSITIVITY_HEADER], rows)
     lines.append("")
     lines.append(f"Each group quantized alone, compared with the fp32 graph at {result['calibration_positions']} "
                  f"[MASK] positions of the calibration split ({result['calibration_corpus']}); ms: the group's "

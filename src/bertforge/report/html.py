@@ -128,14 +128,25 @@ def recommendation_section(report: dict[str, Any]) -> str:
     return f'<h2>What to ship</h2><p class="note" id="recommendation">{html.escape(found["summary"])}</p>'
 
 
+def html_table(header: list[str], rows: list[list[str]], attributes: str = "", verdict_last: bool = False) -> str:
+    """An HTML table of escaped text cells; `verdict_last`: the last cell is a pass/FAIL, coloured."""
+    def row_html(cells: list[str]) -> str:
+        plain = cells[:-1] if verdict_last else cells
+        html_cells = "".join(f"<td>{html.escape(cell)}</td>" for cell in plain)
+        if verdict_last:
+            html_cells += f'<td class="{"pass" if cells[-1] == "pass" else "fail"}">{html.escape(cells[-1])}</td>'
+        return f"<tr>{html_cells}</tr>"
+
+    head = "".join(f"<th>{html.escape(title)}</th>" for title in header)
+    return (f"<table{attributes}><thead><tr>{head}</tr></thead><tbody>"
+            + "".join(row_html(cells) for cells in rows) + "</tbody></table>")
+
+
 def gates_section(report: dict[str, Any]) -> str:
     header, rows = gates_table(report)
     if not rows:
         return ""
-    head = "".join(f"<th>{html.escape(title)}</th>" for title in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells[:-1])
-                   + f'<td class="{"pass" if cells[-1] == "pass" else "fail"}">{cells[-1]}</td></tr>' for cells in rows)
-    return f'<h2>Gates</h2><table id="gates"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return "<h2>Gates</h2>" + html_table(header, rows, ' id="gates"', verdict_last=True)
 
 
 def definitions_section() -> str:
@@ -150,10 +161,7 @@ def probes_section(report: dict[str, Any]) -> str:
         return ""
     parts = [f'<h2>Probes</h2><p class="note">{html.escape(PROBES_NOTE)}</p><div class="probes">']
     for text, header, rows in tables:
-        head = "".join(f"<th>{html.escape(title)}</th>" for title in header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>" for cells in rows)
-        parts.append(f"<h3>{html.escape(text)}</h3><table class=\"probe\"><thead><tr>{head}</tr></thead>"
-                     f"<tbody>{body}</tbody></table>")
+        parts.append(f"<h3>{html.escape(text)}</h3>" + html_table(header, rows, ' class="probe"'))
     return "".join(parts) + "</div>"
 
 
@@ -162,10 +170,8 @@ def plan_section(report: dict[str, Any]) -> str:
     if plan is None:
         return ""
     rows, note = plan
-    head = "".join(f"<th>{html.escape(title)}</th>" for title in PLAN_HEADER)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>" for cells in rows)
-    return (f"<h2>INT8 sensitivity and the int8-auto plan</h2><table><thead><tr>{head}</tr></thead>"
-            f"<tbody>{body}</tbody></table><p class=\"note\">{html.escape(note)}</p>")
+    return (f"<h2>INT8 sensitivity and the int8-auto plan</h2>{html_table(PLAN_HEADER, rows)}"
+            f"<p class=\"note\">{html.escape(note)}</p>")
 
 
 def render(report: dict[str, Any]) -> str:

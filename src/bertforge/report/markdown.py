@@ -23,17 +23,26 @@ from bertforge.report.content import (
 from bertforge.report.weigh import METRIC_DEFINITIONS
 
 
+def table_lines(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table: the header, its rule, one line per row."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(cells) + " |" for cells in rows]
+
+
+def gate_verdict(entry: dict[str, Any]) -> str:
+    failed = [g["metric"] for g in entry["gates"] if not g["passed"]]
+    return "pass" if not failed else "FAIL: " + ", ".join(failed)
+
+
 def comparison_table(report: dict[str, Any]) -> str:
     shown = columns(report)
-    header = "| variant | " + " | ".join(title for _, title, _ in shown) + " | gates |"
-    lines = [header, "|" + "---|" * (len(shown) + 2)]
+    rows = []
     for name, entry in report["variants"].items():
         row = variant_row(entry)
-        failed = [g["metric"] for g in entry["gates"] if not g["passed"]]
-        gates = "pass" if not failed else "FAIL: " + ", ".join(failed)
         cells = [latency_cell(entry, fmt(row.get(key), pattern)) if key.startswith("latency")
                  else fmt(row.get(key), pattern) for key, _, pattern in shown]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {gates} |")
+        rows.append([name, *cells, gate_verdict(entry)])
+    lines = table_lines(["variant", *(title for _, title, _ in shown), "gates"], rows)
     if any(from_earlier_run(entry) for entry in report["variants"].values()):
         lines += ["", EARLIER_RUN_NOTE]
     return "\n".join(lines)
@@ -44,11 +53,9 @@ def terminal_summary(report: dict[str, Any]) -> str:
     lines = [f"{'variant':<20} {'MB':>7} {'p50 ms':>7} {'top-1':>8} {'ref in top-5':>12}  gates"]
     for name, entry in report["variants"].items():
         row = variant_row(entry)
-        failed = [g["metric"] for g in entry["gates"] if not g["passed"]]
-        gates = "pass" if not failed else "FAIL: " + ", ".join(failed)
         lines.append(f"{name:<20} {row['size_mb']:>7.1f} {fmt(row.get('latency_p50_ms'), '{:.1f}'):>7} "
                      f"{fmt(row.get('top1_agreement'), '{:.2%}'):>8} {fmt(row.get('ref_top1_in_top5'), '{:.2%}'):>12}"
-                     f"  {gates}"[:100])
+                     f"  {gate_verdict(entry)}"[:100])
     summary = report.get("recommendation", {}).get("summary")
     if summary:
         lines += ["", *textwrap.wrap(summary, 100)]
@@ -80,18 +87,15 @@ def render(report: dict[str, Any]) -> str:
     plan = plan_table(report)
     if plan is not None:
         rows, note = plan
-        parts += ["", "## INT8 sensitivity and the int8-auto plan", "", "| " + " | ".join(PLAN_HEADER) + " |",
-                  "|" + "---|" * len(PLAN_HEADER)] + ["| " + " | ".join(cells) + " |" for cells in rows] + ["", note]
+        parts += ["", "## INT8 sensitivity and the int8-auto plan", "", *table_lines(PLAN_HEADER, rows), "", note]
     header, rows = gates_table(report)
     if rows:
-        parts += ["", "## Gates", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        parts += ["| " + " | ".join(cells) + " |" for cells in rows]
+        parts += ["", "## Gates", "", *table_lines(header, rows)]
     probes = probe_tables(report)
     if probes:
         parts += ["", "## Probes", "", PROBES_NOTE]
         for text, header, rows in probes:
-            parts += ["", f"`{text}`", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            parts += ["| " + " | ".join(cells) + " |" for cells in rows]
+            parts += ["", f"`{text}`", "", *table_lines(header, rows)]
     if report["warnings"]:
         parts += ["", "Warnings:"] + [f"- {w}" for w in report["warnings"]]
     parts += ["", "## Metrics", ""] + [f"- **{name}**: {meaning}" for name, meaning in METRIC_DEFINITIONS]

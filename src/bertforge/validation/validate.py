@@ -17,7 +17,7 @@ import numpy as np
 
 from bertforge.artifact import owned_scratch
 from bertforge.errors import StageError
-from bertforge.predict import MaskText, session_predictions
+from bertforge.predict import MaskText, Prediction, session_predictions
 from bertforge.recipe import ValidationConfig
 from bertforge.runtime import feeds_for, open_session
 from bertforge.validation.corpus import (
@@ -71,7 +71,7 @@ def run_validation(checkpoint: Path, variants: dict[str, Path], config: Validati
                 progress(done, total)
         masker = MaskText.from_transformers(tokenizer)
         texts = probe_texts(config.probes, tokenizer.mask_token)
-        reference_probes = {text: probe_answers(masker, text, torch_rows(model, masker, text)) for text in texts}
+        reference_probes = {text: compact(torch_predictions(model, masker, text)) for text in texts}
         del model, reference
         gc.collect()
         summaries = {}
@@ -92,22 +92,20 @@ def run_validation(checkpoint: Path, variants: dict[str, Path], config: Validati
     }
 
 
-def torch_rows(model, masker: MaskText, text: str) -> np.ndarray:
-    """The PyTorch model's logit rows at the [MASK]s of one probe."""
+def torch_predictions(model, masker: MaskText, text: str) -> list[list[Prediction]]:
+    """The PyTorch model's top PROBE_TOP_K at the [MASK]s of one probe."""
     import torch
 
     ids, type_ids, positions = masker.encode(text)
     with torch.no_grad():
         logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)),
                        token_type_ids=torch.from_numpy(type_ids)).logits.numpy()
-    return logits[0, positions]
+    return masker.predictions(ids, positions, logits[0, positions], PROBE_TOP_K)
 
 
-def probe_answers(masker: MaskText, text: str, rows: np.ndarray) -> list[list[list[Any]]]:
-    """Per [MASK]: [token_str, score] of the top PROBE_TOP_K, the compact form the report keeps."""
-    ids, _, positions = masker.encode(text)
-    return [[[p.token_str, round(p.score, 6)] for p in found]
-            for found in masker.predictions(ids, positions, rows, PROBE_TOP_K)]
+def compact(predictions: list[list[Prediction]]) -> list[list[list[Any]]]:
+    """Per [MASK]: [token_str, score] of each prediction, the form the report keeps."""
+    return [[[p.token_str, round(p.score, 6)] for p in found] for found in predictions]
 
 
 def validate_variant(name: str, path: Path, corpus_batches: list, masked_reference: list[np.ndarray],
@@ -131,8 +129,7 @@ def validate_variant(name: str, path: Path, corpus_batches: list, masked_referen
         accumulator.add_all_positions(np.abs(logits[real] - reference_real).max())
     summary = accumulator.summary()
     if masker is not None:
-        summary["probes"] = {text: [[[p.token_str, round(p.score, 6)] for p in found]
-                                    for found in session_predictions(session, masker, text, PROBE_TOP_K)]
+        summary["probes"] = {text: compact(session_predictions(session, masker, text, PROBE_TOP_K))
                              for text in probes}
     del session
     return summary
