@@ -38,3 +38,5 @@ def test_list_shows_each_entry_and_prune_removes_the_least_recently_used(tiny_ch
     assert [e["stage"] for e in json.loads(capsys.readouterr().out)] == ["fusion"] and not fusion.exists()
     assert main(["cache", "prune"]) == 2
     assert "--older-than DAYS and/or --max-size GB" in capsys.readouterr().err
+    assert main(["cache", "prune", "--older-than", "-1"]) == 2  # would have removed every entry
+    assert "must be 0 or more" in capsys.readouterr().err

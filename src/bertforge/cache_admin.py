@@ -48,6 +48,8 @@ def prune(older_than_days: float | None, max_size_gb: float | None, dry_run: boo
     in `max_size_gb`. Returns what was (or, with dry_run, would be) removed."""
     if older_than_days is None and max_size_gb is None:
         raise UsageError("cache prune needs --older-than DAYS and/or --max-size GB")
+    if (older_than_days or 0) < 0 or (max_size_gb or 0) < 0:
+        raise UsageError("cache prune: --older-than and --max-size must be 0 or more")
     present = entries()
     cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
     chosen = [e for e in present if cutoff is not None and e.last_used < cutoff]
