@@ -355,6 +355,29 @@ def test_sigterm_unwinds_like_ctrl_c(tiny_recipe, tmp_path):
     assert not list((tmp_path / "cache" / "stages").glob(".tmp-*"))
 
 
+def test_sigterm_that_a_library_turns_into_its_own_error_still_exits_143(built, monkeypatch, capsys):
+    """A C extension importing when SIGTERM lands raises "ImportError: initialization failed" in place of
+    the handler's exception (seen in a cold build's export): still a termination, not a failed build."""
+    import signal
+    import time
+
+    from bertforge import api
+
+    def interrupted_import(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed") from None
+
+    monkeypatch.setattr(api, "run_validation", interrupted_import)
+    assert main(["validate", str(built), "--no-latency", "--quiet"]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("bertforge: terminated (SIGTERM)")
+    # the flag does not outlive the run it belongs to
+    monkeypatch.undo()
+    assert main(["validate", str(built), "--no-latency", "--quiet"]) in (0, 1)
+
+
 def test_compare_fails_when_b_lacks_a_variant_and_refuses_other_corpora(built, tmp_path, capsys):
     report = json.loads((built / "report.json").read_text())
     partial = tmp_path / "partial"

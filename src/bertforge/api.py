@@ -23,6 +23,7 @@ from bertforge.artifact import (
 )
 from bertforge.cache import cache_root, exclusive_or_fail
 from bertforge.errors import EXIT_GATE_FAILED, EXIT_OK, BertforgeError, UsageError
+from bertforge.onnx_files import MODEL_DATA_FILE, model_bytes, uses_external_data
 from bertforge.pipeline import (
     OUTPUT_MARKER,
     assemble_variant,
@@ -130,8 +131,9 @@ def validate_and_report(out: Path, source: ResolvedSource, source_key: str, reci
         manifest = read_manifest(path)
         gates = evaluate(name, metrics, recipe.validation.gates.get(name))
         entries[name] = {
-            "size_bytes": (path / "model.onnx").stat().st_size,
+            "size_bytes": model_bytes(path),  # model.onnx and its external data, if any
             "sha256": sha256_file(path / "model.onnx"),
+            **({"data_sha256": sha256_file(path / MODEL_DATA_FILE)} if uses_external_data(path) else {}),
             "key": manifest["key"],
             "stage": manifest["stage"],
             "stage_seconds": manifest["timings"]["seconds"],

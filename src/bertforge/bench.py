@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from bertforge.environment import physical_cores
+from bertforge.onnx_files import model_bytes
 from bertforge.runtime import feeds_for, open_session
 
 INPUT_SEED = 0
@@ -127,7 +128,7 @@ def bench_directories(variants: dict[str, Path], shapes: list[tuple[int, int]], 
     for batch, sequence in shapes:
         results["shapes"][f"b{batch}xs{sequence}"] = latency(variants, batch, sequence, warmup, repeats, threads)
     for name, path in variants.items():
-        results["size_bytes"][name] = (Path(path) / "model.onnx").stat().st_size
+        results["size_bytes"][name] = model_bytes(Path(path))
         if with_memory:
             results["memory_mb"][name] = peak_rss_mb(Path(path))
     return results

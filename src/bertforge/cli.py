@@ -338,7 +338,15 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a CI job cancelled, a container stopped), unwound like Ctrl-C so nothing half-written stays."""
 
 
+# set by the handler: a library that catches the Terminated it raised and raises its own error instead
+# (a C extension importing at that moment gives "ImportError: initialization failed") must still end
+# the run as terminated, not as a failed build
+_sigterm_received = False
+
+
 def _on_sigterm(signum, frame) -> None:
+    global _sigterm_received
+    _sigterm_received = True
     raise Terminated()
 
 
@@ -348,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bertforge.crash_log import one_line
 
+    global _sigterm_received
+    _sigterm_received = False
     args = parser().parse_args(argv)
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -356,12 +366,13 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
         sys.stdout.flush()  # here, where a closed pipe is handled below, not at interpreter exit
         return code
+    except Terminated:
+        return _terminated()
     except BertforgeError as exc:
+        if _sigterm_received:
+            return _terminated()
         print(f"bertforge: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Terminated:
-        print("bertforge: terminated (SIGTERM); nothing half-written was kept", file=sys.stderr)
-        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("bertforge: interrupted; nothing half-written was kept", file=sys.stderr)
         return 130
@@ -371,11 +382,20 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except Exception as exc:  # not a gate failure: exit 3, one line, the traceback in a log file
+        if _sigterm_received:
+            return _terminated()
         print(f"bertforge: error: {one_line(args.command, exc)}", file=sys.stderr)
         return EXIT_BUILD_FAILED
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated() -> int:
+    import signal
+
+    print("bertforge: terminated (SIGTERM); nothing half-written was kept", file=sys.stderr)
+    return 128 + signal.SIGTERM
 
 
 def main_entry() -> None:

@@ -8,7 +8,9 @@ from typing import Any
 
 import onnx
 
+from bertforge.artifact import MODEL_FILE
 from bertforge.errors import UsageError
+from bertforge.onnx_files import model_bytes
 
 FUSED_OPS = {"Attention", "MultiHeadAttention", "QAttention", "EmbedLayerNormalization", "SkipLayerNormalization",
              "BiasGelu", "FastGelu", "Gelu", "LayerNormalization", "MatMulInteger", "DynamicQuantizeLinear"}
@@ -33,7 +35,7 @@ def inspect_model(directory: Path) -> dict[str, Any]:
     total = sum(dtype_bytes.values()) or 1
     return {
         "path": str(path),
-        "size_bytes": path.stat().st_size,
+        "size_bytes": model_bytes(path.parent) if path.name == MODEL_FILE else path.stat().st_size,
         "opsets": {opset.domain or "ai.onnx": opset.version for opset in model.opset_import},
         "ir_version": model.ir_version,
         "nodes": len(model.graph.node),

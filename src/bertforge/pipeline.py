@@ -31,6 +31,8 @@ from bertforge.code_digest import code_digest
 from bertforge.crash_log import one_line
 from bertforge.errors import BertforgeError, StageError, UsageError
 from bertforge.exporter import export
+from bertforge.memory import release_freed_memory
+from bertforge.onnx_files import external_data_above, model_bytes
 from bertforge.progress import Progress
 from bertforge.recipe import Recipe
 from bertforge.sources import ResolvedSource
@@ -102,7 +104,8 @@ def key_of_stage(stage: str, parent: Artifact, config: Any, inputs: dict[str, An
     and every bertforge module it imports, and the inputs it declares."""
     module = STAGES[stage]
     return stage_key(parent.key, module.NAME, module.VERSION, config.model_dump(mode="json"),
-                     extra={"code": code_digest(module.__name__), "inputs": inputs})
+                     extra={"code": code_digest(module.__name__), "inputs": inputs,
+                            "external_data_above": external_data_above()})
 
 
 def run_stage(stage: str, parent: Artifact, config: Any) -> StageRun:
@@ -135,6 +138,7 @@ def run_stage(stage: str, parent: Artifact, config: Any) -> StageRun:
             except Exception as exc:  # a library's error inside the stage: one line, exit 3, traceback logged
                 raise StageError(one_line(f"stage {stage}", exc)) from exc
             seconds = time.monotonic() - start
+            release_freed_memory()  # the stage's models are garbage now; the next stage starts from a low RSS
             write_manifest(tmp, key=key, stage=stage, stage_version=module.VERSION, parent=parent.key,
                            config=config_data, lineage=lineage_of(parent) + [{"stage": stage, "key": key}],
                            metadata=metadata, seconds=seconds)
@@ -168,7 +172,7 @@ def build_variants(recipe: Recipe, source: ResolvedSource, progress: Progress) -
         with progress.step(variant) as info:
             run = run_stage(stage, parent, getattr(recipe, section))
             info["cached"] = run.cached
-            size = (run.artifact.path / "model.onnx").stat().st_size / 1e6
+            size = model_bytes(run.artifact.path) / 1e6
             info["note"] = f"{size:.1f} MB  key {run.artifact.key}"
         if run.rebuilt_because:
             progress.message(f"warning: {variant}: {run.rebuilt_because}")

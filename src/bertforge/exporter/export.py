@@ -19,6 +19,7 @@ import onnx
 
 from bertforge.artifact import MODEL_FILE
 from bertforge.errors import SourceError, StageError
+from bertforge.onnx_files import external_data_above, model_bytes, save_model, uses_external_data
 from bertforge.recipe import ExportConfig
 
 NAME = "export"
@@ -68,11 +69,11 @@ def _some(names: list[str], shown: int = 3) -> str:
 
 def check_weights(checkpoint: Path) -> None:
     """load_reference's checks, before any stage runs (the model is loaded and released)."""
-    import gc
+    from bertforge.memory import release_freed_memory
 
     model, _ = load_reference(checkpoint)
     del model
-    gc.collect()
+    release_freed_memory()
 
 
 def bert_onnx_config(model_config):
@@ -107,7 +108,11 @@ def run(checkpoint: Path, out: Path, config: ExportConfig) -> dict[str, Any]:
     onnx_export_from_model(model, out, task="fill-mask", opset=config.opset, do_validation=False,
                            preprocessors=[tokenizer], custom_onnx_configs={"model": bert_onnx_config(model.config)})
     model_path = out / MODEL_FILE
-    onnx.checker.check_model(str(model_path))
+    if (model_bytes(out) > external_data_above()) != uses_external_data(out):
+        # optimum's exporter splits off external data only past protobuf's limit; the rest of the pipeline
+        # follows onnx_files' threshold, so the export is written again where the two disagree
+        save_model(onnx.load(str(model_path)), out)
+    onnx.checker.check_model(str(model_path))  # by path: it reads external data the way loaders do
     proto = onnx.load(str(model_path), load_external_data=False)
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
     vocab_tables = [i.name for i in proto.graph.initializer if sorted(i.dims) == sorted([vocab, hidden])]
@@ -126,5 +131,5 @@ def run(checkpoint: Path, out: Path, config: ExportConfig) -> dict[str, Any]:
         "attn_implementation": model.config._attn_implementation,
         "tied_embedding_copies": len(vocab_tables),
         "mlm_head_missing_from_checkpoint": missing_head,
-        "model_bytes": model_path.stat().st_size,
+        "model_bytes": model_bytes(out),
     }

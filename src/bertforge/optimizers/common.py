@@ -57,13 +57,19 @@ def mlm_head_nodes(model) -> list[str]:
 
 
 def ort_fuse(model_path: Path, hf_config: dict, opt_level: int, multi_head_attention: bool = False):
-    """ORT's transformers optimizer on a BERT export: (OnnxModel, fused-operator counts).
+    """ORT's transformers optimizer on a BERT export: (ModelProto in topological order, fused-operator
+    counts).
 
     multi_head_attention: fuse attention as MultiHeadAttention, which keeps the Q/K/V projections as
     separate MatMuls (block-wise quantization needs them), instead of one Attention with packed QKV.
+
+    The optimizer leaves copies of the model (its shape-inference passes) in reference cycles; they are
+    collected here, before the caller serializes: on bert-base that is 3.1 GB resident down to 0.8 GB.
     """
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
+
+    from bertforge.memory import release_freed_memory
 
     options = FusionOptions("bert")
     options.use_multi_head_attention = multi_head_attention
@@ -71,7 +77,11 @@ def ort_fuse(model_path: Path, hf_config: dict, opt_level: int, multi_head_atten
                                hidden_size=hf_config["hidden_size"], opt_level=opt_level, use_gpu=False,
                                optimization_options=options)
     stats = {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
-    return optimized, stats
+    optimized.topological_sort()  # what OnnxModel.save_model_to_file does before it writes
+    model = optimized.model
+    del optimized
+    release_freed_memory()
+    return model, stats
 
 
 # Why SkipLayerNormalization is split again after fusion: ORT's CPU kernel for it
@@ -119,13 +129,13 @@ def mha_fused(model_path: Path, hf_config: dict, who: str):
     as in the fusion stage: (ModelProto, fused-op counts)."""
     from bertforge.errors import StageError
 
-    optimized, stats = ort_fuse(model_path, hf_config, opt_level=0, multi_head_attention=True)
+    model, stats = ort_fuse(model_path, hf_config, opt_level=0, multi_head_attention=True)
     found, layers = stats.get("MultiHeadAttention", 0), hf_config["num_hidden_layers"]
     if found != layers:
         raise StageError(f"{who}: MultiHeadAttention fused {found}/{layers} layers of {model_path} "
                          "(was the model exported with SDPA attention?)")
-    split_skip_layer_norms(optimized.model)
-    return optimized.model, stats
+    split_skip_layer_norms(model)
+    return model, stats
 
 
 def require_quantized(variant: str, histogram: dict[str, int], int8_ops: tuple[str, ...], config_keys: str,

@@ -14,6 +14,7 @@ from typing import Any
 
 import onnx
 
+from bertforge.onnx_files import save_model
 from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mlm_head_nodes
 from bertforge.recipe import Fp16Config
 
@@ -32,10 +33,11 @@ def run(src: Path, out: Path, config: Fp16Config) -> dict[str, Any]:
                                    node_block_list=blocked_nodes)
     kept = Counter(node.op_type for node in model.model.graph.node
                    if node.op_type in config.op_block_list or node.name in blocked_nodes)
-    onnx.save(model.model, str(out / MODEL_FILE))
-    copy_loader_files(src, out)
     initializers = Counter(onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name
                            for i in model.model.graph.initializer)
+    model.topological_sort()  # the converter appends its Casts at the end; onnx.checker wants graph order
+    save_model(model.model, out)
+    copy_loader_files(src, out)
     return {"ops_kept_fp32": dict(sorted(kept.items())), "nodes_kept_fp32": blocked_nodes,
             "initializer_dtypes": dict(sorted(initializers.items())),
             "keep_io_types": config.keep_io_types}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bertforge.errors import StageError
+from bertforge.onnx_files import save_model
 from bertforge.optimizers.common import (
     MODEL_FILE,
     copy_loader_files,
@@ -47,13 +48,13 @@ def missing_fusions(stats: dict[str, int], num_layers: int) -> list[str]:
 
 def run(src: Path, out: Path, config: FusionConfig) -> dict[str, Any]:
     hf = model_config(src)
-    optimized, stats = ort_fuse(src / MODEL_FILE, hf, opt_level=config.opt_level)
+    model, stats = ort_fuse(src / MODEL_FILE, hf, opt_level=config.opt_level)
     problems = missing_fusions(stats, hf["num_hidden_layers"])
     if problems and config.require_full_fusion:
         raise StageError("fusion incomplete: " + ", ".join(problems) + " (was the model exported with SDPA "
                          "attention? set fusion.require_full_fusion: false to accept a partial fusion)")
-    split = split_skip_layer_norms(optimized.model) if config.split_skip_layer_norm else 0
-    optimized.save_model_to_file(str(out / MODEL_FILE))
+    split = split_skip_layer_norms(model) if config.split_skip_layer_norm else 0
+    save_model(model, out)
     copy_loader_files(src, out)
     return {"fused_operators": stats, "fully_fused": not problems, "missing_fusions": problems,
             "opt_level": config.opt_level, "skip_layer_norms_split": split}

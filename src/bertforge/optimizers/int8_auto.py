@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from bertforge.artifact import Artifact, owned_scratch
 from bertforge.cache import cache_root
 from bertforge.int8_plan import ordered_moves, search
 from bertforge.layer_prefix import LayerPrefix
+from bertforge.onnx_files import save_model
 from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mha_fused, model_config, op_histogram
 from bertforge.optimizers.mixed_int8 import SCHEMES, QuantizedWeights, apply_plan, quant_groups
 from bertforge.recipe import Int8AutoConfig
@@ -88,7 +87,7 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
                   "kl_mean": config.target.kl_mean_max}
         found = search(start, moves, evaluate, target, latency_ratio, config.max_latency_ratio)
     chosen = apply_plan(model, found["plan"], groups, weights)
-    onnx.save(chosen, str(out / MODEL_FILE))
+    save_model(chosen, out)
     copy_loader_files(src, out)
     return {**found, "target": config.target.model_dump(), "max_latency_ratio": config.max_latency_ratio,
             "calibration_corpus": config.calibration_corpus, "calibration_positions": split.positions,

@@ -15,8 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import onnx
-
+from bertforge.onnx_files import save_model
 from bertforge.optimizers.common import (
     MODEL_FILE,
     copy_loader_files,
@@ -50,7 +49,7 @@ def run(src: Path, out: Path, config: Int8BlockwiseConfig) -> dict[str, Any]:
     require_quantized(NAME, histogram, ("MatMulNBits",),
                       f"int8_blockwise.exclude_presets {list(config.exclude_presets)} and exclude_nodes "
                       f"{list(config.exclude_nodes)}", bool(shared))
-    onnx.save(model, str(out / MODEL_FILE))
+    save_model(model, out)
     copy_loader_files(src, out)
     return {"fused_operators": stats, "excluded_nodes": exclude, "tied_table": shared, "bits": 8,
             "block_size": config.block_size, "symmetric": config.symmetric,

@@ -10,11 +10,13 @@ int8 per row, read by the embeddings and by an int8 decoder GEMM.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from bertforge.onnx_files import save_model, uses_external_data
 from bertforge.optimizers.common import (
     MODEL_FILE,
     copy_loader_files,
@@ -40,19 +42,23 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
     # The embeddings and the tied decoder are never ORT's: share_tied_table quantizes their table.
     keep_for_ort = excluded_nodes(names, ("embeddings", "mlm-decoder"), ())
     weight_type = QuantType.QInt8 if config.weight_type == "qint8" else QuantType.QUInt8
-    quantize_dynamic(src / MODEL_FILE, out / MODEL_FILE, op_types_to_quantize=list(config.op_types),
-                     per_channel=config.per_channel, reduce_range=config.reduce_range, weight_type=weight_type,
-                     nodes_to_exclude=sorted(set(exclude) | set(keep_for_ort)),
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    # quantize_dynamic writes its own file (its external data named its way); it is read back and
+    # written through the one save path, after the tied table is shared
+    with tempfile.TemporaryDirectory(prefix="bertforge-int8-dynamic-") as scratch:
+        written = Path(scratch) / MODEL_FILE
+        quantize_dynamic(src / MODEL_FILE, written, op_types_to_quantize=list(config.op_types),
+                         per_channel=config.per_channel, reduce_range=config.reduce_range, weight_type=weight_type,
+                         nodes_to_exclude=sorted(set(exclude) | set(keep_for_ort)),
+                         use_external_data_format=uses_external_data(src),
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        quantized = onnx.load(str(written))
     copy_loader_files(src, out)
-    quantized = onnx.load(str(out / MODEL_FILE))
     shared = share_tied_table_per_presets(quantized, config.exclude_presets)
     histogram = op_histogram(quantized)
     require_quantized(NAME, histogram, INT8_COMPUTE_OPS,
                       f"int8_dynamic.op_types {list(config.op_types)}, exclude_presets {list(config.exclude_presets)} "
                       f"and exclude_nodes {list(config.exclude_nodes)}", bool(shared))
-    if shared:
-        onnx.save(quantized, str(out / MODEL_FILE))
+    save_model(quantized, out)
     return {"excluded_nodes": exclude, "tied_table": shared,
             "op_types": histogram, "weight_type": config.weight_type,
             "per_channel": config.per_channel, "reduce_range": config.reduce_range}

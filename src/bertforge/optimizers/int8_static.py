@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from bertforge.artifact import Artifact
+from bertforge.onnx_files import save_model, uses_external_data
 from bertforge.optimizers.common import (
     MODEL_FILE,
     copy_loader_files,
@@ -86,14 +87,21 @@ def run(src: Path, out: Path, config: Int8StaticConfig, inputs: dict[str, Any]) 
     exclude = excluded_nodes(node_names(src / MODEL_FILE), config.exclude_presets, config.exclude_nodes)
     with tempfile.TemporaryDirectory(prefix="bertforge-calib-", dir=out) as scratch:
         prepared = Path(scratch) / "prepared.onnx"
-        quant_pre_process(str(src / MODEL_FILE), str(prepared), skip_optimization=True)
-        quantize_static(prepared, out / MODEL_FILE, Reader(), quant_format=QuantFormat.QDQ,
+        external = uses_external_data(src)
+        quant_pre_process(str(src / MODEL_FILE), str(prepared), skip_optimization=True,
+                          save_as_external_data=external)
+        written = Path(scratch) / "quantized" / MODEL_FILE  # read back and written through the one save path
+        written.parent.mkdir()
+        quantize_static(prepared, written, Reader(), quant_format=QuantFormat.QDQ,
+                        use_external_data_format=external,
                         op_types_to_quantize=["MatMul", "Attention"], per_channel=config.per_channel,
                         reduce_range=config.reduce_range, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude, calibrate_method=method,
                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        quantized = onnx.load(str(written))
+    histogram = op_histogram(quantized)
+    save_model(quantized, out)
     copy_loader_files(src, out)
-    histogram = op_histogram(onnx.load(str(out / MODEL_FILE)))
     # QDQ: every quantized MatMul's activation goes through a QuantizeLinear
     require_quantized(NAME, histogram, ("QuantizeLinear",),
                       f"int8_static.exclude_presets {list(config.exclude_presets)} and exclude_nodes "

@@ -21,6 +21,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from bertforge.errors import StageError
+from bertforge.onnx_files import save_model
 from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mlm_head_nodes
 from bertforge.recipe import MaskedHeadConfig
 
@@ -84,7 +85,7 @@ def run(src: Path, out: Path, config: MaskedHeadConfig) -> dict[str, Any]:
     graph.output.append(helper.make_tensor_value_info(logits.name, TensorProto.FLOAT, ["num_masks", vocab_size]))
     graph.output.append(helper.make_tensor_value_info("mask_positions", TensorProto.INT64, ["num_masks", 2]))
     del graph.value_info[:]  # shapes of the head changed; ORT re-infers them at load
-    onnx.checker.check_model(model)
-    onnx.save(model, str(out / MODEL_FILE))
+    save_model(model, out)
+    onnx.checker.check_model(str(out / MODEL_FILE))  # by path: a model with external data
     copy_loader_files(src, out)
     return {"mask_token_id": mask_id, "head_input": hidden, "parent_stage_dir": src.name}

