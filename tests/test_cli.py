@@ -74,15 +74,65 @@ def test_report_html_is_self_contained(built):
     assert all(f"<td>{name}</td>" in html for name in ("fp32", "fused", "fp16", "int8-dynamic", "int8-static"))
 
 
+# Injected into a copy of report.html: measures what a reader sees at 1280 px and writes it as JSON
+# into the DOM, which `chromium --dump-dom` prints after the page has loaded.
+LAYOUT_PROBE = """<script>
+window.addEventListener('load', () => {
+  const doc = document.documentElement, heads = [...document.querySelectorAll('h2')];
+  const ship = heads.find(h => h.textContent.startsWith('What to ship'));
+  const probes = heads.find(h => h.textContent.startsWith('Probes'));
+  const box = ship ? ship.getBoundingClientRect() : null;
+  const out = {clientWidth: doc.clientWidth, scrollWidth: doc.scrollWidth,
+    overflowing: [...document.querySelectorAll('body *')].filter(e => e.closest('.wide') === null
+      && e.getBoundingClientRect().right > doc.clientWidth + 0.5).map(e => e.tagName),
+    shipTop: box && box.height > 0 ? box.top : null,
+    probeTables: probes ? probes.parentElement.querySelectorAll('table.probe').length : 0,
+    intervals: (document.body.innerText.match(/\\d+\\.\\d%\u2013\\d+\\.\\d%/g) || []).length};
+  const pre = document.createElement('pre'); pre.id = 'layout'; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
 @pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed here")
 def test_report_html_renders_in_headless_chromium(built, tmp_path):
+    """At 1280 px: the recommendation on the first screen, the probe tables, the intervals, and nothing
+    wider than the page (a wide table scrolls inside its own box)."""
+    import html as html_lib
+    import re
+
+    browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run",
+               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1100"]
     png = tmp_path / "report.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}", "--window-size=1280,1100",
-                    (built / "report.html").as_uri()], check=True, capture_output=True, timeout=120)
+    subprocess.run([*browser, f"--screenshot={png}", (built / "report.html").as_uri()], check=True,
+                   capture_output=True, timeout=120)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a rendered page, not a blank one
+
+    def layout_of(page: str) -> dict:
+        probed = tmp_path / "probed.html"
+        probed.write_text(page.replace("</body>", LAYOUT_PROBE + "</body>"))
+        dom = subprocess.run([*browser, "--virtual-time-budget=3000", "--dump-dom", probed.as_uri()], check=True,
+                             capture_output=True, text=True, timeout=120).stdout
+        return json.loads(html_lib.unescape(re.search(r'<pre id="layout">([^<]*)</pre>', dom).group(1)))
+
+    layout = layout_of((built / "report.html").read_text())
+    assert layout["scrollWidth"] <= layout["clientWidth"] and layout["overflowing"] == [], layout
+    assert layout["shipTop"] is not None and layout["shipTop"] < 1100, layout
+    assert layout["probeTables"] >= 3 and layout["intervals"] >= 5, layout  # one per variant at least
+
+    # the widest report there is: every variant failing three gates, each named in its table cell
+    from bertforge.report import html as html_report
+
+    report = json.loads((built / "report.json").read_text())
+    report["gates_passed"] = False
+    for name, entry in report["variants"].items():
+        entry["passed"] = False
+        entry["gates"] = [{"variant": name, "metric": metric, "value": 0.5, "op": ">=", "threshold": 0.99,
+                           "passed": False} for metric in ("top1_agreement", "top5_overlap", "ref_top1_in_top5")]
+    layout = layout_of(html_report.render(report))
+    assert layout["scrollWidth"] <= layout["clientWidth"] and layout["overflowing"] == [], layout
 
 
 def test_a_failing_gate_exits_1_and_names_the_metric(built, tiny_checkpoint, tmp_path, capsys):
@@ -185,6 +235,51 @@ def test_a_second_build_into_the_same_out_is_refused_while_the_first_runs(tiny_c
 def test_resolve_prints_the_checkpoint_last(tiny_checkpoint, capsys):
     assert main(["resolve", str(tiny_checkpoint)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(tiny_checkpoint.resolve())
+
+
+def test_output_variants_are_read_only_hard_links_into_the_cache(built, tiny_recipe, tmp_path, capsys):
+    """No model bytes are copied into --out; what a user changes there never reaches a later build."""
+    import stat
+
+    from bertforge.artifact import sha256_file
+    from bertforge.cache import cache_root
+
+    for name in ("fp32", "int8-dynamic"):
+        manifest = json.loads((built / name / "manifest.json").read_text())
+        entry = cache_root() / "stages" / f"{manifest['stage']}-{manifest['key']}"
+        shipped, cached = (built / name / "model.onnx").stat(), (entry / "model.onnx").stat()
+        assert shipped.st_ino == cached.st_ino and shipped.st_nlink >= 2, name
+        assert not shipped.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH), name
+        # the output's manifest is its own file (it adds the recipe and the card); the entry's is untouched
+        assert (built / name / "manifest.json").stat().st_ino != (entry / "manifest.json").stat().st_ino
+        assert "recipe" in manifest and "recipe" not in json.loads((entry / "manifest.json").read_text())
+
+    # an edit in place (as root, or after a chmod) reaches the shared inode: the next build's hit check
+    # finds the entry changed and rebuilds it, so the edited bytes are never shipped again
+    manifest = json.loads((built / "fused" / "manifest.json").read_text())
+    entry = cache_root() / "stages" / f"{manifest['stage']}-{manifest['key']}"
+    good = manifest["files"]["model.onnx"]["sha256"]
+    target = built / "fused" / "model.onnx"
+    os.chmod(target, 0o644)
+
+    def flip() -> None:
+        with open(target, "r+b") as handle:
+            handle.seek(100)
+            byte = handle.read(1)
+            handle.seek(100)
+            handle.write(bytes([byte[0] ^ 0xFF]))
+
+    flip()
+    try:
+        again = tmp_path / "again"
+        assert main(["build", "--recipe", str(tiny_recipe), "--out", str(again), "--progress", "plain",
+                     "--no-latency"]) == 0
+        assert "fused: cache entry" in capsys.readouterr().err
+        assert sha256_file(again / "fused" / "model.onnx") == good == sha256_file(entry / "model.onnx")
+    finally:
+        flip()  # `built` is shared with the tests after this one
+        os.chmod(target, 0o444)
+    assert sha256_file(target) == good
 
 
 def test_inspect_verify_and_validate(built, tmp_path, capsys):

@@ -253,14 +253,24 @@ def _build(recipe: Recipe, out: Path, progress: Progress) -> Outcome:
         check_corpora(recipe, source)
     state = build_variants(recipe, source, progress)
     variants = list(recipe.variants)
+    placed = {"linked": 0, "copied": 0, "bytes_copied": 0}
     with atomic_directory(out) as staging:  # the output appears complete or not at all
         for name in variants:
-            assemble_variant(state.artifacts[name], staging / name, recipe)
+            for what, count in assemble_variant(state.artifacts[name], staging / name, recipe).items():
+                placed[what] += count
         report = validate_and_report(staging, source, state.source_key, recipe, variants, progress, warnings)
         write_marker(staging, recipe, source, variants)
     progress.message(md_report.terminal_summary(report))
-    progress.message(f"wrote {out}/ (report.md, report.html, report.json)")
+    progress.message(f"wrote {out}/ (report.md, report.html, report.json); " + placement_note(placed))
     return Outcome(EXIT_OK if report["gates_passed"] else EXIT_GATE_FAILED, report, out)
+
+
+def placement_note(placed: dict[str, int]) -> str:
+    """How the variant files reached the output: hard links into the cache, or copies."""
+    if not placed["copied"]:
+        return f"{placed['linked']} variant files hard-linked from the cache (read-only), no model bytes copied"
+    return (f"{placed['linked']} variant files hard-linked from the cache, {placed['copied']} copied "
+            f"({placed['bytes_copied'] / 1e6:.1f} MB; the filesystem refused links)")
 
 
 def validate_existing(out: Path, recipe: Recipe, progress: Progress | None = None,

@@ -149,6 +149,43 @@ def file_inventory(directory: Path) -> dict[str, dict[str, object]]:
     return files
 
 
+def make_read_only(directory: Path) -> None:
+    """Clear the write bits of every file under `directory`: a finished cache entry is never written
+    again, and the hard links an output directory makes to it share its mode."""
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            mode = path.stat().st_mode
+            if mode & 0o222:
+                os.chmod(path, mode & ~0o222)
+
+
+def link_or_copy_tree(src: Path, dest: Path, skip: tuple[str, ...] = ()) -> dict[str, int]:
+    """`dest` with every file of `src` (but the top-level names in `skip`) hard-linked, or copied
+    where the filesystem refuses a link (another device, no link support); returns the counts and the
+    bytes copied. Links share the source's read-only mode (make_read_only), so an edit in `dest` has
+    to be deliberate, and a cache entry changed anyway fails its check at the next hit and is rebuilt."""
+    src, dest = Path(src), Path(dest)
+    counts = {"linked": 0, "copied": 0, "bytes_copied": 0}
+    dest.mkdir(parents=True)
+    for path in sorted(src.rglob("*")):
+        relative = path.relative_to(src)
+        if relative.parts[0] in skip:
+            continue
+        target = dest / relative
+        if path.is_dir():
+            target.mkdir(exist_ok=True)
+            continue
+        try:
+            os.link(path, target)
+            counts["linked"] += 1
+        except OSError:
+            shutil.copyfile(path, target)  # an independent file: normal permissions, not the entry's
+            os.chmod(target, 0o666 & ~_umask())
+            counts["copied"] += 1
+            counts["bytes_copied"] += target.stat().st_size
+    return counts
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A complete stage output on disk and the facts that produced it."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,8 @@ from bertforge.artifact import (
     MANIFEST,
     Artifact,
     atomic_directory,
+    link_or_copy_tree,
+    make_read_only,
     owned_scratch,
     read_manifest,
     sha256_file,
@@ -125,6 +126,7 @@ def run_stage(stage: str, parent: Artifact, config: Any) -> StageRun:
             problems = verify_directory(target)
             if not problems:
                 os.utime(target)  # its last use, for `bertforge cache prune` (cache_admin.py)
+                make_read_only(target)  # an entry written before entries were made read-only
                 return StageRun(artifact, True, 0.0)
             damaged = f"cache entry {target.name} failed verification ({problems[0]}" + (
                 f", and {len(problems) - 1} more" if len(problems) > 1 else "") + "); rebuilt"
@@ -142,6 +144,7 @@ def run_stage(stage: str, parent: Artifact, config: Any) -> StageRun:
             write_manifest(tmp, key=key, stage=stage, stage_version=module.VERSION, parent=parent.key,
                            config=config_data, lineage=lineage_of(parent) + [{"stage": stage, "key": key}],
                            metadata=metadata, seconds=seconds)
+            make_read_only(tmp)  # output directories hard-link these files
         return StageRun(artifact, False, seconds, damaged)
 
 
@@ -200,11 +203,14 @@ def check_output_dir(out: Path) -> None:
                          "or remove it")
 
 
-def assemble_variant(run: StageRun, dest: Path, recipe: Recipe) -> None:
-    shutil.copytree(run.artifact.path, dest)
-    manifest = read_manifest(dest)
+def assemble_variant(run: StageRun, dest: Path, recipe: Recipe) -> dict[str, int]:
+    """The variant's directory under the output: its files hard-linked from the cache entry (copied where
+    the filesystem will not link), its own manifest.json with the recipe added."""
+    counts = link_or_copy_tree(run.artifact.path, dest, skip=(MANIFEST,))
+    manifest = read_manifest(run.artifact.path)
     manifest["recipe"] = recipe.model_dump(mode="json")
     write_json_atomic(dest / MANIFEST, manifest)
+    return counts
 
 
 def write_marker(out: Path, recipe: Recipe, source: ResolvedSource, variants: list[str]) -> None:

@@ -37,7 +37,8 @@ def color_of(name: str) -> str:
     return COLORS[names.index(name) % len(COLORS)] if name in names else "#555555"
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1200px}
-table{border-collapse:collapse;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+table{border-collapse:collapse;font-size:14px}th,td{border:1px solid #ccc;padding:4px 6px;text-align:right}
+.wide{overflow-x:auto;max-width:100%}
 th{background:#f3f3f3}td{white-space:nowrap}td:first-child,th:first-child{text-align:left}.fail{color:#b00020;font-weight:600}
 .pass{color:#1b7f3b}.note{max-width:60em}.plots{display:flex;gap:2em;flex-wrap:wrap}
 .probes{overflow-x:auto}table.probe td{text-align:left}
@@ -102,7 +103,9 @@ def scatter(points: list[tuple[str, float, float]], x_label: str, y_label: str, 
 def table(report: dict[str, Any]) -> str:
     shown = columns(report)
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in shown)
-    rows = [f"<table><thead><tr><th>variant</th>{head}<th>gates</th></tr></thead><tbody>"]
+    # every table sits in a div.wide: a table wider than the page scrolls inside it, the page does not
+    rows = [f'<div class="wide"><table id="variants"><thead><tr><th>variant</th>{head}<th>gates</th></tr></thead>'
+            "<tbody>"]
     for name, entry in report["variants"].items():
         row = variant_row(entry)
         texts = [latency_cell(entry, fmt(row.get(k), p)) if k.startswith("latency") else fmt(row.get(k), p)
@@ -115,7 +118,7 @@ def table(report: dict[str, Any]) -> str:
         else:
             gate_cell = '<td class="pass">pass</td>'
         rows.append(f"<tr><td>{html.escape(name)}</td>{cells}{gate_cell}</tr>")
-    rows.append("</tbody></table>")
+    rows.append("</tbody></table></div>")
     if any(from_earlier_run(entry) for entry in report["variants"].values()):
         rows.append(f'<p class="note" id="earlier-run">{html.escape(EARLIER_RUN_NOTE)}</p>')
     return "".join(rows)
@@ -138,8 +141,8 @@ def html_table(header: list[str], rows: list[list[str]], attributes: str = "", v
         return f"<tr>{html_cells}</tr>"
 
     head = "".join(f"<th>{html.escape(title)}</th>" for title in header)
-    return (f"<table{attributes}><thead><tr>{head}</tr></thead><tbody>"
-            + "".join(row_html(cells) for cells in rows) + "</tbody></table>")
+    return (f'<div class="wide"><table{attributes}><thead><tr>{head}</tr></thead><tbody>'
+            + "".join(row_html(cells) for cells in rows) + "</tbody></table></div>")
 
 
 def gates_section(report: dict[str, Any]) -> str:
