@@ -57,6 +57,9 @@ def test_build_writes_every_variant_and_the_reports(built):
     assert report["variants"]["fp32"]["metrics"]["top1_agreement"] == 1.0
     md = (built / "report.md").read_text()
     assert all(f"| {name} |" in md for name in report["variants"])
+    # int8-dynamic's agreement depends on the validation batch: the report says which one was used
+    assert report["corpus"]["batch_size"] == 16
+    assert "batches of 16 sentences" in md and "batches of 16 sentences" in (built / "report.html").read_text()
     manifest = json.loads((built / "fused" / "manifest.json").read_text())
     assert [step["stage"] for step in manifest["lineage"]] == ["source", "export", "fusion"]
     assert manifest["recipe"]["variants"][0] == "fp32"
@@ -319,6 +322,27 @@ def test_compare_flags_a_regression(built, tmp_path, capsys):
     assert main(["compare", str(built), str(worse), "--json"]) == 1
     result = json.loads(capsys.readouterr().out)
     assert any(r.startswith("fp16 top1_agreement") for r in result["regressions"])
+    # the table reads in MB, ms, percent and points, never 9.10793e+07 or a fraction
+    assert main(["compare", str(built), str(worse)]) == 1
+    table = {tuple(line.split()[:2]): line for line in capsys.readouterr().out.splitlines()}
+    size = report["variants"]["fp16"]["size_bytes"] / 1e6
+    assert table[("fp16", "size_bytes")].split()[2:] == [f"{size:.1f}", "MB", f"{size:.1f}", "MB", "0.0", "MB"]
+    top1 = report["variants"]["fp16"]["metrics"]["top1_agreement"]
+    assert table[("fp16", "top1_agreement")].split()[2:] == [f"{top1 + 0.05:.2%}", f"{top1:.2%}", "-5.00", "pt"]
+    assert table[("fp16", "latency_p50_ms")].split()[3] == "ms"
+
+
+def test_bench_says_what_it_is_timing_while_it_runs(built, capsys):
+    assert main(["bench", str(built), "--repeats", "3", "--warmup", "1", "--no-memory", "--progress", "plain"]) == 0
+    captured = capsys.readouterr()
+    steps = [line.split()[:2] for line in captured.err.splitlines() if line.startswith("  time ")]
+    assert steps == [["time", "b1xs128"], ["time", "b1xs32"], ["time", "b8xs128"], ["time", "b8xs32"]]
+    assert all("5 variants x 3 repeats; fastest" in line for line in captured.err.splitlines()
+               if line.startswith("  time "))
+    assert "b8xs32:" in captured.out and "fp32" in captured.out
+    assert main(["bench", str(built / "fp32"), "--repeats", "3", "--warmup", "1", "--json", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and json.loads(captured.out)["memory_mb"]["fp32"] > 0
 
 
 def test_no_files_written_outside_output_and_cache(tmp_path, tiny_recipe):

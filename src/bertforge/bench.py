@@ -122,15 +122,29 @@ def peak_rss_mb(directory: Path, batch: int = 1, sequence: int = 128, runs: int 
 
 
 def bench_directories(variants: dict[str, Path], shapes: list[tuple[int, int]], warmup: int, repeats: int,
-                      with_memory: bool = True) -> dict[str, Any]:
+                      with_memory: bool = True, progress=None) -> dict[str, Any]:
+    """Every shape timed over all variants interleaved, then each variant's size and peak RSS; each
+    shape and each RSS measurement is a step of `progress` (a bertforge.progress.Progress), if given."""
+    from contextlib import nullcontext
+
+    def step(name: str):
+        return progress.step(name) if progress is not None else nullcontext({})
+
     threads = physical_cores()
     results: dict[str, Any] = {"threads": threads, "shapes": {}, "memory_mb": {}, "size_bytes": {}}
     for batch, sequence in shapes:
-        results["shapes"][f"b{batch}xs{sequence}"] = latency(variants, batch, sequence, warmup, repeats, threads)
+        with step(f"time b{batch}xs{sequence}") as info:
+            timed = latency(variants, batch, sequence, warmup, repeats, threads)
+            results["shapes"][f"b{batch}xs{sequence}"] = timed
+            fastest = min(timed, key=lambda name: timed[name]["p50_ms"])
+            info["note"] = (f"{len(variants)} variants x {repeats} repeats; fastest {fastest} "
+                            f"{timed[fastest]['p50_ms']:.1f} ms")
     for name, path in variants.items():
         results["size_bytes"][name] = model_bytes(Path(path))
         if with_memory:
-            results["memory_mb"][name] = peak_rss_mb(Path(path))
+            with step(f"peak RSS {name}") as info:
+                results["memory_mb"][name] = peak_rss_mb(Path(path))
+                info["note"] = f"{results['memory_mb'][name]:.0f} MB"
     return results
 
 

@@ -199,7 +199,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not variants:
         raise UsageError(f"{root} holds no model.onnx nor variant directories")
     shapes = [(b, s) for b in (1, 8) for s in (128, 32)]
-    results = bench_directories(variants, shapes, args.warmup, args.repeats, with_memory=not args.no_memory)
+    results = bench_directories(variants, shapes, args.warmup, args.repeats, with_memory=not args.no_memory,
+                                progress=_progress(args))
     if args.json:
         print(dump(results))
         return EXIT_OK
@@ -309,6 +310,7 @@ def parser() -> argparse.ArgumentParser:
     ben.add_argument("--warmup", type=int, default=3)
     ben.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-RSS subprocesses")
     ben.add_argument("--json", action="store_true")
+    progress_flags(ben)
     ben.set_defaults(func=cmd_bench)
 
     fil = sub.add_parser("fill-mask", help="top-k predictions at each [MASK] of a text, from one variant",

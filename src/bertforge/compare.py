@@ -104,10 +104,30 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any], tol: Tolerances = Tole
             "basis_differences": differences, "tolerances": tol.__dict__}
 
 
+SHARES = ("top1_agreement", "top5_overlap", "ref_top1_in_top5")
+
+
+def shown(metric: str, value: float | None, delta: bool = False) -> str:
+    """A value as a reader takes it in: MB, ms, percent (deltas in points), error magnitudes in %.3g."""
+    if value is None:
+        return "n/a"
+    sign = "+" if delta and value > 0 else ""
+    if metric == "size_bytes":
+        return f"{sign}{value / 1e6:.1f} MB"
+    if metric == "latency_p50_ms":
+        return f"{sign}{value:.1f} ms"
+    if metric in SHARES:
+        return f"{sign}{value * 100:.2f} pt" if delta else f"{value:.2%}"
+    if metric == "cosine_mean":
+        return f"{sign}{value:.6f}"
+    return f"{sign}{value:.3g}"
+
+
 def render(result: dict[str, Any]) -> str:
     lines = [f"{'variant':<14} {'metric':<18} {'A':>14} {'B':>14} {'delta':>14}"]
     for row in result["rows"]:
-        cells = [("n/a" if v is None else f"{v:.6g}") for v in (row["a"], row["b"], row["delta"])]
+        metric = row["metric"]
+        cells = [shown(metric, row["a"]), shown(metric, row["b"]), shown(metric, row["delta"], delta=True)]
         lines.append(f"{row['variant']:<14} {row['metric']:<18} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}")
     if result["variants_in_one_run_only"]:
         lines.append("in one run only: " + ", ".join(result["variants_in_one_run_only"]))

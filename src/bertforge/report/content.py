@@ -82,6 +82,15 @@ def without_nan(value: Any) -> Any:
     return value
 
 
+def batching_note(corpus: dict[str, Any]) -> str:
+    """How the corpus was fed: it matters to int8-dynamic, whose activation scales span a batch."""
+    size = corpus.get("batch_size")
+    if not size:
+        return ""
+    return (f"Validation ran in batches of {size} sentences (length-sorted, padded); int8-dynamic's "
+            "activation scales are computed per batch, so its agreement depends on the batch size.")
+
+
 def reference_note(reference: dict[str, Any]) -> str:
     note = (f"Reference: {reference['distinct_top1']} distinct top-1 tokens over {reference['positions']} masked "
             f"positions; median top-1/top-2 logit margin {reference['median_top1_top2_margin']:.3f}; "

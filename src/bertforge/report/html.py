@@ -14,6 +14,7 @@ from bertforge.report.content import (
     EARLIER_RUN_NOTE,
     PLAN_HEADER,
     PROBES_NOTE,
+    batching_note,
     columns,
     fmt,
     from_earlier_run,
@@ -192,7 +193,7 @@ def render(report: dict[str, Any]) -> str:
 <h1>bertforge report: {html.escape(model['spec'])}</h1>
 <p class="note">Model: {html.escape(model['description'])}. Corpus: {report['corpus']['sentences']} sentences,
 {report['corpus']['masked_positions']} masked positions. Every metric compares the variant's logits with PyTorch fp32
-(eager) at the [MASK] positions.</p>
+(eager) at the [MASK] positions. {html.escape(batching_note(report['corpus']))}</p>
 {verdict}
 {recommendation_section(report)}
 {table(report)}

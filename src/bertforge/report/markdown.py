@@ -9,6 +9,7 @@ from bertforge.report.content import (
     EARLIER_RUN_NOTE,
     PLAN_HEADER,
     PROBES_NOTE,
+    batching_note,
     columns,
     fmt,
     from_earlier_run,
@@ -71,7 +72,7 @@ def render(report: dict[str, Any]) -> str:
         f"Model: {model['description']}.",
         f"Corpus: {corpus['sentences']} sentences ({corpus['source']}), {corpus['masked_positions']} masked "
         f"positions, seed {corpus['seed']}. Metrics compare each variant's logits with PyTorch fp32 (eager) "
-        "at the masked positions.",
+        "at the masked positions. " + batching_note(corpus),
         "",
         *([report["recommendation"]["summary"], ""] if report.get("recommendation") else []),
         comparison_table(report),

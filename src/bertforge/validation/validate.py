@@ -84,6 +84,7 @@ def run_validation(checkpoint: Path, variants: dict[str, Path], config: Validati
     return {
         "corpus": {"source": config.corpus, "digest": corpus_digest(config.corpus), "sentences": len(examples),
                    "seed": config.seed, "mask_fraction": config.mask_fraction, "max_sentences": config.max_sentences,
+                   "batch_size": config.batch_size,
                    "masked_positions": int(sum(len(e.masked_positions) for e in examples)),
                    **truncation.as_dict()},
         "reference": {**reference_stats.summary(), "mlm_head_missing_from_checkpoint": missing_head,
