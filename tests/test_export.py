@@ -1,5 +1,7 @@
 """The export stage on a tiny random BertForMaskedLM: loadable everywhere, tied weights once, parity."""
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -50,3 +52,29 @@ def test_every_variant_loads_in_optimum_and_the_pipeline(tiny_variants):
         fill = pipeline("fill-mask", model=str(path), accelerator="ort")
         answers = fill("The capital of France is [MASK].")
         assert len(answers) == 5 and all("token_str" in a for a in answers), name
+
+
+def test_variants_optimum_has_a_format_for_carry_its_ort_config(tiny_variants):
+    """ort_config.json, read back by optimum's own ORTConfig, says what was done in optimum's terms."""
+    from optimum.onnxruntime.configuration import ORTConfig
+
+    def read(name):
+        graph = onnx.load(str(tiny_variants[name] / "model.onnx"), load_external_data=False)
+        opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+        assert ORTConfig.from_pretrained(tiny_variants[name]).opset == opset, name  # optimum reads it back
+        return json.loads((tiny_variants[name] / "ort_config.json").read_text())
+
+    fused, fp16, dynamic, static = (read(n) for n in ("fused", "fp16", "int8-dynamic", "int8-static"))
+    assert fused["quantization"] == {} or fused["quantization"] is None
+    assert fused["optimization"]["fp16"] is False and fused["optimization"]["optimization_level"] == 0
+    assert not fused["optimization"]["disable_embed_layer_norm_fusion"]
+    assert fp16["optimization"]["fp16"] is True
+    assert dynamic["quantization"]["is_static"] is False and dynamic["quantization"]["format"] == "QOperator"
+    assert dynamic["quantization"]["per_channel"] is True and dynamic["quantization"]["weights_dtype"] == "QInt8"
+    assert dynamic["optimization"] == fused["optimization"]  # quantized from the fused graph
+    assert static["quantization"]["is_static"] is True and static["quantization"]["format"] == "QDQ"
+    assert any("/cls/predictions/decoder" in n for n in static["quantization"]["nodes_to_exclude"])
+    # no ORTConfig form for these: none is written rather than a wrong one
+    for name in ("fp32", "int8-blockwise", "int8-auto", "int8-dynamic-masked"):
+        if name in tiny_variants:
+            assert not (tiny_variants[name] / "ort_config.json").exists(), name

@@ -15,6 +15,7 @@ from typing import Any
 import onnx
 
 from bertforge.onnx_files import save_model
+from bertforge.optimizers import ort_config
 from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mlm_head_nodes
 from bertforge.recipe import Fp16Config
 
@@ -37,6 +38,7 @@ def run(src: Path, out: Path, config: Fp16Config) -> dict[str, Any]:
                            for i in model.model.graph.initializer)
     model.topological_sort()  # the converter appends its Casts at the end; onnx.checker wants graph order
     save_model(model.model, out)
+    ort_config.write(out, model.model, parent=src, fp16=True)
     copy_loader_files(src, out)
     return {"ops_kept_fp32": dict(sorted(kept.items())), "nodes_kept_fp32": blocked_nodes,
             "initializer_dtypes": dict(sorted(initializers.items())),

@@ -16,6 +16,7 @@ from typing import Any
 
 from bertforge.errors import StageError
 from bertforge.onnx_files import save_model
+from bertforge.optimizers import ort_config
 from bertforge.optimizers.common import (
     MODEL_FILE,
     copy_loader_files,
@@ -55,6 +56,7 @@ def run(src: Path, out: Path, config: FusionConfig) -> dict[str, Any]:
                          "attention? set fusion.require_full_fusion: false to accept a partial fusion)")
     split = split_skip_layer_norms(model) if config.split_skip_layer_norm else 0
     save_model(model, out)
+    ort_config.write(out, model, optimization=ort_config.fusion(config.opt_level))
     copy_loader_files(src, out)
     return {"fused_operators": stats, "fully_fused": not problems, "missing_fusions": problems,
             "opt_level": config.opt_level, "skip_layer_norms_split": split}

@@ -17,6 +17,7 @@ from typing import Any
 import onnx
 
 from bertforge.onnx_files import save_model, uses_external_data
+from bertforge.optimizers import ort_config
 from bertforge.optimizers.common import (
     MODEL_FILE,
     copy_loader_files,
@@ -59,6 +60,10 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
                       f"int8_dynamic.op_types {list(config.op_types)}, exclude_presets {list(config.exclude_presets)} "
                       f"and exclude_nodes {list(config.exclude_nodes)}", bool(shared))
     save_model(quantized, out)
+    ort_config.write(out, quantized, parent=src, quantizer=ort_config.quantization(
+        static=False, per_channel=config.per_channel, reduce_range=config.reduce_range,
+        weight_type=config.weight_type, operators=list(config.op_types),
+        nodes_to_exclude=sorted(set(exclude) | set(keep_for_ort))))
     return {"excluded_nodes": exclude, "tied_table": shared,
             "op_types": histogram, "weight_type": config.weight_type,
             "per_channel": config.per_channel, "reduce_range": config.reduce_range}

@@ -19,6 +19,7 @@ import onnx
 
 from bertforge.artifact import Artifact
 from bertforge.onnx_files import save_model, uses_external_data
+from bertforge.optimizers import ort_config
 from bertforge.optimizers.common import (
     MODEL_FILE,
     copy_loader_files,
@@ -101,6 +102,9 @@ def run(src: Path, out: Path, config: Int8StaticConfig, inputs: dict[str, Any]) 
         quantized = onnx.load(str(written))
     histogram = op_histogram(quantized)
     save_model(quantized, out)
+    ort_config.write(out, quantized, parent=src, quantizer=ort_config.quantization(
+        static=True, per_channel=config.per_channel, reduce_range=config.reduce_range, weight_type="qint8",
+        operators=["MatMul", "Attention"], nodes_to_exclude=exclude))
     copy_loader_files(src, out)
     # QDQ: every quantized MatMul's activation goes through a QuantizeLinear
     require_quantized(NAME, histogram, ("QuantizeLinear",),
