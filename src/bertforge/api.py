@@ -270,7 +270,8 @@ def placement_note(placed: dict[str, int]) -> str:
     if not placed["copied"]:
         return f"{placed['linked']} variant files hard-linked from the cache (read-only), no model bytes copied"
     return (f"{placed['linked']} variant files hard-linked from the cache, {placed['copied']} copied "
-            f"({placed['bytes_copied'] / 1e6:.1f} MB; the filesystem refused links)")
+            f"({placed['bytes_copied'] / 1e6:.1f} MB: external data, which onnx will not read through a hard "
+            "link, or files the filesystem would not link)")
 
 
 def validate_existing(out: Path, recipe: Recipe, progress: Progress | None = None,

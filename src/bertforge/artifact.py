@@ -159,11 +159,12 @@ def make_read_only(directory: Path) -> None:
                 os.chmod(path, mode & ~0o222)
 
 
-def link_or_copy_tree(src: Path, dest: Path, skip: tuple[str, ...] = ()) -> dict[str, int]:
+def link_or_copy_tree(src: Path, dest: Path, skip: tuple[str, ...] = (), copy: tuple[str, ...] = ()) -> dict[str, int]:
     """`dest` with every file of `src` (but the top-level names in `skip`) hard-linked, or copied
-    where the filesystem refuses a link (another device, no link support); returns the counts and the
-    bytes copied. Links share the source's read-only mode (make_read_only), so an edit in `dest` has
-    to be deliberate, and a cache entry changed anyway fails its check at the next hit and is rebuilt."""
+    where the filesystem refuses a link (another device, no link support) or the name is in `copy`;
+    returns the counts and the bytes copied. Links share the source's read-only mode (make_read_only),
+    so an edit in `dest` has to be deliberate, and a cache entry changed anyway fails its check at the
+    next hit and is rebuilt."""
     src, dest = Path(src), Path(dest)
     counts = {"linked": 0, "copied": 0, "bytes_copied": 0}
     dest.mkdir(parents=True)
@@ -176,6 +177,8 @@ def link_or_copy_tree(src: Path, dest: Path, skip: tuple[str, ...] = ()) -> dict
             target.mkdir(exist_ok=True)
             continue
         try:
+            if path.name in copy:
+                raise OSError("copied by rule")
             os.link(path, target)
             counts["linked"] += 1
         except OSError:

@@ -33,7 +33,7 @@ from bertforge.crash_log import one_line
 from bertforge.errors import BertforgeError, StageError, UsageError
 from bertforge.exporter import export
 from bertforge.memory import release_freed_memory
-from bertforge.onnx_files import external_data_above, model_bytes
+from bertforge.onnx_files import MODEL_DATA_FILE, external_data_above, model_bytes
 from bertforge.progress import Progress
 from bertforge.recipe import Recipe
 from bertforge.sources import ResolvedSource
@@ -206,7 +206,9 @@ def check_output_dir(out: Path) -> None:
 def assemble_variant(run: StageRun, dest: Path, recipe: Recipe) -> dict[str, int]:
     """The variant's directory under the output: its files hard-linked from the cache entry (copied where
     the filesystem will not link), its own manifest.json with the recipe added."""
-    counts = link_or_copy_tree(run.artifact.path, dest, skip=(MANIFEST,))
+    # onnx.load refuses external data with more than one link ("potential hardlink attack", onnx 1.23),
+    # so a model's external data is copied; everything else is linked
+    counts = link_or_copy_tree(run.artifact.path, dest, skip=(MANIFEST,), copy=(MODEL_DATA_FILE,))
     manifest = read_manifest(run.artifact.path)
     manifest["recipe"] = recipe.model_dump(mode="json")
     write_json_atomic(dest / MANIFEST, manifest)
