@@ -22,10 +22,15 @@ from bertforge.errors import SourceError
 DEFAULT_MODEL = "bert-base-uncased"
 DEMO = "demo"
 SYNTHETIC_PREFIX = "synthetic:"
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# one weights file, or an index naming its shards (transformers' save_pretrained with max_shard_size)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
-HUB_PATTERNS = ["config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json"]
+HUB_FILES = ["config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+# what is fetched from the hub, safetensors first; pytorch_model.bin only for a repo without them
+# (bert-base-uncased has both, and the .bin would be 440 MB more)
+HUB_WEIGHTS = (["model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"],
+               ["pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json"])
 ALTERNATIVES = ("use --model demo (real weights, offline), synthetic:bert-base-uncased (or another "
                 "`bertforge resolve --list` names), or a local checkpoint directory")
 
@@ -70,12 +75,33 @@ def check_checkpoint(path: Path) -> Path:
         raise SourceError(f"{config_path} is not valid JSON: {exc}") from exc
     if model_type != "bert":
         raise SourceError(f"{path} holds a '{model_type}' model; bertforge exports BERT (model_type 'bert')")
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
+    if not has_weights(path):
         raise SourceError(f"{path} has no weights ({' or '.join(WEIGHT_FILES)})")
+    check_shards(path)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise SourceError(f"{path} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
     check_mask_token(path)
     return path.resolve()
+
+
+def has_weights(path: Path) -> bool:
+    return any((path / name).is_file() for name in WEIGHT_FILES)
+
+
+def check_shards(path: Path) -> None:
+    """A sharded checkpoint's index must name shards that are all there (a partial download otherwise
+    fails deep inside transformers)."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if not (path / index).is_file():
+            continue
+        try:
+            shards = sorted(set(json.loads((path / index).read_text("utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError) as exc:
+            raise SourceError(f"{path / index} is not a weights index: {exc}") from exc
+        missing = [shard for shard in shards if not (path / shard).is_file()]
+        if missing:
+            raise SourceError(f"{path}: {index} names {len(shards)} shards and {len(missing)} are missing "
+                              f"({', '.join(missing[:3])})")
 
 
 def check_mask_token(path: Path) -> None:
@@ -109,14 +135,22 @@ def resolve_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
+    def download(local_only: bool) -> Path:
+        """safetensors (one file or shards) first, pytorch_model.bin only when the repo has no safetensors."""
+        for weights in HUB_WEIGHTS:
+            path = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES + weights, local_files_only=local_only))
+            if has_weights(path):
+                break
+        return path
+
     try:
-        return check_checkpoint(Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True)))
+        return check_checkpoint(download(local_only=True))
     except HFValidationError as exc:
         raise SourceError(f"'{repo_id}' is neither an existing directory nor a valid hub id ({ALTERNATIVES})") from exc
     except (OSError, ValueError):
         pass  # not cached: try the hub
     try:
-        return check_checkpoint(Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)))
+        return check_checkpoint(download(local_only=False))
     except SourceError:
         raise
     except Exception as exc:  # noqa: BLE001 - any hub failure reduces to one actionable line
