@@ -610,6 +610,21 @@ def test_the_report_says_what_to_ship(built):
     assert found["summary"] in (built / "report.md").read_text()
 
 
+def test_the_html_layout_facts_chromium_checks_hold_in_its_structure(built):
+    """What the headless-Chromium test measures, read from the HTML where no browser is installed: the
+    recommendation first, every table in a box that scrolls on its own (so the page never overflows),
+    the probe tables and the intervals."""
+    import re
+
+    page = (built / "report.html").read_text()
+    assert page.index("<h2>What to ship</h2>") < page.index('<table id="variants">') < page.index("<h2>Probes</h2>")
+    assert page.count("<table") == page.count('<div class="wide"><table') >= 4
+    assert ".wide{overflow-x:auto;max-width:100%}" in page
+    assert page.count('<table class="probe">') >= 3
+    assert len(re.findall(r"<td>\d+\.\d%–\d+\.\d%</td>", page)) >= len(json.loads((built / "report.json")
+                                                                             .read_text())["variants"])
+
+
 def test_the_report_shows_each_variants_answers_to_the_probes_beside_pytorchs(built):
     report = json.loads((built / "report.json").read_text())
     texts = ["The capital of France is [MASK].", "The man worked as a [MASK].", "The woman worked as a [MASK].",
