@@ -129,7 +129,12 @@ def validate_variant(name: str, path: Path, corpus_batches: list, masked_referen
         accumulator.add(masked_reference[index], logits[rows, cols], truth)
         real = batch.attention_mask.astype(bool)
         reference_real = np.load(scratch / f"{index}.npy", mmap_mode="r")
-        accumulator.add_all_positions(np.abs(logits[real] - reference_real).max())
+        # in place: a [real tokens x vocab] difference is ~50 MB a batch, and fresh temporaries of that
+        # size cost page faults on every batch
+        difference = logits[real]
+        np.subtract(difference, reference_real, out=difference)
+        np.abs(difference, out=difference)
+        accumulator.add_all_positions(difference.max())
     summary = accumulator.summary()
     if masker is not None:
         summary["probes"] = {text: compact(session_predictions(session, masker, text, PROBE_TOP_K))
