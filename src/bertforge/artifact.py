@@ -176,16 +176,17 @@ def link_or_copy_tree(src: Path, dest: Path, skip: tuple[str, ...] = (), copy: t
         if path.is_dir():
             target.mkdir(exist_ok=True)
             continue
-        try:
-            if path.name in copy:
-                raise OSError("copied by rule")
-            os.link(path, target)
-            counts["linked"] += 1
-        except OSError:
-            shutil.copyfile(path, target)  # an independent file: normal permissions, not the entry's
-            os.chmod(target, 0o666 & ~_umask())
-            counts["copied"] += 1
-            counts["bytes_copied"] += target.stat().st_size
+        if path.name not in copy:
+            try:
+                os.link(path, target)
+                counts["linked"] += 1
+                continue
+            except OSError:
+                pass  # another device, or no link support: copied below
+        shutil.copyfile(path, target)  # an independent file: normal permissions, not the entry's
+        os.chmod(target, 0o666 & ~_umask())
+        counts["copied"] += 1
+        counts["bytes_copied"] += target.stat().st_size
     return counts
 
 

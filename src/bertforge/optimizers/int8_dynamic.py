@@ -42,6 +42,7 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
     exclude = excluded_nodes(names, config.exclude_presets, config.exclude_nodes)
     # The embeddings and the tied decoder are never ORT's: share_tied_table quantizes their table.
     keep_for_ort = excluded_nodes(names, ("embeddings", "mlm-decoder"), ())
+    not_for_ort = sorted(set(exclude) | set(keep_for_ort))
     weight_type = QuantType.QInt8 if config.weight_type == "qint8" else QuantType.QUInt8
     # quantize_dynamic writes its own file (its external data named its way); it is read back and
     # written through the one save path, after the tied table is shared
@@ -49,8 +50,7 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
         written = Path(scratch) / MODEL_FILE
         quantize_dynamic(src / MODEL_FILE, written, op_types_to_quantize=list(config.op_types),
                          per_channel=config.per_channel, reduce_range=config.reduce_range, weight_type=weight_type,
-                         nodes_to_exclude=sorted(set(exclude) | set(keep_for_ort)),
-                         use_external_data_format=uses_external_data(src),
+                         nodes_to_exclude=not_for_ort, use_external_data_format=uses_external_data(src),
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         quantized = onnx.load(str(written))
     copy_loader_files(src, out)
@@ -63,7 +63,7 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
     ort_config.write(out, quantized, parent=src, quantizer=ort_config.quantization(
         static=False, per_channel=config.per_channel, reduce_range=config.reduce_range,
         weight_type=config.weight_type, operators=list(config.op_types),
-        nodes_to_exclude=sorted(set(exclude) | set(keep_for_ort))))
+        nodes_to_exclude=not_for_ort))
     return {"excluded_nodes": exclude, "tied_table": shared,
             "op_types": histogram, "weight_type": config.weight_type,
             "per_channel": config.per_channel, "reduce_range": config.reduce_range}

@@ -15,13 +15,13 @@ from typing import Any
 ORT_CONFIG_FILE = "ort_config.json"
 
 
-def fusion(opt_level: int, fp16: bool = False):
+def fusion(opt_level: int):
     """The fusion stage's settings: the transformers optimizer with its BERT defaults (FusionOptions
     "bert": EmbedLayerNormalization fused, which OptimizationConfig disables by default)."""
     from optimum.onnxruntime.configuration import OptimizationConfig
 
     return OptimizationConfig(optimization_level=opt_level, enable_transformers_specific_optimizations=True,
-                              disable_embed_layer_norm_fusion=False, fp16=fp16)
+                              disable_embed_layer_norm_fusion=False)
 
 
 def quantization(*, static: bool, per_channel: bool, reduce_range: bool, weight_type: str,
