@@ -289,7 +289,7 @@ def parser() -> argparse.ArgumentParser:
     sen = sub.add_parser("sensitivity", help="per-group INT8 sensitivity of a build (KL, top-1, ms per scheme)",
                          description="Quantize each group (per layer: QKV, attention output, FFN up, FFN down; the "
                          "head's transform; the tied embedding table) alone under each int8 scheme (int8-dynamic, "
-                         "int8-smooth, int8-outlier, int8-blockwise); "
+                         "int8-smooth, int8-token, int8-outlier, int8-blockwise); "
                          "compare with the fp32 graph at [MASK] positions of a calibration split (not the "
                          "validation corpus); time each group per scheme. Writes DIR/sensitivity.{json,md}.")
     sen.add_argument("dir", help="a build directory with an fp32 variant, or an fp32 variant directory")

@@ -347,6 +347,10 @@ def group_ms(group: Group, scheme: str, node_ms: dict[str, float]) -> float:
         names = [f"{name}{suffix}{part}" for name in group.nodes for part in ("", "_fp32", "_add")]
         names += [f"{group.nodes[0]}_outlier_gather", f"{group.nodes[0]}_outlier_mask"]
         return sum(node_ms.get(name, 0.0) for name in names)
+    if scheme == "int8-token":  # each MatMul's kernel and rescale Mul; the group's row-max and Div
+        names = [f"{name}{suffix}{part}" for name in group.nodes for part in ("", "_rescale")]
+        names += [f"{group.nodes[0]}_token_{part}" for part in ("abs", "max", "floor", "div")]
+        return sum(node_ms.get(name, 0.0) for name in names)
     ms = sum(node_ms.get(f"{name}{suffix}", 0.0) for name in group.nodes)
     return ms + (node_ms.get(f"{group.nodes[0]}_smooth", 0.0) if scheme == "int8-smooth" else 0.0)
 

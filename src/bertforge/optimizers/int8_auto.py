@@ -95,6 +95,7 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
             "costs_ms": {"per_group": group_costs, "measured_per_group": costs["ms"], "fp32_graph": round(fp32_ms, 3),
                          "int8_dynamic_graph": round(costs["model_ms"]["int8-dynamic"], 3),
                          "int8_smooth_graph": round(costs["model_ms"]["int8-smooth"], 3),
+                         "int8_token_graph": round(costs["model_ms"]["int8-token"], 3),
                          "int8_outlier_graph": round(costs["model_ms"]["int8-outlier"], 3),
                          "int8_blockwise_graph": round(costs["model_ms"]["int8-blockwise"], 3)},
             "block_size": config.block_size, "schemes": list(config.schemes),

@@ -108,7 +108,7 @@ def reference_note(reference: dict[str, Any]) -> str:
     return note
 
 
-SENSITIVITY_SCHEMES = ("int8-dynamic", "int8-smooth", "int8-outlier", "int8-blockwise")
+SENSITIVITY_SCHEMES = ("int8-dynamic", "int8-smooth", "int8-token", "int8-outlier", "int8-blockwise")
 COST_SCHEMES = ("fp32", *SENSITIVITY_SCHEMES)
 
 
