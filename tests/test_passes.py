@@ -216,7 +216,15 @@ def test_masked_head_matches_the_full_head_at_mask_positions(tiny_checkpoint, ti
     feeds = tiny_feeds()
     feeds["input_ids"][1, 7] = 103  # a second [MASK] in the second row
     full = ort.InferenceSession(str(tiny_variants["fused"] / "model.onnx")).run(None, feeds)[0]
-    masked, positions = ort.InferenceSession(str(out / "model.onnx")).run(None, feeds)
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    assert [o.name for o in session.get_outputs()] == ["logits", "mask_logits", "mask_positions"]
+    logits, masked, positions = session.run(None, feeds)
     assert positions.tolist() == [[0, 3], [1, 3], [1, 7]]
     assert masked.shape == (3, 30522)
     assert np.abs(full[positions[:, 0], positions[:, 1]] - masked).max() < 1e-5
+    # optimum's shape, the head's rows at the [MASK] positions and zeros everywhere else
+    assert logits.shape == full.shape
+    assert np.array_equal(logits[positions[:, 0], positions[:, 1]], masked)
+    elsewhere = np.ones(logits.shape[:2], dtype=bool)
+    elsewhere[positions[:, 0], positions[:, 1]] = False
+    assert not logits[elsewhere].any()

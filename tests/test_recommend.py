@@ -20,11 +20,11 @@ def test_each_target_gets_its_fastest_and_smallest_variant_and_extras_are_named_
     found = recommend(VARIANTS)
     by_target = {t["top1_min"]: (t["fastest"], t["smallest"]) for t in found["targets"]}
     assert by_target == {0.99: ("fused", "fp16"), 0.95: ("int8-auto", "fp16"), 0.90: ("int8-auto", "int8-blockwise")}
-    assert found["fastest"] == "int8-dynamic"  # the masked head is faster, but not a drop-in variant
+    assert found["fastest"] == "int8-dynamic"  # the masked head is faster, but fill-mask only
     assert found["pareto_frontier"] == ["int8-dynamic", "int8-auto", "fused"]
     text = found["summary"]
     assert "For top-1 agreement ≥ 95%: int8-auto (12.5 ms, 52.0 MB, top-1 96.7%), the fastest" in text
-    assert "int8-dynamic-masked" in text and "not in ORTModelForMaskedLM" in text
+    assert "int8-dynamic-masked" in text and "fill-mask only" in text
 
 
 def test_a_variant_whose_gate_failed_is_never_recommended_and_no_latency_names_only_the_smallest():

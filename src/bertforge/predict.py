@@ -4,7 +4,7 @@ The answers have the fields and the order of transformers' (and optimum's) fill-
 score (softmax over the vocabulary at the [MASK]), token (id), token_str (that id decoded) and
 sequence (the text with the [MASK] replaced, decoded without special tokens when the text has one
 [MASK], with them when it has several, as the pipeline does). The masked-head variant
-(int8-dynamic-masked), which returns one logit row per [MASK], is read the same way.
+(int8-dynamic-masked) is read through its compact `mask_logits` output, one row per [MASK].
 
 The decoding is the pipeline's: `tokenizer.json`'s decoder, then transformers' clean-up of spaces
 before punctuation when the checkpoint's tokenizer_config.json asks for it (re-implemented here, four
@@ -130,13 +130,13 @@ class MaskFiller:
 
 def session_predictions(session: Any, masker: MaskText, text: str, top_k: int = 5) -> list[list[Prediction]]:
     """fill-mask of `text` through an onnxruntime session of any variant (the masked head included)."""
-    from bertforge.runtime import feeds_for
+    from bertforge.runtime import feeds_for, mask_rows
 
     if top_k < 1:
         raise UsageError(f"top_k must be at least 1, got {top_k}")
     ids, type_ids, positions = masker.encode(text)
-    logits = session.run(None, feeds_for(session, ids, np.ones_like(ids), type_ids))[0]
-    rows = logits if logits.ndim == 2 else logits[0, positions]  # the masked head: one row per [MASK]
+    feeds = feeds_for(session, ids, np.ones_like(ids), type_ids)
+    rows = mask_rows(session, feeds, np.zeros(len(positions), dtype=np.int64), np.asarray(positions))
     return masker.predictions(ids, positions, rows, top_k)
 
 

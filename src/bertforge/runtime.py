@@ -9,6 +9,9 @@ import numpy as np
 from bertforge.artifact import MODEL_FILE
 from bertforge.environment import physical_cores
 
+# the masked-head variant's compact output: one logit row per [MASK], row-major (batch, then position)
+MASK_LOGITS = "mask_logits"
+
 
 def session_options(threads: int | None = None, spinning: bool = True, arena: bool = True):
     """CPU session options. spinning=False: idle intra-op threads sleep instead of spinning, which a
@@ -43,3 +46,14 @@ def open_session(location: Path, threads: int | None = None, spinning: bool = Tr
 def feeds_for(session, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray):
     available = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
     return {i.name: available[i.name] for i in session.get_inputs()}
+
+
+def mask_rows(session, feeds: dict[str, np.ndarray], rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """The logits at positions (rows, cols) [n, vocab]: a masked-head variant's compact output when the
+    session has one (its rows are exactly the [MASK] positions), else gathered from `logits`."""
+    if any(o.name == MASK_LOGITS for o in session.get_outputs()):
+        found = session.run([MASK_LOGITS], feeds)[0]
+        if found.shape[0] != len(rows):
+            raise ValueError(f"{found.shape[0]} {MASK_LOGITS} rows for {len(rows)} [MASK] positions")
+        return found
+    return session.run(None, feeds)[0][rows, cols]

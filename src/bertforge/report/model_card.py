@@ -53,12 +53,16 @@ def card_text(name: str, entry: dict[str, Any], report: dict[str, Any], manifest
               f"Lineage: {lineage}. Recipe section `{spec.section if spec else '?'}`: "
               f"`{json.dumps(section, sort_keys=True)}`. Files and their sha256: `{MANIFEST}`.", "", "## Load it", ""]
     if spec is not None and spec.extra:
-        lines += ["Not a drop-in for `ORTModelForMaskedLM`: its graph returns one logit row per [MASK] "
-                  "(`logits` [n, vocab]) and their positions (`mask_positions` [n, 2]), so optimum's pipeline "
-                  "would fail at the first call. Use bertforge's runtime (onnxruntime and tokenizers only):", "",
-                  "```", f'bertforge fill-mask {name} "The capital of France is [MASK]."', "```", "",
-                  "```python", "import bertforge", "",
-                  f'bertforge.fill_mask("{name}", "The capital of France is [MASK].")', "```"]
+        lines += ["**Fill-mask only.** The MLM head runs at the [MASK] positions alone: `logits` [batch, seq, "
+                  "vocab] holds its rows there and **zeros at every other position**, so `ORTModelForMaskedLM` "
+                  "and optimum's fill-mask pipeline load it and fill masks correctly, but nothing that reads "
+                  "the logits of other positions may use it. The same rows come compact as `mask_logits` "
+                  "[n, vocab] with their (batch, position) in `mask_positions` [n, 2], row-major.", "",
+                  "```python", "from optimum.pipelines import pipeline", "",
+                  f'fill = pipeline("fill-mask", model="{name}", accelerator="ort")',
+                  'fill("The capital of France is [MASK].")', "```", "",
+                  f'Without torch: `bertforge fill-mask {name} "The capital of France is [MASK]."` (reads '
+                  "`mask_logits`)."]
     else:
         lines += ["```python", "from optimum.onnxruntime import ORTModelForMaskedLM",
                   "from optimum.pipelines import pipeline", "",

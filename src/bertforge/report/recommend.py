@@ -2,9 +2,10 @@
 
 Judged on the report's own numbers: top-1 agreement with PyTorch at the validation corpus's [MASK]
 positions, p50 latency as measured in this build (b1, this machine) and size on disk. A variant whose
-gates failed is never recommended. Extras (the masked-head variant) are named apart: they need
-bertforge's runtime, not ORTModelForMaskedLM. The Pareto frontier (no other variant both at least as
-fast and at least as accurate, and better in one) is what the plots mark.
+gates failed is never recommended. Extras (the masked-head variant) are named apart: they fill masks
+(in ORTModelForMaskedLM too) but their logits are zeros away from the [MASK] positions. The Pareto
+frontier (no other variant both at least as fast and at least as accurate, and better in one) is
+what the plots mark.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ def summary(targets: list[dict[str, Any]], facts: dict[str, dict[str, Any]], fas
     if fastest is not None:
         parts.append(f"The fastest is {_describe(fastest, facts)}.")
     for name in extras:
-        parts.append(f"{_describe(name, facts)} runs with bertforge's runtime (`bertforge fill-mask`), not in "
-                     "ORTModelForMaskedLM.")
+        parts.append(f"{_describe(name, facts)} is for fill-mask only: its logits are zeros except at the [MASK] "
+                     "positions.")
     mixed = timed and len({f.get("this_run") for f in facts.values() if f["ms"] is not None}) > 1
     timing = ("Latency was not measured in this build (--no-latency), so only the smallest is named." if not timed
               else "Latency: p50 at batch 1 on this machine; some of it from an earlier build's run (marked *), so "

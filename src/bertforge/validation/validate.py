@@ -20,7 +20,7 @@ from bertforge.errors import StageError
 from bertforge.memory import release_freed_memory
 from bertforge.predict import MaskText, Prediction, session_predictions
 from bertforge.recipe import ValidationConfig
-from bertforge.runtime import feeds_for, open_session
+from bertforge.runtime import MASK_LOGITS, feeds_for, mask_rows, open_session
 from bertforge.validation.corpus import (
     PROBE_TOP_K,
     Truncation,
@@ -135,15 +135,17 @@ def validate_variant(name: str, path: Path, corpus_batches: list, masked_referen
     # bert-base here); no arena, so it does not keep its largest batch's buffers
     session = open_session(path, spinning=True, arena=False)
     accumulator = Accumulator()
+    mask_rows_only = any(o.name == MASK_LOGITS for o in session.get_outputs())
     for index, batch in enumerate(corpus_batches):
         rows, cols, truth = batch.masked_index()
-        logits = session.run(None, feeds_for(session, batch.input_ids, batch.attention_mask,
-                                             batch.token_type_ids))[0]
-        if logits.ndim == 2:  # a masked-head variant: one row per [MASK], row-major like rows/cols
-            if logits.shape[0] != len(rows):
-                raise StageError(f"{name}: {logits.shape[0]} logit rows for {len(rows)} [MASK] positions")
-            accumulator.add(masked_reference[index], logits, truth)
+        feeds = feeds_for(session, batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        if mask_rows_only:  # the masked head's rows, exactly the [MASK] positions; its other logits are zeros
+            try:
+                accumulator.add(masked_reference[index], mask_rows(session, feeds, rows, cols), truth)
+            except ValueError as error:
+                raise StageError(f"{name}: {error}") from None
             continue
+        logits = session.run(None, feeds)[0]
         accumulator.add(masked_reference[index], logits[rows, cols], truth)
         real = batch.attention_mask.astype(bool)
         reference_real = np.load(scratch / f"{index}.npy", mmap_mode="r")
