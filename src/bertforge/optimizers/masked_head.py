@@ -4,7 +4,7 @@ A fill-mask user reads logits at the [MASK] positions only, while the standard g
 full [batch, seq, 30522] logits: for bert-base at sequence 128 the decoder alone is ~6 of ~28 GFLOP.
 This pass gathers the encoder's hidden states where input_ids == [MASK] before the head:
 
-    NonZero(Equal(input_ids, mask_id)) -> Transpose -> GatherND(hidden) -> head -> logits [num_masks, vocab]
+    NonZero(Equal(input_ids, mask_id)) -> Transpose -> GatherND(hidden) -> head -> mask_logits [num_masks, vocab]
 
 Outputs, so that optimum's ORTModelForMaskedLM and fill-mask pipeline load it and answer correctly,
 and a runtime that knows it reads only what it needs:
