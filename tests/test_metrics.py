@@ -67,7 +67,6 @@ def test_accumulator_summary_by_hand():
     var[1, 4], var[1, 1] = 1.0, 2.0  # position 1: top-1 changes 4 -> 1, max abs 4.0
     acc = Accumulator()
     acc.add(ref, var, truth=np.array([2, -1]))
-    acc.add_all_positions(4.0)
     s = acc.summary()
     assert s["positions"] == 2
     assert s["max_abs"] == pytest.approx(4.0)
@@ -75,7 +74,6 @@ def test_accumulator_summary_by_hand():
     assert s["top1_agreement"] == pytest.approx(0.5)
     assert s["ref_top1_in_top5"] == pytest.approx(1.0)  # 4 is still 2nd at position 1
     assert s["truth_recovery"] == pytest.approx(1.0)  # only position 0 has a label, and it is hit
-    assert s["max_abs_all_positions"] == pytest.approx(4.0)
 
 
 def test_reference_stats_flags_degenerate_reference():

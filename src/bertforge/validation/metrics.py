@@ -108,7 +108,6 @@ class Accumulator:
     top5_overlap: list[float] = field(default_factory=list)
     ref_top1_in_top5: list[bool] = field(default_factory=list)
     truth_hit: list[bool] = field(default_factory=list)
-    max_abs_all_positions: float = float("nan")  # stays NaN for a variant that outputs masked rows only
 
     def add(self, reference: np.ndarray, variant: np.ndarray, truth: np.ndarray) -> None:
         """reference/variant: [masked positions, vocab]; truth: original ids, -1 where unknown."""
@@ -125,10 +124,6 @@ class Accumulator:
         known = truth >= 0
         self.truth_hit.extend((var_top[known, 0] == truth[known]).tolist())
 
-    def add_all_positions(self, max_abs: float) -> None:
-        current = self.max_abs_all_positions
-        self.max_abs_all_positions = float(max_abs) if np.isnan(current) else max(current, float(max_abs))
-
     def summary(self) -> dict[str, float]:
         if not self.max_abs:
             raise ValueError("no masked positions were evaluated")
@@ -136,7 +131,6 @@ class Accumulator:
             "positions": len(self.max_abs),
             "max_abs": float(np.max(self.max_abs)),
             "mean_abs": float(np.mean(self.mean_abs)),
-            "max_abs_all_positions": self.max_abs_all_positions,
             "cosine_mean": float(np.mean(self.cosine)),
             "cosine_min": float(np.min(self.cosine)),
             "kl_mean": float(np.mean(self.kl)),
