@@ -57,6 +57,11 @@ def save_model(model, directory: Path) -> bool:
     return external
 
 
+def default_opset(model) -> int | None:
+    """The version of the default (ai.onnx) domain the model imports."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def ensure_microsoft_opset(model) -> None:
     """Declare the com.microsoft domain when the graph uses ORT's contrib ops (as ORT's own
     OnnxModel.save does; a graph without the import fails to load)."""

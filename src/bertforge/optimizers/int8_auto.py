@@ -92,12 +92,10 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
     return {**found, "target": config.target.model_dump(), "max_latency_ratio": config.max_latency_ratio,
             "calibration_corpus": config.calibration_corpus, "calibration_positions": split.positions,
             "sensitivity": table,
-            "costs_ms": {"per_group": group_costs, "measured_per_group": costs["ms"], "fp32_graph": round(fp32_ms, 3),
-                         "int8_dynamic_graph": round(costs["model_ms"]["int8-dynamic"], 3),
-                         "int8_smooth_graph": round(costs["model_ms"]["int8-smooth"], 3),
-                         "int8_token_graph": round(costs["model_ms"]["int8-token"], 3),
-                         "int8_outlier_graph": round(costs["model_ms"]["int8-outlier"], 3),
-                         "int8_blockwise_graph": round(costs["model_ms"]["int8-blockwise"], 3)},
+            "costs_ms": {"per_group": group_costs, "measured_per_group": costs["ms"],
+                         # fp32_graph, int8_dynamic_graph, ...: each scheme's whole graph, every group in it
+                         **{f"{scheme.replace('-', '_')}_graph": round(ms, 3)
+                            for scheme, ms in costs["model_ms"].items()}},
             "block_size": config.block_size, "schemes": list(config.schemes),
             "smooth_alphas": list(config.smooth_alphas),
             "smooth_alpha_by_group": {g: weights.alpha_of(g) for g, s in found["plan"].items() if s == "int8-smooth"},

@@ -48,6 +48,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bertforge.onnx_files import default_opset
 from bertforge.optimizers.common import repack_fp32_attention
 from bertforge.optimizers.tied_quant import share_tied_table, symmetric_int8, tied_table
 
@@ -233,13 +234,14 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
             first = list(graph.node).index(by_name[group.nodes[0]])
             graph.node.insert(first, helper.make_node("Mul", [tensor, inverse.name], [f"{group.name}_smoothed"],
                                                       name=f"{group.nodes[0]}_smooth"))
-        if scheme == "int8-token":
-            replace_with_token_scaled(result, group, group_input(model, group), weights, initializers, by_name)
-            used.update(by_name[n].input[1] for n in group.nodes)
-            continue
-        if scheme == "int8-outlier":
-            replace_with_outlier_split(graph, group, group_input(model, group), input_channels(model, group),
-                                       weights, initializers, by_name)
+        if scheme in ("int8-token", "int8-outlier"):  # the group's MatMuls become a small subgraph each
+            tensor = group_input(model, group)
+            if scheme == "int8-token":
+                new_nodes = token_scaled_nodes(result, group, tensor, weights, initializers, by_name)
+            else:
+                new_nodes = outlier_split_nodes(graph, group, tensor, input_channels(model, group), weights,
+                                                initializers, by_name)
+            splice_group(graph, group, by_name, new_nodes)
             used.update(by_name[n].input[1] for n in group.nodes)
             continue
         for node_name in group.nodes:
@@ -280,10 +282,21 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
     return result
 
 
-def replace_with_outlier_split(graph: onnx.GraphProto, group: Group, tensor: str, width: int,
-                               weights: QuantizedWeights, initializers: dict[str, onnx.TensorProto],
-                               by_name: dict[str, onnx.NodeProto]) -> None:
-    """int8-outlier for one group: x's outlier channels through fp32, the rest through int8-dynamic."""
+def splice_group(graph: onnx.GraphProto, group: Group, by_name: dict[str, onnx.NodeProto],
+                 new_nodes: list[onnx.NodeProto]) -> None:
+    """Remove the group's MatMuls and put `new_nodes`, in order, where the first of them was."""
+    at = min(list(graph.node).index(by_name[n]) for n in group.nodes)
+    for node_name in group.nodes:
+        graph.node.remove(by_name[node_name])
+    for offset, node in enumerate(new_nodes):
+        graph.node.insert(at + offset, node)
+
+
+def outlier_split_nodes(graph: onnx.GraphProto, group: Group, tensor: str, width: int,
+                        weights: QuantizedWeights, initializers: dict[str, onnx.TensorProto],
+                        by_name: dict[str, onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """int8-outlier for one group (its initializers added to `graph`): x's outlier channels through fp32,
+    the rest through int8-dynamic."""
     channels = weights.outliers(tensor)
     keep = np.ones(width, dtype=np.float32)
     keep[channels] = 0.0
@@ -294,7 +307,6 @@ def replace_with_outlier_split(graph: onnx.GraphProto, group: Group, tensor: str
     new_nodes = [helper.make_node("Gather", [tensor, index.name], [outliers], axis=-1,
                                   name=f"{group.nodes[0]}_outlier_gather"),
                  helper.make_node("Mul", [tensor, mask.name], [rest], name=f"{group.nodes[0]}_outlier_mask")]
-    first = min(list(graph.node).index(by_name[n]) for n in group.nodes)
     for node_name in group.nodes:
         node = by_name[node_name]
         fp32_rows, *int8 = weights.split_outliers(initializers[node.input[1]], channels)
@@ -306,21 +318,20 @@ def replace_with_outlier_split(graph: onnx.GraphProto, group: Group, tensor: str
             helper.make_node("MatMul", [outliers, fp32_rows.name], [f"{prefix}_fp32"], name=f"{prefix}_fp32"),
             helper.make_node("Add", [f"{prefix}_int8", f"{prefix}_fp32"], list(node.output), name=f"{prefix}_add"),
         ]
-        graph.node.remove(node)
-    for offset, node in enumerate(new_nodes):
-        graph.node.insert(first + offset, node)
+    return new_nodes
 
 
-def replace_with_token_scaled(model: onnx.ModelProto, group: Group, tensor: str, weights: QuantizedWeights,
-                              initializers: dict[str, onnx.TensorProto], by_name: dict[str, onnx.NodeProto]) -> None:
-    """int8-token for one group: x / rowmax|x| through int8-dynamic, each output row times rowmax|x|."""
+def token_scaled_nodes(model: onnx.ModelProto, group: Group, tensor: str, weights: QuantizedWeights,
+                       initializers: dict[str, onnx.TensorProto],
+                       by_name: dict[str, onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """int8-token for one group (its initializers added to `model`): x / rowmax|x| through int8-dynamic,
+    each output row times rowmax|x|."""
     graph = model.graph
     floor = numpy_helper.from_array(np.array(TOKEN_FLOOR, dtype=np.float32), f"{group.name}_token_floor")
     graph.initializer.append(floor)
     first = group.nodes[0]
     absolute, raw_max, row_max, scaled = (f"{group.name}_token_{part}" for part in ("abs", "rawmax", "max", "x"))
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-    if opset >= 18:  # ReduceMax's axes became an input in opset 18
+    if (default_opset(model) or 17) >= 18:  # ReduceMax's axes became an input in opset 18
         axes = numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{group.name}_token_axes")
         graph.initializer.append(axes)
         reduce = helper.make_node("ReduceMax", [absolute, axes.name], [raw_max], keepdims=1, name=f"{first}_token_max")
@@ -329,7 +340,6 @@ def replace_with_token_scaled(model: onnx.ModelProto, group: Group, tensor: str,
     new_nodes = [helper.make_node("Abs", [tensor], [absolute], name=f"{first}_token_abs"), reduce,
                  helper.make_node("Max", [raw_max, floor.name], [row_max], name=f"{first}_token_floor"),
                  helper.make_node("Div", [tensor, row_max], [scaled], name=f"{first}_token_div")]
-    at = min(list(graph.node).index(by_name[n]) for n in group.nodes)
     for node_name in group.nodes:
         node = by_name[node_name]
         extra = weights.dynamic(initializers[node.input[1]])
@@ -339,6 +349,4 @@ def replace_with_token_scaled(model: onnx.ModelProto, group: Group, tensor: str,
                                        name=f"{node.name}_int8_token", domain="com.microsoft"),
                       helper.make_node("Mul", [unscaled, row_max], list(node.output),
                                        name=f"{node.name}_int8_token_rescale")]
-        graph.node.remove(node)
-    for offset, node in enumerate(new_nodes):
-        graph.node.insert(at + offset, node)
+    return new_nodes

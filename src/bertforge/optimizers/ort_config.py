@@ -47,12 +47,11 @@ def write(out: Path, model, optimization: Any = None, quantizer: Any = None, par
 
     from optimum.onnxruntime.configuration import ORTConfig
 
-    from bertforge.onnx_files import uses_external_data
+    from bertforge.onnx_files import default_opset, uses_external_data
 
     if optimization is None and parent is not None and (Path(parent) / ORT_CONFIG_FILE).is_file():
         inherited = json.loads((Path(parent) / ORT_CONFIG_FILE).read_text("utf-8")).get("optimization")
         if inherited:
             optimization = {**inherited, "fp16": inherited.get("fp16", False) or fp16}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    ORTConfig(opset=opset, use_external_data_format=uses_external_data(out), one_external_file=True,
+    ORTConfig(opset=default_opset(model), use_external_data_format=uses_external_data(out), one_external_file=True,
               optimization=optimization, quantization=quantizer).save_pretrained(str(out))
