@@ -184,9 +184,9 @@ def bench_model(spec: str, repeats: int, olive_python: str | None) -> dict:
                        "top5_overlap": metrics["top5_overlap"], "latency": {}}
     rows["pytorch eager fp32"] = {"size_mb": None, "top1_agreement": 1.0, "top5_overlap": 1.0, "latency": {}}
     for batch, seq in SHAPES:
-        log(f"{spec}: latency b{batch}xs{seq}, {repeats} interleaved repeats")
+        log(f"{spec}: latency b{batch}xs{seq}, {repeats} repeats in turns of blocks")
         inputs = bench.synthetic_inputs(batch, seq, bench.InputSpec.of(source.path))
-        runners = {label: bench.onnx_runner(open_session(path, threads, spinning=False), inputs)
+        runners = {label: bench.onnx_runner(open_session(path, threads), inputs)
                    for label, path in candidates.items()}
         runners["pytorch eager fp32"] = torch_runner(source.path, inputs)
         shape_repeats = repeats if batch == 1 else max(5, repeats // 3)
@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = physical_cores()
     results = {"machine": machine_info(), "libraries": library_versions(), "threads": threads,
                "session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1,
-                                   "graph_optimization_level": "ORT_ENABLE_ALL", "allow_spinning": 0,
+                                   "graph_optimization_level": "ORT_ENABLE_ALL", "allow_spinning": 1,
+                                   "timing": f"runtimes in turns of {bench.SETTLE} untimed + {bench.BLOCK} timed calls",
                                    "torch": "eager, fp32, OMP_WAIT_POLICY=" + os.environ["OMP_WAIT_POLICY"]},
                "peaks": gemm_peaks(threads), "models": []}
     for spec in args.models.split(","):

@@ -64,17 +64,33 @@ def synthetic_inputs(batch: int, sequence: int, spec: InputSpec) -> dict[str, np
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
 
 
-def time_runners(runners: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Call each runner `repeats` times, interleaved; return seconds per call per runner."""
+BLOCK = 5  # timed calls of one runner in a row
+SETTLE = 2  # untimed calls that open each block
+
+
+def time_runners(runners: dict[str, Callable[[], object]], warmup: int, repeats: int,
+                 block: int = BLOCK, settle: int = SETTLE) -> dict[str, list[float]]:
+    """Call each runner `repeats` times (rounded up to whole blocks); return seconds per call per runner.
+
+    Runners take turns in blocks: `settle` untimed calls, then `block` timed ones, round after round, so
+    drift of a shared, noisy machine still hits them alike. Each session keeps onnxruntime's default
+    spinning pool, as a user's own session does: a session's pool spins for a moment after its last
+    call, which would slow another session run right behind it (1.6x seen here), and a model switched
+    out after every call runs from cold caches. Both hit the settling calls only. Timed one call each in
+    turn instead (and, to keep them from stealing each other's cores, without spinning), demo's
+    int8-auto read 0.64x fused; in blocks 0.58x, as in two processes that each run one of them alone."""
     for run in runners.values():
         for _ in range(warmup):
             run()
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
+    for _ in range(-(-repeats // block)):
         for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(settle):
+                run()
+            for _ in range(block):
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -92,13 +108,12 @@ def onnx_runner(session, inputs: dict[str, np.ndarray]) -> Callable[[], object]:
 
 def latency(variants: dict[str, Path], batch: int = 1, sequence: int = 128, warmup: int = 3,
             repeats: int = 20, threads: int | None = None) -> dict[str, dict[str, float]]:
-    """Interleaved p50/p90 per variant at batch x sequence, the sequence cut to what the model takes
-    (each result says the sequence it was measured at)."""
+    """p50/p90 per variant at batch x sequence, in turns of blocks (time_runners), the sequence cut to
+    what the model takes (each result says the sequence it was measured at)."""
     spec = InputSpec.of(next(iter(variants.values())))  # variants of one build share config and tokenizer
     sequence = spec.sequence(sequence)
     inputs = synthetic_inputs(batch, sequence, spec)
-    spinning = len(variants) == 1  # several sessions in one process must not spin (runtime.session_options)
-    runners = {name: onnx_runner(open_session(path, threads, spinning), inputs) for name, path in variants.items()}
+    runners = {name: onnx_runner(open_session(path, threads), inputs) for name, path in variants.items()}
     return {name: {**summarize(times, batch), "batch": batch, "sequence": sequence}
             for name, times in time_runners(runners, warmup, repeats).items()}
 

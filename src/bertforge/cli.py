@@ -204,7 +204,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(dump(results))
         return EXIT_OK
-    print(f"threads {results['threads']}; p50 / p90 ms over {args.repeats} interleaved repeats")
+    print(f"threads {results['threads']}; p50 / p90 ms over {args.repeats} repeats, variants in turns of blocks")
     for shape, table in results["shapes"].items():
         print(f"{shape}:")
         for name, row in table.items():
@@ -303,8 +303,9 @@ def parser() -> argparse.ArgumentParser:
     sen.set_defaults(func=cmd_sensitivity)
 
     ben = sub.add_parser("bench", help="latency p50/p90, throughput, peak RSS and size of variants",
-                         description="Batch 1 and 8 x sequence 128 and 32, variants interleaved, threads = "
-                         "physical cores.")
+                         description="Batch 1 and 8 x sequence 128 and 32, threads = physical cores, onnxruntime's "
+                         "default (spinning) thread pools; variants timed in turns of 2 untimed and 5 "
+                         "timed calls.")
     ben.add_argument("dir", help="a build directory or one variant directory")
     ben.add_argument("--repeats", type=int, default=20)
     ben.add_argument("--warmup", type=int, default=3)

@@ -217,7 +217,7 @@ def provenance(report: dict[str, Any]) -> str:
 
 
 EARLIER_RUN_NOTE = ("* latency from an earlier build's run (the same artifact and bench settings, this machine); "
-                    "the others were timed together, interleaved, in this build. `bertforge bench OUT` times every "
+                    "the others were timed together, in turns, in this build. `bertforge bench OUT` times every "
                     "variant in one run.")
 
 

@@ -100,5 +100,6 @@ def render(report: dict[str, Any]) -> str:
     if report["warnings"]:
         parts += ["", "Warnings:"] + [f"- {w}" for w in report["warnings"]]
     parts += ["", "## Metrics", ""] + [f"- **{name}**: {meaning}" for name, meaning in METRIC_DEFINITIONS]
-    parts += ["", provenance(report) + " Latency: interleaved runs, batch 1 × sequence 128, onnxruntime CPU."]
+    parts += ["", provenance(report) + " Latency: batch 1 × sequence 128, onnxruntime CPU with its default "
+              "(spinning) thread pools, the variants timed in turns of 2 untimed and 5 timed calls."]
     return "\n".join(parts) + "\n"
