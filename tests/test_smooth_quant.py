@@ -138,7 +138,8 @@ def test_fp32_layers_go_back_to_packed_attention_and_every_smooth_plan_runs(tiny
     kept = apply_plan(model, {}, groups, QuantizedWeights(), repack=False)
     assert Counter(node.op_type for node in kept.graph.node)["MultiHeadAttention"] == 2
 
-    # a layer whose Q/K/V are int8 keeps MultiHeadAttention; the other is repacked
+    # a layer whose Q/K/V are int8 goes to QAttention (one quantized input, one packed int8 GEMM);
+    # the fp32 one to Attention
     from bertforge.sensitivity import activation_absmax, calibration_split
 
     absmax = activation_absmax(model, groups, calibration_split(tiny_variants["fp32"], seeds=(7,)))
@@ -148,7 +149,8 @@ def test_fp32_layers_go_back_to_packed_attention_and_every_smooth_plan_runs(tiny
     plan = {g.name: "int8-smooth" for g in groups if g.name != "layer.1.qkv"}
     smooth = apply_plan(model, plan, groups, weights)
     ops = Counter(node.op_type for node in smooth.graph.node)
-    assert ops["Attention"] == 1 and ops["MultiHeadAttention"] == 1
+    assert ops["Attention"] == 1 and ops["QAttention"] == 1 and ops["MultiHeadAttention"] == 0
+    assert ops["DynamicQuantizeLinear"] == 1  # QAttention's input, once for Q, K and V
     assert not any(init.name.endswith("embeddings.word_embeddings.weight") for init in smooth.graph.initializer)
     assert plan[TIED_GROUP] == "int8-smooth"
     # the tied table is stored once, as int8 (the embeddings read it through the folded dequantization)
@@ -156,6 +158,23 @@ def test_fp32_layers_go_back_to_packed_attention_and_every_smooth_plan_runs(tiny
                    if i.data_type == TensorProto.INT8 and list(i.dims) == [30522, 32]]
     assert len(int8_tables) == 1
     assert np.abs(logits(smooth) - reference).max() < 0.5
+
+
+def test_int8_qkv_packed_into_qattention_computes_what_the_three_kernels_did(tiny_variants):
+    from bertforge.optimizers.common import repack_fp32_attention
+    from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, quant_groups
+
+    model = mha_graph(tiny_variants)
+    groups = quant_groups(model)
+    plan = {g.name: "int8-dynamic" for g in groups if g.name.endswith(".qkv")}
+    packed = apply_plan(model, plan, groups, QuantizedWeights())
+    separate = apply_plan(model, plan, groups, QuantizedWeights(), repack=False)
+    repack_fp32_attention(separate)  # nothing: both layers' Q/K/V are int8
+    ops = Counter(node.op_type for node in packed.graph.node)
+    assert ops["QAttention"] == 2 and ops["MultiHeadAttention"] == 0
+    assert Counter(node.op_type for node in separate.graph.node)["MultiHeadAttention"] == 2
+    # the same u8 input scale, int32 sums and per-column dequantization, then the same attention kernel
+    assert np.abs(logits(packed) - logits(separate)).max() < 1e-5
 
 
 def test_the_head_runs_at_the_mask_rows_only_where_that_changes_no_logit(tiny_variants):

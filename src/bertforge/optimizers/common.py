@@ -138,6 +138,72 @@ def mha_fused(model_path: Path, hf_config: dict, who: str):
     return model, stats
 
 
+def repack_int8_attention(model) -> int:
+    """Turn each MultiHeadAttention whose Q/K/V are int8 DynamicQuantizeMatMuls of one input (symmetric,
+    per-column scales) into ORT's packed QAttention, in place; returns how many.
+
+    The same arithmetic: the three kernels each quantized that input with one u8 scale, exactly as the
+    one DynamicQuantizeLinear before QAttention does, and the bias MultiHeadAttention added QAttention
+    adds after its GEMM. But one quantization and one [hidden, 3 x hidden] GEMM instead of three of
+    each, and QAttention's kernel instead of MultiHeadAttention's layout copies: 0.68 against 0.83 ms a
+    layer at bert-base's b1 x s128 here."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+
+    def symmetric_int8(projection) -> bool:
+        names = projection.input[1:4]
+        return (len(projection.input) == 4 and all(name in initializers for name in names)
+                and initializers[names[0]].data_type == TensorProto.INT8
+                and not numpy_helper.to_array(initializers[names[2]]).any())
+
+    repacked = 0
+    for mha in [n for n in graph.node if n.op_type == "MultiHeadAttention"]:
+        if len(mha.input) != 5 or not mha.input[3] or not mha.input[4]:
+            continue
+        projections = [producers.get(name) for name in mha.input[:3]]
+        if any(p is None or p.op_type != "DynamicQuantizeMatMul" or not symmetric_int8(p)
+               or readers[p.output[0]] != 1 for p in projections) or len({p.input[0] for p in projections}) != 1:
+            continue
+        source = projections[0].input[0]
+        weight = np.concatenate([numpy_helper.to_array(initializers[p.input[1]]) for p in projections], axis=1)
+        scale = np.concatenate([np.broadcast_to(numpy_helper.to_array(initializers[p.input[2]]),
+                                                (numpy_helper.to_array(initializers[p.input[1]]).shape[1],))
+                                for p in projections]).astype(np.float32)
+        names = {part: f"{mha.name}_qkv_{part}" for part in ("weight_s8", "weight_scale", "weight_zp", "input")}
+        graph.initializer.extend([numpy_helper.from_array(weight, names["weight_s8"]),
+                                  numpy_helper.from_array(scale, names["weight_scale"]),
+                                  numpy_helper.from_array(np.array(0, dtype=np.int8), names["weight_zp"])])
+        quantized, input_scale, input_zp = (f"{names['input']}_{part}" for part in ("u8", "scale", "zp"))
+        attributes = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
+        new_nodes = [
+            helper.make_node("DynamicQuantizeLinear", [source], [quantized, input_scale, input_zp],
+                             name=f"{mha.name}_quantize_input"),
+            helper.make_node("QAttention", [quantized, names["weight_s8"], mha.input[3], input_scale,
+                                            names["weight_scale"], mha.input[4], input_zp, names["weight_zp"]],
+                             list(mha.output), name=mha.name, domain="com.microsoft", **attributes),
+        ]
+        index = list(graph.node).index(mha)
+        graph.node.remove(mha)
+        for offset, node in enumerate(new_nodes):
+            graph.node.insert(index + offset, node)
+        for projection in projections:
+            graph.node.remove(projection)
+            for name in projection.input[1:4]:
+                readers[name] -= 1
+                if readers[name] == 0 and name in initializers:
+                    graph.initializer.remove(initializers.pop(name))
+        repacked += 1
+    return repacked
+
+
 def require_quantized(variant: str, histogram: dict[str, int], int8_ops: tuple[str, ...], config_keys: str,
                       tied_table_shared: bool = False) -> None:
     """An "int8" variant that is all float32 would pass every gate and mislead whoever ships it: a

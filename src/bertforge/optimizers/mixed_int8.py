@@ -49,7 +49,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bertforge.onnx_files import default_opset
-from bertforge.optimizers.common import repack_fp32_attention
+from bertforge.optimizers.common import repack_fp32_attention, repack_int8_attention
 from bertforge.optimizers.tied_quant import share_tied_table, symmetric_int8, tied_table
 
 SCHEMES = ("fp32", "int8-dynamic", "int8-smooth", "int8-token", "int8-outlier", "int8-blockwise")
@@ -211,8 +211,9 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
                weights: QuantizedWeights, repack: bool = True) -> onnx.ModelProto:
     """A copy of `model` with each group in its planned scheme (groups not in `plan` stay fp32).
 
-    repack: layers whose Q/K/V stay fp32 go back to the packed Attention node (faster); off only to
-    time each projection's MatMul on its own (sensitivity.scheme_costs)."""
+    repack: layers whose Q/K/V stay fp32 go back to the packed Attention node, int8 ones (int8-dynamic,
+    int8-smooth) to QAttention (faster); off only to time each projection's MatMul on its own
+    (sensitivity.scheme_costs)."""
     result = copy.deepcopy(model)
     graph = result.graph
     initializers = {init.name: init for init in graph.initializer}
@@ -277,6 +278,7 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
         share_tied_table(result, int8_decoder=True, smooth=smooth, fp16_embeddings=weights.fp16_embeddings)
     if repack:
         repack_fp32_attention(result)
+        repack_int8_attention(result)
     if not any(o.domain == "com.microsoft" for o in result.opset_import):
         result.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return result
