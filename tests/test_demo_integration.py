@@ -63,7 +63,9 @@ def test_demo_variants_meet_parity(demo_build):
     auto = variants["int8-auto"]
     assert auto["metrics"]["top1_agreement"] >= 0.94 and auto["metrics"]["ref_top1_in_top5"] >= 0.995
     assert auto["metadata"]["calibration"]["top1_agreement"] >= 0.95
-    assert "int8-dynamic" in auto["metadata"]["plan"].values()  # not simply the fp32 graph
+    # not simply the fp32 graph (which int8 schemes: the tied table's int8-dynamic and int8-smooth cost
+    # the same to two digits, so the measured costs of the day pick either)
+    assert set(auto["metadata"]["plan"].values()) - {"fp32"}
     assert variants["int8-blockwise"]["size_bytes"] < 0.35 * variants["fp32"]["size_bytes"]
     assert report["corpus"]["sentences"] >= 300
 
