@@ -138,6 +138,17 @@ def mha_fused(model_path: Path, hf_config: dict, who: str):
     return model, stats
 
 
+def graph_maps(graph) -> tuple[dict, dict, dict[str, int]]:
+    """(initializers by name, the node producing each tensor, how many node inputs read each tensor)."""
+    initializers = {init.name: init for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    return initializers, producers, readers
+
+
 def repack_int8_attention(model) -> int:
     """Turn each MultiHeadAttention whose Q/K/V are int8 DynamicQuantizeMatMuls of one input (symmetric,
     per-column scales) into ORT's packed QAttention, in place; returns how many.
@@ -151,12 +162,7 @@ def repack_int8_attention(model) -> int:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    initializers, producers, readers = graph_maps(graph)
 
     def symmetric_int8(projection) -> bool:
         names = projection.input[1:4]
@@ -232,12 +238,7 @@ def repack_fp32_attention(model) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    initializers, producers, readers = graph_maps(graph)
     repacked = 0
     for mha in [n for n in graph.node if n.op_type == "MultiHeadAttention"]:
         if len(mha.input) != 5 or not mha.input[3] or not mha.input[4]:
