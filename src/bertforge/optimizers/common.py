@@ -149,6 +149,34 @@ def graph_maps(graph) -> tuple[dict, dict, dict[str, int]]:
     return initializers, producers, readers
 
 
+def packable_attentions(graph, producers: dict, readers: dict[str, int], op_type: str, accept):
+    """(MultiHeadAttention, its Q/K/V projections) for each one with a packed bias and a mask index whose
+    Q/K/V are `op_type` nodes of one shared input, read only by it, that `accept(node)` takes."""
+    for mha in [n for n in graph.node if n.op_type == "MultiHeadAttention"]:
+        if len(mha.input) != 5 or not mha.input[3] or not mha.input[4]:
+            continue
+        projections = [producers.get(name) for name in mha.input[:3]]
+        if any(p is None or p.op_type != op_type or readers[p.output[0]] != 1 or not accept(p)
+               for p in projections) or len({p.input[0] for p in projections}) != 1:
+            continue
+        yield mha, projections
+
+
+def replace_attention(graph, mha, projections: list, new_nodes: list, initializers: dict,
+                      readers: dict[str, int]) -> None:
+    """Put `new_nodes` where `mha` was, remove its projections, and the initializers only they read."""
+    index = list(graph.node).index(mha)
+    graph.node.remove(mha)
+    for offset, node in enumerate(new_nodes):
+        graph.node.insert(index + offset, node)
+    for projection in projections:
+        graph.node.remove(projection)
+        for name in projection.input[1:]:
+            readers[name] -= 1
+            if readers[name] == 0 and name in initializers:
+                graph.initializer.remove(initializers.pop(name))
+
+
 def repack_int8_attention(model) -> int:
     """Turn each MultiHeadAttention whose Q/K/V are int8 DynamicQuantizeMatMuls of one input (symmetric,
     per-column scales) into ORT's packed QAttention, in place; returns how many.
@@ -164,48 +192,31 @@ def repack_int8_attention(model) -> int:
     graph = model.graph
     initializers, producers, readers = graph_maps(graph)
 
-    def symmetric_int8(projection) -> bool:
+    def is_symmetric_int8(projection) -> bool:
         names = projection.input[1:4]
         return (len(projection.input) == 4 and all(name in initializers for name in names)
                 and initializers[names[0]].data_type == TensorProto.INT8
                 and not numpy_helper.to_array(initializers[names[2]]).any())
 
     repacked = 0
-    for mha in [n for n in graph.node if n.op_type == "MultiHeadAttention"]:
-        if len(mha.input) != 5 or not mha.input[3] or not mha.input[4]:
-            continue
-        projections = [producers.get(name) for name in mha.input[:3]]
-        if any(p is None or p.op_type != "DynamicQuantizeMatMul" or not symmetric_int8(p)
-               or readers[p.output[0]] != 1 for p in projections) or len({p.input[0] for p in projections}) != 1:
-            continue
-        source = projections[0].input[0]
-        weight = np.concatenate([numpy_helper.to_array(initializers[p.input[1]]) for p in projections], axis=1)
-        scale = np.concatenate([np.broadcast_to(numpy_helper.to_array(initializers[p.input[2]]),
-                                                (numpy_helper.to_array(initializers[p.input[1]]).shape[1],))
-                                for p in projections]).astype(np.float32)
+    for mha, projections in list(packable_attentions(graph, producers, readers, "DynamicQuantizeMatMul",
+                                                     is_symmetric_int8)):
+        weights = [numpy_helper.to_array(initializers[p.input[1]]) for p in projections]
+        scale = np.concatenate([np.broadcast_to(numpy_helper.to_array(initializers[p.input[2]]), (w.shape[1],))
+                                for p, w in zip(projections, weights, strict=True)]).astype(np.float32)
         names = {part: f"{mha.name}_qkv_{part}" for part in ("weight_s8", "weight_scale", "weight_zp", "input")}
-        graph.initializer.extend([numpy_helper.from_array(weight, names["weight_s8"]),
+        graph.initializer.extend([numpy_helper.from_array(np.concatenate(weights, axis=1), names["weight_s8"]),
                                   numpy_helper.from_array(scale, names["weight_scale"]),
                                   numpy_helper.from_array(np.array(0, dtype=np.int8), names["weight_zp"])])
         quantized, input_scale, input_zp = (f"{names['input']}_{part}" for part in ("u8", "scale", "zp"))
         attributes = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
-        new_nodes = [
-            helper.make_node("DynamicQuantizeLinear", [source], [quantized, input_scale, input_zp],
+        replace_attention(graph, mha, projections, [
+            helper.make_node("DynamicQuantizeLinear", [projections[0].input[0]], [quantized, input_scale, input_zp],
                              name=f"{mha.name}_quantize_input"),
             helper.make_node("QAttention", [quantized, names["weight_s8"], mha.input[3], input_scale,
                                             names["weight_scale"], mha.input[4], input_zp, names["weight_zp"]],
                              list(mha.output), name=mha.name, domain="com.microsoft", **attributes),
-        ]
-        index = list(graph.node).index(mha)
-        graph.node.remove(mha)
-        for offset, node in enumerate(new_nodes):
-            graph.node.insert(index + offset, node)
-        for projection in projections:
-            graph.node.remove(projection)
-            for name in projection.input[1:4]:
-                readers[name] -= 1
-                if readers[name] == 0 and name in initializers:
-                    graph.initializer.remove(initializers.pop(name))
+        ], initializers, readers)
         repacked += 1
     return repacked
 
@@ -240,25 +251,15 @@ def repack_fp32_attention(model) -> int:
     graph = model.graph
     initializers, producers, readers = graph_maps(graph)
     repacked = 0
-    for mha in [n for n in graph.node if n.op_type == "MultiHeadAttention"]:
-        if len(mha.input) != 5 or not mha.input[3] or not mha.input[4]:
-            continue
-        projections = [producers.get(name) for name in mha.input[:3]]
-        if any(p is None or p.op_type != "MatMul" or p.input[1] not in initializers or readers[p.output[0]] != 1
-               for p in projections) or len({p.input[0] for p in projections}) != 1:
-            continue
+    for mha, projections in list(packable_attentions(graph, producers, readers, "MatMul",
+                                                     lambda p: p.input[1] in initializers)):
         weight = np.concatenate([numpy_helper.to_array(initializers[p.input[1]]) for p in projections], axis=1)
         weight_name = f"{mha.name}_qkv_weight"
         graph.initializer.append(numpy_helper.from_array(weight, weight_name))
         attributes = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
-        attention = helper.make_node("Attention", [projections[0].input[0], weight_name, mha.input[3], mha.input[4]],
-                                     list(mha.output), name=mha.name, domain="com.microsoft", **attributes)
-        index = list(graph.node).index(mha)
-        graph.node.remove(mha)
-        graph.node.insert(index, attention)
-        for projection in projections:
-            graph.node.remove(projection)
-            if readers[projection.input[1]] == 1:
-                graph.initializer.remove(initializers[projection.input[1]])
+        replace_attention(graph, mha, projections, [
+            helper.make_node("Attention", [projections[0].input[0], weight_name, mha.input[3], mha.input[4]],
+                             list(mha.output), name=mha.name, domain="com.microsoft", **attributes),
+        ], initializers, readers)
         repacked += 1
     return repacked
