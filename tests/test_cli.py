@@ -332,6 +332,11 @@ def test_compare_flags_a_regression(built, tmp_path, capsys):
     assert table[("fp16", "latency_p50_ms")].split()[3] == "ms"
 
 
+def test_bench_refuses_zero_repeats_in_one_line(built, capsys):
+    assert main(["bench", str(built), "--repeats", "0"]) == 2
+    assert "bench needs --repeats >= 1" in capsys.readouterr().err
+
+
 def test_bench_says_what_it_is_timing_while_it_runs(built, capsys):
     assert main(["bench", str(built), "--repeats", "3", "--warmup", "1", "--no-memory", "--progress", "plain"]) == 0
     captured = capsys.readouterr()

@@ -198,6 +198,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         variants = {v: root / v for v in VARIANTS + EXTRA_VARIANTS if (root / v / "model.onnx").is_file()}
     if not variants:
         raise UsageError(f"{root} holds no model.onnx nor variant directories")
+    if args.repeats < 1 or args.warmup < 0:
+        raise UsageError(f"bench needs --repeats >= 1 and --warmup >= 0 (got {args.repeats} and {args.warmup})")
     shapes = [(b, s) for b in (1, 8) for s in (128, 32)]
     results = bench_directories(variants, shapes, args.warmup, args.repeats, with_memory=not args.no_memory,
                                 progress=_progress(args))
