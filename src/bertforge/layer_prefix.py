@@ -26,6 +26,7 @@ import onnx
 from onnx import helper
 
 from bertforge.optimizers.mixed_int8 import Group, QuantizedWeights, apply_plan, group_input
+from bertforge.weight_file import WeightFile
 
 LAYER_GROUP = re.compile(r"^layer\.(\d+)\.")
 HEAD_START = 1 << 30  # the head's transform starts after every layer
@@ -72,11 +73,12 @@ class LayerPrefix:
 
     @classmethod
     def compute(cls, model: onnx.ModelProto, groups: list[Group], feeds: list[dict[str, np.ndarray]],
-                directory: Path) -> LayerPrefix:
+                directory: Path, weights: WeightFile | None = None) -> LayerPrefix:
         from bertforge.runtime import feeds_for
         from bertforge.sensitivity import session_for
 
         prefix = cls(Path(directory))
+        prefix.directory.mkdir(parents=True, exist_ok=True)
         for group in groups:
             start = start_of(group.name)
             if start is not None and (group.name.endswith(".qkv") or start == HEAD_START):
@@ -86,7 +88,7 @@ class LayerPrefix:
         graph_inputs = {value.name for value in fp32.graph.input}
         wanted = [name for name in wanted if name not in graph_inputs]
         fp32.graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted)  # typed by ORT at load
-        session = session_for(fp32)
+        session = session_for(fp32, weights=weights)
         for index, batch in enumerate(feeds):
             values = session.run(wanted, feeds_for(session, batch["input_ids"], batch["attention_mask"],
                                                    batch["token_type_ids"]))

@@ -31,6 +31,7 @@ from bertforge.optimizers.mixed_int8 import (
     input_channels,
 )
 from bertforge.validation.metrics import kl_to, log_softmax, ref_top1_in_top_k, top1_agrees, top_k
+from bertforge.weight_file import WeightFile
 
 CALIBRATION_SEEDS = (7, 8)
 WARMUP_RUNS = 3
@@ -69,12 +70,17 @@ def calibration_split(checkpoint: Path, corpus: str = "calibration", seeds: tupl
     return split
 
 
-def session_for(model: onnx.ModelProto, threads: int | None = None, profile_prefix: str | None = None):
+def session_for(model: onnx.ModelProto, threads: int | None = None, profile_prefix: str | None = None,
+                weights: WeightFile | None = None):
+    """A session over `model`; with `weights`, its large base initializers are read from their file."""
     import onnxruntime as ort
 
     from bertforge.runtime import session_options
 
     options = session_options(threads, spinning=False)
+    if weights is not None:
+        weights.configure(options)
+        model = weights.referencing(model)
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
@@ -117,11 +123,11 @@ def gathered_head(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def masked_logits(model: onnx.ModelProto, split: CalibrationSplit, masked_rows_only: bool = False,
-                  prefix: LayerPrefix | None = None) -> np.ndarray:
+                  prefix: LayerPrefix | None = None, weights: WeightFile | None = None) -> np.ndarray:
     """Logits at the split's [MASK] positions. `masked_rows_only`: `model` is a gathered_head graph
     (exact only where head_reads_masked_rows_only holds for the graph's plan). `prefix`: `model` is a
-    suffix graph reading the prefix's stored values."""
-    session = session_for(model)
+    suffix graph reading the prefix's stored values. `weights`: the base graph's weight file."""
+    session = session_for(model, weights=weights)
     wanted = [i.name for i in session.get_inputs()]
     out = []
     for index, (feeds, rows, cols) in enumerate(zip(split.feeds, split.rows, split.cols, strict=True)):
@@ -133,26 +139,33 @@ def masked_logits(model: onnx.ModelProto, split: CalibrationSplit, masked_rows_o
     return np.concatenate(out)
 
 
-def reference_logits(model: onnx.ModelProto, split: CalibrationSplit) -> np.ndarray:
+def reference_logits(model: onnx.ModelProto, split: CalibrationSplit, weights: WeightFile | None = None
+                     ) -> np.ndarray:
     """The fp32 graph's logits at the split's [MASK] positions (its head at those rows only)."""
-    return masked_logits(gathered_head(model), split, masked_rows_only=True)
+    light = weights.referencing(model) if weights is not None else model
+    return masked_logits(gathered_head(light), split, masked_rows_only=True, weights=weights)
 
 
 def plan_logits(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group], weights: QuantizedWeights,
-                split: CalibrationSplit, prefix: LayerPrefix | None = None) -> np.ndarray:
+                split: CalibrationSplit, prefix: LayerPrefix | None = None,
+                weight_file: WeightFile | None = None) -> np.ndarray:
     """The logits of a plan's graph at the split's [MASK] positions, the head at those rows only when
-    that changes no logit; with `prefix`, only the graph from the plan's first changed layer runs."""
+    that changes no logit; with `prefix`, only the graph from the plan's first changed layer runs;
+    with `weight_file` (written from `model`), the graph's base weights are read from it."""
     graph = apply_plan(model, plan, groups, weights)
+    if weight_file is not None:
+        graph = weight_file.referencing(graph)  # the copies below then skip the large weights
     rows_only = head_reads_masked_rows_only(plan)
     if rows_only:
         graph = gathered_head(graph)
     suffix = prefix.suffix(graph, plan) if prefix is not None else None
     if suffix is not None:
-        return masked_logits(suffix, split, masked_rows_only=rows_only, prefix=prefix)
-    return masked_logits(graph, split, masked_rows_only=rows_only)
+        return masked_logits(suffix, split, masked_rows_only=rows_only, prefix=prefix, weights=weight_file)
+    return masked_logits(graph, split, masked_rows_only=rows_only, weights=weight_file)
 
 
-def activation_absmax(model: onnx.ModelProto, groups: list[Group], split: CalibrationSplit) -> dict[str, np.ndarray]:
+def activation_absmax(model: onnx.ModelProto, groups: list[Group], split: CalibrationSplit,
+                      weights: WeightFile | None = None) -> dict[str, np.ndarray]:
     """max |x| per channel of every group's input over the calibration split's real (unpadded) tokens,
     from the fp32 graph: what int8-smooth's scales are computed from."""
     import copy
@@ -162,9 +175,9 @@ def activation_absmax(model: onnx.ModelProto, groups: list[Group], split: Calibr
     from bertforge.runtime import feeds_for
 
     tensors = sorted({group_input(model, group) for group in groups})
-    probe = copy.deepcopy(model)
+    probe = weights.referencing(model) if weights is not None else copy.deepcopy(model)
     probe.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors)
-    session = session_for(probe)
+    session = session_for(probe, weights=weights)
     found: dict[str, np.ndarray] = {}
     for feeds in split.feeds:
         values = session.run(tensors, feeds_for(session, feeds["input_ids"], feeds["attention_mask"],
@@ -211,7 +224,8 @@ def sensitivity_table(model: onnx.ModelProto, groups: list[Group], weights: Quan
                       split: CalibrationSplit, reference: Reference, skip: dict[str, set[str]] | None = None,
                       progress: Callable[[str], None] | None = None,
                       smooth_alphas: tuple[float, ...] | None = None,
-                      prefix: LayerPrefix | None = None) -> list[dict[str, Any]]:
+                      prefix: LayerPrefix | None = None,
+                      weight_file: WeightFile | None = None) -> list[dict[str, Any]]:
     """Each group quantized alone under each int8 scheme: agreement with the fp32 reference.
 
     `skip`: {group: schemes not to measure} (int8-auto skips schemes slower than fp32 for a group).
@@ -231,12 +245,13 @@ def sensitivity_table(model: onnx.ModelProto, groups: list[Group], weights: Quan
                 continue
             if scheme != "int8-smooth":
                 row[scheme] = agreement(reference, plan_logits(model, {group.name: scheme}, groups, weights, split,
-                                                               prefix))
+                                                               prefix, weight_file))
                 continue
             tried = []
             for alpha in alphas:
                 weights.alphas[group.name] = alpha
-                found = agreement(reference, plan_logits(model, {group.name: scheme}, groups, weights, split, prefix))
+                found = agreement(reference, plan_logits(model, {group.name: scheme}, groups, weights, split, prefix,
+                                                         weight_file))
                 tried.append({**found, "alpha": alpha})
             row[scheme] = min(tried, key=lambda result: result["kl_mean"])  # the first of equal KLs
             weights.alphas[group.name] = row[scheme]["alpha"]
@@ -247,7 +262,8 @@ def sensitivity_table(model: onnx.ModelProto, groups: list[Group], weights: Quan
 
 
 def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: QuantizedWeights,
-                 spec: InputSpec, sequence: int = 128, runs: int = 20) -> dict[str, Any]:
+                 spec: InputSpec, sequence: int = 128, runs: int = 20,
+                 weight_file: WeightFile | None = None) -> dict[str, Any]:
     """Measured ms per group and scheme at b1 x `sequence` (ORT profiler, one graph per scheme)."""
     import os
     import tempfile
@@ -269,7 +285,7 @@ def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: Quantized
         for scheme in SCHEMES:
             plan = {g.name: scheme for g in groups if scheme in group_schemes(g)}
             session = session_for(apply_plan(model, plan, groups, timing, repack=False),
-                                  profile_prefix=f"{scratch}/{scheme}")
+                                  profile_prefix=f"{scratch}/{scheme}", weights=weight_file)
             sessions[scheme] = (session, feeds_for(session, inputs["input_ids"], inputs["attention_mask"],
                                                    inputs["token_type_ids"]))
         # the schemes' runs interleaved: timed one scheme after another, a busy spell or a clock change
@@ -298,6 +314,7 @@ def machine_costs(export: Artifact, block_size: int) -> dict[str, Any]:
     """scheme_costs for an fp32 export on this machine, measured once and then read from the results
     cache (keyed by the export, the block size, this module's code, the libraries, CPU and threads)."""
     from bertforge import results_cache
+    from bertforge.artifact import owned_scratch
     from bertforge.cache import cache_root, file_lock
     from bertforge.code_digest import code_digest
     from bertforge.optimizers.common import MODEL_FILE, mha_fused, model_config
@@ -311,8 +328,9 @@ def machine_costs(export: Artifact, block_size: int) -> dict[str, Any]:
             return found
         hf = model_config(export.path)
         model, _ = mha_fused(export.path / MODEL_FILE, hf, "int8-auto")
-        costs = scheme_costs(model, quant_groups(model), QuantizedWeights(block_size=block_size),
-                             InputSpec.of(export.path))
+        with owned_scratch(cache_root() / "tmp", "int8-costs-") as scratch:
+            costs = scheme_costs(model, quant_groups(model), QuantizedWeights(block_size=block_size),
+                                 InputSpec.of(export.path), weight_file=WeightFile.write(model, scratch))
         results_cache.store("int8-costs", key, costs)
         return costs
 
@@ -371,13 +389,15 @@ def analyze(export_dir: Path, block_size: int = 16, corpus: str = "calibration",
     model, _ = mha_fused(export_dir / MODEL_FILE, hf, "sensitivity")
     groups = quant_groups(model)
     split = calibration_split(export_dir, corpus)
-    reference = Reference.of(reference_logits(model, split))
-    weights = QuantizedWeights(block_size=block_size, activation_absmax=activation_absmax(model, groups, split),
-                               alpha=alphas[-1])
-    costs = scheme_costs(model, groups, weights, InputSpec.of(export_dir))
-    with owned_scratch(cache_root() / "tmp", "sensitivity-prefix-") as scratch:
+    with owned_scratch(cache_root() / "tmp", "sensitivity-") as scratch:
+        weight_file = WeightFile.write(model, scratch / "weights")
+        reference = Reference.of(reference_logits(model, split, weight_file))
+        weights = QuantizedWeights(block_size=block_size, alpha=alphas[-1],
+                                   activation_absmax=activation_absmax(model, groups, split, weight_file))
+        costs = scheme_costs(model, groups, weights, InputSpec.of(export_dir), weight_file=weight_file)
+        prefix = LayerPrefix.compute(model, groups, split.feeds, scratch / "prefix", weight_file)
         table = sensitivity_table(model, groups, weights, split, reference, progress=progress, smooth_alphas=alphas,
-                                  prefix=LayerPrefix.compute(model, groups, split.feeds, scratch))
+                                  prefix=prefix, weight_file=weight_file)
     return {"calibration_corpus": corpus, "calibration_positions": split.positions, "block_size": block_size,
             "smooth_alphas": list(alphas), "groups": table, "costs_ms": costs}
 

@@ -27,6 +27,7 @@ from bertforge.onnx_files import save_model
 from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mha_fused, model_config, op_histogram
 from bertforge.optimizers.mixed_int8 import SCHEMES, QuantizedWeights, apply_plan, quant_groups
 from bertforge.recipe import Int8AutoConfig
+from bertforge.weight_file import WeightFile
 
 NAME = "int8-auto"
 VERSION = "1"
@@ -49,12 +50,6 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
     model, stats = mha_fused(src / MODEL_FILE, hf, NAME)
     groups = quant_groups(model)
     split = sensitivity.calibration_split(src, config.calibration_corpus)
-    reference = sensitivity.Reference.of(sensitivity.reference_logits(model, split))
-    calibrated = {"int8-smooth", "int8-outlier"} & set(config.schemes)
-    absmax = sensitivity.activation_absmax(model, groups, split) if calibrated else {}
-    weights = QuantizedWeights(block_size=config.block_size, activation_absmax=absmax, alpha=config.smooth_alphas[-1],
-                               outlier_channels=config.outlier_channels,
-                               fp16_embeddings=config.embedding_table == "fp16")
     costs = inputs["costs"]
     allowed = {"fp32", *config.schemes}
     group_costs = {name: {s: ms for s, ms in by_scheme.items() if s in allowed}
@@ -64,10 +59,18 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
     skip = {name: {s for s in SCHEMES if s not in allowed} | {s for s, ms in by_scheme.items()
                                                                if s != "fp32" and ms >= by_scheme["fp32"]}
             for name, by_scheme in group_costs.items()}
-    with owned_scratch(cache_root() / "tmp", "int8-auto-prefix-") as scratch:
-        prefix = LayerPrefix.compute(model, groups, split.feeds, scratch)
+    with owned_scratch(cache_root() / "tmp", "int8-auto-search-") as scratch:
+        weight_file = WeightFile.write(model, scratch / "weights")
+        reference = sensitivity.Reference.of(sensitivity.reference_logits(model, split, weight_file))
+        calibrated = {"int8-smooth", "int8-outlier"} & set(config.schemes)
+        absmax = sensitivity.activation_absmax(model, groups, split, weight_file) if calibrated else {}
+        weights = QuantizedWeights(block_size=config.block_size, activation_absmax=absmax,
+                                   alpha=config.smooth_alphas[-1], outlier_channels=config.outlier_channels,
+                                   fp16_embeddings=config.embedding_table == "fp16")
+        prefix = LayerPrefix.compute(model, groups, split.feeds, scratch / "prefix", weight_file)
         table = sensitivity.sensitivity_table(model, groups, weights, split, reference, skip=skip,
-                                              smooth_alphas=config.smooth_alphas, prefix=prefix)
+                                              smooth_alphas=config.smooth_alphas, prefix=prefix,
+                                              weight_file=weight_file)
         kl = {row["group"]: {s: row[s]["kl_mean"] for s in allowed if row.get(s) is not None} for row in table}
         group_costs = {name: {s: ms for s, ms in by_scheme.items() if s == "fp32" or s in kl[name]}
                        for name, by_scheme in group_costs.items()}
@@ -81,7 +84,7 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
 
         def evaluate(plan: dict[str, str]) -> dict[str, float]:
             return sensitivity.agreement(reference, sensitivity.plan_logits(model, plan, groups, weights, split,
-                                                                            prefix))
+                                                                            prefix, weight_file))
 
         target = {"top1_agreement": config.target.top1_min, "ref_top1_in_top5": config.target.ref_top1_in_top5_min,
                   "kl_mean": config.target.kl_mean_max}

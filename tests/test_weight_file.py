@@ -1,0 +1,64 @@
+"""The int8-auto search's sessions read the base graph's weights from one file written once."""
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from conftest import tiny_feeds
+from test_smooth_quant import mha_graph
+
+
+def derived_graphs(model, groups, weights):
+    from bertforge.optimizers.mixed_int8 import SCHEMES, TIED_GROUP, apply_plan
+    from bertforge.sensitivity import gathered_head, group_schemes
+
+    for scheme in SCHEMES:
+        plan = {g.name: scheme for g in groups if scheme in group_schemes(g)}
+        yield scheme, apply_plan(model, plan, groups, weights)
+        yield f"{scheme} (head at [MASK] rows)", gathered_head(apply_plan(model, plan, groups, weights))
+    yield "tied table only", apply_plan(model, {TIED_GROUP: "int8-dynamic"}, groups, weights)
+
+
+def test_derived_graphs_never_rewrite_a_base_initializer_under_its_name(tiny_variants):
+    """What makes a reference into the base weights exact: a derived graph that still holds a base
+    initializer's name holds its data."""
+    from bertforge.optimizers.mixed_int8 import QuantizedWeights, group_input, input_channels, quant_groups
+
+    model = mha_graph(tiny_variants)
+    groups = quant_groups(model)
+    base = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    absmax = {group_input(model, g): np.linspace(0.5, 4.0, input_channels(model, g), dtype=np.float32)
+              for g in groups}
+    weights = QuantizedWeights(activation_absmax=absmax)
+    for label, graph in derived_graphs(model, groups, weights):
+        shared = [init for init in graph.graph.initializer if init.name in base]
+        assert shared, label
+        for init in shared:
+            assert np.array_equal(numpy_helper.to_array(init), base[init.name]), (label, init.name)
+
+
+def test_sessions_over_the_weight_file_give_the_same_logits_from_far_smaller_graphs(tiny_variants, tmp_path):
+    from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, quant_groups
+    from bertforge.sensitivity import session_for
+    from bertforge.weight_file import WeightFile
+
+    model = mha_graph(tiny_variants)
+    groups = quant_groups(model)
+    weight_file = WeightFile.write(model, tmp_path, min_bytes=1024)
+    assert (tmp_path / "weights.bin").stat().st_size >= sum(len(r.raw_data) for r in model.graph.initializer
+                                                            if len(r.raw_data) >= 1024)
+    plan = {"layer.0.qkv": "int8-dynamic", "layer.1.ffn-up": "int8-blockwise"}  # the fp32 table stays
+    graph = apply_plan(model, plan, groups, QuantizedWeights())
+    light = weight_file.referencing(graph)
+    assert len(light.SerializeToString()) < len(graph.SerializeToString()) / 2
+    assert any(init.data_location == onnx.TensorProto.EXTERNAL for init in light.graph.initializer)
+    feeds = tiny_feeds()
+    plain = session_for(graph).run(None, feeds)[0]
+    referenced = session_for(graph, weights=weight_file).run(None, feeds)[0]
+    assert np.array_equal(plain, referenced)
+    # a derived graph's own initializer of another shape under a base name is kept as it is
+    renamed = next(init for init in light.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL)
+    other = onnx.helper.make_tensor(renamed.name, onnx.TensorProto.FLOAT, [1], [0.0])
+    graph.graph.initializer.append(other)
+    kept = [init for init in weight_file.referencing(graph).graph.initializer if init.name == renamed.name]
+    assert any(list(init.dims) == [1] and init.data_location != onnx.TensorProto.EXTERNAL for init in kept)
