@@ -12,6 +12,7 @@ from bertforge.validation.metrics import (
     ReferenceStats,
     cosine_similarity,
     kl_divergence,
+    kl_to,
     relative_l2,
     top_k,
     top_k_overlap,
@@ -50,14 +51,26 @@ def test_top_k_orders_like_a_stable_full_sort_with_ties_infinities_and_nans():
         logits = (rng.integers(-3, 4, size=(rows, vocab)) if trial % 2 else rng.standard_normal((rows, vocab)))
         logits = logits.astype(np.float32)
         if trial % 5 == 0:
-            logits[0, rng.integers(vocab)] = np.nan
+            logits[rng.integers(rows), rng.integers(vocab)] = np.nan  # in any block of ROW_BLOCK rows
         if trial % 11 == 0:
             logits[:, :3] = np.inf
         for k in (1, 5, vocab):
             expected = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
             assert top_k(logits, k).tolist() == expected.tolist(), (trial, k)
-    batched = rng.standard_normal((3, 4, 100))
+    batched = rng.standard_normal((3, 40, 100))
     assert top_k(batched).tolist() == np.argsort(-batched, axis=-1, kind="stable")[..., :5].tolist()
+
+
+def test_kl_to_in_row_blocks_is_each_rows_own_kl():
+    rng = np.random.default_rng(1)
+    reference, variant = rng.standard_normal((2, 50, 300)) * 3
+    log_p = np.log(np.exp(reference) / np.exp(reference).sum(axis=-1, keepdims=True))
+    p = np.exp(log_p)
+    blocked = kl_to(p, (p * log_p).sum(axis=-1), variant)
+    one_by_one = [kl_to(p[i:i + 1], (p[i] * log_p[i]).sum(keepdims=True), variant[i:i + 1])[0] for i in range(50)]
+    assert blocked.shape == (50,)
+    assert np.allclose(blocked, one_by_one, rtol=0, atol=1e-12)
+    assert (blocked > 0).all()
 
 def test_accumulator_summary_by_hand():
     vocab = 6

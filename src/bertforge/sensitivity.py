@@ -123,20 +123,35 @@ def gathered_head(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def masked_logits(model: onnx.ModelProto, split: CalibrationSplit, masked_rows_only: bool = False,
-                  prefix: LayerPrefix | None = None, weights: WeightFile | None = None) -> np.ndarray:
+                  prefix: LayerPrefix | None = None, weights: WeightFile | None = None,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """Logits at the split's [MASK] positions. `masked_rows_only`: `model` is a gathered_head graph
     (exact only where head_reads_masked_rows_only holds for the graph's plan). `prefix`: `model` is a
-    suffix graph reading the prefix's stored values. `weights`: the base graph's weight file."""
+    suffix graph reading the prefix's stored values. `weights`: the base graph's weight file.
+
+    `out`: a [positions, vocab] array to write them into and return, for a caller comparing many
+    graphs: a fresh array of that size per graph (92 MB on demo) is new memory each time, whose first
+    touch cost int8-auto's search 0.24 s per evaluated graph here, more than demo's suffix runs."""
     session = session_for(model, weights=weights)
     wanted = [i.name for i in session.get_inputs()]
-    out = []
+    parts = []
+    start = 0
     for index, (feeds, rows, cols) in enumerate(zip(split.feeds, split.rows, split.cols, strict=True)):
         available = {**feeds, GATHER_INDEX: np.stack([rows, cols], axis=1).astype(np.int64)}
         if prefix is not None:
             available.update(prefix.feeds(session, index))
         logits = session.run(None, {name: available[name] for name in wanted})[0]
-        out.append(logits if masked_rows_only else logits[rows, cols])
-    return np.concatenate(out)
+        logits = logits if masked_rows_only else logits[rows, cols]
+        if out is None:
+            parts.append(logits)
+        else:
+            out[start:start + len(logits)] = logits
+        start += len(logits)
+    if out is None:
+        return np.concatenate(parts)
+    if start != len(out):
+        raise ValueError(f"{start} [MASK] positions for an output of {len(out)} rows")
+    return out
 
 
 def reference_logits(model: onnx.ModelProto, split: CalibrationSplit, weights: WeightFile | None = None
@@ -148,10 +163,11 @@ def reference_logits(model: onnx.ModelProto, split: CalibrationSplit, weights: W
 
 def plan_logits(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group], weights: QuantizedWeights,
                 split: CalibrationSplit, prefix: LayerPrefix | None = None,
-                weight_file: WeightFile | None = None) -> np.ndarray:
+                weight_file: WeightFile | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """The logits of a plan's graph at the split's [MASK] positions, the head at those rows only when
     that changes no logit; with `prefix`, only the graph from the plan's first changed layer runs;
-    with `weight_file` (written from `model`), the graph's base weights are read from it."""
+    with `weight_file` (written from `model`), the graph's base weights are read from it; written into
+    `out` when given (masked_logits)."""
     graph = apply_plan(model, plan, groups, weights)
     if weight_file is not None:
         graph = weight_file.referencing(graph)  # the copies below then skip the large weights
@@ -160,8 +176,8 @@ def plan_logits(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group
         graph = gathered_head(graph)
     suffix = prefix.suffix(graph, plan) if prefix is not None else None
     if suffix is not None:
-        return masked_logits(suffix, split, masked_rows_only=rows_only, prefix=prefix, weights=weight_file)
-    return masked_logits(graph, split, masked_rows_only=rows_only, weights=weight_file)
+        return masked_logits(suffix, split, masked_rows_only=rows_only, prefix=prefix, weights=weight_file, out=out)
+    return masked_logits(graph, split, masked_rows_only=rows_only, weights=weight_file, out=out)
 
 
 def activation_absmax(model: onnx.ModelProto, groups: list[Group], split: CalibrationSplit,
@@ -234,6 +250,7 @@ def sensitivity_table(model: onnx.ModelProto, groups: list[Group], weights: Quan
     the tied table's top-1 97.9% at 0.5 against 96.6% at 0.8; layer 0's FFN-up 95.8% at 0.8, 93.1% at
     0.5). Default: `weights.alpha` alone."""
     alphas = smooth_alphas or (weights.alpha,)
+    buffer = np.empty_like(reference.logits)  # every graph's logits, in turn (masked_logits)
     rows = []
     for index, group in enumerate(groups):
         row: dict[str, Any] = {"group": group.name, "macs_per_token": group.macs_per_token}
@@ -245,13 +262,13 @@ def sensitivity_table(model: onnx.ModelProto, groups: list[Group], weights: Quan
                 continue
             if scheme != "int8-smooth":
                 row[scheme] = agreement(reference, plan_logits(model, {group.name: scheme}, groups, weights, split,
-                                                               prefix, weight_file))
+                                                               prefix, weight_file, buffer))
                 continue
             tried = []
             for alpha in alphas:
                 weights.alphas[group.name] = alpha
                 found = agreement(reference, plan_logits(model, {group.name: scheme}, groups, weights, split, prefix,
-                                                         weight_file))
+                                                         weight_file, buffer))
                 tried.append({**found, "alpha": alpha})
             row[scheme] = min(tried, key=lambda result: result["kl_mean"])  # the first of equal KLs
             weights.alphas[group.name] = row[scheme]["alpha"]

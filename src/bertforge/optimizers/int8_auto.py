@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bertforge.artifact import Artifact, owned_scratch
 from bertforge.cache import cache_root
 from bertforge.int8_plan import ordered_moves, search
@@ -82,9 +84,11 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
         def latency_ratio(plan: dict[str, str]) -> float:
             return (fixed_ms + sum(group_costs[name][plan[name]] for name in names)) / fp32_ms
 
+        buffer = np.empty_like(reference.logits)  # each plan's logits in turn (sensitivity.masked_logits)
+
         def evaluate(plan: dict[str, str]) -> dict[str, float]:
             return sensitivity.agreement(reference, sensitivity.plan_logits(model, plan, groups, weights, split,
-                                                                            prefix, weight_file))
+                                                                            prefix, weight_file, buffer))
 
         target = {"top1_agreement": config.target.top1_min, "ref_top1_in_top5": config.target.ref_top1_in_top5_min,
                   "kl_mean": config.target.kl_mean_max}
