@@ -77,7 +77,7 @@ def test_demo_variants_answer_fill_mask(demo_build):
     from bertforge.predict import fill_mask
 
     for name in ("fp32", "fused", "fp16", "int8-dynamic", "int8-static", "int8-blockwise", "int8-auto",
-                 "int8-dynamic-masked"):
+                 "int8-dynamic-masked", "int8-auto-masked"):
         path = demo_build / name
         assert ORTModelForMaskedLM.from_pretrained(path) is not None
         answers = pipeline("fill-mask", model=str(path), accelerator="ort")("The capital of France is [MASK].")

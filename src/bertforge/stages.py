@@ -35,6 +35,7 @@ class VariantSpec:
 
 
 INT8_DYNAMIC_GATE = {"top1_min": 0.70, "top5_overlap_min": 0.73, "ref_top1_in_top5_min": 0.88}
+INT8_AUTO_GATE = {"top1_min": 0.92, "top5_overlap_min": 0.92, "ref_top1_in_top5_min": 0.99}
 
 SPECS: tuple[VariantSpec, ...] = (
     VariantSpec("fp32", "exporter.export", None, "export", {"max_abs_max": 1e-3, "top1_min": 1.0},
@@ -52,12 +53,13 @@ SPECS: tuple[VariantSpec, ...] = (
     VariantSpec("int8-blockwise", "optimizers.int8_blockwise", "fp32", "int8_blockwise",
                 {"top1_min": 0.90, "top5_overlap_min": 0.92, "ref_top1_in_top5_min": 0.99},
                 summary="every MatMul as 8-bit MatMulNBits: activations and weights quantized per block of channels"),
-    VariantSpec("int8-auto", "optimizers.int8_auto", "fp32", "int8_auto",
-                {"top1_min": 0.92, "top5_overlap_min": 0.92, "ref_top1_in_top5_min": 0.99},
+    VariantSpec("int8-auto", "optimizers.int8_auto", "fp32", "int8_auto", INT8_AUTO_GATE,
                 summary="a scheme per layer group (fp32 or an int8 scheme), the fastest plan meeting an agreement "
                         "target on a calibration split"),
     VariantSpec("int8-dynamic-masked", "optimizers.masked_head", "int8-dynamic", "masked_head", INT8_DYNAMIC_GATE,
                 extra=True, summary="MLM head at [MASK] rows only"),
+    VariantSpec("int8-auto-masked", "optimizers.masked_head", "int8-auto", "masked_head", INT8_AUTO_GATE,
+                extra=True, summary="int8-auto with its MLM head at [MASK] rows only"),
 )
 
 BY_NAME = {spec.name: spec for spec in SPECS}
