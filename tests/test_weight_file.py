@@ -54,7 +54,7 @@ def test_sessions_over_the_weight_file_give_the_same_logits_from_far_smaller_gra
     assert any(init.data_location == onnx.TensorProto.EXTERNAL for init in light.graph.initializer)
     feeds = tiny_feeds()
     plain = session_for(graph).run(None, feeds)[0]
-    referenced = session_for(graph, weights=weight_file).run(None, feeds)[0]
+    referenced = session_for(graph, weight_file=weight_file).run(None, feeds)[0]
     assert np.array_equal(plain, referenced)
     # a derived graph's own initializer of another shape under a base name is kept as it is
     renamed = next(init for init in light.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL)

@@ -73,7 +73,7 @@ class LayerPrefix:
 
     @classmethod
     def compute(cls, model: onnx.ModelProto, groups: list[Group], feeds: list[dict[str, np.ndarray]],
-                directory: Path, weights: WeightFile | None = None) -> LayerPrefix:
+                directory: Path, weight_file: WeightFile | None = None) -> LayerPrefix:
         from bertforge.runtime import feeds_for
         from bertforge.sensitivity import session_for
 
@@ -88,7 +88,7 @@ class LayerPrefix:
         graph_inputs = {value.name for value in fp32.graph.input}
         wanted = [name for name in wanted if name not in graph_inputs]
         fp32.graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted)  # typed by ORT at load
-        session = session_for(fp32, weights=weights)
+        session = session_for(fp32, weight_file=weight_file)
         for index, batch in enumerate(feeds):
             values = session.run(wanted, feeds_for(session, batch["input_ids"], batch["attention_mask"],
                                                    batch["token_type_ids"]))

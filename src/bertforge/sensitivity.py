@@ -71,16 +71,16 @@ def calibration_split(checkpoint: Path, corpus: str = "calibration", seeds: tupl
 
 
 def session_for(model: onnx.ModelProto, threads: int | None = None, profile_prefix: str | None = None,
-                weights: WeightFile | None = None):
-    """A session over `model`; with `weights`, its large base initializers are read from their file."""
+                weight_file: WeightFile | None = None):
+    """A session over `model`; with `weight_file`, its large base initializers are read from that file."""
     import onnxruntime as ort
 
     from bertforge.runtime import session_options
 
     options = session_options(threads, spinning=False)
-    if weights is not None:
-        weights.configure(options)
-        model = weights.referencing(model)
+    if weight_file is not None:
+        weight_file.configure(options)
+        model = weight_file.referencing(model)
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
@@ -123,16 +123,16 @@ def gathered_head(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def masked_logits(model: onnx.ModelProto, split: CalibrationSplit, masked_rows_only: bool = False,
-                  prefix: LayerPrefix | None = None, weights: WeightFile | None = None,
+                  prefix: LayerPrefix | None = None, weight_file: WeightFile | None = None,
                   out: np.ndarray | None = None) -> np.ndarray:
     """Logits at the split's [MASK] positions. `masked_rows_only`: `model` is a gathered_head graph
     (exact only where head_reads_masked_rows_only holds for the graph's plan). `prefix`: `model` is a
-    suffix graph reading the prefix's stored values. `weights`: the base graph's weight file.
+    suffix graph reading the prefix's stored values. `weight_file`: the base graph's weight file.
 
     `out`: a [positions, vocab] array to write them into and return, for a caller comparing many
     graphs: a fresh array of that size per graph (92 MB on demo) is new memory each time, whose first
     touch cost int8-auto's search 0.24 s per evaluated graph here, more than demo's suffix runs."""
-    session = session_for(model, weights=weights)
+    session = session_for(model, weight_file=weight_file)
     wanted = [i.name for i in session.get_inputs()]
     parts = []
     start = 0
@@ -154,11 +154,11 @@ def masked_logits(model: onnx.ModelProto, split: CalibrationSplit, masked_rows_o
     return out
 
 
-def reference_logits(model: onnx.ModelProto, split: CalibrationSplit, weights: WeightFile | None = None
+def reference_logits(model: onnx.ModelProto, split: CalibrationSplit, weight_file: WeightFile | None = None
                      ) -> np.ndarray:
     """The fp32 graph's logits at the split's [MASK] positions (its head at those rows only)."""
-    light = weights.referencing(model) if weights is not None else model
-    return masked_logits(gathered_head(light), split, masked_rows_only=True, weights=weights)
+    light = weight_file.referencing(model) if weight_file is not None else model
+    return masked_logits(gathered_head(light), split, masked_rows_only=True, weight_file=weight_file)
 
 
 def plan_logits(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group], weights: QuantizedWeights,
@@ -176,12 +176,13 @@ def plan_logits(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group
         graph = gathered_head(graph)
     suffix = prefix.suffix(graph, plan) if prefix is not None else None
     if suffix is not None:
-        return masked_logits(suffix, split, masked_rows_only=rows_only, prefix=prefix, weights=weight_file, out=out)
-    return masked_logits(graph, split, masked_rows_only=rows_only, weights=weight_file, out=out)
+        return masked_logits(suffix, split, masked_rows_only=rows_only, prefix=prefix, weight_file=weight_file,
+                             out=out)
+    return masked_logits(graph, split, masked_rows_only=rows_only, weight_file=weight_file, out=out)
 
 
 def activation_absmax(model: onnx.ModelProto, groups: list[Group], split: CalibrationSplit,
-                      weights: WeightFile | None = None) -> dict[str, np.ndarray]:
+                      weight_file: WeightFile | None = None) -> dict[str, np.ndarray]:
     """max |x| per channel of every group's input over the calibration split's real (unpadded) tokens,
     from the fp32 graph: what int8-smooth's scales are computed from."""
     import copy
@@ -191,9 +192,9 @@ def activation_absmax(model: onnx.ModelProto, groups: list[Group], split: Calibr
     from bertforge.runtime import feeds_for
 
     tensors = sorted({group_input(model, group) for group in groups})
-    probe = weights.referencing(model) if weights is not None else copy.deepcopy(model)
+    probe = weight_file.referencing(model) if weight_file is not None else copy.deepcopy(model)
     probe.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors)
-    session = session_for(probe, weights=weights)
+    session = session_for(probe, weight_file=weight_file)
     found: dict[str, np.ndarray] = {}
     for feeds in split.feeds:
         values = session.run(tensors, feeds_for(session, feeds["input_ids"], feeds["attention_mask"],
@@ -302,7 +303,7 @@ def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: Quantized
         for scheme in SCHEMES:
             plan = {g.name: scheme for g in groups if scheme in group_schemes(g)}
             session = session_for(apply_plan(model, plan, groups, timing, repack=False),
-                                  profile_prefix=f"{scratch}/{scheme}", weights=weight_file)
+                                  profile_prefix=f"{scratch}/{scheme}", weight_file=weight_file)
             sessions[scheme] = (session, feeds_for(session, inputs["input_ids"], inputs["attention_mask"],
                                                    inputs["token_type_ids"]))
         # the schemes' runs interleaved: timed one scheme after another, a busy spell or a clock change
