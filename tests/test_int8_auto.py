@@ -33,17 +33,21 @@ def fp32_artifact(tiny_variants):
 def test_int8_auto_meets_its_target_and_picks_the_same_plan_twice(tiny_variants, tmp_path):
     from bertforge.optimizers import int8_auto
     from bertforge.pipeline import stage_inputs
+    from bertforge.progress import reporting
     from bertforge.recipe import Int8AutoConfig
 
     config = Int8AutoConfig(target={"top1_min": 0.9, "ref_top1_in_top5_min": 0.99})
     metas = []
+    details: list[str] = []
     for attempt in ("a", "b"):
         out = tmp_path / attempt
         out.mkdir()
         # the same inputs (calibration text, this machine's measured kernel times): the same bytes
-        metas.append(int8_auto.run(tiny_variants["fp32"], out, config,
-                                   stage_inputs("int8-auto", fp32_artifact(tiny_variants), config)))
+        with reporting(details.append):  # what a build's progress line shows meanwhile
+            metas.append(int8_auto.run(tiny_variants["fp32"], out, config,
+                                       stage_inputs("int8-auto", fp32_artifact(tiny_variants), config)))
     first, second = metas
+    assert "sensitivity: group 10/10" in details and any(d.startswith("plan 1 (bisection") for d in details)
     assert first["plan"] == second["plan"]
     assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
     assert first["calibration"]["top1_agreement"] >= 0.9 and first["calibration"]["ref_top1_in_top5"] >= 0.99

@@ -34,7 +34,7 @@ from bertforge.errors import BertforgeError, StageError, UsageError
 from bertforge.exporter import export
 from bertforge.memory import release_freed_memory
 from bertforge.onnx_files import MODEL_DATA_FILE, external_data_above, model_bytes
-from bertforge.progress import Progress
+from bertforge.progress import Progress, reporting
 from bertforge.recipe import Recipe
 from bertforge.sources import ResolvedSource
 from bertforge.stages import SPECS
@@ -172,7 +172,7 @@ def build_variants(recipe: Recipe, source: ResolvedSource, progress: Progress) -
     for variant in required_variants(recipe.variants):
         stage, parent_variant, section = VARIANT_PLAN[variant]
         parent = root if parent_variant is None else state.artifacts[parent_variant].artifact
-        with progress.step(variant) as info:
+        with progress.step(variant) as info, reporting(progress.update):
             run = run_stage(stage, parent, getattr(recipe, section))
             info["cached"] = run.cached
             size = model_bytes(run.artifact.path) / 1e6

@@ -6,11 +6,34 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TextIO
 
 MODES = ("auto", "bar", "plain", "quiet", "jsonl")
+
+# Where a stage's own progress goes: stages are pure functions of (parent dir, out dir, config) and get
+# no Progress, but a long one (int8-auto's search: minutes on bert-base) reports its steps through
+# `report`, which the pipeline points at the running step's line (`reporting`)
+_STAGE_DETAIL: ContextVar[Callable[[str], None] | None] = ContextVar("stage_detail", default=None)
+
+
+@contextmanager
+def reporting(callback: Callable[[str], None]) -> Iterator[None]:
+    """Send what `report` is given meanwhile to `callback` (e.g. Progress.update)."""
+    token = _STAGE_DETAIL.set(callback)
+    try:
+        yield
+    finally:
+        _STAGE_DETAIL.reset(token)
+
+
+def report(detail: str) -> None:
+    """A running stage's progress, e.g. 'sensitivity 12/50'; nothing happens outside `reporting`."""
+    callback = _STAGE_DETAIL.get()
+    if callback is not None:
+        callback(detail)
 
 
 class Progress:

@@ -275,7 +275,7 @@ def sensitivity_table(model: onnx.ModelProto, groups: list[Group], weights: Quan
             weights.alphas[group.name] = row[scheme]["alpha"]
         rows.append(row)
         if progress:
-            progress(f"sensitivity {index + 1}/{len(groups)}")
+            progress(f"sensitivity: group {index + 1}/{len(groups)}")
     return rows
 
 
@@ -337,6 +337,7 @@ def machine_costs(export: Artifact, block_size: int) -> dict[str, Any]:
     from bertforge.code_digest import code_digest
     from bertforge.optimizers.common import MODEL_FILE, mha_fused, model_config
     from bertforge.optimizers.mixed_int8 import quant_groups
+    from bertforge.progress import report
 
     key = results_cache.key_for("int8-costs", {"export": export.key, "block_size": block_size,
                                                "code": code_digest(__name__)})
@@ -344,6 +345,7 @@ def machine_costs(export: Artifact, block_size: int) -> dict[str, Any]:
         found = results_cache.load("int8-costs", key)
         if found is not None:
             return found
+        report("measuring per-group kernel times (once per export and machine)")
         hf = model_config(export.path)
         model, _ = mha_fused(export.path / MODEL_FILE, hf, "int8-auto")
         with owned_scratch(cache_root() / "tmp", "int8-costs-") as scratch:

@@ -28,6 +28,7 @@ from bertforge.layer_prefix import LayerPrefix
 from bertforge.onnx_files import save_model
 from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mha_fused, model_config, op_histogram
 from bertforge.optimizers.mixed_int8 import SCHEMES, QuantizedWeights, apply_plan, quant_groups
+from bertforge.progress import report
 from bertforge.recipe import Int8AutoConfig
 from bertforge.weight_file import WeightFile
 
@@ -62,6 +63,7 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
                                                                if s != "fp32" and ms >= by_scheme["fp32"]}
             for name, by_scheme in group_costs.items()}
     with owned_scratch(cache_root() / "tmp", "int8-auto-search-") as scratch:
+        report("reference logits")
         weight_file = WeightFile.write(model, scratch / "weights")
         reference = sensitivity.Reference.of(sensitivity.reference_logits(model, split, weight_file))
         calibrated = {"int8-smooth", "int8-outlier"} & set(config.schemes)
@@ -69,10 +71,11 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
         weights = QuantizedWeights(block_size=config.block_size, activation_absmax=absmax,
                                    alpha=config.smooth_alphas[-1], outlier_channels=config.outlier_channels,
                                    fp16_embeddings=config.embedding_table == "fp16")
+        report("fp32 layer inputs")
         prefix = LayerPrefix.compute(model, groups, split.feeds, scratch / "prefix", weight_file)
         table = sensitivity.sensitivity_table(model, groups, weights, split, reference, skip=skip,
                                               smooth_alphas=config.smooth_alphas, prefix=prefix,
-                                              weight_file=weight_file)
+                                              weight_file=weight_file, progress=report)
         kl = {row["group"]: {s: row[s]["kl_mean"] for s in allowed if row.get(s) is not None} for row in table}
         group_costs = {name: {s: ms for s, ms in by_scheme.items() if s == "fp32" or s in kl[name]}
                        for name, by_scheme in group_costs.items()}
@@ -86,7 +89,12 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
 
         buffer = np.empty_like(reference.logits)  # each plan's logits in turn (sensitivity.masked_logits)
 
+        evaluated = 0
+
         def evaluate(plan: dict[str, str]) -> dict[str, float]:
+            nonlocal evaluated
+            evaluated += 1
+            report(f"plan {evaluated} (bisection over {len(moves)} moves)")
             return sensitivity.agreement(reference, sensitivity.plan_logits(model, plan, groups, weights, split,
                                                                             prefix, weight_file, buffer))
 
