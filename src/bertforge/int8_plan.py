@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bertforge.errors import UsageError
+from bertforge.progress import report
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ def search(start: dict[str, str], moves: list[Move], evaluate: Callable[[dict[st
     evaluations: list[dict[str, Any]] = []
 
     def measure(count: int) -> dict[str, float]:
+        report(f"plan {len(evaluations) + 1} (bisection over {len(moves)} moves)")
         plan = plan_after(start, moves, count)
         agreement = evaluate(plan)
         evaluations.append({"moves": count, "latency_ratio": round(latency_of(plan), 4), **agreement})

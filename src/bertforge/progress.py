@@ -30,7 +30,7 @@ def reporting(callback: Callable[[str], None]) -> Iterator[None]:
 
 
 def report(detail: str) -> None:
-    """A running stage's progress, e.g. 'sensitivity 12/50'; nothing happens outside `reporting`."""
+    """A running stage's progress, e.g. 'sensitivity: group 12/50'; nothing happens outside `reporting`."""
     callback = _STAGE_DETAIL.get()
     if callback is not None:
         callback(detail)

@@ -41,15 +41,18 @@ class WeightFile:
         weights.directory.mkdir(parents=True, exist_ok=True)
         with open(weights.directory / FILE, "wb") as out:
             for init in model.graph.initializer:
-                if init.data_location == onnx.TensorProto.EXTERNAL or len(init.raw_data) < max(min_bytes, 1):
+                if init.data_location == onnx.TensorProto.EXTERNAL:
+                    continue
+                data = init.raw_data  # a copy of the bytes on each access: read once
+                if len(data) < max(min_bytes, 1):
                     continue
                 offset = out.tell()
                 padding = -offset % ALIGN
                 out.write(b"\0" * padding)
-                out.write(init.raw_data)
+                out.write(data)
                 reference = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)
                 reference.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", FILE), ("offset", offset + padding), ("length", len(init.raw_data))):
+                for key, value in (("location", FILE), ("offset", offset + padding), ("length", len(data))):
                     entry = reference.external_data.add()
                     entry.key, entry.value = key, str(value)
                 weights.references[init.name] = reference

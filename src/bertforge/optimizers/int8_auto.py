@@ -89,12 +89,7 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
 
         buffer = np.empty_like(reference.logits)  # each plan's logits in turn (sensitivity.masked_logits)
 
-        evaluated = 0
-
         def evaluate(plan: dict[str, str]) -> dict[str, float]:
-            nonlocal evaluated
-            evaluated += 1
-            report(f"plan {evaluated} (bisection over {len(moves)} moves)")
             return sensitivity.agreement(reference, sensitivity.plan_logits(model, plan, groups, weights, split,
                                                                             prefix, weight_file, buffer))
 
