@@ -9,15 +9,18 @@ from test_smooth_quant import logits, mha_graph
 
 
 def test_a_plan_runs_from_its_first_changed_layer_with_the_logits_of_its_whole_graph(tiny_variants, tmp_path):
-    from bertforge.layer_prefix import HEAD_START, LayerPrefix
+    from bertforge.layer_prefix import HEAD_START
     from bertforge.optimizers.mixed_int8 import QuantizedWeights, quant_groups
-    from bertforge.sensitivity import activation_absmax, calibration_split, plan_logits
+    from bertforge.sensitivity import calibration_split, fp32_values, masked_logits, plan_logits
 
     model = mha_graph(tiny_variants)
     groups = quant_groups(model)
     split = calibration_split(tiny_variants["fp32"], seeds=(7,))
-    weights = QuantizedWeights(activation_absmax=activation_absmax(model, groups, split))
-    prefix = LayerPrefix.compute(model, groups, split.feeds, tmp_path)
+    # one run gives the reference logits, the activation ranges and the prefix
+    values = fp32_values(model, groups, split, tmp_path)
+    assert np.abs(values.logits - masked_logits(model, split)).max() < 1e-4
+    weights = QuantizedWeights(activation_absmax=values.absmax)
+    prefix = values.prefix
     assert sorted(prefix.starts) == [0, 1, HEAD_START]
     assert len(list(tmp_path.glob("*.npy"))) == len(prefix.dtypes) * len(split.feeds)
 
@@ -35,6 +38,15 @@ def test_a_plan_runs_from_its_first_changed_layer_with_the_logits_of_its_whole_g
     # the tied table changes the embeddings, so such a plan runs whole; so does an all-fp32 one
     assert prefix.start_of_plan({"tied-table": "int8-dynamic", "layer.1.qkv": "int8-dynamic"}) is None
     assert prefix.start_of_plan({"layer.0.qkv": "fp32"}) is None
+
+    # int8-auto's table runs on every n-th batch: from the prefix of the whole split, the logits of the
+    # whole split at those positions
+    plan = {"layer.1.ffn-down": "int8-dynamic"}
+    whole = plan_logits(model, plan, groups, weights, split, prefix)
+    share, positions = split.every(2)
+    assert len(split.feeds) >= 3 and share.batch_ids == list(range(0, len(split.feeds), 2))
+    assert share.positions == len(positions) < split.positions
+    assert np.array_equal(plan_logits(model, plan, groups, weights, share, prefix), whole[positions])
 
 
 def test_fp16_embeddings_keep_the_decoder_int8_and_read_their_own_fp16_table(tiny_variants):

@@ -125,7 +125,7 @@ def logits(model: onnx.ModelProto) -> np.ndarray:
     return session.run(None, tiny_feeds())[0]
 
 
-def test_fp32_layers_go_back_to_packed_attention_and_every_smooth_plan_runs(tiny_variants):
+def test_fp32_layers_go_back_to_packed_attention_and_every_smooth_plan_runs(tiny_variants, tmp_path):
     from bertforge.optimizers.mixed_int8 import TIED_GROUP, QuantizedWeights, apply_plan, group_input, quant_groups
 
     model = mha_graph(tiny_variants)
@@ -140,9 +140,9 @@ def test_fp32_layers_go_back_to_packed_attention_and_every_smooth_plan_runs(tiny
 
     # a layer whose Q/K/V are int8 goes to QAttention (one quantized input, one packed int8 GEMM);
     # the fp32 one to Attention
-    from bertforge.sensitivity import activation_absmax, calibration_split
+    from bertforge.sensitivity import calibration_split, fp32_values
 
-    absmax = activation_absmax(model, groups, calibration_split(tiny_variants["fp32"], seeds=(7,)))
+    absmax = fp32_values(model, groups, calibration_split(tiny_variants["fp32"], seeds=(7,)), tmp_path).absmax
     assert set(absmax) == {group_input(model, g) for g in groups}
     assert all(v.ndim == 1 and (v > 0).all() for v in absmax.values())
     weights = QuantizedWeights(activation_absmax=absmax)
@@ -206,13 +206,13 @@ def logits_of(model, plan, groups, weights, feeds) -> np.ndarray:
     return session.run(None, {name: value for name, value in feeds.items() if name in wanted})[0]
 
 
-def test_each_group_keeps_the_smoothquant_alpha_of_lowest_kl(tiny_variants):
+def test_each_group_keeps_the_smoothquant_alpha_of_lowest_kl(tiny_variants, tmp_path):
     from bertforge.optimizers.mixed_int8 import QuantizedWeights, quant_groups
     from bertforge.sensitivity import (
         Reference,
-        activation_absmax,
         agreement,
         calibration_split,
+        fp32_values,
         masked_logits,
         plan_logits,
         sensitivity_table,
@@ -222,7 +222,7 @@ def test_each_group_keeps_the_smoothquant_alpha_of_lowest_kl(tiny_variants):
     groups = quant_groups(model)
     split = calibration_split(tiny_variants["fp32"], seeds=(7,))
     reference = Reference.of(masked_logits(model, split))
-    absmax = activation_absmax(model, groups, split)
+    absmax = fp32_values(model, groups, split, tmp_path).absmax
     weights = QuantizedWeights(activation_absmax=absmax)
     skip = {g.name: {"int8-dynamic", "int8-blockwise"} for g in groups}
     table = sensitivity_table(model, groups, weights, split, reference, skip=skip, smooth_alphas=(0.3, 0.9))

@@ -8,8 +8,9 @@ plan, spilled to a scratch folder, and each candidate runs only its suffix with 
 
 The prefix values come from `apply_plan(model, {})`, the graph every plan's prefix is made of (its
 fp32 layers packed back into Attention the same way), so a suffix sees the inputs its full graph
-would compute. A plan that quantizes the tied table (its embeddings change) or whose cut is not
-among the stored tensors runs whole.
+would compute; sensitivity.fp32_values stores them in the same run as the reference logits. A plan
+that quantizes the tied table (its embeddings change) or whose cut is not among the stored tensors
+runs whole.
 
 onnx.utils.Extractor would find the same subgraph, but it runs shape inference over the whole model
 for each extraction; here the cut is read off the graph order (ONNX graphs are topologically sorted).
@@ -25,8 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from bertforge.optimizers.mixed_int8 import Group, QuantizedWeights, apply_plan, group_input
-from bertforge.weight_file import WeightFile
+from bertforge.optimizers.mixed_int8 import Group, group_input
 
 LAYER_GROUP = re.compile(r"^layer\.(\d+)\.")
 HEAD_START = 1 << 30  # the head's transform starts after every layer
@@ -72,30 +72,26 @@ class LayerPrefix:
     dtypes: dict[str, np.dtype] = field(default_factory=dict)
 
     @classmethod
-    def compute(cls, model: onnx.ModelProto, groups: list[Group], feeds: list[dict[str, np.ndarray]],
-                directory: Path, weight_file: WeightFile | None = None) -> LayerPrefix:
-        from bertforge.runtime import feeds_for
-        from bertforge.sensitivity import session_for
-
+    def for_groups(cls, model: onnx.ModelProto, groups: list[Group], directory: Path) -> LayerPrefix:
+        """An empty prefix with a start per layer (its Q/K/V input) and for the head's transform."""
         prefix = cls(Path(directory))
         prefix.directory.mkdir(parents=True, exist_ok=True)
         for group in groups:
             start = start_of(group.name)
             if start is not None and (group.name.endswith(".qkv") or start == HEAD_START):
                 prefix.starts[start] = group_input(model, group)
-        fp32 = apply_plan(model, {}, groups, QuantizedWeights())
-        wanted = sorted({name for tensor in prefix.starts.values() for name in cut(fp32, tensor)[1]})
-        graph_inputs = {value.name for value in fp32.graph.input}
-        wanted = [name for name in wanted if name not in graph_inputs]
-        fp32.graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted)  # typed by ORT at load
-        session = session_for(fp32, weight_file=weight_file)
-        for index, batch in enumerate(feeds):
-            values = session.run(wanted, feeds_for(session, batch["input_ids"], batch["attention_mask"],
-                                                   batch["token_type_ids"]))
-            for name, value in zip(wanted, values, strict=True):
-                prefix.dtypes[name] = value.dtype
-                np.save(prefix.path(name, index), value)
         return prefix
+
+    def tensors(self, fp32: onnx.ModelProto) -> list[str]:
+        """The tensors of the all-fp32 plan's graph (`apply_plan(model, {})`) that a suffix from any
+        start reads from before it (graph inputs excluded): the values to `store` per batch."""
+        wanted = sorted({name for tensor in self.starts.values() for name in cut(fp32, tensor)[1]})
+        graph_inputs = {value.name for value in fp32.graph.input}
+        return [name for name in wanted if name not in graph_inputs]
+
+    def store(self, tensor: str, batch: int, value: np.ndarray) -> None:
+        self.dtypes[tensor] = value.dtype
+        np.save(self.path(tensor, batch), value)
 
     def path(self, tensor: str, batch: int) -> Path:
         return self.directory / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', tensor)}-{len(tensor)}-{batch}.npy"

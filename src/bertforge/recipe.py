@@ -137,6 +137,13 @@ class Int8AutoConfig(Section):
     # a plan at 0.627x fused instead of 0.644x (validation top-1 96.4% and 96.7%): not the default.
     smooth_alphas: tuple[Annotated[float, Field(ge=0, le=1)], ...] = Field((0.8,), min_length=1)
     calibration_corpus: str = "calibration"
+    # The sensitivity table (each group alone) is measured on every n-th calibration batch (batches
+    # sorted by length, so each share spans all lengths); the bisection and the chosen plan's agreement
+    # use every batch. The table is most of the search (about 100 evaluations on bert-base, each over
+    # the batches), and it only orders the moves: on demo the even and the odd half of the batches gave
+    # the plan all batches give (same 6 groups int8); on synthetic:bert-base-uncased 27 and 28 int8
+    # groups against 28. Every 4th batch moved demo's plan by a group and bert-base's from 28 to 23 or 31.
+    sensitivity_stride: StrictInt = Field(2, ge=1, le=8)
     # Where the tied table's decoder is int8, what the embeddings read: `int8`, the decoder's per-row
     # int8 table, stored once, or `fp16`, their own fp16 copy (+2 bytes per weight: +23 MB on demo, +47 MB
     # on bert-base). On demo the tied table alone keeps 96.6% top-1 with int8 embeddings, 98.7% with

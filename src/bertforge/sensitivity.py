@@ -42,10 +42,25 @@ class CalibrationSplit:
     feeds: list[dict[str, np.ndarray]]
     rows: list[np.ndarray]
     cols: list[np.ndarray]
+    # each batch's index in the split it was taken from (`every`): the one LayerPrefix stored its values by
+    batch_ids: list[int] | None = None
 
     @property
     def positions(self) -> int:
         return int(sum(len(r) for r in self.rows))
+
+    def batch_id(self, index: int) -> int:
+        return index if self.batch_ids is None else self.batch_ids[index]
+
+    def every(self, stride: int) -> tuple[CalibrationSplit, np.ndarray]:
+        """Every `stride`-th batch (the first, then each stride-th after it), and the indices of its
+        [MASK] positions among this split's (logits are concatenated in batch order). The batches are
+        sorted by length, so the subset spans every length the split has."""
+        keep = list(range(0, len(self.feeds), stride))
+        starts = np.cumsum([0] + [len(r) for r in self.rows])
+        positions = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in keep]) if keep else np.arange(0)
+        return (CalibrationSplit([self.feeds[i] for i in keep], [self.rows[i] for i in keep],
+                                 [self.cols[i] for i in keep], [self.batch_id(i) for i in keep]), positions)
 
 
 def calibration_split(checkpoint: Path, corpus: str = "calibration", seeds: tuple[int, ...] = CALIBRATION_SEEDS,
@@ -139,7 +154,7 @@ def masked_logits(model: onnx.ModelProto, split: CalibrationSplit, masked_rows_o
     for index, (feeds, rows, cols) in enumerate(zip(split.feeds, split.rows, split.cols, strict=True)):
         available = {**feeds, GATHER_INDEX: np.stack([rows, cols], axis=1).astype(np.int64)}
         if prefix is not None:
-            available.update(prefix.feeds(session, index))
+            available.update(prefix.feeds(session, split.batch_id(index)))
         logits = session.run(None, {name: available[name] for name in wanted})[0]
         logits = logits if masked_rows_only else logits[rows, cols]
         if out is None:
@@ -152,13 +167,6 @@ def masked_logits(model: onnx.ModelProto, split: CalibrationSplit, masked_rows_o
     if start != len(out):
         raise ValueError(f"{start} [MASK] positions for an output of {len(out)} rows")
     return out
-
-
-def reference_logits(model: onnx.ModelProto, split: CalibrationSplit, weight_file: WeightFile | None = None
-                     ) -> np.ndarray:
-    """The fp32 graph's logits at the split's [MASK] positions (its head at those rows only)."""
-    light = weight_file.referencing(model) if weight_file is not None else model
-    return masked_logits(gathered_head(light), split, masked_rows_only=True, weight_file=weight_file)
 
 
 def plan_logits(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group], weights: QuantizedWeights,
@@ -181,29 +189,42 @@ def plan_logits(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group
     return masked_logits(graph, split, masked_rows_only=rows_only, weight_file=weight_file, out=out)
 
 
-def activation_absmax(model: onnx.ModelProto, groups: list[Group], split: CalibrationSplit,
-                      weight_file: WeightFile | None = None) -> dict[str, np.ndarray]:
-    """max |x| per channel of every group's input over the calibration split's real (unpadded) tokens,
-    from the fp32 graph: what int8-smooth's scales are computed from."""
-    import copy
+@dataclass
+class Fp32Values:
+    """What the search reads of the all-fp32 plan's graph, from one run over the calibration split."""
 
-    from onnx import helper
+    logits: np.ndarray  # at the split's [MASK] positions: the reference every plan is compared with
+    absmax: dict[str, np.ndarray]  # max |x| per channel of each group's input: int8-smooth's scales
+    prefix: LayerPrefix  # each layer's input: where a plan's suffix graph starts
 
-    from bertforge.runtime import feeds_for
 
-    tensors = sorted({group_input(model, group) for group in groups})
-    probe = weight_file.referencing(model) if weight_file is not None else copy.deepcopy(model)
-    probe.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors)
+def fp32_values(model: onnx.ModelProto, groups: list[Group], split: CalibrationSplit, directory: Path,
+                weight_file: WeightFile | None = None) -> Fp32Values:
+    """One run of `apply_plan(model, {})` (the graph every plan's fp32 groups are made of) with every
+    group's input and the prefix's tensors as extra outputs. absmax is over the real (unpadded) tokens,
+    the tied table's too (so the head runs at every row here). Three runs of it (reference, absmax,
+    prefix) cost bert-base's search ~10 s."""
+    fp32 = apply_plan(model, {}, groups, QuantizedWeights())
+    prefix = LayerPrefix.for_groups(model, groups, directory)
+    stored = prefix.tensors(fp32)
+    inputs = sorted({group_input(model, group) for group in groups})
+    probe = weight_file.referencing(fp32) if weight_file is not None else fp32
+    extra = sorted(set(stored) | set(inputs))
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra)  # typed by ORT at load
     session = session_for(probe, weight_file=weight_file)
-    found: dict[str, np.ndarray] = {}
-    for feeds in split.feeds:
-        values = session.run(tensors, feeds_for(session, feeds["input_ids"], feeds["attention_mask"],
-                                                feeds["token_type_ids"]))
+    names = [probe.graph.output[0].name, *extra]
+    logits, absmax = [], {}
+    for index, (feeds, rows, cols) in enumerate(zip(split.feeds, split.rows, split.cols, strict=True)):
+        found, *values = session.run(names, {i.name: feeds[i.name] for i in session.get_inputs()})
+        logits.append(found[rows, cols])
         real = feeds["attention_mask"].astype(bool)
-        for name, value in zip(tensors, values, strict=True):
-            absmax = np.abs(value[real]).max(axis=0)
-            found[name] = absmax if name not in found else np.maximum(found[name], absmax)
-    return found
+        for name, value in zip(extra, values, strict=True):
+            if name in stored:
+                prefix.store(name, split.batch_id(index), value)
+            if name in inputs:
+                channel_max = np.abs(value[real]).max(axis=0)
+                absmax[name] = channel_max if name not in absmax else np.maximum(absmax[name], channel_max)
+    return Fp32Values(np.concatenate(logits), absmax, prefix)
 
 
 @dataclass(frozen=True)
@@ -221,6 +242,10 @@ class Reference:
         log_p = log_softmax(logits)
         p = np.exp(log_p)
         return cls(logits, top_k(logits), p, (p * log_p).sum(axis=-1))
+
+    def at(self, positions: np.ndarray) -> Reference:
+        """The reference at some of its positions (CalibrationSplit.every's)."""
+        return Reference(self.logits[positions], self.top[positions], self.p[positions], self.p_log_p[positions])
 
 
 def agreement(reference: Reference, logits: np.ndarray) -> dict[str, float]:
@@ -411,13 +436,12 @@ def analyze(export_dir: Path, block_size: int = 16, corpus: str = "calibration",
     split = calibration_split(export_dir, corpus)
     with owned_scratch(cache_root() / "tmp", "sensitivity-") as scratch:
         weight_file = WeightFile.write(model, scratch / "weights")
-        reference = Reference.of(reference_logits(model, split, weight_file))
-        weights = QuantizedWeights(block_size=block_size, alpha=alphas[-1],
-                                   activation_absmax=activation_absmax(model, groups, split, weight_file))
+        fp32 = fp32_values(model, groups, split, scratch / "prefix", weight_file)
+        reference = Reference.of(fp32.logits)
+        weights = QuantizedWeights(block_size=block_size, alpha=alphas[-1], activation_absmax=fp32.absmax)
         costs = scheme_costs(model, groups, weights, InputSpec.of(export_dir), weight_file=weight_file)
-        prefix = LayerPrefix.compute(model, groups, split.feeds, scratch / "prefix", weight_file)
         table = sensitivity_table(model, groups, weights, split, reference, progress=progress, smooth_alphas=alphas,
-                                  prefix=prefix, weight_file=weight_file)
+                                  prefix=fp32.prefix, weight_file=weight_file)
     return {"calibration_corpus": corpus, "calibration_positions": split.positions, "block_size": block_size,
             "smooth_alphas": list(alphas), "groups": table, "costs_ms": costs}
 

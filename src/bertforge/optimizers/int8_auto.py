@@ -24,7 +24,6 @@ import numpy as np
 from bertforge.artifact import Artifact, owned_scratch
 from bertforge.cache import cache_root
 from bertforge.int8_plan import ordered_moves, search
-from bertforge.layer_prefix import LayerPrefix
 from bertforge.onnx_files import save_model
 from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mha_fused, model_config, op_histogram
 from bertforge.optimizers.mixed_int8 import SCHEMES, QuantizedWeights, apply_plan, quant_groups
@@ -63,17 +62,16 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
                                                                if s != "fp32" and ms >= by_scheme["fp32"]}
             for name, by_scheme in group_costs.items()}
     with owned_scratch(cache_root() / "tmp", "int8-auto-search-") as scratch:
-        report("reference logits")
+        report("fp32 reference, activation ranges and layer inputs")
         weight_file = WeightFile.write(model, scratch / "weights")
-        reference = sensitivity.Reference.of(sensitivity.reference_logits(model, split, weight_file))
-        calibrated = {"int8-smooth", "int8-outlier"} & set(config.schemes)
-        absmax = sensitivity.activation_absmax(model, groups, split, weight_file) if calibrated else {}
-        weights = QuantizedWeights(block_size=config.block_size, activation_absmax=absmax,
+        fp32 = sensitivity.fp32_values(model, groups, split, scratch / "prefix", weight_file)
+        reference, prefix = sensitivity.Reference.of(fp32.logits), fp32.prefix
+        weights = QuantizedWeights(block_size=config.block_size, activation_absmax=fp32.absmax,
                                    alpha=config.smooth_alphas[-1], outlier_channels=config.outlier_channels,
                                    fp16_embeddings=config.embedding_table == "fp16")
-        report("fp32 layer inputs")
-        prefix = LayerPrefix.compute(model, groups, split.feeds, scratch / "prefix", weight_file)
-        table = sensitivity.sensitivity_table(model, groups, weights, split, reference, skip=skip,
+        table_split, table_positions = split.every(config.sensitivity_stride)
+        table = sensitivity.sensitivity_table(model, groups, weights, table_split, reference.at(table_positions),
+                                              skip=skip,
                                               smooth_alphas=config.smooth_alphas, prefix=prefix,
                                               weight_file=weight_file, progress=report)
         kl = {row["group"]: {s: row[s]["kl_mean"] for s in allowed if row.get(s) is not None} for row in table}
@@ -101,6 +99,7 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
     copy_loader_files(src, out)
     return {**found, "target": config.target.model_dump(), "max_latency_ratio": config.max_latency_ratio,
             "calibration_corpus": config.calibration_corpus, "calibration_positions": split.positions,
+            "sensitivity_positions": table_split.positions, "sensitivity_stride": config.sensitivity_stride,
             "sensitivity": table,
             "costs_ms": {"per_group": group_costs, "measured_per_group": costs["ms"],
                          # fp32_graph, int8_dynamic_graph, ...: each scheme's whole graph, every group in it

@@ -155,8 +155,11 @@ def plan_table(report: dict[str, Any]) -> tuple[list[list[str]], str] | None:
     wanted = ", ".join(f"{label} {op} {target[key]:g}" for key, label, op in (
         ("top1_min", "top-1", "≥"), ("ref_top1_in_top5_min", "ref top-1 in top-5", "≥"), ("kl_mean_max", "KL", "≤"))
         if target.get(key) is not None)
-    note = (f"int8-auto: each group quantized alone on {meta['calibration_positions']} [MASK] positions of the "
-            f"calibration split ({meta.get('calibration_corpus', 'head-fit')} sentences, not the validation "
+    table_positions = meta.get("sensitivity_positions", meta["calibration_positions"])
+    share = (f" (one batch in {meta['sensitivity_stride']}; the plans below on all "
+             f"{meta['calibration_positions']})" if meta.get("sensitivity_stride", 1) > 1 else "")
+    note = (f"int8-auto: each group quantized alone on {table_positions} [MASK] positions of the "
+            f"calibration split{share} ({meta.get('calibration_corpus', 'head-fit')} sentences, not the validation "
             f"corpus), against the fp32 graph; ms: the group's kernel time at b1×s128 as planned (measured per "
             f"scheme with the ORT profiler; — where a scheme is slower than fp32 for the group or not in the "
             f"recipe's schemes, so never chosen and not measured"
