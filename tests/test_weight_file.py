@@ -62,3 +62,27 @@ def test_sessions_over_the_weight_file_give_the_same_logits_from_far_smaller_gra
     graph.graph.initializer.append(other)
     kept = [init for init in weight_file.referencing(graph).graph.initializer if init.name == renamed.name]
     assert any(list(init.dims) == [1] and init.data_location != onnx.TensorProto.EXTERNAL for init in kept)
+
+
+def test_plans_made_from_the_referencing_graph_are_the_plans_made_from_the_base_graph(tiny_variants, tmp_path):
+    """The search applies its plans to the base graph with its weights as references (read back through
+    WeightFile.array), and adds the all-fp32 plan's packed Q/K/V weights to the file: every plan's
+    graph, once referenced, is the same as the one made from the base graph itself."""
+    from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, group_input, input_channels, quant_groups
+    from bertforge.weight_file import WeightFile
+
+    model = mha_graph(tiny_variants)
+    groups = quant_groups(model)
+    weight_file = WeightFile.write(model, tmp_path, min_bytes=1024)
+    before = len(weight_file.references)
+    weight_file.add(apply_plan(model, {}, groups, QuantizedWeights()))
+    assert len(weight_file.references) == before + 2  # each layer's packed Q/K/V weight
+    base = weight_file.referencing(model)
+    absmax = {group_input(model, g): np.linspace(0.5, 4.0, input_channels(model, g), dtype=np.float32)
+              for g in groups}
+    from_base = QuantizedWeights(activation_absmax=absmax)
+    from_file = QuantizedWeights(activation_absmax=absmax, read=weight_file.array)
+    made = dict(derived_graphs(model, groups, from_base))
+    for label, graph in derived_graphs(base, groups, from_file):
+        light = weight_file.referencing(graph)
+        assert light.SerializeToString() == weight_file.referencing(made[label]).SerializeToString(), label

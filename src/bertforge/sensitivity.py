@@ -174,8 +174,9 @@ def plan_logits(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group
                 weight_file: WeightFile | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """The logits of a plan's graph at the split's [MASK] positions, the head at those rows only when
     that changes no logit; with `prefix`, only the graph from the plan's first changed layer runs;
-    with `weight_file` (written from `model`), the graph's base weights are read from it; written into
-    `out` when given (masked_logits)."""
+    with `weight_file` (written from `model`), the graph's base weights are read from it (`model` may be
+    its `referencing` copy, with `weights.read` its `array`); written into `out` when given
+    (masked_logits)."""
     graph = apply_plan(model, plan, groups, weights)
     if weight_file is not None:
         graph = weight_file.referencing(graph)  # the copies below then skip the large weights
@@ -205,6 +206,8 @@ def fp32_values(model: onnx.ModelProto, groups: list[Group], split: CalibrationS
     the tied table's too (so the head runs at every row here). Three runs of it (reference, absmax,
     prefix) cost bert-base's search ~10 s."""
     fp32 = apply_plan(model, {}, groups, QuantizedWeights())
+    if weight_file is not None:
+        weight_file.add(fp32)  # its packed Q/K/V weights: every plan whose layer stays fp32 holds the same
     prefix = LayerPrefix.for_groups(model, groups, directory)
     stored = prefix.tensors(fp32)
     inputs = sorted({group_input(model, group) for group in groups})
@@ -438,10 +441,11 @@ def analyze(export_dir: Path, block_size: int = 16, corpus: str = "calibration",
         weight_file = WeightFile.write(model, scratch / "weights")
         fp32 = fp32_values(model, groups, split, scratch / "prefix", weight_file)
         reference = Reference.of(fp32.logits)
-        weights = QuantizedWeights(block_size=block_size, alpha=alphas[-1], activation_absmax=fp32.absmax)
+        weights = QuantizedWeights(block_size=block_size, alpha=alphas[-1], activation_absmax=fp32.absmax,
+                                   read=weight_file.array)
         costs = scheme_costs(model, groups, weights, InputSpec.of(export_dir), weight_file=weight_file)
-        table = sensitivity_table(model, groups, weights, split, reference, progress=progress, smooth_alphas=alphas,
-                                  prefix=fp32.prefix, weight_file=weight_file)
+        table = sensitivity_table(weight_file.referencing(model), groups, weights, split, reference,
+                                  progress=progress, smooth_alphas=alphas, prefix=fp32.prefix, weight_file=weight_file)
     return {"calibration_corpus": corpus, "calibration_positions": split.positions, "block_size": block_size,
             "smooth_alphas": list(alphas), "groups": table, "costs_ms": costs}
 

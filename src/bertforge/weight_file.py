@@ -21,7 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 FILE = "weights.bin"
 MIN_BYTES = 1 << 16  # smaller initializers stay in the graph's bytes: a reference would save nothing
@@ -33,18 +35,27 @@ FOLDER_OPTION = "session.model_external_initializers_file_folder_path"
 class WeightFile:
     directory: Path
     references: dict[str, onnx.TensorProto] = field(default_factory=dict)  # name -> its reference
+    min_bytes: int = MIN_BYTES
 
     @classmethod
     def write(cls, model: onnx.ModelProto, directory: Path, min_bytes: int = MIN_BYTES) -> WeightFile:
         """Write `model`'s initializers of `min_bytes` or more to `directory`/weights.bin."""
-        weights = cls(Path(directory))
+        weights = cls(Path(directory), min_bytes=min_bytes)
         weights.directory.mkdir(parents=True, exist_ok=True)
-        with open(weights.directory / FILE, "wb") as out:
+        (weights.directory / FILE).write_bytes(b"")
+        weights.add(model)
+        return weights
+
+    def add(self, model: onnx.ModelProto) -> None:
+        """Append `model`'s large initializers whose names the file does not hold yet: for a derived graph
+        whose new initializers every later graph that holds them holds unchanged (the all-fp32 plan's
+        packed Q/K/V weights, sensitivity.fp32_values)."""
+        with open(self.directory / FILE, "ab") as out:
             for init in model.graph.initializer:
-                if init.data_location == onnx.TensorProto.EXTERNAL:
+                if init.data_location == onnx.TensorProto.EXTERNAL or init.name in self.references:
                     continue
                 data = init.raw_data  # a copy of the bytes on each access: read once
-                if len(data) < max(min_bytes, 1):
+                if len(data) < max(self.min_bytes, 1):
                     continue
                 offset = out.tell()
                 padding = -offset % ALIGN
@@ -55,8 +66,16 @@ class WeightFile:
                 for key, value in (("location", FILE), ("offset", offset + padding), ("length", len(data))):
                     entry = reference.external_data.add()
                     entry.key, entry.value = key, str(value)
-                weights.references[init.name] = reference
-        return weights
+                self.references[init.name] = reference
+
+    def array(self, init: onnx.TensorProto) -> np.ndarray:
+        """An initializer's values, read from the file where `init` is one of its references: what
+        mixed_int8.apply_plan reads weights with when it is given a graph made by `referencing`."""
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(init)
+        loaded = onnx.TensorProto()
+        loaded.CopyFrom(init)  # onnx loads external data into the tensor it is given
+        return numpy_helper.to_array(loaded, base_dir=str(self.directory))
 
     def referencing(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """A copy of `model` with each written initializer it still holds as a reference into the file

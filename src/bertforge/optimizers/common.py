@@ -238,22 +238,25 @@ def op_histogram(model) -> dict[str, int]:
     return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))
 
 
-def repack_fp32_attention(model) -> int:
+def repack_fp32_attention(model, read=None) -> int:
     """Turn each MultiHeadAttention whose Q/K/V are fp32 MatMuls of one input back into ORT's packed
     Attention (one [hidden, 3 x hidden] GEMM, what the fusion stage makes), in place; returns how many.
 
     Why: int8-auto plans on the MultiHeadAttention fusion, where Q/K/V are separate MatMuls so each
     can be quantized; but a layer whose Q/K/V stay fp32 runs three GEMMs and MultiHeadAttention's
-    layout copies, measurably slower than the packed Attention node (demo, b1 x s128)."""
+    layout copies, measurably slower than the packed Attention node (demo, b1 x s128).
+
+    read: how a weight's values are read (mixed_int8.QuantizedWeights.read); numpy_helper.to_array."""
     import numpy as np
     from onnx import helper, numpy_helper
 
+    read = read or numpy_helper.to_array
     graph = model.graph
     initializers, producers, readers = graph_maps(graph)
     repacked = 0
     for mha, projections in list(packable_attentions(graph, producers, readers, "MatMul",
                                                      lambda p: p.input[1] in initializers)):
-        weight = np.concatenate([numpy_helper.to_array(initializers[p.input[1]]) for p in projections], axis=1)
+        weight = np.concatenate([read(initializers[p.input[1]]) for p in projections], axis=1)
         weight_name = f"{mha.name}_qkv_weight"
         graph.initializer.append(numpy_helper.from_array(weight, weight_name))
         attributes = {a.name: helper.get_attribute_value(a) for a in mha.attribute}

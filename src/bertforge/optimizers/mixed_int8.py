@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -142,6 +143,9 @@ class QuantizedWeights:
     outlier_channels: int = OUTLIER_CHANNELS
     # an int8 tied table: the embeddings read an fp16 copy (tied_quant.share_tied_table), or the int8 one
     fp16_embeddings: bool = False
+    # how apply_plan reads a base initializer's values: WeightFile.array where the graph it is given holds
+    # references into a weight file (the search's sessions, which then copy no large weights per plan)
+    read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array
 
     def alpha_of(self, group: str) -> float:
         return self.alphas.get(group, self.alpha)
@@ -159,7 +163,7 @@ class QuantizedWeights:
         """`smooth`: int8-smooth's factors, computed with `alpha` (part of the cache key)."""
         key = (weight.name, "int8-dynamic", None) if smooth is None else (weight.name, "int8-smooth", alpha)
         if key not in self.cache:
-            array = numpy_helper.to_array(weight)
+            array = self.read(weight)
             if smooth is not None:
                 array = array * smooth[:, None]
             q, scale = symmetric_int8(array, axis=1)  # one scale per output column
@@ -181,7 +185,7 @@ class QuantizedWeights:
         """[W's outlier rows (fp32), then int8-dynamic's three initializers of W with those rows zeroed]."""
         key = (weight.name, "int8-outlier", tuple(channels.tolist()))
         if key not in self.cache:
-            array = numpy_helper.to_array(weight)
+            array = self.read(weight)
             main = array.copy()
             main[channels] = 0.0
             q, scale = symmetric_int8(main, axis=1)
@@ -201,7 +205,7 @@ class QuantizedWeights:
 
             quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
                 block_size=self.block_size, is_symmetric=True, accuracy_level=4, bits=8))
-            packed, scales, _ = quantizer.qbits_block_quant(numpy_helper.to_array(weight).astype(np.float32))
+            packed, scales, _ = quantizer.qbits_block_quant(self.read(weight).astype(np.float32))
             self.cache[key] = [numpy_helper.from_array(packed, f"{weight.name}_q8_blocks"),
                                numpy_helper.from_array(scales.astype(np.float32), f"{weight.name}_q8_block_scales")]
         return self.cache[key]
@@ -228,7 +232,7 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
         smooth, alpha = None, weights.alpha_of(group.name)
         if scheme == "int8-smooth":
             tensor = group_input(model, group)
-            smooth = weights.smoothing(tensor, [numpy_helper.to_array(initializers[by_name[n].input[1]])
+            smooth = weights.smoothing(tensor, [weights.read(initializers[by_name[n].input[1]])
                                                 for n in group.nodes], alpha)
             inverse = numpy_helper.from_array((1.0 / smooth).astype(np.float32), f"{group.name}_smooth_inv")
             graph.initializer.append(inverse)
@@ -273,11 +277,12 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
         smooth = None
         if tied_scheme == "int8-smooth":
             tied = next(g for g in groups if g.name == TIED_GROUP)
-            table = numpy_helper.to_array(initializers[tied_table(graph)[0]])
+            table = weights.read(initializers[tied_table(graph)[0]])
             smooth = weights.smoothing(group_input(model, tied), [table.T], weights.alpha_of(TIED_GROUP))
-        share_tied_table(result, int8_decoder=True, smooth=smooth, fp16_embeddings=weights.fp16_embeddings)
+        share_tied_table(result, int8_decoder=True, smooth=smooth, fp16_embeddings=weights.fp16_embeddings,
+                         read=weights.read)
     if repack:
-        repack_fp32_attention(result)
+        repack_fp32_attention(result, read=weights.read)
         repack_int8_attention(result)
     if not any(o.domain == "com.microsoft" for o in result.opset_import):
         result.opset_import.append(helper.make_opsetid("com.microsoft", 1))

@@ -23,6 +23,8 @@ uint8 scale, which alone cost the demo 22 points of top-1 agreement; per-row int
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -63,7 +65,8 @@ def tied_table(graph: onnx.GraphProto) -> tuple[str, onnx.NodeProto, onnx.NodePr
 
 
 def share_tied_table(model: onnx.ModelProto, int8_decoder: bool,
-                     smooth: np.ndarray | None = None, fp16_embeddings: bool = False) -> dict[str, str]:
+                     smooth: np.ndarray | None = None, fp16_embeddings: bool = False,
+                     read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array) -> dict[str, str]:
     """Store the tied table once as per-row int8; return {table: how the decoder reads it} ({} if untied).
 
     smooth: SmoothQuant factors s [hidden] for the int8 decoder: the table is stored as W * s (each
@@ -74,14 +77,16 @@ def share_tied_table(model: onnx.ModelProto, int8_decoder: bool,
     fp16_embeddings: the embeddings read their own fp16 copy of the table (cast to fp32 once at load),
     and the int8 table is the decoder's alone: 3x the int8 table's bytes, for embeddings as accurate as
     fp32. On demo the per-row int8 embeddings alone cost 2.4 points of
-    top-1 (calibration split, PyTorch with only the embedding table quantized); fp16 ones 0.3."""
+    top-1 (calibration split, PyTorch with only the embedding table quantized); fp16 ones 0.3.
+
+    read: how the table's values are read (mixed_int8.QuantizedWeights.read)."""
     graph = model.graph
     found = tied_table(graph)
     if found is None:
         return {}
     name, transpose, matmul, add = found
     initializer = next(init for init in graph.initializer if init.name == name)
-    original = numpy_helper.to_array(initializer)
+    original = read(initializer)
     table = original if smooth is None else original * smooth[None, :].astype(np.float32)
     quantized, scale = symmetric_int8(table, axis=0)  # one scale per vocabulary row
     q_name, scale_name = f"{name}_q8", f"{name}_scale"
