@@ -56,6 +56,8 @@ def test_int8_auto_meets_its_target_and_picks_the_same_plan_twice(tiny_variants,
     assert len(first["plan"]) == 10
     assert set(first["plan"].values()) <= {"fp32", "int8-dynamic", "int8-smooth", "int8-blockwise"}
     assert {row["group"] for row in first["sensitivity"]} == set(first["plan"])
+    # the table ran on one calibration batch in two (the bisection on all of them)
+    assert first["sensitivity_positions"] < first["calibration_positions"]
     # a real artifact: it loads and stays near the fp32 logits
     session = ort.InferenceSession(str(tmp_path / "a" / "model.onnx"))
     reference = ort.InferenceSession(str(tiny_variants["fp32"] / "model.onnx")).run(None, tiny_feeds())[0]
@@ -79,3 +81,27 @@ def test_int8_auto_names_the_best_agreement_when_the_latency_bound_cannot_hold(t
     assert message.startswith("int8-auto: ") and "\n" not in message
     assert "max_latency_ratio 0.999" in message
     assert "within it the best plan reaches top-1 " in message and "KL " in message
+
+
+def test_the_table_measures_the_int8_scheme_the_output_error_favours(tiny_variants, tmp_path):
+    """Where int8-dynamic and int8-smooth are both faster than fp32 for a group, the table measures
+    only the one its output error on its own inputs favours (both where they are close)."""
+    from bertforge.local_error import screened_out
+    from bertforge.optimizers import int8_auto
+    from bertforge.pipeline import stage_inputs
+    from bertforge.recipe import Int8AutoConfig
+
+    config = Int8AutoConfig(target={"top1_min": 0.5})
+    inputs = stage_inputs("int8-auto", fp32_artifact(tiny_variants), config)
+    # the tiny model's int8 kernels are slower than its fp32 ones (too small to pay for quantizing), so
+    # no group could choose them: these costs make every int8 scheme a third of the fp32 time
+    measured = inputs["costs"]["ms"]
+    costs = {**inputs["costs"], "ms": {scheme: {group: (ms if scheme == "fp32" else measured["fp32"][group] / 3)
+                                                for group, ms in per_group.items()}
+                                       for scheme, per_group in measured.items()}}
+    meta = int8_auto.run(tiny_variants["fp32"], tmp_path, config, {**inputs, "costs": costs})
+    assert meta["screened_out"] == screened_out(meta["output_error"]) != {}
+    for row in meta["sensitivity"]:
+        left_out = meta["screened_out"].get(row["group"])
+        for scheme in ("int8-dynamic", "int8-smooth"):
+            assert (row[scheme] is None) == (scheme == left_out), (row["group"], scheme)

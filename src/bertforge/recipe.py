@@ -144,6 +144,10 @@ class Int8AutoConfig(Section):
     # the plan all batches give (same 6 groups int8); on synthetic:bert-base-uncased 27 and 28 int8
     # groups against 28. Every 4th batch moved demo's plan by a group and bert-base's from 28 to 23 or 31.
     sensitivity_stride: StrictInt = Field(2, ge=1, le=8)
+    # Where int8-dynamic and int8-smooth are both schemes, the table measures for each group only the one
+    # its output error on its own fp32 inputs favours (local_error.py; both where they are within 10-20%
+    # of each other): one run of the fp32 graph instead of one table evaluation per group. Off: both.
+    screen_schemes: bool = True
     # Where the tied table's decoder is int8, what the embeddings read: `int8`, the decoder's per-row
     # int8 table, stored once, or `fp16`, their own fp16 copy (+2 bytes per weight: +23 MB on demo, +47 MB
     # on bert-base). On demo the tied table alone keeps 96.6% top-1 with int8 embeddings, 98.7% with

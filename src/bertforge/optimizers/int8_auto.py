@@ -24,6 +24,7 @@ import numpy as np
 from bertforge.artifact import Artifact, owned_scratch
 from bertforge.cache import cache_root
 from bertforge.int8_plan import ordered_moves, search
+from bertforge.local_error import local_errors, screened_out
 from bertforge.onnx_files import save_model
 from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mha_fused, model_config, op_histogram
 from bertforge.optimizers.mixed_int8 import SCHEMES, QuantizedWeights, apply_plan, quant_groups
@@ -73,6 +74,15 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
         # weight file: copying 440 MB of bert-base weights into each of ~110 plans cost ~20 s
         base = weight_file.referencing(model)
         table_split, table_positions = split.every(config.sensitivity_stride)
+        errors: dict[str, dict[str, float]] = {}
+        screened: dict[str, str] = {}
+        if config.screen_schemes and {"int8-dynamic", "int8-smooth"} <= allowed:
+            report("int8 output error per group")
+            errors = local_errors(base, groups, weights, table_split, weight_file)
+            screened = {name: scheme for name, scheme in screened_out(errors).items()
+                        if not skip[name] & {"int8-dynamic", "int8-smooth"}}  # both measurable: the screen decides
+            for name, scheme in screened.items():
+                skip[name].add(scheme)
         table = sensitivity.sensitivity_table(base, groups, weights, table_split, reference.at(table_positions),
                                               skip=skip,
                                               smooth_alphas=config.smooth_alphas, prefix=prefix,
@@ -104,6 +114,9 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
             "calibration_corpus": config.calibration_corpus, "calibration_positions": split.positions,
             "sensitivity_positions": table_split.positions, "sensitivity_stride": config.sensitivity_stride,
             "sensitivity": table,
+            # each group's int8 output error on its own fp32 inputs, and the scheme it kept the table from
+            "output_error": {name: {k: float(f"{v:.4g}") for k, v in found.items()} for name, found in errors.items()},
+            "screened_out": screened,
             "costs_ms": {"per_group": group_costs, "measured_per_group": costs["ms"],
                          # fp32_graph, int8_dynamic_graph, ...: each scheme's whole graph, every group in it
                          **{f"{scheme.replace('-', '_')}_graph": round(ms, 3)

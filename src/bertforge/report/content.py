@@ -139,6 +139,16 @@ def smooth_note(meta: dict[str, Any]) -> str:
     return ""
 
 
+def screen_note(meta: dict[str, Any]) -> str:
+    screened = meta.get("screened_out") or {}
+    if not screened:
+        return ""
+    kept = {scheme: sum(1 for s in screened.values() if s == scheme) for scheme in ("int8-dynamic", "int8-smooth")}
+    return (f", or where its int8 output error on the group's own fp32 inputs was clearly the higher of "
+            f"int8-dynamic's and int8-smooth's (int8-dynamic not measured for {kept['int8-dynamic']} groups, "
+            f"int8-smooth for {kept['int8-smooth']})")
+
+
 def plan_table(report: dict[str, Any]) -> tuple[list[list[str]], str] | None:
     """The int8-auto variant's sensitivity table and plan as text cells, and a note; None without one."""
     entry = report["variants"].get("int8-auto")
@@ -163,6 +173,7 @@ def plan_table(report: dict[str, Any]) -> tuple[list[list[str]], str] | None:
             f"corpus), against the fp32 graph; ms: the group's kernel time at b1×s128 as planned (measured per "
             f"scheme with the ORT profiler; — where a scheme is slower than fp32 for the group or not in the "
             f"recipe's schemes, so never chosen and not measured"
+            + screen_note(meta)
             + smooth_note(meta)
             + f"). Target {wanted}. "
             f"Chosen plan on the calibration split: top-1 {chosen['top1_agreement']:.1%}, ref top-1 in top-5 "

@@ -1,0 +1,54 @@
+"""int8-auto's scheme screen: each group's int8 output error on its own fp32 inputs."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from test_smooth_quant import mha_graph
+
+
+def matmul_outputs(graph: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]) -> list[list]:
+    """Per batch, the outputs `names` of `graph` (added as graph outputs)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(graph)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [session.run(names, {i.name: batch[i.name] for i in session.get_inputs()}) for batch in feeds]
+
+
+def test_the_output_error_is_what_the_group_quantized_alone_computes_on_fp32_inputs(tiny_variants, tmp_path):
+    from bertforge.local_error import local_errors
+    from bertforge.optimizers.mixed_int8 import TIED_GROUP, QuantizedWeights, apply_plan, quant_groups
+    from bertforge.sensitivity import calibration_split, fp32_values
+
+    model = mha_graph(tiny_variants)
+    groups = quant_groups(model)
+    split = calibration_split(tiny_variants["fp32"], seeds=(7,))
+    weights = QuantizedWeights(activation_absmax=fp32_values(model, groups, split, tmp_path).absmax)
+    errors = local_errors(model, groups, weights, split)
+    assert set(errors) == {g.name for g in groups if g.name != TIED_GROUP}
+    for name in ("layer.0.qkv", "layer.1.ffn-down"):
+        group = next(g for g in groups if g.name == name)
+        # the group's MatMul outputs keep their names in a plan; every node before them is fp32, so in the
+        # plan's graph they are the int8 outputs on the fp32 graph's inputs
+        outputs = [next(n for n in model.graph.node if n.name == node).output[0] for node in group.nodes]
+        fp32 = matmul_outputs(apply_plan(model, {}, groups, weights, repack=False), outputs, split.feeds)
+        for scheme in ("int8-dynamic", "int8-smooth"):
+            quantized = matmul_outputs(apply_plan(model, {name: scheme}, groups, weights, repack=False), outputs,
+                                       split.feeds)
+            error = sum(float(np.sum((q - y).astype(np.float64) ** 2))
+                        for q_batch, y_batch in zip(quantized, fp32, strict=True)
+                        for q, y in zip(q_batch, y_batch, strict=True))
+            norm = sum(float(np.sum(y.astype(np.float64) ** 2)) for batch in fp32 for y in batch)
+            assert error > 0
+            assert np.isclose(errors[name][scheme], error / norm, rtol=1e-3), (name, scheme)
+
+
+def test_the_screen_keeps_the_scheme_the_output_error_favours_and_both_when_close():
+    from bertforge.local_error import screened_out
+
+    errors = {"a": {"int8-dynamic": 1.0, "int8-smooth": 0.3},  # smooth clearly better: dynamic not measured
+              "b": {"int8-dynamic": 1.0, "int8-smooth": 0.85},  # close: both measured
+              "c": {"int8-dynamic": 1.0, "int8-smooth": 0.95},  # smooth no better: it costs a Mul more
+              "d": {"int8-dynamic": 0.0, "int8-smooth": 0.0}}   # exact either way: the cheaper one
+    assert screened_out(errors) == {"a": "int8-dynamic", "c": "int8-smooth", "d": "int8-smooth"}
