@@ -75,8 +75,14 @@ def test_plans_made_from_the_referencing_graph_are_the_plans_made_from_the_base_
     groups = quant_groups(model)
     weight_file = WeightFile.write(model, tmp_path, min_bytes=1024)
     before = len(weight_file.references)
-    weight_file.add(apply_plan(model, {}, groups, QuantizedWeights()))
-    assert len(weight_file.references) == before + 2  # each layer's packed Q/K/V weight
+    fp32 = apply_plan(model, {}, groups, QuantizedWeights())
+    weight_file.add(fp32)
+    added = [name for name in weight_file.references if name.endswith("_qkv_weight")]
+    assert len(added) == len(weight_file.references) - before == 2  # each layer's packed Q/K/V weight
+    # what the file holds for them, read back, is what the all-fp32 plan made
+    made_fp32 = {init.name: numpy_helper.to_array(init) for init in fp32.graph.initializer}
+    for name in added:
+        assert np.array_equal(weight_file.array(weight_file.references[name]), made_fp32[name])
     base = weight_file.referencing(model)
     absmax = {group_input(model, g): np.linspace(0.5, 4.0, input_channels(model, g), dtype=np.float32)
               for g in groups}
@@ -86,3 +92,10 @@ def test_plans_made_from_the_referencing_graph_are_the_plans_made_from_the_base_
     for label, graph in derived_graphs(base, groups, from_file):
         light = weight_file.referencing(graph)
         assert light.SerializeToString() == weight_file.referencing(made[label]).SerializeToString(), label
+        # and before the references: every initializer the plan made itself (from weights read back
+        # through the file) holds what the plan made from the base graph holds
+        own = {init.name: init for init in made[label].graph.initializer}
+        for init in graph.graph.initializer:
+            if init.data_location != onnx.TensorProto.EXTERNAL:
+                assert np.array_equal(numpy_helper.to_array(init), numpy_helper.to_array(own[init.name])), (
+                    label, init.name)

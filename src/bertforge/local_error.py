@@ -10,8 +10,11 @@ MatMul outputs under int8-dynamic and int8-smooth against the fp32 ones:
     relative error = sum ||Y_int8 - Y||^2 / sum ||Y||^2   over the group's MatMuls and the batches' rows
 
 with the same DynamicQuantizeMatMul kernels and quantized weights the plans use, fed the fp32 graph's
-own inputs to the group (so every group is measured alone, like the table). The tied table is not
-measured here: the embeddings read it too, which no output of the decoder shows.
+own inputs to the group (so every group is measured alone, like the table), over every row of the
+batches as ORT runs them (padding rows too: they set the per-tensor activation scale as much as the
+real ones). int8-smooth at the recipe's alpha; int8-auto screens only with one alpha (with several,
+the table picks each group's, which this does not know). The tied table is not measured here: the
+embeddings read it too, which no output of the decoder shows.
 
 Where the errors tell the schemes apart, this order agrees with the table's (demo: int8-smooth cuts the
 output error of the FFN-up and attention groups, whose KL it cuts 2-10x, and raises that of layer 0's

@@ -146,7 +146,8 @@ class Int8AutoConfig(Section):
     sensitivity_stride: StrictInt = Field(2, ge=1, le=8)
     # Where int8-dynamic and int8-smooth are both schemes, the table measures for each group only the one
     # its output error on its own fp32 inputs favours (local_error.py; both where they are within 10-20%
-    # of each other): one run of the fp32 graph instead of one table evaluation per group. Off: both.
+    # of each other): one run of the fp32 graph instead of one table evaluation per group. Off: both;
+    # off too with several smooth_alphas (the screen knows the last alpha only, the table picks one).
     screen_schemes: bool = True
     # Where the tied table's decoder is int8, what the embeddings read: `int8`, the decoder's per-row
     # int8 table, stored once, or `fp16`, their own fp16 copy (+2 bytes per weight: +23 MB on demo, +47 MB

@@ -3,8 +3,10 @@
 The calibration split is the project's calibration sentences masked with their own seeds: neither
 the validation corpus nor the demo head's fit sentences, so a plan chosen here is judged on
 sentences it was not chosen on, and the head is no surer here than on new text. The reference is the
-model's own fp32 graph (the MultiHeadAttention fusion of the export, equal to PyTorch to ~1e-4), run
-once; every candidate graph is run over the same batches and compared at the [MASK] positions.
+model's own fp32 graph as every plan builds its fp32 groups (`apply_plan(model, {})`: the
+MultiHeadAttention fusion of the export with fp32 Q/K/V packed back into Attention, equal to PyTorch
+to ~1e-4), run once (fp32_values); every candidate graph is run over the same batches and compared at
+the [MASK] positions.
 """
 
 from __future__ import annotations
@@ -323,7 +325,7 @@ def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: Quantized
     timing = QuantizedWeights(weights.block_size, {group_input(model, g): np.ones(input_channels(model, g), np.float32)
                                                    for g in groups},
                               weights.alpha, dict(weights.cache), outlier_channels=weights.outlier_channels,
-                              fp16_embeddings=weights.fp16_embeddings)
+                              fp16_embeddings=weights.fp16_embeddings, read=weights.read)
     per_scheme: dict[str, dict[str, float]] = {}
     totals: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bertforge-profile-") as scratch:

@@ -12,8 +12,10 @@ still present in a derived graph is replaced by an onnx external-data reference 
 Exact by construction: the graphs the search derives (mixed_int8.apply_plan, tied_quant, the
 attention repacks, masked_head, layer_prefix) only add initializers under new names or remove old
 ones, never rewrite one in place, so a base name still in a derived graph still holds the base
-data (tests/test_weight_file.py checks it for every scheme). A same-named initializer of another
-shape or type is left in the graph as it is.
+data (tests/test_weight_file.py checks it for every scheme). `add` extends the file with a derived
+graph's new initializers under the same rule: a name it adds always holds the same data in every
+graph that holds it (the all-fp32 plan's packed Q/K/V weights: each the same three base weights
+concatenated). A same-named initializer of another shape or type is left in the graph as it is.
 """
 
 from __future__ import annotations

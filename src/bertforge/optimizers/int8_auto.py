@@ -76,7 +76,7 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
         table_split, table_positions = split.every(config.sensitivity_stride)
         errors: dict[str, dict[str, float]] = {}
         screened: dict[str, str] = {}
-        if config.screen_schemes and {"int8-dynamic", "int8-smooth"} <= allowed:
+        if config.screen_schemes and {"int8-dynamic", "int8-smooth"} <= allowed and len(config.smooth_alphas) == 1:
             report("int8 output error per group")
             errors = local_errors(base, groups, weights, table_split, weight_file)
             screened = {name: scheme for name, scheme in screened_out(errors).items()
@@ -115,7 +115,7 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
             "sensitivity_positions": table_split.positions, "sensitivity_stride": config.sensitivity_stride,
             "sensitivity": table,
             # each group's int8 output error on its own fp32 inputs, and the scheme it kept the table from
-            "output_error": {name: {k: float(f"{v:.4g}") for k, v in found.items()} for name, found in errors.items()},
+            "output_error": errors,
             "screened_out": screened,
             "costs_ms": {"per_group": group_costs, "measured_per_group": costs["ms"],
                          # fp32_graph, int8_dynamic_graph, ...: each scheme's whole graph, every group in it

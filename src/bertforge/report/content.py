@@ -140,13 +140,15 @@ def smooth_note(meta: dict[str, Any]) -> str:
 
 
 def screen_note(meta: dict[str, Any]) -> str:
+    from bertforge.local_error import DYNAMIC_ONLY, SMOOTH_ONLY
+
     screened = meta.get("screened_out") or {}
     if not screened:
         return ""
     kept = {scheme: sum(1 for s in screened.values() if s == scheme) for scheme in ("int8-dynamic", "int8-smooth")}
-    return (f", or where its int8 output error on the group's own fp32 inputs was clearly the higher of "
-            f"int8-dynamic's and int8-smooth's (int8-dynamic not measured for {kept['int8-dynamic']} groups, "
-            f"int8-smooth for {kept['int8-smooth']})")
+    return (f"; or ruled out by the group's int8 output error on its own fp32 inputs: int8-dynamic where "
+            f"int8-smooth's error was under {SMOOTH_ONLY:g}× its own ({kept['int8-dynamic']} groups), int8-smooth "
+            f"where it was not under {DYNAMIC_ONLY:g}× int8-dynamic's ({kept['int8-smooth']} groups)")
 
 
 def plan_table(report: dict[str, Any]) -> tuple[list[list[str]], str] | None:
