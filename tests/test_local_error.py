@@ -52,3 +52,12 @@ def test_the_screen_keeps_the_scheme_the_output_error_favours_and_both_when_clos
               "c": {"int8-dynamic": 1.0, "int8-smooth": 0.95},  # smooth no better: it costs a Mul more
               "d": {"int8-dynamic": 0.0, "int8-smooth": 0.0}}   # exact either way: the cheaper one
     assert screened_out(errors) == {"a": "int8-dynamic", "c": "int8-smooth", "d": "int8-smooth"}
+
+
+def test_the_report_says_what_the_screen_left_out():
+    from bertforge.report.content import screen_note
+
+    note = screen_note({"screened_out": {"a": "int8-smooth", "b": "int8-dynamic", "c": "int8-dynamic"}})
+    assert "int8-dynamic where int8-smooth's error was under 0.8× its own (2 groups)" in note
+    assert "not under 0.9× int8-dynamic's (1 group)" in note
+    assert screen_note({}) == screen_note({"screened_out": {}}) == ""  # older manifests: no screen

@@ -145,10 +145,13 @@ def screen_note(meta: dict[str, Any]) -> str:
     screened = meta.get("screened_out") or {}
     if not screened:
         return ""
-    kept = {scheme: sum(1 for s in screened.values() if s == scheme) for scheme in ("int8-dynamic", "int8-smooth")}
+    def groups(scheme: str) -> str:
+        count = sum(1 for s in screened.values() if s == scheme)
+        return f"{count} group{'' if count == 1 else 's'}"
+
     return (f"; or ruled out by the group's int8 output error on its own fp32 inputs: int8-dynamic where "
-            f"int8-smooth's error was under {SMOOTH_ONLY:g}× its own ({kept['int8-dynamic']} groups), int8-smooth "
-            f"where it was not under {DYNAMIC_ONLY:g}× int8-dynamic's ({kept['int8-smooth']} groups)")
+            f"int8-smooth's error was under {SMOOTH_ONLY:g}× its own ({groups('int8-dynamic')}), int8-smooth "
+            f"where it was not under {DYNAMIC_ONLY:g}× int8-dynamic's ({groups('int8-smooth')})")
 
 
 def plan_table(report: dict[str, Any]) -> tuple[list[list[str]], str] | None:
