@@ -87,7 +87,13 @@ def test_plans_made_from_the_referencing_graph_are_the_plans_made_from_the_base_
     absmax = {group_input(model, g): np.linspace(0.5, 4.0, input_channels(model, g), dtype=np.float32)
               for g in groups}
     from_base = QuantizedWeights(activation_absmax=absmax)
-    from_file = QuantizedWeights(activation_absmax=absmax, read=weight_file.array)
+    from_file = QuantizedWeights(activation_absmax=absmax, weight_file=weight_file)
+    # a plan made from the referencing graph references the packed Q/K/V the file holds (not rebuilt);
+    # one made from the base graph itself (the artifact int8-auto writes) holds its own bytes
+    packed = {init.name: init for init in apply_plan(base, {}, groups, from_file).graph.initializer}
+    assert all(packed[name].data_location == onnx.TensorProto.EXTERNAL for name in added)
+    assert not any(init.data_location == onnx.TensorProto.EXTERNAL
+                   for init in apply_plan(model, {}, groups, from_file).graph.initializer)
     made = dict(derived_graphs(model, groups, from_base))
     for label, graph in derived_graphs(base, groups, from_file):
         light = weight_file.referencing(graph)

@@ -59,7 +59,7 @@ def error_graph(model: onnx.ModelProto, groups: list[Group], weights: QuantizedW
         onnx.ModelProto, dict[str, list[tuple[str, str, str]]]]:
     """The fp32 graph (Q/K/V as separate MatMuls) with, beside each group's MatMuls, their int8-dynamic
     and int8-smooth versions reading the same input, and per MatMul the sums of squares of the fp32
-    output and of each version's difference from it as outputs. Returns the graph and, per group,
+    output and of each version's difference from it as outputs (its only ones). Returns the graph and, per group,
     (norm output, scheme, error output) for each MatMul and scheme."""
     graph_model = apply_plan(model, {}, groups, QuantizedWeights(), repack=False)
     graph = graph_model.graph
@@ -96,6 +96,7 @@ def error_graph(model: onnx.ModelProto, groups: list[Group], weights: QuantizedW
                 outputs.setdefault(group.name, []).append((norm, scheme, stem))
     graph.node.extend(added)  # after every node: ONNX graphs stay topologically sorted
     names = sorted({name for entries in outputs.values() for entry in entries for name in (entry[0], entry[2])})
+    del graph.output[:]  # the sums are all it is run for
     graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)  # typed by ORT at load
     if not any(o.domain == "com.microsoft" for o in graph_model.opset_import):
         graph_model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
@@ -110,7 +111,7 @@ def local_errors(model: onnx.ModelProto, groups: list[Group], weights: Quantized
 
     graph, outputs = error_graph(model, groups, weights)
     session = session_for(graph, weight_file=weight_file)
-    names = sorted({name for entries in outputs.values() for entry in entries for name in (entry[0], entry[2])})
+    names = [output.name for output in graph.graph.output]
     sums = dict.fromkeys(names, 0.0)
     for feeds in split.feeds:
         values = session.run(names, {i.name: feeds[i.name] for i in session.get_inputs()})

@@ -177,7 +177,7 @@ def plan_logits(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group
     """The logits of a plan's graph at the split's [MASK] positions, the head at those rows only when
     that changes no logit; with `prefix`, only the graph from the plan's first changed layer runs;
     with `weight_file` (written from `model`), the graph's base weights are read from it (`model` may be
-    its `referencing` copy, with `weights.read` its `array`); written into `out` when given
+    its `referencing` copy, with `weights.weight_file` that file); written into `out` when given
     (masked_logits)."""
     graph = apply_plan(model, plan, groups, weights)
     if weight_file is not None:
@@ -325,7 +325,7 @@ def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: Quantized
     timing = QuantizedWeights(weights.block_size, {group_input(model, g): np.ones(input_channels(model, g), np.float32)
                                                    for g in groups},
                               weights.alpha, dict(weights.cache), outlier_channels=weights.outlier_channels,
-                              fp16_embeddings=weights.fp16_embeddings, read=weights.read)
+                              fp16_embeddings=weights.fp16_embeddings, weight_file=weights.weight_file)
     per_scheme: dict[str, dict[str, float]] = {}
     totals: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bertforge-profile-") as scratch:
@@ -444,7 +444,7 @@ def analyze(export_dir: Path, block_size: int = 16, corpus: str = "calibration",
         fp32 = fp32_values(model, groups, split, scratch / "prefix", weight_file)
         reference = Reference.of(fp32.logits)
         weights = QuantizedWeights(block_size=block_size, alpha=alphas[-1], activation_absmax=fp32.absmax,
-                                   read=weight_file.array)
+                                   weight_file=weight_file)
         costs = scheme_costs(model, groups, weights, InputSpec.of(export_dir), weight_file=weight_file)
         table = sensitivity_table(weight_file.referencing(model), groups, weights, split, reference,
                                   progress=progress, smooth_alphas=alphas, prefix=fp32.prefix, weight_file=weight_file)

@@ -238,7 +238,7 @@ def op_histogram(model) -> dict[str, int]:
     return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))
 
 
-def repack_fp32_attention(model, read=None) -> int:
+def repack_fp32_attention(model, read=None, reuse=None) -> int:
     """Turn each MultiHeadAttention whose Q/K/V are fp32 MatMuls of one input back into ORT's packed
     Attention (one [hidden, 3 x hidden] GEMM, what the fusion stage makes), in place; returns how many.
 
@@ -246,8 +246,12 @@ def repack_fp32_attention(model, read=None) -> int:
     can be quantized; but a layer whose Q/K/V stay fp32 runs three GEMMs and MultiHeadAttention's
     layout copies, measurably slower than the packed Attention node (demo, b1 x s128).
 
-    read: how a weight's values are read (mixed_int8.QuantizedWeights.read); numpy_helper.to_array."""
+    read: how a weight's values are read (mixed_int8.QuantizedWeights.read); numpy_helper.to_array.
+    reuse: name -> an initializer already made for that packed weight, or None (QuantizedWeights.stored:
+    the weight file's reference), asked only where the graph's Q/K/V weights are references themselves
+    (a graph made to be referenced): concatenating bert-base's Q/K/V again for every plan cost 65 ms."""
     import numpy as np
+    import onnx
     from onnx import helper, numpy_helper
 
     read = read or numpy_helper.to_array
@@ -256,9 +260,13 @@ def repack_fp32_attention(model, read=None) -> int:
     repacked = 0
     for mha, projections in list(packable_attentions(graph, producers, readers, "MatMul",
                                                      lambda p: p.input[1] in initializers)):
-        weight = np.concatenate([read(initializers[p.input[1]]) for p in projections], axis=1)
         weight_name = f"{mha.name}_qkv_weight"
-        graph.initializer.append(numpy_helper.from_array(weight, weight_name))
+        referenced = all(initializers[p.input[1]].data_location == onnx.TensorProto.EXTERNAL for p in projections)
+        made = reuse(weight_name) if reuse is not None and referenced else None
+        if made is None:
+            made = numpy_helper.from_array(np.concatenate([read(initializers[p.input[1]]) for p in projections],
+                                                          axis=1), weight_name)
+        graph.initializer.append(made)
         attributes = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
         replace_attention(graph, mha, projections, [
             helper.make_node("Attention", [projections[0].input[0], weight_name, mha.input[3], mha.input[4]],

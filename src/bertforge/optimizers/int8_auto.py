@@ -69,7 +69,7 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
         reference, prefix = sensitivity.Reference.of(fp32.logits), fp32.prefix
         weights = QuantizedWeights(block_size=config.block_size, activation_absmax=fp32.absmax,
                                    alpha=config.smooth_alphas[-1], outlier_channels=config.outlier_channels,
-                                   fp16_embeddings=config.embedding_table == "fp16", read=weight_file.array)
+                                   fp16_embeddings=config.embedding_table == "fp16", weight_file=weight_file)
         # every candidate graph is made from the base graph with its large weights as references into the
         # weight file: copying 440 MB of bert-base weights into each of ~110 plans cost ~20 s
         base = weight_file.referencing(model)

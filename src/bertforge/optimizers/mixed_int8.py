@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,6 +51,7 @@ from onnx import helper, numpy_helper
 from bertforge.onnx_files import default_opset
 from bertforge.optimizers.common import repack_fp32_attention, repack_int8_attention
 from bertforge.optimizers.tied_quant import share_tied_table, symmetric_int8, tied_table
+from bertforge.weight_file import WeightFile
 
 SCHEMES = ("fp32", "int8-dynamic", "int8-smooth", "int8-token", "int8-outlier", "int8-blockwise")
 TOKEN_FLOOR = 1e-6  # a row of zeros (padding after LayerNorm is not, but a ReLU-like input could be)
@@ -143,12 +143,21 @@ class QuantizedWeights:
     outlier_channels: int = OUTLIER_CHANNELS
     # an int8 tied table: the embeddings read an fp16 copy (tied_quant.share_tied_table), or the int8 one
     fp16_embeddings: bool = False
-    # how apply_plan reads a base initializer's values: WeightFile.array where the graph it is given holds
-    # references into a weight file (the search's sessions, which then copy no large weights per plan)
-    read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array
+    # where the graph apply_plan is given holds references into a weight file (WeightFile.referencing:
+    # the search's plans, which then copy no large weights), that file: base weights are read from it,
+    # and a derived initializer it already holds (the fp32 packed Q/K/V) is referenced, not rebuilt
+    weight_file: WeightFile | None = None
 
     def alpha_of(self, group: str) -> float:
         return self.alphas.get(group, self.alpha)
+
+    def read(self, init: onnx.TensorProto) -> np.ndarray:
+        """An initializer's values, from the weight file where `init` is one of its references."""
+        return numpy_helper.to_array(init) if self.weight_file is None else self.weight_file.array(init)
+
+    def stored(self, name: str) -> onnx.TensorProto | None:
+        """The weight file's reference for a derived initializer of that name, if it holds one."""
+        return None if self.weight_file is None else self.weight_file.references.get(name)
 
     def smoothing(self, tensor: str, weights: list[np.ndarray], alpha: float) -> np.ndarray:
         """SmoothQuant's s [in channels] for `tensor`, read by `weights` ([in, out] each)."""
@@ -282,7 +291,7 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
         share_tied_table(result, int8_decoder=True, smooth=smooth, fp16_embeddings=weights.fp16_embeddings,
                          read=weights.read)
     if repack:
-        repack_fp32_attention(result, read=weights.read)
+        repack_fp32_attention(result, read=weights.read, reuse=weights.stored)
         repack_int8_attention(result)
     if not any(o.domain == "com.microsoft" for o in result.opset_import):
         result.opset_import.append(helper.make_opsetid("com.microsoft", 1))

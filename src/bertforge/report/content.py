@@ -145,6 +145,7 @@ def screen_note(meta: dict[str, Any]) -> str:
     screened = meta.get("screened_out") or {}
     if not screened:
         return ""
+
     def groups(scheme: str) -> str:
         count = sum(1 for s in screened.values() if s == scheme)
         return f"{count} group{'' if count == 1 else 's'}"
