@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/bertforge build --recipe configs/demo.yaml --out out/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
 bench: $(STAMP) $(OLIVE_STAMP)
 	$(BIN)/python benchmarks/run.py --olive-python $(OLIVE_VENV)/bin/python

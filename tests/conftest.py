@@ -11,6 +11,15 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermed
             max_position_embeddings=128)
 
 
+def pytest_report_header(config) -> str:
+    """The CPU class decides the int8 kernels (cpu_target.py): every run names the one it ran on."""
+    from bertforge.cpu_target import exact_here
+    from bertforge.environment import cpu_class, cpu_model
+
+    return (f"cpu class: {cpu_class()} ({cpu_model()}); full-range (target vnni) int8 exact here: "
+            f"{'yes' if exact_here('vnni') else 'no, u8 x s8 pair sums saturate'}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory) -> Path:
     """Every test session gets its own bertforge cache; no test touches the user's."""

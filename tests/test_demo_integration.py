@@ -47,11 +47,15 @@ def test_demo_variants_meet_parity(demo_build):
     assert variants["fused"]["metrics"]["top1_agreement"] == 1.0
     assert variants["fp16"]["metrics"]["top1_agreement"] >= 0.99
     reference_recovery = report["reference"]["truth_recovery"]
+    from bertforge.stages import BY_NAME
+
     for name in ("int8-dynamic", "int8-static", "int8-blockwise", "int8-auto"):
-        metrics = variants[name]["metrics"]
-        # the fitted head's near-ties flip under int8 (see recipe.default_gates); what it predicts
-        # stays as good: ground-truth recovery within 2.5 points of the reference's
-        assert metrics["top1_agreement"] >= 0.60 and metrics["ref_top1_in_top5"] >= 0.80, name
+        metrics, gate = variants[name]["metrics"], BY_NAME[name].gate
+        # the fitted head's near-ties flip under int8 (see recipe.default_gates); the portable int8 target
+        # computes the same integers on every CPU class, so each variant's own gate holds on all of them
+        assert metrics["top1_agreement"] >= gate["top1_min"], name
+        assert metrics["ref_top1_in_top5"] >= gate["ref_top1_in_top5_min"], name
+        # what it predicts stays as good: ground-truth recovery within 2.5 points of the reference's
         assert metrics["truth_recovery"] >= reference_recovery - 0.025, name
     # activations quantized per block keep the reference's predictions; per tensor does not
     blockwise = variants["int8-blockwise"]["metrics"]
@@ -59,9 +63,10 @@ def test_demo_variants_meet_parity(demo_build):
     assert blockwise["top1_agreement"] > variants["int8-dynamic"]["metrics"]["top1_agreement"] + 0.1
     assert variants["int8-dynamic"]["size_bytes"] < 0.3 * variants["fp32"]["size_bytes"]
     # int8-auto is planned for top-1 >= 95% on the calibration split; on the validation corpus it measured
-    # 96.5% here (int8 kernels differ by ISA, so the bound leaves room, as its 92% gate does)
+    # 95.5% (pair-safe portable weights: the same integers on AVX2, AVX-512, VNNI and AMX)
     auto = variants["int8-auto"]
-    assert auto["metrics"]["top1_agreement"] >= 0.94 and auto["metrics"]["ref_top1_in_top5"] >= 0.995
+    assert auto["metrics"]["top1_agreement"] >= 0.95 and auto["metrics"]["ref_top1_in_top5"] >= 0.995
+    assert auto["metadata"]["int8_target"] == "portable"
     assert auto["metadata"]["calibration"]["top1_agreement"] >= 0.95
     # not simply the fp32 graph (which int8 schemes: the tied table's int8-dynamic and int8-smooth cost
     # the same to two digits, so the measured costs of the day pick either)

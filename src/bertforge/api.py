@@ -84,16 +84,23 @@ def evaluate_variants(dirs: dict[str, Path], source: ResolvedSource, source_key:
         bench_parts = recipe.bench.model_dump(mode="json")
         latency_keys = {n: results_cache.key_for("latency", {**bench_parts, "variant": k}) for n, k in keys.items()}
         if use_cache:
-            latencies = {n: v for n, k in latency_keys.items() if (v := results_cache.load("latency", k))}
+            latencies = {n: v for n, k in latency_keys.items()
+                         if (v := results_cache.load("latency", k)) and not bench.busy(v)}
         to_time = {n: dirs[n] for n in dirs if n not in latencies}
         if to_time:
             with progress.step("latency") as info:
                 timed = bench.latency(to_time, 1, recipe.bench.sequence_length, recipe.bench.warmup,
                                       recipe.bench.repeats)
+                noisy = []
                 for name, stats in timed.items():
-                    results_cache.store("latency", latency_keys[name], stats)
+                    if bench.busy(stats):  # measured on a busy machine: a later build measures it again
+                        noisy.append(name)
+                    else:
+                        results_cache.store("latency", latency_keys[name], stats)
                 latencies.update(timed)
-                info["note"] = f"timed {', '.join(to_time)}"
+                info["note"] = f"timed {', '.join(to_time)}" + (
+                    f"; busy machine (rounds spread > {bench.BUSY_SPREAD}x), not cached: {', '.join(noisy)}"
+                    if noisy else "")
         # which latencies this run measured (together, interleaved) and which an earlier build did
         latencies = {n: {**v, "this_run": n in to_time} for n, v in latencies.items()}
     return validation, latencies, cached

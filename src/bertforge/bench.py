@@ -94,11 +94,31 @@ def time_runners(runners: dict[str, Callable[[], object]], warmup: int, repeats:
     return times
 
 
-def summarize(seconds: list[float], batch: int) -> dict[str, float]:
+# a latency whose round medians spread wider than this (slowest / fastest round), and by more than the
+# timer and scheduler's own jitter (BUSY_FLOOR_MS: a 1 ms tiny model's rounds move by 0.1-0.3 ms on a
+# quiet machine), was taken on a busy machine: reported, but never reused from the cache by a later build
+BUSY_SPREAD = 1.25
+BUSY_FLOOR_MS = 1.0
+
+
+def summarize(seconds: list[float], batch: int, block: int = BLOCK) -> dict[str, Any]:
+    """p50/p90 and, per round of time_runners (one block of `block` calls), that round's median: the
+    rounds of variants timed together pair up, and their ratios give the interval of a p50 ratio
+    (report/recommend.py's ties)."""
     values = np.array(seconds)
     p50 = float(np.median(values))
+    rounds = [round(float(np.median(values[i:i + block])) * 1e3, 4) for i in range(0, len(values), block)]
     return {"p50_ms": p50 * 1e3, "p90_ms": float(np.percentile(values, 90)) * 1e3,
-            "throughput_seq_s": batch / p50, "repeats": len(values)}
+            "throughput_seq_s": batch / p50, "repeats": len(values), "round_ms": rounds,
+            "spread": round(max(rounds) / min(rounds), 4) if rounds and min(rounds) > 0 else None}
+
+
+def busy(stats: dict[str, Any]) -> bool:
+    """Whether a latency's own spread says the machine was busy while it was measured."""
+    rounds = stats.get("round_ms")
+    if not rounds or stats.get("spread") is None:
+        return True
+    return stats["spread"] > BUSY_SPREAD and max(rounds) - min(rounds) > BUSY_FLOOR_MS
 
 
 def onnx_runner(session, inputs: dict[str, np.ndarray]) -> Callable[[], object]:

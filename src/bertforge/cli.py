@@ -103,7 +103,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from bertforge.artifact import MANIFEST, verify_directory
+    from bertforge.cpu_target import exact_here
+    from bertforge.environment import cpu_class
     from bertforge.pipeline import OUTPUT_MARKER
+    from bertforge.runtime import int8_target_of
 
     root = Path(args.dir)
     if not root.is_dir():
@@ -121,7 +124,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for target in targets:
         problems = verify_directory(target)
         failures += bool(problems)
-        print(f"{target}: {'ok' if not problems else 'CHANGED'}")
+        int8_target = int8_target_of(target)
+        where = "" if int8_target is None else f"  (int8 target {int8_target}: " + (
+            "exact on this CPU)" if exact_here(int8_target) else f"NOT exact on this CPU, {cpu_class()})")
+        print(f"{target}: {'ok' if not problems else 'CHANGED'}{where}")
         for problem in problems:
             print(f"  {problem}")
     return EXIT_GATE_FAILED if failures else EXIT_OK

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from importlib import metadata
+from pathlib import Path
 
 import psutil
 
@@ -49,15 +51,30 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def has_vnni() -> bool:
-    flags = cpu_flags()
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+def is_x86(machine: str | None = None) -> bool:
+    return (machine or platform.machine()).lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def cpu_class(flags: set[str] | None = None, machine: str | None = None) -> str:
+    """This CPU's class for int8 numerics and speed: amx, avx512-vnni, avx-vnni, avx512, avx2, or the
+    architecture's name off x86 (arm64 ...). Keys and reports carry it: it names what picks the
+    kernels, where the CPU's model name ("AMD EPYC") does not."""
+    machine = machine or platform.machine()
+    if not is_x86(machine):
+        return {"aarch64": "arm64"}.get(machine.lower(), machine.lower())
+    flags = cpu_flags() if flags is None else flags
+    for flag, name in (("amx_int8", "amx"), ("avx512_vnni", "avx512-vnni"), ("avx_vnni", "avx-vnni"),
+                       ("avx512f", "avx512"), ("avx2", "avx2")):
+        if flag in flags:
+            return name
+    return "x86-64"
 
 
 def machine_info() -> dict[str, object]:
     flags = cpu_flags()
     return {
         "cpu": cpu_model(),
+        "cpu_class": cpu_class(),
         "machine": platform.machine(),
         "physical_cores": physical_cores(),
         "logical_cores": psutil.cpu_count(logical=True),
@@ -79,5 +96,29 @@ def peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in handle if line.startswith("VmHWM")) / 1024
 
 
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPUs this process's cgroup may use (quota / period), or None when unlimited or unknown."""
+    try:
+        if (root / "cpu.max").is_file():  # cgroup v2: "max 100000" or "200000 100000"
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        quota_file, period_file = root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us"
+        if quota_file.is_file() and period_file.is_file():  # cgroup v1: quota -1 when unlimited
+            quota = int(quota_file.read_text())
+            return None if quota <= 0 else quota / int(period_file.read_text())
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def physical_cores() -> int:
-    return psutil.cpu_count(logical=False) or psutil.cpu_count(logical=True) or 1
+    """The threads an onnxruntime session should use: the physical cores, but no more than the CPUs this
+    process may run on (its affinity) or its cgroup's quota allows (onnxruntime itself counts every core
+    of the machine: with affinity to one core it still starts two threads here)."""
+    cores = psutil.cpu_count(logical=False) or psutil.cpu_count(logical=True) or 1
+    if hasattr(os, "sched_getaffinity"):
+        cores = min(cores, len(os.sched_getaffinity(0)))
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, max(1, int(limit)))
+    return max(1, cores)

@@ -30,6 +30,7 @@ from bertforge.artifact import (
 from bertforge.cache import cache_root, file_lock, stage_key
 from bertforge.code_digest import code_digest
 from bertforge.crash_log import one_line
+from bertforge.environment import cpu_class
 from bertforge.errors import BertforgeError, StageError, UsageError
 from bertforge.exporter import export
 from bertforge.memory import release_freed_memory
@@ -102,11 +103,13 @@ def stage_inputs(stage: str, parent: Artifact, config: Any) -> dict[str, Any]:
 
 def key_of_stage(stage: str, parent: Artifact, config: Any, inputs: dict[str, Any]) -> str:
     """Parent key, stage@VERSION, config, library versions (stage_key), the digest of the stage's code
-    and every bertforge module it imports, and the inputs it declares."""
+    and every bertforge module it imports, and the inputs it declares; an int8 stage adds the CPU class
+    (its plan, calibration and record of where it was built are this class's)."""
     module = STAGES[stage]
-    return stage_key(parent.key, module.NAME, module.VERSION, config.model_dump(mode="json"),
-                     extra={"code": code_digest(module.__name__), "inputs": inputs,
-                            "external_data_above": external_data_above()})
+    extra = {"code": code_digest(module.__name__), "inputs": inputs, "external_data_above": external_data_above()}
+    if module.NAME.startswith("int8"):
+        extra["cpu_class"] = cpu_class()
+    return stage_key(parent.key, module.NAME, module.VERSION, config.model_dump(mode="json"), extra=extra)
 
 
 def run_stage(stage: str, parent: Artifact, config: Any) -> StageRun:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from bertforge.environment import has_vnni
+from bertforge.cpu_target import exact_here
+from bertforge.environment import cpu_class
 from bertforge.recipe import Recipe
+from bertforge.stages import BY_NAME
 
 OPSETS_WITH_FUSION_BUGS = {18: "opset 18 has had LayerNorm fusion and fp16 LayerNorm bugs in ORT (#16341)"}
 
@@ -13,11 +15,12 @@ def warnings_for(recipe: Recipe) -> list[str]:
     if "fp16" in recipe.variants:
         found.append("fp16 targets the CPU execution provider here: with fp32 kept around LayerNorm/Softmax it adds "
                      "Casts and is often slower than fp32 on CPUs; the report measures both")
-    int8 = [v for v in recipe.variants if v.startswith("int8")]
-    reduce_range = recipe.int8_dynamic.reduce_range and recipe.int8_static.reduce_range
-    if int8 and not has_vnni() and not reduce_range:
-        found.append("this CPU has no VNNI: int8 u8s8 products can saturate (ORT #6004); if int8 agreement is low "
-                     "set int8_dynamic.reduce_range / int8_static.reduce_range: true")
+    vnni_int8 = [v for v in recipe.variants if v.startswith("int8")
+                 and getattr(recipe, BY_NAME[v].section).model_dump().get("cpu_target", recipe.target) == "vnni"]
+    if vnni_int8 and not exact_here("vnni"):
+        found.append(f"{', '.join(vnni_int8)}: int8 target vnni on a CPU without VNNI/AMX ({cpu_class()}): their "
+                     "u8 x s8 sums saturate here, so this build validates numbers a VNNI CPU will not compute; "
+                     "target: portable is exact on every CPU")
     if recipe.export.opset in OPSETS_WITH_FUSION_BUGS:
         found.append(f"export.opset {recipe.export.opset}: {OPSETS_WITH_FUSION_BUGS[recipe.export.opset]}")
     return found

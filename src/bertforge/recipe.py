@@ -11,8 +11,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from bertforge.cpu_target import Target
 from bertforge.errors import UsageError
 from bertforge.stages import SPECS, VARIANTS
 
@@ -67,8 +77,11 @@ NodePattern = Annotated[str, AfterValidator(_a_regular_expression)]
 
 
 class Int8DynamicConfig(Section):
+    # the CPUs whose int8 sums this variant computes exactly (cpu_target.py); set by the recipe's `target`
+    cpu_target: Target = "portable"
     weight_type: Literal["qint8", "quint8"] = "qint8"
     per_channel: bool = True
+    # 7-bit weights; cpu_target portable implies them, so this only matters with cpu_target vnni
     reduce_range: bool = False
     # ORT's op types to quantize. The word-embedding table is not among them: it is tied to the MLM
     # decoder and stored once as per-row int8 by the stage itself (tied_quant.py).
@@ -81,11 +94,12 @@ class Int8DynamicConfig(Section):
 
 
 class Int8StaticConfig(Section):
+    cpu_target: Target = "portable"  # as int8_dynamic's
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     calibration_samples: StrictInt = Field(64, ge=1, le=4096)
     calibration_corpus: str = "calibration"
     per_channel: bool = True
-    reduce_range: bool = False
+    reduce_range: bool = False  # as int8_dynamic's
     # ffn-output: the FFN down-projections read GELU outputs with outliers; per-tensor static
     # activation scales ruin them (demo top-1 agreement 39% with them quantized, 65% without).
     exclude_presets: tuple[ExcludePreset, ...] = ("embeddings", "mlm-decoder", "ffn-output")
@@ -93,6 +107,7 @@ class Int8StaticConfig(Section):
 
 
 class Int8BlockwiseConfig(Section):
+    cpu_target: Target = "portable"  # the tied table's decoder; MatMulNBits is exact at either
     # MatMulNBits, 8 bits. Measured on demo (431 sentences, b1xs128, tied decoder fp32 in this sweep):
     # top-1 agreement 95.2% (block 16), 93.2% (32), 91.1% (64), 89.9% (128); smaller blocks are slower.
     block_size: Literal[16, 32, 64, 128, 256] = 16
@@ -110,6 +125,7 @@ class AgreementTarget(Section):
 
 
 class Int8AutoConfig(Section):
+    cpu_target: Target = "portable"  # as int8_dynamic's, for every int8 scheme of the plan and the tied table
     # Agreement with the fp32 graph at the [MASK] positions of the calibration split (not the validation
     # corpus); the validation gates then judge the chosen plan on the validation corpus.
     target: AgreementTarget = AgreementTarget()
@@ -210,9 +226,16 @@ class BenchConfig(Section):
     sequence_length: StrictInt = Field(128, ge=8, le=512)
 
 
+INT8_SECTIONS = ("int8_dynamic", "int8_static", "int8_blockwise", "int8_auto")
+
+
 class Recipe(Section):
     model: str = "bert-base-uncased"
     variants: tuple[VariantName, ...] = VARIANTS
+    # Where the int8 variants compute the integers they were validated with (cpu_target.py): `portable`,
+    # every CPU (s8 weights in [-64, 64]); `vnni`, full-range s8 weights, exact only on VNNI, AMX and ARM64
+    # (elsewhere they saturate and warn). Sets each int8 section's cpu_target that the recipe leaves unset.
+    target: Target = "portable"
     export: ExportConfig = ExportConfig()
     fusion: FusionConfig = FusionConfig()
     fp16: Fp16Config = Fp16Config()
@@ -223,6 +246,20 @@ class Recipe(Section):
     masked_head: MaskedHeadConfig = MaskedHeadConfig()
     validation: ValidationConfig = ValidationConfig()
     bench: BenchConfig = BenchConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_into_int8_sections(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "target" not in data:
+            return data
+        data = dict(data)
+        for section in INT8_SECTIONS:
+            given = data.get(section)
+            if given is None:
+                data[section] = {"cpu_target": data["target"]}
+            elif isinstance(given, dict) and "cpu_target" not in given:
+                data[section] = {**given, "cpu_target": data["target"]}
+        return data
 
     @field_validator("variants")
     @classmethod

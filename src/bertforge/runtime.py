@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from bertforge.artifact import MODEL_FILE
+from bertforge.artifact import MANIFEST, MODEL_FILE
+from bertforge.cpu_target import target_warning
 from bertforge.environment import physical_cores
 
 # the masked-head variant's compact output: one logit row per [MASK], row-major (batch, then position)
@@ -32,13 +35,40 @@ def session_options(threads: int | None = None, spinning: bool = True, arena: bo
     return options
 
 
+def int8_target_of(directory: Path) -> str | None:
+    """The int8 target a variant directory's manifest records (None: not int8, or no manifest)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    target = manifest.get("metadata", {}).get("int8_target") if isinstance(manifest, dict) else None
+    return target if isinstance(target, str) else None
+
+
+_warned: set[str] = set()
+
+
+def warn_outside_target(directory: Path) -> str | None:
+    """Print (once per directory and process) the one-line warning when this CPU is outside the
+    variant's int8 target; returns it."""
+    warning = target_warning(int8_target_of(directory), directory.name)
+    if warning and str(directory.resolve()) not in _warned:
+        _warned.add(str(directory.resolve()))
+        print(warning, file=sys.stderr)
+    return warning
+
+
 def open_session(location: Path, threads: int | None = None, spinning: bool = True, arena: bool = True):
-    """A CPU session over `location`: a variant directory (its model.onnx) or an .onnx file."""
+    """A CPU session over `location`: a variant directory (its model.onnx) or an .onnx file. A variant
+    built for an int8 target this CPU is outside of warns first (cpu_target.py)."""
     import onnxruntime as ort
 
     path = Path(location)
     if path.is_dir():
+        warn_outside_target(path)
         path = path / MODEL_FILE
+    else:
+        warn_outside_target(path.parent)
     return ort.InferenceSession(str(path), session_options(threads, spinning, arena),
                                 providers=["CPUExecutionProvider"])
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from bertforge.artifact import Artifact, owned_scratch
 from bertforge.cache import cache_root
+from bertforge.cpu_target import int8_target_record
 from bertforge.int8_plan import ordered_moves, search
 from bertforge.local_error import local_errors, screened_out
 from bertforge.onnx_files import save_model
@@ -33,7 +34,7 @@ from bertforge.recipe import Int8AutoConfig
 from bertforge.weight_file import WeightFile
 
 NAME = "int8-auto"
-VERSION = "1"
+VERSION = "2"
 
 
 def key_inputs(parent: Artifact, config: Int8AutoConfig) -> dict[str, Any]:
@@ -69,7 +70,8 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
         reference, prefix = sensitivity.Reference.of(fp32.logits), fp32.prefix
         weights = QuantizedWeights(block_size=config.block_size, activation_absmax=fp32.absmax,
                                    alpha=config.smooth_alphas[-1], outlier_channels=config.outlier_channels,
-                                   fp16_embeddings=config.embedding_table == "fp16", weight_file=weight_file)
+                                   fp16_embeddings=config.embedding_table == "fp16", weight_file=weight_file,
+                                   target=config.cpu_target)
         # every candidate graph is made from the base graph with its large weights as references into the
         # weight file: copying 440 MB of bert-base weights into each of ~110 plans cost ~20 s
         base = weight_file.referencing(model)
@@ -127,4 +129,4 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
             "outlier_channels": config.outlier_channels, "embedding_table": config.embedding_table,
             "fused_operators": stats,
             "op_types": op_histogram(chosen),
-            "search_seconds": round(time.monotonic() - started, 1)}
+            "search_seconds": round(time.monotonic() - started, 1), **int8_target_record(config.cpu_target)}

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bertforge.cpu_target import int8_target_record
 from bertforge.onnx_files import save_model
 from bertforge.optimizers.common import (
     MODEL_FILE,
@@ -29,7 +30,7 @@ from bertforge.optimizers.tied_quant import share_tied_table_per_presets
 from bertforge.recipe import Int8BlockwiseConfig
 
 NAME = "int8-blockwise"
-VERSION = "1"
+VERSION = "2"
 
 
 def run(src: Path, out: Path, config: Int8BlockwiseConfig) -> dict[str, Any]:
@@ -44,7 +45,7 @@ def run(src: Path, out: Path, config: Int8BlockwiseConfig) -> dict[str, Any]:
                                      nodes_to_exclude=exclude)
     quantizer.process()
     model = quantizer.model.model
-    shared = share_tied_table_per_presets(model, config.exclude_presets)
+    shared = share_tied_table_per_presets(model, config.exclude_presets, config.cpu_target)
     histogram = op_histogram(model)
     require_quantized(NAME, histogram, ("MatMulNBits",),
                       f"int8_blockwise.exclude_presets {list(config.exclude_presets)} and exclude_nodes "
@@ -53,4 +54,4 @@ def run(src: Path, out: Path, config: Int8BlockwiseConfig) -> dict[str, Any]:
     copy_loader_files(src, out)
     return {"fused_operators": stats, "excluded_nodes": exclude, "tied_table": shared, "bits": 8,
             "block_size": config.block_size, "symmetric": config.symmetric,
-            "accuracy_level": config.accuracy_level, "op_types": histogram}
+            "accuracy_level": config.accuracy_level, "op_types": histogram, **int8_target_record(config.cpu_target)}

@@ -16,6 +16,7 @@ from typing import Any
 
 import onnx
 
+from bertforge.cpu_target import int8_target_record
 from bertforge.onnx_files import save_model, uses_external_data
 from bertforge.optimizers import ort_config
 from bertforge.optimizers.common import (
@@ -26,13 +27,14 @@ from bertforge.optimizers.common import (
     op_histogram,
     require_quantized,
 )
+from bertforge.optimizers.int8_weights import make_pair_safe
 from bertforge.optimizers.tied_quant import share_tied_table_per_presets
 from bertforge.recipe import Int8DynamicConfig
 
 # what quantize_dynamic writes for MatMul (before ORT fuses it at load) and for Attention
 INT8_COMPUTE_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention")
 NAME = "int8-dynamic"
-VERSION = "2"
+VERSION = "3"
 
 
 def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
@@ -44,6 +46,7 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
     keep_for_ort = excluded_nodes(names, ("embeddings", "mlm-decoder"), ())
     not_for_ort = sorted(set(exclude) | set(keep_for_ort))
     weight_type = QuantType.QInt8 if config.weight_type == "qint8" else QuantType.QUInt8
+
     # quantize_dynamic writes its own file (its external data named its way); it is read back and
     # written through the one save path, after the tied table is shared
     with tempfile.TemporaryDirectory(prefix="bertforge-int8-dynamic-") as scratch:
@@ -53,8 +56,9 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
                          nodes_to_exclude=not_for_ort, use_external_data_format=uses_external_data(src),
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         quantized = onnx.load(str(written))
+    pair_safe = make_pair_safe(quantized, src, config)
     copy_loader_files(src, out)
-    shared = share_tied_table_per_presets(quantized, config.exclude_presets)
+    shared = share_tied_table_per_presets(quantized, config.exclude_presets, config.cpu_target)
     histogram = op_histogram(quantized)
     require_quantized(NAME, histogram, INT8_COMPUTE_OPS,
                       f"int8_dynamic.op_types {list(config.op_types)}, exclude_presets {list(config.exclude_presets)} "
@@ -66,4 +70,5 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
         nodes_to_exclude=not_for_ort))
     return {"excluded_nodes": exclude, "tied_table": shared,
             "op_types": histogram, "weight_type": config.weight_type,
-            "per_channel": config.per_channel, "reduce_range": config.reduce_range}
+            "per_channel": config.per_channel, "reduce_range": config.reduce_range,
+            "pair_safe_weights": len(pair_safe), **int8_target_record(config.cpu_target)}

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from bertforge.artifact import Artifact
+from bertforge.cpu_target import int8_target_record
 from bertforge.onnx_files import save_model, uses_external_data
 from bertforge.optimizers import ort_config
 from bertforge.optimizers.common import (
@@ -29,10 +30,11 @@ from bertforge.optimizers.common import (
     op_histogram,
     require_quantized,
 )
+from bertforge.optimizers.int8_weights import make_pair_safe
 from bertforge.recipe import Int8StaticConfig
 
 NAME = "int8-static"
-VERSION = "1"
+VERSION = "2"
 
 
 def calibration_feeds(src: Path, config: Int8StaticConfig) -> list[dict[str, np.ndarray]]:
@@ -86,6 +88,7 @@ def run(src: Path, out: Path, config: Int8StaticConfig, inputs: dict[str, Any]) 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.calibration_method]
     exclude = excluded_nodes(node_names(src / MODEL_FILE), config.exclude_presets, config.exclude_nodes)
+
     with tempfile.TemporaryDirectory(prefix="bertforge-calib-", dir=out) as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         external = uses_external_data(src)
@@ -100,6 +103,7 @@ def run(src: Path, out: Path, config: Int8StaticConfig, inputs: dict[str, Any]) 
                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude, calibrate_method=method,
                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         quantized = onnx.load(str(written))
+    pair_safe = make_pair_safe(quantized, src, config)
     histogram = op_histogram(quantized)
     save_model(quantized, out)
     ort_config.write(out, quantized, parent=src, quantizer=ort_config.quantization(
@@ -112,4 +116,5 @@ def run(src: Path, out: Path, config: Int8StaticConfig, inputs: dict[str, Any]) 
                       f"{list(config.exclude_nodes)}")
     return {"excluded_nodes": exclude, "op_types": histogram,
             "calibration_method": config.calibration_method, "calibration_samples": len(feeds),
-            "per_channel": config.per_channel, "reduce_range": config.reduce_range}
+            "per_channel": config.per_channel, "reduce_range": config.reduce_range,
+            "pair_safe_weights": len(pair_safe), **int8_target_record(config.cpu_target)}

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bertforge.artifact import read_manifest
 from bertforge.errors import StageError
 from bertforge.onnx_files import save_model
 from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mlm_head_nodes
@@ -40,7 +41,7 @@ from bertforge.recipe import MaskedHeadConfig
 from bertforge.runtime import MASK_LOGITS
 
 NAME = "masked-head"
-VERSION = "3"
+VERSION = "4"
 MASK_POSITIONS = "mask_positions"
 
 
@@ -138,4 +139,7 @@ def run(src: Path, out: Path, config: MaskedHeadConfig) -> dict[str, Any]:
     save_model(model, out)
     onnx.checker.check_model(str(out / MODEL_FILE))  # by path: a model with external data
     copy_loader_files(src, out)
-    return {"mask_token_id": mask_id, "head_input": hidden, "parent_stage_dir": src.name}
+    # the int8 parent's target: the same weights, so the same CPUs compute them exactly
+    parent_metadata = read_manifest(src).get("metadata", {})
+    inherited = {key: parent_metadata[key] for key in ("int8_target", "int8_weights") if key in parent_metadata}
+    return {"mask_token_id": mask_id, "head_input": hidden, "parent_stage_dir": src.name, **inherited}

@@ -50,7 +50,8 @@ from onnx import helper, numpy_helper
 
 from bertforge.onnx_files import default_opset
 from bertforge.optimizers.common import repack_fp32_attention, repack_int8_attention
-from bertforge.optimizers.tied_quant import share_tied_table, symmetric_int8, tied_table
+from bertforge.optimizers.int8_weights import symmetric_int8
+from bertforge.optimizers.tied_quant import share_tied_table, tied_table
 from bertforge.weight_file import WeightFile
 
 SCHEMES = ("fp32", "int8-dynamic", "int8-smooth", "int8-token", "int8-outlier", "int8-blockwise")
@@ -147,6 +148,8 @@ class QuantizedWeights:
     # the search's plans, which then copy no large weights), that file: base weights are read from it,
     # and a derived initializer it already holds (the fp32 packed Q/K/V) is referenced, not rebuilt
     weight_file: WeightFile | None = None
+    # the int8 target (cpu_target.py): how int8_weights.symmetric_int8 bounds every int8-dynamic-family weight
+    target: str = "portable"
 
     def alpha_of(self, group: str) -> float:
         return self.alphas.get(group, self.alpha)
@@ -175,7 +178,7 @@ class QuantizedWeights:
             array = self.read(weight)
             if smooth is not None:
                 array = array * smooth[:, None]
-            q, scale = symmetric_int8(array, axis=1)  # one scale per output column
+            q, scale = symmetric_int8(array, axis=1, target=self.target)  # one scale per output column
             suffix = "_s8" if smooth is None else "_sq8"
             self.cache[key] = [numpy_helper.from_array(q, f"{weight.name}{suffix}"),
                                numpy_helper.from_array(scale, f"{weight.name}{suffix}_scale"),
@@ -197,7 +200,7 @@ class QuantizedWeights:
             array = self.read(weight)
             main = array.copy()
             main[channels] = 0.0
-            q, scale = symmetric_int8(main, axis=1)
+            q, scale = symmetric_int8(main, axis=1, target=self.target)
             self.cache[key] = [numpy_helper.from_array(np.ascontiguousarray(array[channels]), f"{weight.name}_o32"),
                                numpy_helper.from_array(q, f"{weight.name}_o8"),
                                numpy_helper.from_array(scale, f"{weight.name}_o8_scale"),
@@ -288,8 +291,8 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
             tied = next(g for g in groups if g.name == TIED_GROUP)
             table = weights.read(initializers[tied_table(graph)[0]])
             smooth = weights.smoothing(group_input(model, tied), [table.T], weights.alpha_of(TIED_GROUP))
-        share_tied_table(result, int8_decoder=True, smooth=smooth, fp16_embeddings=weights.fp16_embeddings,
-                         read=weights.read)
+        share_tied_table(result, int8_decoder=True, target=weights.target, smooth=smooth,
+                         fp16_embeddings=weights.fp16_embeddings, read=weights.read)
     if repack:
         repack_fp32_attention(result, read=weights.read, reuse=weights.stored)
         repack_int8_attention(result)

@@ -29,21 +29,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bertforge.optimizers.int8_weights import symmetric_int8
+
 DECODER_NODE = "/cls/predictions/decoder/DynamicQuantizeMatMul"
 
 
 def _consumers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
     return [node for node in graph.node if name in node.input]
-
-
-def symmetric_int8(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 with one scale per slice along `axis` (the axis the scale varies over):
-    weight ~= q * scale (broadcast along `axis`), q in [-127, 127]."""
-    reduce_over = 1 - axis  # 2-D weights: the other axis
-    scale = np.abs(weight).max(axis=reduce_over).astype(np.float32) / 127.0
-    scale[scale == 0] = 1.0
-    quantized = np.clip(np.round(weight / np.expand_dims(scale, reduce_over)), -127, 127).astype(np.int8)
-    return quantized, scale
 
 
 def tied_table(graph: onnx.GraphProto) -> tuple[str, onnx.NodeProto, onnx.NodeProto, onnx.NodeProto | None] | None:
@@ -64,7 +56,7 @@ def tied_table(graph: onnx.GraphProto) -> tuple[str, onnx.NodeProto, onnx.NodePr
     return None
 
 
-def share_tied_table(model: onnx.ModelProto, int8_decoder: bool,
+def share_tied_table(model: onnx.ModelProto, int8_decoder: bool, target: str,
                      smooth: np.ndarray | None = None, fp16_embeddings: bool = False,
                      read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array) -> dict[str, str]:
     """Store the tied table once as per-row int8; return {table: how the decoder reads it} ({} if untied).
@@ -79,6 +71,7 @@ def share_tied_table(model: onnx.ModelProto, int8_decoder: bool,
     fp32. On demo the per-row int8 embeddings alone cost 2.4 points of
     top-1 (calibration split, PyTorch with only the embedding table quantized); fp16 ones 0.3.
 
+    target: the int8 target (cpu_target.py), which bounds the table's int8 values.
     read: how the table's values are read (mixed_int8.QuantizedWeights.read)."""
     graph = model.graph
     found = tied_table(graph)
@@ -88,7 +81,7 @@ def share_tied_table(model: onnx.ModelProto, int8_decoder: bool,
     initializer = next(init for init in graph.initializer if init.name == name)
     original = read(initializer)
     table = original if smooth is None else original * smooth[None, :].astype(np.float32)
-    quantized, scale = symmetric_int8(table, axis=0)  # one scale per vocabulary row
+    quantized, scale = symmetric_int8(table, axis=0, target=target)  # one scale per vocabulary row
     q_name, scale_name = f"{name}_q8", f"{name}_scale"
     graph.initializer.remove(initializer)
     graph.initializer.extend([numpy_helper.from_array(quantized, q_name), numpy_helper.from_array(scale, scale_name)])
@@ -153,9 +146,11 @@ def dequantized_table(graph: onnx.GraphProto, name: str, smooth: np.ndarray | No
     return nodes
 
 
-def share_tied_table_per_presets(model: onnx.ModelProto, exclude_presets: tuple[str, ...]) -> dict[str, str]:
+def share_tied_table_per_presets(model: onnx.ModelProto, exclude_presets: tuple[str, ...],
+                                 target: str) -> dict[str, str]:
     """The stages' common rule: `embeddings` keeps the table (and so the decoder) fp32; `mlm-decoder` or
     `mlm-head` keep the decoder's arithmetic fp32 over the int8 table."""
     if "embeddings" in exclude_presets:
         return {}
-    return share_tied_table(model, int8_decoder=not {"mlm-decoder", "mlm-head"} & set(exclude_presets))
+    return share_tied_table(model, int8_decoder=not {"mlm-decoder", "mlm-head"} & set(exclude_presets),
+                            target=target)

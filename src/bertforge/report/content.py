@@ -232,7 +232,8 @@ def provenance(report: dict[str, Any]) -> str:
     machine = report["machine"]
     libraries = ", ".join(f"{name} {version}" for name, version in report["libraries"].items() if version != "absent")
     return (f"Generated {report.get('generated_utc', 'n/a')} by bertforge {report['bertforge_version']} (report "
-            f"schema {report['schema_version']}) on {machine['cpu']}, {machine['physical_cores']} physical cores, ISA "
+            f"schema {report['schema_version']}) on {machine['cpu']} (CPU class {machine.get('cpu_class', '?')}: int8 "
+            f"kernels and latencies are this class's), {machine['physical_cores']} physical cores, ISA "
             + ", ".join(k for k, v in machine["isa"].items() if v) + f". Libraries: {libraries}.")
 
 

@@ -49,7 +49,9 @@ def card_text(name: str, entry: dict[str, Any], report: dict[str, Any], manifest
     if latency:
         lines.append(f"| latency b{latency.get('batch', 1)}×s{latency.get('sequence', 128)} | p50 "
                      f"{latency['p50_ms']:.1f} ms, p90 {latency['p90_ms']:.1f} ms (this build's run) |")
-    lines += ["", f"Gates: {gates}.", "", "## How it was built", "",
+    lines += ["", f"Gates: {gates}.", ""]
+    lines += where_it_holds(manifest.get("metadata", {}).get("int8_target"), report["machine"])
+    lines += ["## How it was built", "",
               f"Lineage: {lineage}. Recipe section `{spec.section if spec else '?'}`: "
               f"`{json.dumps(section, sort_keys=True)}`. Files and their sha256: `{MANIFEST}`.", "", "## Load it", ""]
     if spec is not None and spec.extra:
@@ -74,11 +76,31 @@ def card_text(name: str, entry: dict[str, Any], report: dict[str, Any], manifest
     return "\n".join(lines) + "\n"
 
 
+def where_it_holds(target: str | None, machine: dict[str, Any]) -> list[str]:
+    """The card's lines on which CPUs compute the integers measured above (int8 variants only)."""
+    if target is None:
+        return []
+    measured = f"Validated on {machine.get('cpu_class', '?')} ({machine['cpu']})."
+    if target == "portable":
+        text = ("int8 target `portable`: every s8 weight is in [-64, 64], so no u8 x s8 pair sum can saturate and "
+                "every CPU (AVX2, AVX-512, VNNI, AMX, ARM64) and onnxruntime-web's wasm compute the same integers: "
+                f"the agreement above holds wherever it runs. {measured}")
+    else:
+        text = (f"int8 target `{target}`: full-range s8 weights, summed exactly only with VNNI or AMX, or on "
+                "ARM64. On AVX2 and AVX-512 CPUs without VNNI the u8 x s8 pair sums saturate and the answers can "
+                f"differ from those measured above (bertforge warns there). {measured}")
+    return ["## Where these numbers hold", "", text, ""]
+
+
 def write_cards(out: Path, report: dict[str, Any]) -> None:
-    """README.md in each variant directory under `out`, added to its manifest's file list."""
+    """README.md in each variant directory under `out`, added to its manifest's file list; an int8
+    variant's manifest also records the CPU class it was validated on."""
     for name, entry in report["variants"].items():
         directory = Path(out) / name
         manifest = read_manifest(directory)
+        if "int8_target" in manifest.get("metadata", {}):
+            manifest["validated_on"] = {"cpu_class": report["machine"].get("cpu_class"),
+                                        "cpu": report["machine"]["cpu"]}
         write_text_atomic(directory / CARD, card_text(name, entry, report, manifest))
         path = directory / CARD
         manifest["files"][CARD] = {"sha256": sha256_file(path), "size": path.stat().st_size}

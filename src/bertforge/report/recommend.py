@@ -6,6 +6,11 @@ gates failed is never recommended. Extras (the masked-head variant) are named ap
 (in ORTModelForMaskedLM too) but their logits are zeros away from the [MASK] positions. The Pareto
 frontier (no other variant both at least as fast and at least as accurate, and better in one) is
 what the plots mark.
+
+Latencies are compared with their noise: variants timed together in this build's run pair up round by
+round (bench.summarize's round medians), and two whose per-round ratios reach both sides of 1 are a tie
+within noise. Among the variants tied with the fastest, the smallest wins, then the more accurate; the
+summary says so.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ TARGETS = (0.99, 0.95, 0.90)
 def _facts(variants: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {name: {"top1": entry.get("metrics", {}).get("top1_agreement"),
                    "ms": entry.get("latency", {}).get("p50_ms"), "mb": entry["size_bytes"] / 1e6,
+                   "rounds": entry.get("latency", {}).get("round_ms"),
                    "this_run": entry.get("latency", {}).get("this_run", True),
                    "passed": entry.get("passed", True)}
             for name, entry in variants.items()}
@@ -36,20 +42,62 @@ def pareto_frontier(variants: dict[str, dict[str, Any]]) -> list[str]:
     return sorted(frontier, key=lambda n: facts[n]["ms"])
 
 
+def ratio_interval(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float] | None:
+    """The range of a's latency over b's, round by round, where both were timed in this run's rounds."""
+    if not (a.get("this_run") and b.get("this_run") and a.get("rounds") and b.get("rounds")
+            and len(a["rounds"]) == len(b["rounds"]) >= 2):
+        return None
+    ratios = [x / y for x, y in zip(a["rounds"], b["rounds"], strict=True) if y > 0]
+    return (min(ratios), max(ratios)) if ratios else None
+
+
+def tied(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether a and b's latencies are equal within the noise of their interleaved rounds."""
+    interval = ratio_interval(a, b)
+    return interval is not None and interval[0] <= 1.0 <= interval[1]
+
+
+def fastest_of(candidates: dict[str, dict[str, Any]]) -> tuple[str, list[str]]:
+    """(the variant to name as fastest, the others tied with the quickest within noise): among the
+    variants tied with the quickest p50, the smallest, then the more accurate."""
+    quickest = min(candidates, key=lambda n: (candidates[n]["ms"], candidates[n]["mb"]))
+    group = [n for n in candidates if n == quickest or tied(candidates[n], candidates[quickest])]
+    chosen = min(group, key=lambda n: (candidates[n]["mb"], -candidates[n]["top1"], candidates[n]["ms"]))
+    return chosen, sorted(n for n in group if n != chosen)
+
+
+def slower_than_fp32(facts: dict[str, dict[str, Any]]) -> list[str]:
+    """Variants slower than the plain export on this CPU, beyond noise (every round slower where their
+    rounds pair up, else by p50): never worth shipping here, whatever their size (int8-blockwise on AVX2)."""
+    base = facts.get("fp32")
+    if base is None or base["ms"] is None:
+        return []
+    slower = []
+    for name, f in facts.items():
+        if name == "fp32" or f["ms"] is None:
+            continue
+        interval = ratio_interval(f, base)
+        if (interval[0] > 1.0) if interval is not None else f["ms"] > base["ms"]:
+            slower.append(name)
+    return slower
+
+
 def recommend(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
     facts = _facts(variants)
-    shippable = {n: f for n, f in facts.items() if n not in EXTRA_VARIANTS and f["passed"] and f["top1"] is not None}
+    too_slow = slower_than_fp32(facts)
+    shippable = {n: f for n, f in facts.items() if n not in EXTRA_VARIANTS and f["passed"] and f["top1"] is not None
+                 and n not in too_slow}
     timed = all(f["ms"] is not None for f in shippable.values()) and bool(shippable)
     targets = []
     for target in TARGETS:
         meeting = {n: f for n, f in shippable.items() if f["top1"] >= target}
-        fastest = min(meeting, key=lambda n: (meeting[n]["ms"], meeting[n]["mb"])) if meeting and timed else None
+        fastest, ties = fastest_of(meeting) if meeting and timed else (None, [])
         smallest = min(meeting, key=lambda n: (meeting[n]["mb"], meeting[n]["ms"] or 0)) if meeting else None
-        targets.append({"top1_min": target, "fastest": fastest, "smallest": smallest})
-    fastest_any = min(shippable, key=lambda n: shippable[n]["ms"]) if timed else None
+        targets.append({"top1_min": target, "fastest": fastest, "tied_within_noise": ties, "smallest": smallest})
+    fastest_any, _ = fastest_of(shippable) if timed else (None, [])
     extras = {n: f for n, f in facts.items() if n in EXTRA_VARIANTS}
     return {"targets": targets, "fastest": fastest_any, "pareto_frontier": pareto_frontier(variants),
-            "summary": summary(targets, facts, fastest_any, extras, timed)}
+            "slower_than_fp32": too_slow, "summary": summary(targets, facts, fastest_any, extras, timed, too_slow)}
 
 
 def _describe(name: str, facts: dict[str, dict[str, Any]]) -> str:
@@ -59,7 +107,7 @@ def _describe(name: str, facts: dict[str, dict[str, Any]]) -> str:
 
 
 def summary(targets: list[dict[str, Any]], facts: dict[str, dict[str, Any]], fastest: str | None,
-            extras: dict[str, dict[str, Any]], timed: bool) -> str:
+            extras: dict[str, dict[str, Any]], timed: bool, too_slow: list[str] = ()) -> str:
     """One paragraph: what to ship for each target."""
     parts = []
     for entry in targets:
@@ -67,13 +115,19 @@ def summary(targets: list[dict[str, Any]], facts: dict[str, dict[str, Any]], fas
         if entry["smallest"] is None:
             parts.append(f"For {label}: no variant of this build meets it.")
             continue
+        ties = entry.get("tied_within_noise") or []
+        tie = (f" (tie within noise with {', '.join(_describe(n, facts) for n in ties)}: the smaller, then the "
+               "more accurate, is named)") if ties else ""
         if entry["fastest"] is None or entry["fastest"] == entry["smallest"]:
-            parts.append(f"For {label}: {_describe(entry['smallest'], facts)}.")
+            parts.append(f"For {label}: {_describe(entry['smallest'], facts)}{tie}.")
         else:
-            parts.append(f"For {label}: {_describe(entry['fastest'], facts)}, the fastest; the smallest is "
+            parts.append(f"For {label}: {_describe(entry['fastest'], facts)}, the fastest{tie}; the smallest is "
                          f"{_describe(entry['smallest'], facts)}.")
     if fastest is not None:
         parts.append(f"The fastest is {_describe(fastest, facts)}.")
+    if too_slow:
+        parts.append(f"Not recommended on this CPU: {', '.join(_describe(n, facts) for n in too_slow)}, slower than "
+                     "fp32 here.")
     for name in extras:
         parts.append(f"{_describe(name, facts)} is for fill-mask only: its logits are zeros except at the [MASK] "
                      "positions.")

@@ -1,0 +1,58 @@
+"""Which CPUs an int8 artifact computes the same integers on, and this CPU's class.
+
+Every int8 kernel bertforge emits (DynamicQuantizeMatMul, MatMulInteger, QAttention, the QDQ pairs ORT
+fuses into QLinearMatMul) multiplies u8 activations by s8 weights. With VNNI or AMX (and on ARM, and in
+onnxruntime-web's wasm kernels) MLAS sums those products exactly in int32. Without VNNI, its AVX2 and
+AVX-512 core kernels use vpmaddubsw, which adds each adjacent pair of u8 x s8 products into int16 and
+saturates at 32767 (QgemmU8X8KernelAvx2.S; onnxruntime #6004, #14642): the same file computes other
+numbers there. A pair of K-adjacent weights of one sign saturates once |w0| + |w1| > 128.
+
+Targets:
+- `portable` (default): s8 weights whose same-sign K-adjacent pairs sum to at most 128 in magnitude
+  (optimizers/int8_weights.py: each output channel's scale widened only as far as that needs), exact on
+  every class, with the same kernels and so the same speed. onnxruntime's reduce_range (weights in
+  [-64, 64]) is exact too but halves every channel's grid: on demo it left no int8 plan at 95% top-1.
+- `vnni`: s8 weights in [-127, 127], exact only where the products are summed in int32 (VNNI, AMX,
+  ARM64); elsewhere the artifact still runs, with a warning, and computes saturated sums.
+
+MatMulNBits (int8-blockwise) quantizes activations to s8 itself and multiplies s8 x s8 through sign
+transfers, whose pair sums stay under 2 * 127 * 127: it is exact at either target.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from bertforge import environment
+from bertforge.environment import cpu_class, is_x86
+
+Target = Literal["portable", "vnni"]
+TARGETS: tuple[str, ...] = ("portable", "vnni")
+
+# x86 flags with which MLAS sums u8 x s8 products exactly in int32
+EXACT_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def exact_here(target: str, flags: set[str] | None = None, machine: str | None = None) -> bool:
+    """Whether an artifact of `target` computes here the integers it was validated with."""
+    if target == "portable" or not is_x86(machine):
+        return True
+    flags = environment.cpu_flags() if flags is None else flags
+    return any(flag in flags for flag in EXACT_INT8_FLAGS)
+
+
+def target_warning(target: str | None, where: str, flags: set[str] | None = None,
+                   machine: str | None = None) -> str | None:
+    """The one line to print when `where` (a variant) runs on a CPU outside its target, else None."""
+    if target is None or exact_here(target, flags, machine):
+        return None
+    return (f"warning: {where} was built for int8 target '{target}' and this CPU ({cpu_class(flags, machine)}) "
+            f"has no {' / '.join(EXACT_INT8_FLAGS)}: its u8 x s8 sums saturate here, so its answers can differ "
+            "from the validated ones; rebuild with target: portable to run it here")
+
+
+def int8_target_record(target: str) -> dict[str, object]:
+    """What an int8 stage's manifest metadata says of its target, and the CPU class it was built on."""
+    rule = ("s8 in [-127, 127], same-sign K-adjacent pairs summing to at most 128" if target == "portable"
+            else "s8 in [-127, 127]")
+    return {"int8_target": target, "int8_weights": rule, "built_on": cpu_class()}

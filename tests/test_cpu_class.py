@@ -1,0 +1,45 @@
+"""The CPU class that picks the int8 kernels, where each int8 target is exact, and the threads a session
+may use on this machine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize(("flags", "machine", "expected"), [
+    ({"avx2"}, "x86_64", "avx2"), ({"avx2", "avx512f"}, "x86_64", "avx512"),
+    ({"avx2", "avx512f", "avx512_vnni"}, "x86_64", "avx512-vnni"), ({"avx2", "avx_vnni"}, "x86_64", "avx-vnni"),
+    ({"avx2", "avx512f", "avx512_vnni", "amx_int8"}, "x86_64", "amx"), (set(), "aarch64", "arm64")])
+def test_cpu_class_and_where_each_target_is_exact(flags, machine, expected):
+    from bertforge.cpu_target import exact_here, target_warning
+    from bertforge.environment import cpu_class
+
+    assert cpu_class(flags, machine) == expected
+    assert exact_here("portable", flags, machine)
+    assert exact_here("vnni", flags, machine) == (expected not in ("avx2", "avx512"))
+    assert (target_warning("vnni", "v", flags, machine) is None) == exact_here("vnni", flags, machine)
+    assert target_warning(None, "v", flags, machine) is None
+
+
+def test_threads_follow_the_cpu_affinity():
+    """onnxruntime counts every core of the machine; a process pinned to one CPU gets one thread."""
+    script = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+              "from bertforge.environment import physical_cores; print(physical_cores())")
+    pinned = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert pinned.stdout.strip() == "1"
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"cpu.max": "max 100000\n"}, None), ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.0), ({}, None)])
+def test_the_cgroup_cpu_quota_is_read_from_v1_and_v2(tmp_path, files, expected):
+    from bertforge.environment import cgroup_cpu_limit
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_limit(tmp_path) == expected
