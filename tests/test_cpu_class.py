@@ -43,3 +43,17 @@ def test_the_cgroup_cpu_quota_is_read_from_v1_and_v2(tmp_path, files, expected):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert cgroup_cpu_limit(tmp_path) == expected
+
+
+def test_the_recipe_target_sets_every_int8_section_unless_a_section_says_otherwise(tmp_path):
+    from bertforge.cli import _overrides, parser
+    from bertforge.recipe import INT8_SECTIONS, load_recipe
+
+    assert {getattr(load_recipe(None), s).cpu_target for s in INT8_SECTIONS} == {"portable"}
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("target: vnni\nint8_static: {cpu_target: portable, calibration_samples: 8}\n")
+    recipe = load_recipe(recipe_file)
+    assert [getattr(recipe, s).cpu_target for s in INT8_SECTIONS] == ["vnni", "portable", "vnni", "vnni"]
+    assert recipe.int8_static.calibration_samples == 8
+    args = parser().parse_args(["build", "--out", str(tmp_path / "o"), "--target", "vnni"])
+    assert load_recipe(None, _overrides(args)).int8_auto.cpu_target == "vnni"

@@ -23,3 +23,17 @@ def test_a_gate_on_too_few_positions_is_warned_about_and_the_full_demo_corpus_is
     (line,) = few_positions_warnings(variants(24), gates)
     assert line.startswith("int8-dynamic: top1_agreement 73.6% on 24 masked positions has a 95% interval of")
     assert few_positions_warnings(variants(24), {"int8-dynamic": {"top1_min": None}}) == []  # no gate, no warning
+
+
+def test_an_int8_auto_plan_that_misses_its_target_on_validation_is_reported_with_the_gap():
+    from bertforge.report.weigh import plan_miss_warnings
+
+    def auto(top1: float) -> dict:
+        return {"metrics": {"top1_agreement": top1},
+                "metadata": {"target": {"top1_min": 0.95}, "calibration": {"top1_agreement": 0.9523},
+                             "calibration_positions": 378}}
+
+    (line,) = plan_miss_warnings({"int8-auto": auto(0.9409), "fused": {"metrics": {"top1_agreement": 1.0}}})
+    assert line.startswith("int8-auto: top-1 94.09% on the validation corpus, 0.91 points under the 95%")
+    assert "95.23% on 378 positions" in line
+    assert plan_miss_warnings({"int8-auto": auto(0.9552)}) == []

@@ -39,7 +39,7 @@ from bertforge.report import html as html_report
 from bertforge.report import markdown as md_report
 from bertforge.report.content import make_report
 from bertforge.report.model_card import write_cards
-from bertforge.report.weigh import few_positions_warnings, intervals
+from bertforge.report.weigh import few_positions_warnings, intervals, plan_miss_warnings
 from bertforge.sources import ResolvedSource, resolve
 from bertforge.stages import EXTRA_VARIANTS, VARIANTS
 from bertforge.validation.corpus import corpus_digest
@@ -157,6 +157,7 @@ def validate_and_report(out: Path, source: ResolvedSource, source_key: str, reci
             if not gate.passed:
                 progress.alert(gate.line())
     few = few_positions_warnings(entries, {name: gate.model_dump() for name, gate in recipe.validation.gates.items()})
+    few += plan_miss_warnings(entries)
     for warning in few:
         progress.message(f"warning: {warning}")
     warnings = warnings + few

@@ -27,6 +27,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["model"] = args.model
     if getattr(args, "variants", None) is not None:  # "" is an empty list (an error), not the default one
         overrides["variants"] = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if getattr(args, "target", None):
+        overrides["target"] = args.target
     return overrides
 
 
@@ -252,6 +254,9 @@ def parser() -> argparse.ArgumentParser:
                            "[MASK] positions, write OUT/<variant>/ and OUT/report.{md,html,json}.")
     recipe_flags(build)
     build.add_argument("--out", required=True, help="output directory (replaced atomically when complete)")
+    build.add_argument("--target", choices=("portable", "vnni"),
+                       help="int8 target: portable (default; the same integers on every CPU) or vnni (full-range "
+                       "weights, exact on VNNI/AMX/ARM64 only)")
     progress_flags(build)
     build.set_defaults(func=cmd_build)
 

@@ -77,3 +77,21 @@ def gate_rows(variants: dict[str, dict[str, Any]]) -> list[list[str]]:
             verdict = "pass" if gate["passed"] else "FAIL"
             rows.append([name, gate["metric"], shown, f"{gate['op']} {threshold}", verdict])
     return rows
+
+
+def plan_miss_warnings(variants: dict[str, dict[str, Any]]) -> list[str]:
+    """A line per int8-auto variant whose validation top-1 falls short of the target its plan was chosen
+    for (on the calibration split): by how much, and why it can."""
+    found = []
+    for name, entry in variants.items():
+        meta = entry.get("metadata", {})
+        target = (meta.get("target") or {}).get("top1_min") if isinstance(meta.get("target"), dict) else None
+        measured = entry.get("metrics", {}).get("top1_agreement")
+        if target is None or measured is None or measured >= target:
+            continue
+        calibration = (meta.get("calibration") or {}).get("top1_agreement")
+        found.append(f"{name}: top-1 {measured:.2%} on the validation corpus, {100 * (target - measured):.2f} points "
+                     f"under the {target:.0%} its plan was chosen for: the plan met it on the calibration split "
+                     f"({calibration:.2%} on {meta.get('calibration_positions', '?')} positions), other sentences "
+                     "than these; raise int8_auto.target.top1_min or calibrate on text like the validation corpus")
+    return found
