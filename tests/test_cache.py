@@ -257,33 +257,43 @@ def _exited_pid() -> int:
 
 
 def test_a_killed_builds_staging_and_scratch_are_removed_by_the_next_build(tmp_path):
+    import json
     import os
     import tempfile
     import time
 
-    from bertforge.artifact import STALE_AFTER_S, atomic_directory, owned_scratch
+    from bertforge.artifact import OWNER_FILE, STALE_AFTER_S, atomic_directory, owned_scratch
+
+    def owned_by(path, pid):
+        (path / OWNER_FILE).write_text(json.dumps({"tool": "bertforge staging", "pid": pid}))
 
     gone = _exited_pid()
     old = time.time() - STALE_AFTER_S - 60
     stale = tmp_path / f".tmp-fused-abc-{gone}-x1y2"
     recent = tmp_path / f".tmp-fused-abc-{gone}-r3s4"  # its process is gone, but it may be another container's
     running = tmp_path / f".tmp-fp32-def-{os.getppid()}-q5w6"  # a live process (pytest's parent)
-    legacy = tmp_path / ".tmp-fp16-u7v8"  # no pid in the name: not ours to judge
-    for path in (stale, recent, running, legacy):
+    unmarked = tmp_path / ".tmp-fp16-u7v8"  # no owner mark: not ours to judge
+    users = tmp_path / f".tmp-thesis-{gone}-final"  # a user's folder whose name fits the old pattern
+    for path in (stale, recent, running, unmarked, users):
         path.mkdir()
         (path / "model.onnx").write_bytes(b"partial")
-    for path in (stale, running, legacy):
+    for path, pid in ((stale, gone), (recent, gone), (running, os.getppid())):
+        owned_by(path, pid)
+    for path in (stale, running, unmarked, users):
         os.utime(path, (old, old))
     with atomic_directory(tmp_path / "int8-dynamic-key") as staging:
         assert f"-{os.getpid()}-" in staging.name
         (staging / "model.onnx").write_bytes(b"done")
     assert not stale.exists()
-    assert recent.exists() and running.exists() and legacy.exists()
+    assert recent.exists() and running.exists() and unmarked.exists() and users.exists()
+    assert (users / "model.onnx").read_bytes() == b"partial"
+    assert sorted(p.name for p in (tmp_path / "int8-dynamic-key").iterdir()) == ["model.onnx"]  # no mark left
     assert (tmp_path / "int8-dynamic-key" / "model.onnx").read_bytes() == b"done"
 
     # libraries' temp files (ORT's quantizers use the default temp directory) land in bertforge's scratch
     killed = tmp_path / "tmp" / f"int8-static-{gone}-k9l0"
     killed.mkdir(parents=True)
+    owned_by(killed, gone)
     os.utime(killed, (old, old))
     with owned_scratch(tmp_path / "tmp", "int8-static-") as scratch:
         with tempfile.TemporaryDirectory(prefix="ort.quant.") as library_temp:
@@ -291,6 +301,25 @@ def test_a_killed_builds_staging_and_scratch_are_removed_by_the_next_build(tmp_p
         assert not killed.exists()
     assert not scratch.exists()
     assert tempfile.gettempdir() != str(scratch)
+
+
+def test_publishing_swaps_the_old_output_out_without_a_moment_without_one(tmp_path):
+    from bertforge.artifact import atomic_directory, exchange
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with atomic_directory(out) as staging:
+        (staging / "new.txt").write_text("new")
+        assert (out / "old.txt").exists()  # the old output stays whole until the new one is complete
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    if exchange(a, b):  # Linux: one renameat2 call swaps them
+        assert (b / "x").read_text() == "a" and not (a / "x").exists()
 
 
 def test_key_covers_every_library_that_shapes_an_artifact():

@@ -232,7 +232,7 @@ def test_a_second_build_into_the_same_out_is_refused_while_the_first_runs(tiny_c
                                  "--out", str(out), "--quiet"], capture_output=True, text=True,
                                 env={**os.environ, "BERTFORGE_CACHE": str(cache_root())})
     assert second.returncode == 2, second.stderr
-    assert f"another bertforge build is writing {out}" in second.stderr
+    assert f"another bertforge build or validate is writing {out}" in second.stderr
     assert not out.exists()
 
 def test_resolve_prints_the_checkpoint_last(tiny_checkpoint, capsys):

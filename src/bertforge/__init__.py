@@ -64,7 +64,7 @@ def compare(run_a, run_b, *, agreement_tolerance: float = 0.005, latency_toleran
     unless `allow_different`."""
     from pathlib import Path
 
-    from bertforge.compare import Tolerances, compare_reports, load_report
+    from bertforge.comparison import Tolerances, compare_reports, load_report
 
     return compare_reports(load_report(Path(run_a)), load_report(Path(run_b)),
                            Tolerances(agreement=agreement_tolerance, latency=latency_tolerance),

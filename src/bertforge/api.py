@@ -29,6 +29,7 @@ from bertforge.pipeline import (
     assemble_variant,
     build_variants,
     check_output_dir,
+    listed_variants,
     source_artifact,
     write_marker,
 )
@@ -66,6 +67,10 @@ def evaluate_variants(dirs: dict[str, Path], source: ResolvedSource, source_key:
     reference = results_cache.load("reference", reference_key) if use_cache else None
     missing = [n for n in dirs if found.get(n) is None]
     cached = [n for n in dirs if n not in missing]
+    for kind in ("validation", "reference"):
+        if kind in results_cache.refused:
+            progress.message(f"warning: a cached {kind} result was refused ({results_cache.refused.pop(kind)}); "
+                             "measured again")
     if missing or reference is None:
         with progress.step("validate") as info:
             fresh = run_validation(source.path, {n: dirs[n] for n in missing}, recipe.validation,
@@ -176,16 +181,28 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> Outcom
     out = Path(out)
     check_output_dir(out)
     check_writable(out)
-    # one build per --out at a time: two would race to replace it (a traceback in 3 of 7 trials)
-    target = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:20]
-    with exclusive_or_fail(cache_root() / "locks" / f"out-{target}.lock",
-                          f"another bertforge build is writing {out}; wait for it or choose another --out"):
+    with output_lock(out):
+        check_output_dir(out)  # again, now that no other build or validate can be changing it
         log = cache_root() / "logs" / f"build-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-libraries.log"
         with library_messages_to(log):
             outcome = _build(recipe, out, progress)
         if log.is_file():
             progress.message(f"library warnings: {log}")
         return outcome
+
+
+def output_lock(out: Path):
+    """One command at a time writes a build directory: build and validate take the same lock (two would
+    race to replace it, or leave build.json from one and report.json from the other)."""
+    target = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:20]
+    return exclusive_or_fail(cache_root() / "locks" / f"out-{target}.lock",
+                             f"another bertforge build or validate is writing {out}; wait for it or choose "
+                             "another --out")
+
+
+def rejected_path(out: Path) -> Path:
+    """Where a rebuild whose gates failed goes, beside the build in `out` it leaves as it was."""
+    return out.with_name(f"{out.name}.rejected")
 
 
 @contextlib.contextmanager
@@ -259,18 +276,30 @@ def _build(recipe: Recipe, out: Path, progress: Progress) -> Outcome:
         progress.message(f"warning: {warning}")
     with progress.step("check corpora"):
         check_corpora(recipe, source)
-    state = build_variants(recipe, source, progress)
-    variants = list(recipe.variants)
     placed = {"linked": 0, "copied": 0, "bytes_copied": 0}
-    with atomic_directory(out) as staging:  # the output appears complete or not at all
-        for name in variants:
-            for what, count in assemble_variant(state.artifacts[name], staging / name, recipe).items():
-                placed[what] += count
-        report = validate_and_report(staging, source, state.source_key, recipe, variants, progress, warnings)
-        write_marker(staging, recipe, source, variants)
+    variants = list(recipe.variants)
+    # a rebuild whose gates fail leaves the previous build in `out` as it was and goes beside it
+    destination = {"path": out}
+    # every cache entry the build uses stays locked against `cache prune` until the build is written
+    with contextlib.ExitStack() as hold:
+        state = build_variants(recipe, source, progress, hold)
+        with atomic_directory(out, destination=lambda: destination["path"]) as staging:  # complete or absent
+            for name in variants:
+                for what, count in assemble_variant(state.artifacts[name], staging / name, recipe).items():
+                    placed[what] += count
+            report = validate_and_report(staging, source, state.source_key, recipe, variants, progress, warnings)
+            write_marker(staging, recipe, source, variants)
+            if not report["gates_passed"] and (out / OUTPUT_MARKER).is_file():
+                destination["path"] = rejected_path(out)
+                if destination["path"].exists() and not (destination["path"] / OUTPUT_MARKER).is_file():
+                    raise UsageError(f"{destination['path']} exists and is not a bertforge output directory; "
+                                     "remove it (a rebuild whose gates fail is written there)")
+    written = destination["path"]
     progress.message(md_report.terminal_summary(report))
-    progress.message(f"wrote {out}/ (report.md, report.html, report.json); " + placement_note(placed))
-    return Outcome(EXIT_OK if report["gates_passed"] else EXIT_GATE_FAILED, report, out)
+    progress.message(f"wrote {written}/ (report.md, report.html, report.json); " + placement_note(placed))
+    if written != out:
+        progress.alert(f"gates failed: the previous build in {out} is kept as it was; this build is in {written}")
+    return Outcome(EXIT_OK if report["gates_passed"] else EXIT_GATE_FAILED, report, written)
 
 
 def placement_note(placed: dict[str, int]) -> str:
@@ -289,7 +318,12 @@ def validate_existing(out: Path, recipe: Recipe, progress: Progress | None = Non
     out = Path(out)
     if not (out / OUTPUT_MARKER).is_file():
         raise UsageError(f"{out} is not a bertforge build directory (no {OUTPUT_MARKER})")
-    listed = json.loads((out / OUTPUT_MARKER).read_text("utf-8")).get("variants") or list(VARIANTS + EXTRA_VARIANTS)
+    with output_lock(out):
+        return _validate_existing(out, recipe, progress, model_spec)
+
+
+def _validate_existing(out: Path, recipe: Recipe, progress: Progress, model_spec: str | None) -> Outcome:
+    listed = listed_variants(out) or list(VARIANTS + EXTRA_VARIANTS)
     variants = [v for v in listed if (out / v / "model.onnx").is_file()]
     if not variants:
         raise UsageError(f"{out} holds no variant directories")

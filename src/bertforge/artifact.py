@@ -11,10 +11,9 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _umask() -> int:
+def current_umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
@@ -52,7 +51,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -60,29 +59,77 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-@contextlib.contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `final` only if the block completes.
+# written into every directory bertforge stages or scratches in: clean-up removes only directories that
+# carry it (never a user's folder whose name happens to match), with the pid of the process that owns it
+OWNER_FILE = ".bertforge-owner"
+OWNER_TAG = "bertforge staging"
 
-    Its name carries this process's id, so a later build can tell a killed build's leftover (its
+
+def claim(directory: Path) -> None:
+    """Mark `directory` as this process's, for remove_stale."""
+    (Path(directory) / OWNER_FILE).write_text(json.dumps({"tool": OWNER_TAG, "pid": os.getpid()}), "utf-8")
+
+
+def owner_pid(directory: Path) -> int | None:
+    """The pid in a directory's owner mark, or None when it carries none of bertforge's."""
+    try:
+        mark = json.loads((Path(directory) / OWNER_FILE).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(mark, dict) or mark.get("tool") != OWNER_TAG or not isinstance(mark.get("pid"), int):
+        return None
+    return mark["pid"]
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries in one step (Linux renameat2 RENAME_EXCHANGE); False where the system
+    or filesystem cannot, and nothing moved."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Put the finished directory `tmp` at `final`. An existing `final` is swapped out in one step where
+    the system can (else renamed aside first, never deleted before the new one is in place), then removed."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    if exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old contents
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-old-", dir=final.parent))
+    os.replace(final, aside / final.name)
+    os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path, destination: Callable[[], Path] | None = None) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `final` only if the block completes (or, with
+    `destination`, the path it returns then: a build whose gates failed goes beside a good one).
+
+    It carries this process's owner mark, so a later build can tell a killed build's leftover (its
     process gone) from a running build's staging, and removes the leftovers it finds beside `final`."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final.parent, ".tmp-")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700
+    claim(tmp)
     try:
         yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        (tmp / OWNER_FILE).unlink()
+        publish(tmp, Path(destination()) if destination is not None else final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-# <prefix><anything>-<pid>-<mkdtemp's suffix, which has no '-'>
-_OWNER = re.compile(r"-(\d+)-[^-]+$")
 
 
 def process_alive(pid: int) -> bool:
@@ -100,23 +147,22 @@ STALE_AFTER_S = 3600.0
 
 
 def remove_stale(directory: Path, prefix: str, older_than_s: float = STALE_AFTER_S) -> list[Path]:
-    """Remove the entries of `directory` named `prefix...-<pid>-<suffix>` whose process is gone and
-    that are older than `older_than_s` (a killed build's staging or scratch). Entries without a pid
-    in their name are left alone."""
+    """Remove the directories in `directory` named `prefix...` that carry bertforge's owner mark, whose
+    process is gone and that are older than `older_than_s` (a killed build's staging or scratch).
+    Nothing without the mark is touched, whatever its name."""
     import time
 
     removed = []
     for entry in Path(directory).glob(f"{prefix}*"):
-        match = _OWNER.search(entry.name)
-        if not match or int(match.group(1)) == os.getpid() or process_alive(int(match.group(1))):
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = owner_pid(entry)
+        if pid is None or pid == os.getpid() or process_alive(pid):
             continue
         with contextlib.suppress(FileNotFoundError):
             if time.time() - entry.stat().st_mtime < older_than_s:
                 continue
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+            shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
 
@@ -131,6 +177,7 @@ def owned_scratch(base: Path, prefix: str) -> Iterator[Path]:
     base.mkdir(parents=True, exist_ok=True)
     remove_stale(base, prefix)
     scratch = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))
+    claim(scratch)
     previous = tempfile.tempdir
     tempfile.tempdir = str(scratch)
     try:
@@ -184,7 +231,7 @@ def link_or_copy_tree(src: Path, dest: Path, skip: tuple[str, ...] = (), copy: t
             except OSError:
                 pass  # another device, or no link support: copied below
         shutil.copyfile(path, target)  # an independent file: normal permissions, not the entry's
-        os.chmod(target, 0o666 & ~_umask())
+        os.chmod(target, 0o666 & ~current_umask())
         counts["copied"] += 1
         counts["bytes_copied"] += target.stat().st_size
     return counts

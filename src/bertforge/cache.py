@@ -81,3 +81,21 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def use_lock_path(entry: str) -> Path:
+    """The lock a build holds shared on a stage entry it uses, for as long as the build runs."""
+    return cache_root() / "locks" / f"{entry}.use"
+
+
+@contextlib.contextmanager
+def shared_lock(path: Path) -> Iterator[None]:
+    """A shared advisory lock (many holders; an exclusive taker waits or, without waiting, is refused)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -2,7 +2,8 @@
 
 An entry's last use is its directory's modification time, which the pipeline sets on every cache hit
 (a file in the entry would fail its verification: entries hold exactly what their manifest lists).
-Pruning takes each entry's lock without waiting and skips an entry a build is writing or reading.
+Pruning takes each entry's locks without waiting and skips an entry a build is writing, or has used
+and is still running (a build holds every entry it used, shared, until it ends).
 Results (validation metrics, latency: small JSON files) and checkpoints in `sources/` are kept.
 """
 
@@ -13,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertforge.cache import cache_root, exclusive_or_fail
+from bertforge.cache import cache_root, exclusive_or_fail, use_lock_path
 from bertforge.errors import UsageError
 
 
@@ -66,7 +67,9 @@ def prune(older_than_days: float | None, max_size_gb: float | None, dry_run: boo
             removed.append(entry)
             continue
         try:
-            with exclusive_or_fail(cache_root() / "locks" / f"{entry.stage}-{entry.key}.lock", "busy"):
+            # a live build holds the use lock of every entry it has used, shared, until it ends
+            with exclusive_or_fail(use_lock_path(f"{entry.stage}-{entry.key}"), "in use"), \
+                    exclusive_or_fail(cache_root() / "locks" / f"{entry.stage}-{entry.key}.lock", "busy"):
                 shutil.rmtree(entry.path)
         except UsageError:
             continue  # a build holds it now

@@ -136,7 +136,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from bertforge.compare import Tolerances, compare_reports, load_report, render
+    from bertforge.comparison import Tolerances, compare_reports, load_report, render
 
     tol = Tolerances(agreement=args.agreement_tolerance, latency=args.latency_tolerance)
     result = compare_reports(load_report(Path(args.run_a)), load_report(Path(args.run_b)), tol,

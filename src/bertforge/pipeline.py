@@ -5,8 +5,10 @@ A stage never calls another stage; this module decides what runs, in which order
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from bertforge.artifact import (
     write_json_atomic,
     write_manifest,
 )
-from bertforge.cache import cache_root, file_lock, stage_key
+from bertforge.cache import cache_root, file_lock, shared_lock, stage_key, use_lock_path
 from bertforge.code_digest import code_digest
 from bertforge.crash_log import one_line
 from bertforge.environment import cpu_class
@@ -112,17 +114,20 @@ def key_of_stage(stage: str, parent: Artifact, config: Any, inputs: dict[str, An
     return stage_key(parent.key, module.NAME, module.VERSION, config.model_dump(mode="json"), extra=extra)
 
 
-def run_stage(stage: str, parent: Artifact, config: Any) -> StageRun:
+def run_stage(stage: str, parent: Artifact, config: Any, hold: contextlib.ExitStack | None = None) -> StageRun:
     """The stage's artifact from the cache when a complete, intact entry exists, else built now.
 
     A hit is verified against its manifest (every file present, same size and sha256); a damaged or
-    partial entry is rebuilt under the same key, and the reason returned."""
+    partial entry is rebuilt under the same key, and the reason returned. `hold`: the build's stack, on
+    which the entry's use lock is held (shared) until the build ends, so `cache prune` skips it."""
     module = STAGES[stage]
     config_data = config.model_dump(mode="json")
     inputs = stage_inputs(stage, parent, config)
     key = key_of_stage(stage, parent, config, inputs)
     target = cache_root() / "stages" / f"{stage}-{key}"
     artifact = Artifact(path=target, key=key, stage=stage, parent=parent.key)
+    if hold is not None:  # taken before the entry is looked at: prune cannot remove it from here on
+        hold.enter_context(shared_lock(use_lock_path(f"{stage}-{key}")))
     with file_lock(cache_root() / "locks" / f"{stage}-{key}.lock"):
         damaged = None
         if target.exists():
@@ -164,7 +169,10 @@ def required_variants(requested: tuple[str, ...]) -> list[str]:
     return needed
 
 
-def build_variants(recipe: Recipe, source: ResolvedSource, progress: Progress) -> BuildState:
+def build_variants(recipe: Recipe, source: ResolvedSource, progress: Progress,
+                   hold: contextlib.ExitStack | None = None) -> BuildState:
+    """Every variant the recipe needs, from the cache or built; with `hold`, each entry used stays
+    locked against `cache prune` until that stack closes."""
     state = BuildState(source)
     with progress.step("hash source") as info:
         root = source_artifact(source)
@@ -176,7 +184,7 @@ def build_variants(recipe: Recipe, source: ResolvedSource, progress: Progress) -
         stage, parent_variant, section = VARIANT_PLAN[variant]
         parent = root if parent_variant is None else state.artifacts[parent_variant].artifact
         with progress.step(variant) as info, reporting(progress.update):
-            run = run_stage(stage, parent, getattr(recipe, section))
+            run = run_stage(stage, parent, getattr(recipe, section), hold)
             info["cached"] = run.cached
             size = model_bytes(run.artifact.path) / 1e6
             info["note"] = f"{size:.1f} MB  key {run.artifact.key}"
@@ -199,11 +207,46 @@ def check_weights_once(root: Artifact) -> bool:
     return False
 
 
+REPORT_FILES = ("report.md", "report.html", "report.json")
+
+
+def listed_variants(out: Path) -> list[str]:
+    """The variants a build directory's build.json lists, each a registry name: data read from a build
+    never names a path (a listed '../elsewhere' would steer reads and writes out of the build)."""
+    from bertforge.stages import BY_NAME
+
+    try:
+        marker = json.loads((out / OUTPUT_MARKER).read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{out / OUTPUT_MARKER}: not readable JSON ({exc})") from None
+    listed = marker.get("variants") if isinstance(marker, dict) else None
+    if not isinstance(listed, list) or not all(isinstance(v, str) for v in listed):
+        raise UsageError(f"{out / OUTPUT_MARKER}: 'variants' is not a list of variant names")
+    strange = [v for v in listed if v not in BY_NAME]
+    if strange:
+        raise UsageError(f"{out / OUTPUT_MARKER} lists {strange[0]!r}, which is no bertforge variant; "
+                         "the file was edited or is not bertforge's")
+    for name in listed:
+        if (out / name).is_symlink():
+            raise UsageError(f"{out / name} is a symbolic link; a build's variant directories are its own")
+    return listed
+
+
 def check_output_dir(out: Path) -> None:
-    """Refuse to replace a directory bertforge did not write."""
+    """Refuse to replace a directory bertforge did not write, or one holding files it did not write
+    (they would be lost with the old build), or the directory the command runs in."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / OUTPUT_MARKER).is_file())):
         raise UsageError(f"output {out} exists and is not a bertforge output directory; choose another --out "
                          "or remove it")
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise UsageError(f"output {out} is the current directory or holds it; choose another --out")
+    if out.is_dir() and (out / OUTPUT_MARKER).is_file():
+        ours = {OUTPUT_MARKER, *REPORT_FILES, *listed_variants(out)}
+        theirs = sorted(p.name for p in out.iterdir() if p.name not in ours)
+        if theirs:
+            raise UsageError(f"output {out} holds files bertforge did not write ({', '.join(theirs[:3])}"
+                             f"{', ...' if len(theirs) > 3 else ''}); a rebuild would replace them: move them or "
+                             "choose another --out")
 
 
 def assemble_variant(run: StageRun, dest: Path, recipe: Recipe) -> dict[str, int]:

@@ -11,13 +11,18 @@ int8 kernels), so a result measured on one class is never reused on another.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import os
+import secrets
 from pathlib import Path
 from typing import Any
 
-from bertforge.artifact import write_json_atomic
-from bertforge.cache import cache_root, stage_key
+from bertforge.artifact import current_umask, write_json_atomic
+from bertforge.cache import cache_root, canonical_json, stage_key
 from bertforge.environment import cpu_class, cpu_model, physical_cores
+from bertforge.errors import BertforgeError
 
 EVALUATION_VERSION = "1"
 
@@ -49,15 +54,56 @@ def key_for(kind: str, parts: dict[str, Any]) -> str:
     return stage_key(None, kind, EVALUATION_VERSION, parts)
 
 
+def _secret() -> bytes:
+    """This cache's signing key (created once, readable by its owner alone): a result file edited by
+    hand, or written by anything but bertforge with this cache, no longer carries a valid signature."""
+    path = cache_root() / "results.key"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process made it first
+        else:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(secrets.token_bytes(32))
+    secret = path.read_bytes()
+    if len(secret) != 32:
+        raise BertforgeError(f"{path}: not a bertforge results key (remove it; every cached result is then "
+                             "measured again)")
+    return secret
+
+
+def _signature(kind: str, key: str, data: Any) -> str:
+    message = canonical_json({"kind": kind, "key": key, "data": data}).encode()
+    return hmac.new(_secret(), message, hashlib.sha256).hexdigest()
+
+
+# why the last load of a kind refused its entry (for the progress line), by kind
+refused: dict[str, str] = {}
+
+
 def load(kind: str, key: str) -> dict[str, Any] | None:
+    """A stored result, only when its signature holds: a damaged, edited or unsigned entry is measured
+    again, never trusted."""
     path = _path(kind, key)
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text("utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None  # a damaged entry is recomputed, never trusted
+        stored = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        refused[kind] = f"{path.name}: unreadable"
+        return None
+    if not isinstance(stored, dict) or set(stored) != {"data", "signature"}:
+        refused[kind] = f"{path.name}: not a signed result"
+        return None
+    if not hmac.compare_digest(str(stored["signature"]), _signature(kind, key, stored["data"])):
+        refused[kind] = f"{path.name}: its signature does not match its contents (edited?)"
+        return None
+    return stored["data"]
 
 
 def store(kind: str, key: str, data: dict[str, Any]) -> None:
-    write_json_atomic(_path(kind, key), data)
+    path = _path(kind, key)
+    write_json_atomic(path, {"data": data, "signature": _signature(kind, key, data)})
+    os.chmod(path, 0o444 & ~current_umask())  # read-only, whatever the umask (world-writable under umask 000)
