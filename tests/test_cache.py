@@ -92,6 +92,7 @@ def test_rebuild_is_byte_identical(tiny_checkpoint, tiny_variants, tmp_path):
     (fresh / "results").mkdir(parents=True)
     for measured in (cache_root() / "results").glob("int8-costs-*.json"):
         shutil.copy2(measured, fresh / "results" / measured.name)
+    shutil.copy2(cache_root() / "results.key", fresh / "results.key")  # their signing key: else re-measured
     os.environ["BERTFORGE_CACHE"] = str(fresh)
     try:
         recipe = Recipe(model=str(tiny_checkpoint), int8_static={"calibration_samples": 8})
@@ -239,7 +240,7 @@ def test_int8_auto_key_covers_the_costs_it_plans_by(tiny_variants):
     assert pipeline.stage_inputs("int8-auto", fp32, config) == inputs, "read back, not measured again"
     key = pipeline.key_of_stage("int8-auto", fp32, config, inputs)
     assert key == tiny_variants["int8-auto"].name.split("-", 2)[2]
-    stored = [json.loads(p.read_text()) for p in (cache_root() / "results").glob("int8-costs-*.json")]
+    stored = [json.loads(p.read_text())["data"] for p in (cache_root() / "results").glob("int8-costs-*.json")]
     assert inputs["costs"] in stored
     costs = json.loads(json.dumps(inputs["costs"]))
     costs["ms"]["fp32"] = {group: ms * 2 for group, ms in costs["ms"]["fp32"].items()}

@@ -135,3 +135,107 @@ def test_validate_takes_the_builds_lock(small_recipe, tmp_path, capsys):
     with output_lock(out):  # a build of the same --out is running
         assert main(["validate", str(out), "--quiet"]) == 2
     assert f"another bertforge build or validate is writing {out}" in capsys.readouterr().err
+
+
+def test_a_vocab_txt_without_its_mask_line_is_refused(tiny_checkpoint, tmp_path, capsys):
+    """The tokenizer re-adds [MASK] after the vocabulary (id 30521, inside the model's rows) and every id
+    after the missing line shifts by one: fill-mask would answer garbage with exit 0."""
+    source = tmp_path / "no-mask-line"
+    shutil.copytree(tiny_checkpoint, source)
+    lines = (source / "vocab.txt").read_text().splitlines()
+    lines.remove("[MASK]")
+    (source / "vocab.txt").write_text("\n".join(lines) + "\n")
+    (source / "tokenizer.json").unlink()  # the tokenizer is made from vocab.txt, as for many checkpoints
+    out = tmp_path / "out"
+    assert main(["build", "--model", str(source), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no '[MASK]' entry" in err, err
+    assert not out.exists()
+
+
+def test_one_field_of_a_section_given_to_the_api_keeps_the_recipes_other_fields(tmp_path):
+    """bertforge.build(recipe, validation={...}) replaced the whole section: a recipe's corpus and
+    int8_auto.target silently became the defaults."""
+    from bertforge.recipe import load_recipe, merged, parse_recipe
+
+    corpus = tmp_path / "domain.txt"
+    corpus.write_text("A sentence of the domain.\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(f"validation: {{corpus: {corpus}, seed: 3}}\nint8_auto: {{target: {{top1_min: 0.99}}}}\n")
+    recipe = load_recipe(path, {"validation": {"max_sentences": 5}, "int8_auto": {"outlier_channels": 4}})
+    assert (recipe.validation.corpus, recipe.validation.seed, recipe.validation.max_sentences) == (str(corpus), 3, 5)
+    assert recipe.int8_auto.target.top1_min == 0.99 and recipe.int8_auto.outlier_channels == 4
+    again = parse_recipe(merged(recipe.model_dump(mode="json", exclude_unset=True), {"validation": {"seed": 7}}))
+    assert (again.validation.corpus, again.validation.seed, again.int8_auto.target.top1_min) == (str(corpus), 7, 0.99)
+
+
+def test_a_hub_that_never_answers_is_a_one_line_error_within_the_timeout(tmp_path):
+    """A server on 127.0.0.1 that accepts connections and never replies stands in for a stuck hub."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+    stop = threading.Event()
+
+    def accept_and_hold() -> None:
+        server.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept_and_hold, daemon=True)
+    thread.start()
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.getsockname()[1]}", HF_HOME=str(tmp_path / "hf"),
+               BERTFORGE_HUB_TIMEOUT="4")
+    started = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, "-m", "bertforge", "resolve", "someone/some-bert"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        stop.set()
+        thread.join()
+        for connection in held:
+            connection.close()
+        server.close()
+    assert done.returncode == 2, done.stderr
+    assert "did not answer within 4 s" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"num_hidden_layers": 100000}, "num_hidden_layers is 100000, its weights hold 2 layers"),
+    ({"hidden_size": 64}, "vocab_size x hidden_size is 30522 x 64, its word embeddings are 30522 x 32")])
+def test_config_sizes_are_checked_against_the_weight_headers_before_a_model_is_built(
+        tiny_checkpoint, tmp_path, capsys, edit, message):
+    import time
+
+    source = tmp_path / "edited"
+    shutil.copytree(tiny_checkpoint, source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, **edit}))
+    started = time.monotonic()
+    assert main(["build", "--model", str(source), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+    assert time.monotonic() - started < 60  # it used to build all 100,000 layers first
+
+
+def test_a_corpus_line_is_read_in_bounded_memory(tmp_path):
+    """A 64 MB single-line corpus: read a bounded piece of the line at a time, and cut."""
+    from bertforge.validation.corpus import MAX_LINE_CHARS, load_lines
+
+    corpus = tmp_path / "one-line.txt"
+    with open(corpus, "w", encoding="utf-8") as handle:
+        for _ in range(64):
+            handle.write("word " * 200_000)  # 1 MB at a time, no newline
+        handle.write("\nA second, ordinary sentence.\n")
+    lines = load_lines(str(corpus))
+    assert len(lines) == 2 and len(lines[0]) <= MAX_LINE_CHARS and lines[1] == "A second, ordinary sentence."

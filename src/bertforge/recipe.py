@@ -309,7 +309,16 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
             kind = type(loaded).__name__
             raise UsageError(f"{path}: a recipe is a mapping of keys (model, variants, ...), got {kind}")
         data = loaded or {}
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            data[key] = value
-    return parse_recipe(data, origin)
+    return parse_recipe(merged(data, {k: v for k, v in (overrides or {}).items() if v is not None}), origin)
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` laid on `base` key by key, mappings merged all the way down (one field given for a section
+    keeps the section's other fields), anything else replaced."""
+    result = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = value
+    return result

@@ -13,9 +13,12 @@ Specs:
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from bertforge.errors import SourceError
 
@@ -118,6 +121,12 @@ def check_mask_token(path: Path) -> None:
     if mask is None or mask_id is None:
         raise SourceError(f"{path}: its tokenizer has no mask token; fill-mask needs one (e.g. [MASK])")
     vocab = tokenizer.get_vocab()
+    # a special token missing from the vocabulary file is re-added by transformers after it, at an id of
+    # its own (len(vocab)) that fits inside the model's rows: then it is an added token, not a word of
+    # the vocabulary, and the ids of every word after the missing line have shifted
+    if tokenizer.is_fast and mask not in tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False):
+        raise SourceError(f"{path}: its vocabulary has no {mask!r} entry (the tokenizer adds one at id {mask_id}, "
+                          "after the vocabulary, and a line missing from vocab.txt shifts the ids after it)")
     if mask not in vocab:
         raise SourceError(f"{path}: its tokenizer's mask token {mask!r} is not in its vocabulary (it would be "
                           f"read as {tokenizer.convert_ids_to_tokens(mask_id)!r})")
@@ -150,12 +159,50 @@ def resolve_hub(repo_id: str) -> Path:
     except (OSError, ValueError):
         pass  # not cached: try the hub
     try:
-        return check_checkpoint(download(local_only=False))
+        return check_checkpoint(within_deadline(lambda: download(local_only=False), hub_timeout(), repo_id))
     except SourceError:
         raise
     except Exception as exc:  # noqa: BLE001 - any hub failure reduces to one actionable line
         raise SourceError(f"cannot load '{repo_id}': the Hugging Face hub is unreachable or has no such model, "
                           f"and it is not in the local cache; {ALTERNATIVES}") from exc
+
+
+def hub_timeout() -> float:
+    """Seconds a hub download may take before bertforge gives up (BERTFORGE_HUB_TIMEOUT, default 900)."""
+    raw = os.environ.get("BERTFORGE_HUB_TIMEOUT", "900")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SourceError(f"BERTFORGE_HUB_TIMEOUT={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise SourceError(f"BERTFORGE_HUB_TIMEOUT={raw!r} must be more than 0 seconds")
+    return value
+
+
+def within_deadline(work: Callable[[], Path], seconds: float, repo_id: str) -> Path:
+    """work() in a daemon thread, waited for `seconds` at most: huggingface_hub's metadata calls have
+    per-request timeouts, but a hub that accepts a connection and never answers held `resolve` for
+    minutes (seen: 148 s and counting). The thread is abandoned, not killed; the process exits."""
+    import threading
+
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["path"] = work()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the waiting thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"hub-{repo_id}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        raise SourceError(f"cannot load '{repo_id}': the hub at {endpoint} did not answer within {seconds:g} s "
+                          f"(BERTFORGE_HUB_TIMEOUT); {ALTERNATIVES}")
+    if "error" in result:
+        raise result["error"]
+    return result["path"]
 
 
 def demo_package_dir() -> Path:

@@ -67,10 +67,41 @@ def _some(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
+def check_dimensions(checkpoint: Path) -> None:
+    """config.json's sizes against the safetensors headers (names and shapes only, no weights read),
+    before any model is built: a config asking for 100,000 layers over a checkpoint of 2 had
+    transformers allocate them all (7.4 GB and counting) before noticing the missing weights."""
+    import json
+    import re
+
+    from safetensors import safe_open
+
+    files = sorted(checkpoint.glob("*.safetensors"))
+    if not files:
+        return  # pytorch_model.bin: its header is a pickle, read only by loading it
+    config = json.loads((checkpoint / "config.json").read_text("utf-8"))
+    shapes: dict[str, list[int]] = {}
+    for path in files:
+        with safe_open(str(path), framework="np") as handle:
+            shapes.update({name: list(handle.get_slice(name).get_shape()) for name in handle.keys()})
+    layers = {int(m.group(1)) for name in shapes if (m := re.search(r"encoder\.layer\.(\d+)\.", name))}
+    wanted = config.get("num_hidden_layers")
+    if isinstance(wanted, int) and layers and wanted != max(layers) + 1:
+        raise SourceError(f"{checkpoint}: config.json's num_hidden_layers is {wanted}, its weights hold "
+                          f"{max(layers) + 1} layers")
+    embeddings = next((shape for name, shape in shapes.items() if name.endswith("word_embeddings.weight")), None)
+    size = [config.get("vocab_size"), config.get("hidden_size")]
+    if embeddings is not None and all(isinstance(v, int) for v in size) and embeddings != size:
+        raise SourceError(f"{checkpoint}: config.json's vocab_size x hidden_size is {size[0]} x {size[1]}, its "
+                          f"word embeddings are {embeddings[0]} x {embeddings[1]}")
+
+
 def check_weights(checkpoint: Path) -> None:
-    """load_reference's checks, before any stage runs (the model is loaded and released)."""
+    """load_reference's checks, before any stage runs (the model is loaded and released), after the
+    sizes are checked against the weight files' headers."""
     from bertforge.memory import release_freed_memory
 
+    check_dimensions(checkpoint)
     model, _ = load_reference(checkpoint)
     del model
     release_freed_memory()
