@@ -11,20 +11,14 @@ import pytest
 
 from bertforge.cli import main
 
-# The tiny random model's reference is degenerate and its int8 logits move a lot relative to their
-# spread, so this recipe's int8 gates are loose; the real thresholds are exercised on the demo model.
+# Every variant of the tiny random model keeps its default gates (its int8 variants measured 100% top-1
+# at the 83 masked positions of these 40 sentences); the demo model exercises them on real weights.
 TINY_RECIPE = """
 variants: [fp32, fused, fp16, int8-dynamic, int8-static]
 int8_static: {calibration_samples: 8}
 validation:
   max_sentences: 40
   probes: ["Paris is the [MASK] of France."]
-  gates:
-    fp32: {max_abs_max: 0.001, top1_min: 1.0}
-    fused: {max_abs_max: 0.001, top1_min: 1.0}
-    fp16: {top1_min: 0.5}
-    int8-dynamic: {top1_min: 0.0}
-    int8-static: {top1_min: 0.0}
 bench: {repeats: 3, warmup: 1}
 """
 
@@ -52,7 +46,7 @@ def test_build_writes_every_variant_and_the_reports(built):
         assert len(entry["sha256"]) == 64
         assert entry["latency"]["p50_ms"] > 0
         assert entry["metrics"]["positions"] == report["corpus"]["masked_positions"] > 40
-        assert entry["gates"], name
+        assert entry["gates"] and all(gate["passed"] for gate in entry["gates"]), name
     assert report["variants"]["fp32"]["metrics"]["max_abs"] < 1e-4
     assert report["variants"]["fp32"]["metrics"]["top1_agreement"] == 1.0
     md = (built / "report.md").read_text()
@@ -63,7 +57,10 @@ def test_build_writes_every_variant_and_the_reports(built):
     manifest = json.loads((built / "fused" / "manifest.json").read_text())
     assert [step["stage"] for step in manifest["lineage"]] == ["source", "export", "fusion"]
     assert manifest["recipe"]["variants"][0] == "fp32"
-    assert "avx2" in manifest["machine"]["isa"] and manifest["libraries"]["onnxruntime"].startswith("1.32")
+    from bertforge.environment import cpu_class, cpu_flags
+
+    assert manifest["machine"]["isa"]["avx2"] == ("avx2" in cpu_flags())  # read off this CPU, not a constant
+    assert manifest["machine"]["cpu_class"] == cpu_class() and manifest["libraries"]["onnxruntime"].startswith("1.32")
     assert manifest["metadata"]["fused_operators"]["Attention"] == 2
 
 
@@ -365,6 +362,8 @@ def test_no_files_written_outside_output_and_cache(tmp_path, tiny_recipe):
     assert [p for p in home.rglob("*")] == [], "nothing under HOME (ORT telemetry is off by default)"
     assert list(work.iterdir()) == [], "nothing in the working directory"
     assert list((tmp_path / "t").iterdir()) == [], "temporary files are cleaned up"
+    # --out's parent holds the output and what was there before, nothing else (no staging left behind)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "home", "out", "t", "work"]
 
 
 def test_warm_rebuild_reruns_only_what_changed(built, tiny_recipe, tmp_path, monkeypatch):
@@ -415,7 +414,8 @@ def test_sensitivity_command_measures_every_group_under_every_scheme(built, tmp_
     assert set(groups) >= {"head.transform", "tied-table"} and len(groups) == 10
     for name, row in groups.items():
         for scheme in ("int8-dynamic",) if name == "tied-table" else ("int8-dynamic", "int8-blockwise"):
-            assert 0.0 <= row[scheme]["top1_agreement"] <= 1.0 and row[scheme]["kl_mean"] >= 0.0, (name, scheme)
+            # each group alone moves the tiny model's logits a little, and its top-1 hardly at all
+            assert row[scheme]["top1_agreement"] >= 0.9 and 0.0 < row[scheme]["kl_mean"] < 0.01, (name, scheme, row)
     assert result["calibration_positions"] >= 200
     assert result["costs_ms"]["model_ms"]["fp32"] > 0
     assert "| layer.1.ffn-down |" in (copy / "sensitivity.md").read_text()
@@ -499,7 +499,7 @@ def test_sigterm_that_a_library_turns_into_its_own_error_still_exits_143(built, 
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("bertforge: terminated (SIGTERM)")
     # the flag does not outlive the run it belongs to
     monkeypatch.undo()
-    assert main(["validate", str(built), "--no-latency", "--quiet"]) in (0, 1)
+    assert main(["validate", str(built), "--no-latency", "--quiet"]) == 0
 
 
 def test_compare_fails_when_b_lacks_a_variant_and_refuses_other_corpora(built, tmp_path, capsys):
@@ -703,7 +703,7 @@ def test_library_warnings_go_to_a_log_not_into_the_progress(tiny_checkpoint, tmp
     monkeypatch.setenv("BERTFORGE_CACHE", str(tmp_path / "cache"))
     code = main(["build", "--model", str(tiny_checkpoint), "--variants", "int8-dynamic", "--no-latency",
                  "--max-sentences", "5", "--out", str(tmp_path / "out"), "--progress", "plain"])
-    assert code in (0, 1)
+    assert code == 0
     err = capfd.readouterr().err
     assert "Please consider" not in err
     (log,) = (tmp_path / "cache" / "logs").glob("build-*-libraries.log")

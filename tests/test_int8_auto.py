@@ -8,7 +8,7 @@ import pytest
 
 from bertforge.errors import UsageError
 from bertforge.int8_plan import hull, ordered_moves, plan_after
-from conftest import tiny_feeds
+from conftest import INT8_LOGIT_ERROR, tiny_feeds
 
 
 def test_hull_drops_dearer_less_accurate_schemes_and_orders_moves():
@@ -61,7 +61,7 @@ def test_int8_auto_meets_its_target_and_picks_the_same_plan_twice(tiny_variants,
     # a real artifact: it loads and stays near the fp32 logits
     session = ort.InferenceSession(str(tmp_path / "a" / "model.onnx"))
     reference = ort.InferenceSession(str(tiny_variants["fp32"] / "model.onnx")).run(None, tiny_feeds())[0]
-    assert np.abs(session.run(None, tiny_feeds())[0] - reference).max() < 0.5
+    assert np.abs(session.run(None, tiny_feeds())[0] - reference).max() < INT8_LOGIT_ERROR
     quantized = Counter(first["plan"].values())
     assert quantized["int8-dynamic"] + quantized["int8-smooth"] + quantized["int8-blockwise"] == sum(
         1 for scheme in first["plan"].values() if scheme != "fp32")
@@ -105,3 +105,31 @@ def test_the_table_measures_the_int8_scheme_the_output_error_favours(tiny_varian
         left_out = meta["screened_out"].get(row["group"])
         for scheme in ("int8-dynamic", "int8-smooth"):
             assert (row[scheme] is None) == (scheme == left_out), (row["group"], scheme)
+
+
+def test_the_search_bisects_to_a_mixed_plan_when_the_target_needs_one(tiny_variants, tmp_path):
+    """With every int8 scheme a third of fp32's cost (the tiny model's own int8 kernels are slower, so
+    its measured plans stay fp32), a KL target at half the all-int8 plan's makes the bisection find a
+    plan with some groups int8 and some fp32, and it meets the target."""
+    from bertforge.optimizers import int8_auto
+    from bertforge.pipeline import stage_inputs
+    from bertforge.recipe import Int8AutoConfig
+
+    loose = Int8AutoConfig(target={"top1_min": 0.5, "ref_top1_in_top5_min": None})
+    inputs = stage_inputs("int8-auto", fp32_artifact(tiny_variants), loose)
+    measured = inputs["costs"]["ms"]
+    costs = {**inputs["costs"], "ms": {scheme: {group: (ms if scheme == "fp32" else measured["fp32"][group] / 3)
+                                                for group, ms in per_group.items()}
+                                       for scheme, per_group in measured.items()}}
+    (tmp_path / "loose").mkdir()
+    everything = int8_auto.run(tiny_variants["fp32"], tmp_path / "loose", loose, {**inputs, "costs": costs})
+    assert "fp32" not in everything["plan"].values()  # the cheapest plan met the loose target
+    all_int8_kl = everything["evaluations"][0]["kl_mean"]
+    strict = Int8AutoConfig(target={"top1_min": 0.5, "ref_top1_in_top5_min": None, "kl_mean_max": all_int8_kl / 2})
+    (tmp_path / "strict").mkdir()
+    mixed = int8_auto.run(tiny_variants["fp32"], tmp_path / "strict", strict, {**inputs, "costs": costs})
+    schemes = Counter(mixed["plan"].values())
+    assert schemes["fp32"] >= 1 and sum(n for s, n in schemes.items() if s != "fp32") >= 1, schemes
+    assert mixed["calibration"]["kl_mean"] <= all_int8_kl / 2
+    assert len(mixed["evaluations"]) >= 3  # the cheapest plan, the most accurate, then bisection steps
+    assert 0 < mixed["moves_applied"] < mixed["evaluations"][1]["moves"]  # neither all int8 nor all fp32

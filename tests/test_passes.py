@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from bertforge.artifact import read_manifest
-from conftest import tiny_feeds
+from conftest import INT8_LOGIT_ERROR, tiny_feeds
 
 FLOAT, FLOAT16, INT8, UINT8 = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
                                onnx.TensorProto.UINT8)
@@ -105,7 +105,7 @@ def test_int8_dynamic_quantizes_weights_and_shares_the_tied_table(tiny_variants)
     int8_size = (tiny_variants["int8-dynamic"] / "model.onnx").stat().st_size
     assert int8_size < 0.35 * fp32_size  # tiny hidden size: the per-row scales weigh 1/8 of the int8 table
     ref = logits(tiny_variants["fp32"])
-    assert np.abs(logits(tiny_variants["int8-dynamic"]) - ref).max() < 0.5
+    assert np.abs(logits(tiny_variants["int8-dynamic"]) - ref).max() < INT8_LOGIT_ERROR
 
 
 def test_int8_dynamic_decoder_preset_keeps_decoder_arithmetic_fp32(tiny_variants, tmp_path):
@@ -122,7 +122,7 @@ def test_int8_dynamic_decoder_preset_keeps_decoder_arithmetic_fp32(tiny_variants
         "bert.embeddings.word_embeddings.weight": "fp32 MatMul over the table dequantized at load"}
     assert tied_tables(model) == [("bert.embeddings.word_embeddings.weight_q8", INT8)], "still one table, int8"
     ref = logits(tiny_variants["fp32"])
-    assert np.abs(logits(out) - ref).max() < 0.5
+    assert np.abs(logits(out) - ref).max() < INT8_LOGIT_ERROR
 
 
 def test_int8_dynamic_embeddings_preset_keeps_embeddings_fp32(tiny_variants, tmp_path):
@@ -203,7 +203,7 @@ def test_int8_static_is_qdq_calibrated(tiny_variants):
     producers = {o: n.op_type for n in model.graph.node for o in n.output}
     assert all(producers.get(i) != "DequantizeLinear" for i in decoder_inputs), "decoder excluded"
     ref = logits(tiny_variants["fp32"])
-    assert np.abs(logits(tiny_variants["int8-static"]) - ref).max() < 0.5
+    assert np.abs(logits(tiny_variants["int8-static"]) - ref).max() < INT8_LOGIT_ERROR
 
 
 @pytest.mark.parametrize("parent", ["fused", "int8-dynamic", "int8-auto"])

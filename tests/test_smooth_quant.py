@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import tiny_feeds
+from conftest import INT8_LOGIT_ERROR, tiny_feeds
 
 QKV = [f"/bert/encoder/layer.0/attention/self/{p}/MatMul" for p in ("query", "key", "value")]
 
@@ -157,7 +157,7 @@ def test_fp32_layers_go_back_to_packed_attention_and_every_smooth_plan_runs(tiny
     int8_tables = [i for i in smooth.graph.initializer
                    if i.data_type == TensorProto.INT8 and list(i.dims) == [30522, 32]]
     assert len(int8_tables) == 1
-    assert np.abs(logits(smooth) - reference).max() < 0.5
+    assert np.abs(logits(smooth) - reference).max() < INT8_LOGIT_ERROR
 
 
 def test_int8_qkv_packed_into_qattention_computes_what_the_three_kernels_did(tiny_variants):

@@ -11,6 +11,13 @@ from bertforge.cli import main
 
 
 @pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A cache of this test's own: its results files are the ones this test's builds wrote."""
+    monkeypatch.setenv("BERTFORGE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
 def small_recipe(tmp_path, tiny_checkpoint):
     path = tmp_path / "small.yaml"
     path.write_text(f"model: {tiny_checkpoint}\nvariants: [fp32, int8-dynamic]\nbench: {{enabled: false}}\n"
@@ -36,7 +43,7 @@ def test_validate_never_follows_a_variant_name_out_of_the_build(small_recipe, tm
     assert {p.name: p.read_bytes() for p in victim.iterdir()} == before  # nothing read there rewritten
 
 
-def test_an_edited_cached_result_is_refused_and_measured_again(small_recipe, tmp_path, capsys):
+def test_an_edited_cached_result_is_refused_and_measured_again(small_recipe, tmp_path, capsys, own_cache):
     from bertforge.cache import cache_root
 
     first = tmp_path / "first"
@@ -59,7 +66,7 @@ def test_an_edited_cached_result_is_refused_and_measured_again(small_recipe, tmp
     assert again["metrics"]["top1_agreement"] == truth and not again["evaluation_cached"]
 
 
-def test_a_results_file_is_read_only_whatever_the_umask(small_recipe, tmp_path):
+def test_a_results_file_is_read_only_whatever_the_umask(small_recipe, tmp_path, own_cache):
     from bertforge.cache import cache_root
 
     previous = os.umask(0)
@@ -149,7 +156,7 @@ def test_a_vocab_txt_without_its_mask_line_is_refused(tiny_checkpoint, tmp_path,
     out = tmp_path / "out"
     assert main(["build", "--model", str(source), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "has no '[MASK]' entry" in err, err
+    assert len(err.splitlines()) == 1 and "its vocabulary has no entry for its mask token '[MASK]'" in err, err
     assert not out.exists()
 
 
@@ -239,3 +246,14 @@ def test_a_corpus_line_is_read_in_bounded_memory(tmp_path):
         handle.write("\nA second, ordinary sentence.\n")
     lines = load_lines(str(corpus))
     assert len(lines) == 2 and len(lines[0]) <= MAX_LINE_CHARS and lines[1] == "A second, ordinary sentence."
+
+
+def test_validate_refuses_variants_it_would_ignore_and_names_a_broken_build_json(small_recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert build(small_recipe, out) == 0
+    capsys.readouterr()
+    assert main(["validate", str(out), "--variants", "fp32", "--quiet"]) == 2
+    assert "--variants is for build" in capsys.readouterr().err
+    (out / "build.json").write_text("{not json")
+    assert main(["validate", str(out), "--quiet"]) == 2
+    assert f"{out / 'build.json'}: not a bertforge build.json" in capsys.readouterr().err

@@ -72,8 +72,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from bertforge.api import validate_existing
     from bertforge.pipeline import OUTPUT_MARKER
 
+    if args.variants is not None:
+        raise UsageError("validate checks every variant its build directory lists; --variants is for build")
     marker = Path(args.dir) / OUTPUT_MARKER
-    fallback = json.loads(marker.read_text("utf-8"))["recipe"] if marker.is_file() else None
+    fallback = None
+    if marker.is_file():
+        try:
+            fallback = json.loads(marker.read_text("utf-8"))["recipe"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{marker}: not a bertforge build.json ({type(exc).__name__}: {exc})") from None
     recipe = _recipe(args, fallback)
     return validate_existing(Path(args.dir), recipe, _progress(args), args.model).exit_code
 

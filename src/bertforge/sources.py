@@ -125,8 +125,9 @@ def check_mask_token(path: Path) -> None:
     # its own (len(vocab)) that fits inside the model's rows: then it is an added token, not a word of
     # the vocabulary, and the ids of every word after the missing line have shifted
     if tokenizer.is_fast and mask not in tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False):
-        raise SourceError(f"{path}: its vocabulary has no {mask!r} entry (the tokenizer adds one at id {mask_id}, "
-                          "after the vocabulary, and a line missing from vocab.txt shifts the ids after it)")
+        raise SourceError(f"{path}: its vocabulary has no entry for its mask token {mask!r} (the tokenizer adds "
+                          f"one at id {mask_id}, after the vocabulary, and a line missing from vocab.txt shifts "
+                          "the ids after it)")
     if mask not in vocab:
         raise SourceError(f"{path}: its tokenizer's mask token {mask!r} is not in its vocabulary (it would be "
                           f"read as {tokenizer.convert_ids_to_tokens(mask_id)!r})")

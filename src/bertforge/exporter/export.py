@@ -82,13 +82,19 @@ def check_dimensions(checkpoint: Path) -> None:
     config = json.loads((checkpoint / "config.json").read_text("utf-8"))
     shapes: dict[str, list[int]] = {}
     for path in files:
-        with safe_open(str(path), framework="np") as handle:
-            shapes.update({name: list(handle.get_slice(name).get_shape()) for name in handle.keys()})
+        try:
+            with safe_open(str(path), framework="np") as handle:
+                shapes.update({name: list(handle.get_slice(name).get_shape()) for name in handle.keys()})
+        except Exception as exc:  # noqa: BLE001 - a truncated or damaged file: the library's words, one line
+            raise SourceError(f"{checkpoint}: its weights do not load: {path.name}: "
+                              f"{' '.join(str(exc).split())[:200]}") from exc
     layers = {int(m.group(1)) for name in shapes if (m := re.search(r"encoder\.layer\.(\d+)\.", name))}
     wanted = config.get("num_hidden_layers")
-    if isinstance(wanted, int) and layers and wanted != max(layers) + 1:
+    # only a whole run of layers 0..n-1 says how many the weights hold; stray keys are the full load's to name
+    if isinstance(wanted, int) and layers == set(range(len(layers))) and wanted != len(layers):
         raise SourceError(f"{checkpoint}: config.json's num_hidden_layers is {wanted}, its weights hold "
-                          f"{max(layers) + 1} layers")
+                          f"{len(layers)} layers (layer.{min(wanted, len(layers))}. would be "
+                          f"{'random' if wanted > len(layers) else 'left out'})")
     embeddings = next((shape for name, shape in shapes.items() if name.endswith("word_embeddings.weight")), None)
     size = [config.get("vocab_size"), config.get("hidden_size")]
     if embeddings is not None and all(isinstance(v, int) for v in size) and embeddings != size:
