@@ -1,7 +1,8 @@
 """Side-by-side benchmark: PyTorch eager, optimum, Olive and every bertforge variant, in one process.
 
-One process, one machine, variants interleaved. Writes benchmarks/RESULTS.md from the numbers it
-measures (nothing typed by hand) and benchmarks/results.json. Olive runs in its own environment
+One process, one machine, variants interleaved. Writes benchmarks/RESULTS-<CPU class>.md from the
+numbers it measures (nothing typed by hand) and benchmarks/results-<CPU class>.json, one pair per class
+(int8 speed and the peers' presets depend on it), and the index benchmarks/RESULTS.md. Olive runs in its own environment
 (`make bench` creates .venv-olive) and only produces its model; every model is timed here.
 
     python benchmarks/run.py [--models synthetic:bert-base-uncased,demo] [--repeats 15]
@@ -28,7 +29,7 @@ import numpy as np
 import bertforge  # noqa: F401  (sets the telemetry switches before onnxruntime loads)
 from bertforge import bench
 from bertforge.api import build
-from bertforge.environment import cpu_flags, library_versions, machine_info, physical_cores
+from bertforge.environment import cpu_class, cpu_flags, library_versions, machine_info, physical_cores
 from bertforge.progress import Progress
 from bertforge.recipe import ValidationConfig, load_recipe
 from bertforge.sources import resolve
@@ -213,7 +214,9 @@ def render(results: dict) -> str:
     machine = results["machine"]
     lines = ["# Benchmark results", "",
              "Written by `make bench` (benchmarks/run.py) from its own measurements; do not edit by hand.", "",
-             f"Machine: {machine['cpu']}; {machine['physical_cores']} physical / {machine['logical_cores']} logical "
+             f"Machine: {machine['cpu']} (CPU class {machine.get('cpu_class', '?')}); bertforge's int8 variants "
+             "built for their default target, portable (the same integers on every class); "
+             f"{machine['physical_cores']} physical / {machine['logical_cores']} logical "
              "cores; ISA " + ", ".join(k for k, v in machine["isa"].items() if v) + f". Threads: "
              f"{results['threads']}. Session options: " + json.dumps(results["session_options"])
              + ". Libraries: " + ", ".join(f"{k} {v}" for k, v in results["libraries"].items())
@@ -304,10 +307,28 @@ def main(argv: list[str] | None = None) -> int:
                "peaks": gemm_peaks(threads), "models": []}
     for spec in args.models.split(","):
         results["models"].append(bench_model(spec.strip(), args.repeats, args.olive_python))
-    (ROOT / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    (ROOT / "benchmarks" / "RESULTS.md").write_text(render(results) + "\n")
-    log("wrote benchmarks/RESULTS.md and benchmarks/results.json")
+    klass = cpu_class()
+    (ROOT / "benchmarks" / f"results-{klass}.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (ROOT / "benchmarks" / f"RESULTS-{klass}.md").write_text(render(results) + "\n")
+    (ROOT / "benchmarks" / "RESULTS.md").write_text(index() + "\n")
+    log(f"wrote benchmarks/RESULTS-{klass}.md, benchmarks/results-{klass}.json and the index RESULTS.md")
     return 0
+
+
+def index() -> str:
+    """RESULTS.md: one line per CPU class measured, its machine and libraries, newest file first."""
+    lines = ["# Benchmark results, per CPU class", "",
+             "Written by `make bench` (benchmarks/run.py); one file per CPU class, since int8 kernels, their speed",
+             "and the peers' presets depend on it. Each was measured on one machine of that class, in one run.", ""]
+    found = sorted((ROOT / "benchmarks").glob("results-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in found:
+        klass = path.stem.removeprefix("results-")
+        data = json.loads(path.read_text("utf-8"))
+        machine = data["machine"]
+        lines.append(f"- [{klass}](RESULTS-{klass}.md): {machine['cpu']}, {machine['physical_cores']} cores, "
+                     f"onnxruntime {data['libraries'].get('onnxruntime', '?')}, models "
+                     + ", ".join(model["spec"] for model in data["models"]))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
