@@ -406,9 +406,11 @@ def test_json_lines_progress_for_ci_logs(built, capsys):
 def test_sensitivity_command_measures_every_group_under_every_scheme(built, tmp_path, capsys):
     copy = tmp_path / "build"
     shutil.copytree(built, copy)
-    assert main(["sensitivity", str(copy), "--json", "-q"]) == 0
+    assert main(["sensitivity", str(copy / "fp32"), "--json", "-q"]) == 0  # a variant directory given
     result = json.loads(capsys.readouterr().out)
-    assert json.loads((copy / "sensitivity.json").read_text()) == result
+    assert json.loads((copy / "sensitivity.json").read_text()) == result  # written beside it, not into it
+    assert not (copy / "fp32" / "sensitivity.json").exists()
+    assert main(["verify", str(copy)]) == 0, capsys.readouterr().out
     groups = {row["group"]: row for row in result["groups"]}
     assert list(groups)[:4] == ["layer.0.qkv", "layer.0.attn-out", "layer.0.ffn-up", "layer.0.ffn-down"]
     assert set(groups) >= {"head.transform", "tied-table"} and len(groups) == 10
@@ -570,7 +572,7 @@ def test_an_int8_variant_that_quantized_nothing_is_an_error_naming_the_config(ti
 
 
 @pytest.mark.parametrize("change, named", [
-    (lambda r: {**r, "model": {**r["model"], "spec": "bert-base-cased"}}, "model"),
+    (lambda r: {**r, "model": {**r["model"], "source_key": "0" * 20}}, "model"),  # other checkpoint files
     (lambda r: {**r, "schema_version": r["schema_version"] + 1}, "schema"),
 ])
 def test_compare_refuses_reports_of_another_model_or_schema(built, tmp_path, capsys, change, named):
@@ -581,6 +583,15 @@ def test_compare_refuses_reports_of_another_model_or_schema(built, tmp_path, cap
     assert main(["compare", str(built), str(other)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err and "--allow-different" in err, err
+
+
+def test_compare_knows_a_model_by_its_files_not_by_how_it_was_named(built, tmp_path, capsys):
+    """The same checkpoint named another way (./x against /abs/x) is the same model."""
+    report = json.loads((built / "report.json").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "report.json").write_text(json.dumps({**report, "model": {**report["model"], "spec": "./elsewhere"}}))
+    assert main(["compare", str(built), str(other)]) == 0, capsys.readouterr().err
 
 
 def test_compare_into_a_closed_pipe_ends_without_a_traceback(built):

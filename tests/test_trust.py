@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from bertforge.cli import main
@@ -257,3 +258,86 @@ def test_validate_refuses_variants_it_would_ignore_and_names_a_broken_build_json
     (out / "build.json").write_text("{not json")
     assert main(["validate", str(out), "--quiet"]) == 2
     assert f"{out / 'build.json'}: not a bertforge build.json" in capsys.readouterr().err
+
+
+def test_max_sentences_over_lines_with_nothing_to_mask_is_refused_before_any_stage(tiny_checkpoint, tmp_path,
+                                                                                  capsys):
+    """It used to build every variant, then crash with UnboundLocalError in validation (exit 3)."""
+    corpus = tmp_path / "corpus.txt"
+    far = " ".join(["word"] * 200) + " [MASK]."  # its own [MASK] past the tiny model's 128 positions
+    corpus.write_text(f"[CLS] [SEP]\n{far}\nA sentence with words to mask.\n")
+    out = tmp_path / "out"
+    assert main(["build", "--model", str(tiny_checkpoint), "--corpus", str(corpus), "--max-sentences", "2",
+                 "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "none of its first 2 of its 3 lines has a word to mask" in err and "[MASK] past the" in err, err
+    assert not out.exists()
+
+
+def test_bench_inputs_for_a_small_vocabulary_with_its_special_tokens_at_the_top():
+    from bertforge.bench import InputSpec, synthetic_inputs
+
+    spec = InputSpec(vocab_size=1000, cls_id=997, sep_id=998, mask_id=999, max_positions=32)
+    ids = synthetic_inputs(2, 16, spec)["input_ids"]  # it raised: low (1000) was the vocabulary's size
+    assert ids.shape == (2, 16) and ids.max() < 1000 and (ids[:, 0] == 997).all() and (ids[:, 8] == 999).all()
+    words = np.delete(ids, [0, 8, 15], axis=1)
+    assert not np.isin(words, [997, 998, 999]).any()
+
+
+def test_a_weight_shaped_like_the_vocabulary_is_not_taken_for_a_second_table(tmp_path):
+    """A model whose FFN is vocabulary-wide (intermediate_size == vocab_size): the export used to report
+    a failed tied-weight dedup because another initializer had the table's shape."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    from bertforge.exporter import export
+    from bertforge.recipe import ExportConfig
+    from conftest import TINY, small_cased_vocab
+
+    source = tmp_path / "wide-ffn"
+    source.mkdir()
+    (source / "vocab.txt").write_text("\n".join(small_cased_vocab()) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=1000, type_vocab_size=1, pad_token_id=0,
+                        **{**TINY, "intermediate_size": 1000, "max_position_embeddings": 32})
+    BertForMaskedLM(config).eval().save_pretrained(source)
+    BertTokenizerFast(vocab_file=str(source / "vocab.txt"), do_lower_case=False,
+                      model_max_length=32).save_pretrained(source)
+    out = tmp_path / "export"
+    out.mkdir()
+    meta = export.run(source, out, ExportConfig())
+    assert meta["tied_embedding_copies"] == 1
+
+
+def test_a_probe_longer_than_the_model_takes_is_refused_before_any_stage(tiny_checkpoint, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    long_probe = " ".join(["word"] * 300) + " [MASK]."
+    recipe.write_text(json.dumps({"model": str(tiny_checkpoint), "validation": {"probes": [long_probe]}}))
+    out = tmp_path / "out"
+    assert main(["build", "--recipe", str(recipe), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "validation.probes.0: " in err and "word pieces, more than the 128 the model takes" in err, err
+    assert not out.exists()
+
+
+def test_an_unknown_op_type_in_the_fp16_block_list_is_a_recipe_error(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("fp16: {op_block_list: [Softmax, Bogus]}\n")
+    assert main(["build", "--recipe", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "'fp16.op_block_list': Value error, 'Bogus' is not an ONNX or onnxruntime op type" in (
+        capsys.readouterr().err)
+
+
+def test_a_gate_of_inf_is_refused_so_no_json_bertforge_writes_holds_infinity(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("validation: {gates: {fp32: {max_abs_max: .inf}}}\n")
+    assert main(["build", "--recipe", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "'validation.gates.fp32.max_abs_max': Input should be a finite number" in capsys.readouterr().err
+
+
+def test_inspect_refuses_an_empty_model_file(tmp_path, capsys):
+    variant = tmp_path / "v"
+    variant.mkdir()
+    (variant / "model.onnx").write_bytes(b"")
+    assert main(["inspect", str(variant)]) == 2
+    assert "is not an ONNX model (ir_version 0, 0 nodes)" in capsys.readouterr().err

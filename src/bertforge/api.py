@@ -166,8 +166,9 @@ def validate_and_report(out: Path, source: ResolvedSource, source_key: str, reci
     for warning in few:
         progress.message(f"warning: {warning}")
     warnings = warnings + few
+    # source_key: the hash of the checkpoint's files, the model's identity for `compare` (not the spec string)
     model = {"spec": source.spec, "kind": source.kind, "description": source.description,
-             "checkpoint": str(source.path)}
+             "checkpoint": str(source.path), "source_key": source_key}
     report = make_report(model=model, validation=validation, variants=entries, warnings=warnings)
     write_cards(out, report)  # each variant's README.md, listed in its manifest
     write_json_atomic(out / "report.json", report, sort_keys=False)  # variants in recipe order
@@ -261,10 +262,18 @@ def check_corpora(recipe: Recipe, source: ResolvedSource) -> None:
     if "int8-auto" in recipe.variants:
         corpora["int8_auto.calibration_corpus"] = recipe.int8_auto.calibration_corpus
     for key, corpus in corpora.items():
-        check_corpus(corpus, tokenizer, model_config, key)
+        check_corpus(corpus, tokenizer, model_config, key,
+                     recipe.validation.max_sentences if key == "validation.corpus" else None)
+    from bertforge.validation.corpus import position_limit
+
+    limit = position_limit(tokenizer, model_config)
     for index, probe in enumerate(recipe.validation.probes):
         if "[MASK]" not in probe and tokenizer.mask_token not in probe:
             raise UsageError(f"validation.probes.{index}: {probe!r} has no [MASK]")
+        pieces = len(tokenizer(probe.replace("[MASK]", tokenizer.mask_token), verbose=False)["input_ids"])
+        if pieces > limit:
+            raise UsageError(f"validation.probes.{index}: {pieces} word pieces, more than the {limit} the model "
+                             "takes; shorten it")
 
 
 def _build(recipe: Recipe, out: Path, progress: Progress) -> Outcome:

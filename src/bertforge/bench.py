@@ -58,8 +58,11 @@ def synthetic_inputs(batch: int, sequence: int, spec: InputSpec) -> dict[str, np
     if sequence > spec.max_positions:
         raise ValueError(f"sequence {sequence} is longer than the model takes ({spec.max_positions} positions)")
     rng = np.random.default_rng(INPUT_SEED)
-    low = 1000 if spec.vocab_size > 2000 else max(spec.cls_id, spec.sep_id, spec.mask_id) + 1
-    ids = rng.integers(low, spec.vocab_size, size=(batch, sequence), dtype=np.int64)
+    if spec.vocab_size > 2000:
+        ids = rng.integers(1000, spec.vocab_size, size=(batch, sequence), dtype=np.int64)
+    else:  # a small vocabulary may keep its special tokens anywhere, the top included: draw around them
+        words = np.setdiff1d(np.arange(spec.vocab_size, dtype=np.int64), [spec.cls_id, spec.sep_id, spec.mask_id])
+        ids = rng.choice(words, size=(batch, sequence))
     ids[:, 0], ids[:, -1], ids[:, sequence // 2] = spec.cls_id, spec.sep_id, spec.mask_id
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
 

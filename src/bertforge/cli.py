@@ -185,19 +185,27 @@ def cmd_fill_mask(args: argparse.Namespace) -> int:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from bertforge.artifact import write_json_atomic, write_text_atomic
+    from bertforge.artifact import MANIFEST, write_json_atomic, write_text_atomic
+    from bertforge.pipeline import OUTPUT_MARKER
     from bertforge.sensitivity import analyze, render_markdown
 
     root = Path(args.dir)
     export_dir = root / "fp32" if (root / "fp32" / "model.onnx").is_file() else root
     if not (export_dir / "model.onnx").is_file() or not (export_dir / "config.json").is_file():
         raise UsageError(f"{root} holds no fp32 export (OUT/fp32/model.onnx): build with the fp32 variant first")
+    # the results go beside the variants, never into one: a variant holds what its manifest lists
+    target = root
+    if export_dir == root and (root / MANIFEST).is_file():
+        if not (root.parent / OUTPUT_MARKER).is_file():
+            raise UsageError(f"{root} is a variant directory: give its build directory (sensitivity.json would "
+                             "change a verified variant)")
+        target = root.parent
     progress = _progress(args)
     with progress.step("sensitivity") as info:
         result = analyze(export_dir, args.block_size, args.corpus, progress=progress.update)
         info["note"] = f"{len(result['groups'])} groups, {result['calibration_positions']} positions"
-    write_json_atomic(root / "sensitivity.json", result)
-    write_text_atomic(root / "sensitivity.md", render_markdown(result))
+    write_json_atomic(target / "sensitivity.json", result)
+    write_text_atomic(target / "sensitivity.md", render_markdown(result))
     print(json.dumps(result, indent=2) if args.json else render_markdown(result))
     return EXIT_OK
 

@@ -45,7 +45,7 @@ def _delta(a: float | None, b: float | None) -> float | None:
 # what must be equal for two reports' numbers to be comparable: (where in the report, what it is)
 SAME_BASIS = (
     (("schema_version",), "report schema"),
-    (("model", "spec"), "model"),
+    (("model", "source_key"), "model (its checkpoint files' hash)"),
     (("corpus", "digest"), "validation corpus text"),
     (("corpus", "seed"), "masking seed"),
     (("corpus", "mask_fraction"), "mask fraction"),
@@ -60,7 +60,12 @@ def basis_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             report = report.get(part) if isinstance(report, dict) else None
         return report
 
-    return [f"{what}: {get(a, path)!r} vs {get(b, path)!r}" for path, what in SAME_BASIS
+    basis = SAME_BASIS
+    if get(a, ("model", "source_key")) is None or get(b, ("model", "source_key")) is None:
+        # a report written before it recorded the checkpoint's hash: its spec string is all there is
+        basis = tuple((("model", "spec"), "model") if path == ("model", "source_key") else (path, what)
+                      for path, what in SAME_BASIS)
+    return [f"{what}: {get(a, path)!r} vs {get(b, path)!r}" for path, what in basis
             if get(a, path) != get(b, path)]
 
 

@@ -25,6 +25,9 @@ def inspect_model(directory: Path) -> dict[str, Any]:
         model = onnx.load(str(path))
     except Exception as exc:  # noqa: BLE001 - onnx raises several types for a bad file
         raise UsageError(f"{path} is not a readable ONNX model: {exc}") from exc
+    if model.ir_version == 0 or not model.graph.node:  # an empty file parses as an empty ModelProto
+        raise UsageError(f"{path} is not an ONNX model (ir_version {model.ir_version}, {len(model.graph.node)} "
+                         "nodes): an empty or foreign file")
     ops = Counter(node.op_type for node in model.graph.node)
     dtype_count: Counter[str] = Counter()
     dtype_bytes: Counter[str] = Counter()

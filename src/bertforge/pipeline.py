@@ -207,7 +207,8 @@ def check_weights_once(root: Artifact) -> bool:
     return False
 
 
-REPORT_FILES = ("report.md", "report.html", "report.json")
+# what bertforge writes into a build directory besides its variants (`bertforge sensitivity OUT` the last two)
+REPORT_FILES = ("report.md", "report.html", "report.json", "sensitivity.json", "sensitivity.md")
 
 
 def listed_variants(out: Path) -> list[str]:

@@ -31,8 +31,9 @@ VariantName = Literal[tuple(spec.name for spec in SPECS)]  # type: ignore[valid-
 
 
 class Section(BaseModel):
-    # counts are StrictInt: in pydantic's lax mode YAML's `true` is read as 1
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # counts are StrictInt: in pydantic's lax mode YAML's `true` is read as 1; no float may be .inf or .nan
+    # (a gate of .inf was accepted and wrote Infinity into report.json, which strict JSON parsers reject)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ExportConfig(Section):
@@ -56,6 +57,19 @@ class Fp16Config(Section):
     op_block_list: tuple[str, ...] = ("SkipLayerNormalization", "LayerNormalization", "EmbedLayerNormalization",
                                       "Softmax", "Pow", "ReduceMean", "Add")
     node_block_list: tuple[str, ...] = ()
+
+    @field_validator("op_block_list")
+    @classmethod
+    def _known_op_types(cls, ops: tuple[str, ...]) -> tuple[str, ...]:
+        """A misspelt op type used to be accepted and silently block nothing."""
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+        known = {schema.name for schema in ort_state.get_all_operator_schema()}  # ONNX's and ORT's contrib ops
+        unknown = [op for op in ops if op not in known]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not an ONNX or onnxruntime op type")
+        return ops
+
     # The MLM head (transform, gelu, LayerNorm, tied decoder) kept fp32: on demo, converting it cut
     # top-1 agreement from 99.7% to 97.1% (the logits path is where fp16 rounding shows).
     keep_mlm_head_fp32: bool = True

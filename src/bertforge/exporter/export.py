@@ -20,6 +20,7 @@ import onnx
 from bertforge.artifact import MODEL_FILE
 from bertforge.errors import SourceError, StageError
 from bertforge.onnx_files import external_data_above, model_bytes, save_model, uses_external_data
+from bertforge.optimizers.tied_quant import tied_table
 from bertforge.recipe import ExportConfig
 
 NAME = "export"
@@ -152,10 +153,15 @@ def run(checkpoint: Path, out: Path, config: ExportConfig) -> dict[str, Any]:
     onnx.checker.check_model(str(model_path))  # by path: it reads external data the way loaders do
     proto = onnx.load(str(model_path), load_external_data=False)
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
-    vocab_tables = [i.name for i in proto.graph.initializer if sorted(i.dims) == sorted([vocab, hidden])]
-    if len(vocab_tables) != 1:
-        raise StageError(f"export stored the {vocab}x{hidden} word embeddings {len(vocab_tables)} times "
-                         "(tied-weight dedup failed; is accelerate installed?)")
+    # the tie holds when the decoder reads, through a Transpose, the very table the embeddings' Gather
+    # reads; counting initializers of the table's shape also counted any other weight of that shape
+    initializers = {i.name: list(i.dims) for i in proto.graph.initializer}
+    vocab_tables = sorted({n.input[0] for n in proto.graph.node if n.op_type == "Gather"
+                           and initializers.get(n.input[0]) == [vocab, hidden]})
+    tied = tied_table(proto.graph)
+    if len(vocab_tables) != 1 or tied is None or tied[0] != vocab_tables[0]:
+        raise StageError(f"export stored the {vocab}x{hidden} word embeddings apart from the MLM decoder's "
+                         "weights (tied-weight dedup failed; is accelerate installed?)")
     return {
         "opset": config.opset,
         "ir_version": proto.ir_version,

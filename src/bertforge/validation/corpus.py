@@ -125,13 +125,18 @@ def load_lines(source: str) -> list[str]:
     return lines
 
 
-def check_corpus(source: str, tokenizer, model_config: dict, what: str) -> None:
-    """Before any stage runs: the corpus reads, and at least one of its lines has a word to mask once
-    tokenized. Masking skips lines that tokenize to special tokens only; a corpus of nothing else used
-    to fail after every stage had run."""
+def check_corpus(source: str, tokenizer, model_config: dict, what: str, limit: int | None = None) -> None:
+    """Before any stage runs: the corpus reads, and at least one of its lines (of the first `limit` it
+    will be read to) has a word to mask once tokenized. Masking skips lines that tokenize to special
+    tokens only; a corpus of nothing else used to fail after every stage had run."""
     lines = load_lines(source)
-    if not mask_sentences(lines, tokenizer, max_length=input_limit(tokenizer, model_config)):
-        raise UsageError(f"{what} {source}: none of its {len(lines)} lines has a word to mask once tokenized")
+    cut = Truncation()
+    if not mask_sentences(lines, tokenizer, max_length=input_limit(tokenizer, model_config), limit=limit,
+                          truncation=cut):
+        read = f"first {limit} of its {len(lines)}" if limit is not None and limit < len(lines) else f"{len(lines)}"
+        why = (f" ({cut.dropped_mask_lines} of them have their own [MASK] past the {cut.max_length} word pieces "
+               "the model reads)" if cut.dropped_mask_lines else "")
+        raise UsageError(f"{what} {source}: none of its {read} lines has a word to mask once tokenized{why}")
 
 
 def corpus_digest(source: str) -> str:
