@@ -71,16 +71,20 @@ def exclusive_or_fail(path: Path, busy: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock, so two builds sharing a cache never write one entry at once."""
+def _waiting_lock(path: Path, mode: int) -> Iterator[None]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, mode)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def file_lock(path: Path) -> contextlib.AbstractContextManager[None]:
+    """An exclusive advisory lock, so two builds sharing a cache never write one entry at once."""
+    return _waiting_lock(path, fcntl.LOCK_EX)
 
 
 def use_lock_path(entry: str) -> Path:
@@ -88,14 +92,6 @@ def use_lock_path(entry: str) -> Path:
     return cache_root() / "locks" / f"{entry}.use"
 
 
-@contextlib.contextmanager
-def shared_lock(path: Path) -> Iterator[None]:
+def shared_lock(path: Path) -> contextlib.AbstractContextManager[None]:
     """A shared advisory lock (many holders; an exclusive taker waits or, without waiting, is refused)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return _waiting_lock(path, fcntl.LOCK_SH)
