@@ -65,20 +65,29 @@ OWNER_FILE = ".bertforge-owner"
 OWNER_TAG = "bertforge staging"
 
 
+def pid_namespace() -> str | None:
+    """This process's pid namespace (Linux): where a pid in an owner mark means this machine's process."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def claim(directory: Path) -> None:
     """Mark `directory` as this process's, for remove_stale."""
-    (Path(directory) / OWNER_FILE).write_text(json.dumps({"tool": OWNER_TAG, "pid": os.getpid()}), "utf-8")
+    mark = {"tool": OWNER_TAG, "pid": os.getpid(), "pid_namespace": pid_namespace()}
+    (Path(directory) / OWNER_FILE).write_text(json.dumps(mark), "utf-8")
 
 
-def owner_pid(directory: Path) -> int | None:
-    """The pid in a directory's owner mark, or None when it carries none of bertforge's."""
+def owner_mark(directory: Path) -> dict[str, Any] | None:
+    """A directory's owner mark, or None when it carries none of bertforge's."""
     try:
         mark = json.loads((Path(directory) / OWNER_FILE).read_text("utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(mark, dict) or mark.get("tool") != OWNER_TAG or not isinstance(mark.get("pid"), int):
         return None
-    return mark["pid"]
+    return mark
 
 
 def exchange(a: Path, b: Path) -> bool:
@@ -147,20 +156,24 @@ STALE_AFTER_S = 3600.0
 
 
 def remove_stale(directory: Path, prefix: str, older_than_s: float = STALE_AFTER_S) -> list[Path]:
-    """Remove the directories in `directory` named `prefix...` that carry bertforge's owner mark, whose
-    process is gone and that are older than `older_than_s` (a killed build's staging or scratch).
-    Nothing without the mark is touched, whatever its name."""
+    """Remove the directories in `directory` named `prefix...` that carry bertforge's owner mark and whose
+    process is gone (a killed build's staging or scratch): at once where the mark's pid namespace is this
+    process's (its pid is then this machine's to judge), else only once older than `older_than_s` (a
+    build in another container sharing the cache has pids of its own). Nothing without the mark is
+    touched, whatever its name."""
     import time
 
     removed = []
+    here = pid_namespace()
     for entry in Path(directory).glob(f"{prefix}*"):
         if entry.is_symlink() or not entry.is_dir():
             continue
-        pid = owner_pid(entry)
-        if pid is None or pid == os.getpid() or process_alive(pid):
+        mark = owner_mark(entry)
+        if mark is None or mark["pid"] == os.getpid() or process_alive(mark["pid"]):
             continue
+        same_namespace = here is not None and mark.get("pid_namespace") == here
         with contextlib.suppress(FileNotFoundError):
-            if time.time() - entry.stat().st_mtime < older_than_s:
+            if not same_namespace and time.time() - entry.stat().st_mtime < older_than_s:
                 continue
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
