@@ -341,3 +341,19 @@ def test_inspect_refuses_an_empty_model_file(tmp_path, capsys):
     (variant / "model.onnx").write_bytes(b"")
     assert main(["inspect", str(variant)]) == 2
     assert "is not an ONNX model (ir_version 0, 0 nodes)" in capsys.readouterr().err
+
+
+def test_a_foreign_directory_where_a_failing_rebuild_would_go_is_refused_before_any_work(small_recipe, tmp_path,
+                                                                                          capsys, monkeypatch):
+    from bertforge import pipeline
+
+    out = tmp_path / "out"
+    assert build(small_recipe, out) == 0
+    foreign = tmp_path / "out.rejected"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("mine")
+    monkeypatch.setattr(pipeline, "run_stage", lambda *a, **k: pytest.fail("a stage ran before the check"))
+    capsys.readouterr()
+    assert build(small_recipe, out) == 2
+    assert f"{foreign} exists and is not a bertforge output directory" in capsys.readouterr().err
+    assert (foreign / "mine.txt").read_text() == "mine"

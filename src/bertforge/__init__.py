@@ -42,17 +42,15 @@ def build(out, recipe=None, *, model: str | None = None, variants: list[str] | N
 def validate(out, recipe=None, *, model: str | None = None, progress: str = "quiet"):
     """Re-validate an existing build directory and rewrite its report, like `bertforge validate`;
     the recipe defaults to the one `out/build.json` recorded. Returns `bertforge.api.Outcome`."""
-    import json
     from pathlib import Path
 
     from bertforge import api
-    from bertforge.pipeline import OUTPUT_MARKER
+    from bertforge.pipeline import recorded_recipe
     from bertforge.progress import Progress
     from bertforge.recipe import Recipe, load_recipe, parse_recipe
 
-    marker = Path(out) / OUTPUT_MARKER
     if not isinstance(recipe, Recipe):
-        recorded = json.loads(marker.read_text("utf-8"))["recipe"] if recipe is None and marker.is_file() else None
+        recorded = recorded_recipe(Path(out)) if recipe is None else None
         recipe = parse_recipe(recorded) if recorded is not None else load_recipe(recipe)
     return api.validate_existing(Path(out), recipe, Progress(progress), model)
 

@@ -184,6 +184,8 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> Outcom
     check_writable(out)
     with output_lock(out):
         check_output_dir(out)  # again, now that no other build or validate can be changing it
+        if (out / OUTPUT_MARKER).is_file():  # a failing rebuild would go beside it: that place must be free
+            rejected_path(out)
         log = cache_root() / "logs" / f"build-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-libraries.log"
         with library_messages_to(log):
             outcome = _build(recipe, out, progress)
@@ -202,8 +204,13 @@ def output_lock(out: Path):
 
 
 def rejected_path(out: Path) -> Path:
-    """Where a rebuild whose gates failed goes, beside the build in `out` it leaves as it was."""
-    return out.with_name(f"{out.name}.rejected")
+    """Where a rebuild whose gates failed goes, beside the build in `out` it leaves as it was; refused
+    when something that is not a bertforge build already stands there."""
+    rejected = out.with_name(f"{out.name}.rejected")
+    if rejected.exists() and not (rejected / OUTPUT_MARKER).is_file():
+        raise UsageError(f"{rejected} exists and is not a bertforge output directory; remove it (a rebuild "
+                         f"of {out} whose gates fail is written there)")
+    return rejected
 
 
 @contextlib.contextmanager
@@ -300,9 +307,6 @@ def _build(recipe: Recipe, out: Path, progress: Progress) -> Outcome:
             write_marker(staging, recipe, source, variants)
             if not report["gates_passed"] and (out / OUTPUT_MARKER).is_file():
                 destination["path"] = rejected_path(out)
-                if destination["path"].exists() and not (destination["path"] / OUTPUT_MARKER).is_file():
-                    raise UsageError(f"{destination['path']} exists and is not a bertforge output directory; "
-                                     "remove it (a rebuild whose gates fail is written there)")
     written = destination["path"]
     progress.message(md_report.terminal_summary(report))
     progress.message(f"wrote {written}/ (report.md, report.html, report.json); " + placement_note(placed))

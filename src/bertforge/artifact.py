@@ -203,8 +203,8 @@ def owned_scratch(base: Path, prefix: str) -> Iterator[Path]:
 def file_inventory(directory: Path) -> dict[str, dict[str, object]]:
     files = {}
     for path in sorted(Path(directory).rglob("*")):
-        if path.is_file() and path.name != MANIFEST and path.relative_to(directory).as_posix() != OWNER_FILE:
-            rel = path.relative_to(directory).as_posix()
+        rel = path.relative_to(directory).as_posix()
+        if path.is_file() and path.name != MANIFEST and rel != OWNER_FILE:
             files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     return files
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bertforge import __version__
+from bertforge.cpu_target import TARGETS
 from bertforge.errors import EXIT_BUILD_FAILED, EXIT_GATE_FAILED, EXIT_OK, EXIT_USAGE, BertforgeError, UsageError
 from bertforge.progress import MODES, Progress
 from bertforge.stages import SPECS, VARIANTS
@@ -70,18 +71,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from bertforge.api import validate_existing
-    from bertforge.pipeline import OUTPUT_MARKER
+    from bertforge.pipeline import recorded_recipe
 
     if args.variants is not None:
         raise UsageError("validate checks every variant its build directory lists; --variants is for build")
-    marker = Path(args.dir) / OUTPUT_MARKER
-    fallback = None
-    if marker.is_file():
-        try:
-            fallback = json.loads(marker.read_text("utf-8"))["recipe"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"{marker}: not a bertforge build.json ({type(exc).__name__}: {exc})") from None
-    recipe = _recipe(args, fallback)
+    recipe = _recipe(args, recorded_recipe(Path(args.dir)))
     return validate_existing(Path(args.dir), recipe, _progress(args), args.model).exit_code
 
 
@@ -269,7 +263,7 @@ def parser() -> argparse.ArgumentParser:
                            "[MASK] positions, write OUT/<variant>/ and OUT/report.{md,html,json}.")
     recipe_flags(build)
     build.add_argument("--out", required=True, help="output directory (replaced atomically when complete)")
-    build.add_argument("--target", choices=("portable", "vnni"),
+    build.add_argument("--target", choices=TARGETS,
                        help="int8 target: portable (default; the same integers on every CPU) or vnni (full-range "
                        "weights, exact on VNNI/AMX/ARM64 only)")
     progress_flags(build)

@@ -21,13 +21,13 @@ transfers, whose pair sums stay under 2 * 127 * 127: it is exact at either targe
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from bertforge import environment
 from bertforge.environment import cpu_class, is_x86
 
 Target = Literal["portable", "vnni"]
-TARGETS: tuple[str, ...] = ("portable", "vnni")
+TARGETS: tuple[str, ...] = get_args(Target)
 
 # x86 flags with which MLAS sums u8 x s8 products exactly in int32
 EXACT_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")

@@ -233,6 +233,17 @@ def listed_variants(out: Path) -> list[str]:
     return listed
 
 
+def recorded_recipe(out: Path) -> dict[str, Any] | None:
+    """The recipe a build directory's build.json records (None: no build.json), for `validate`."""
+    marker = out / OUTPUT_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text("utf-8"))["recipe"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{marker}: not a bertforge build.json ({type(exc).__name__}: {exc})") from None
+
+
 def check_output_dir(out: Path) -> None:
     """Refuse to replace a directory bertforge did not write, or one holding files it did not write
     (they would be lost with the old build), or the directory the command runs in."""

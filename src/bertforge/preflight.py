@@ -16,7 +16,7 @@ def warnings_for(recipe: Recipe) -> list[str]:
         found.append("fp16 targets the CPU execution provider here: with fp32 kept around LayerNorm/Softmax it adds "
                      "Casts and is often slower than fp32 on CPUs; the report measures both")
     vnni_int8 = [v for v in recipe.variants if v.startswith("int8")
-                 and getattr(recipe, BY_NAME[v].section).model_dump().get("cpu_target", recipe.target) == "vnni"]
+                 and getattr(getattr(recipe, BY_NAME[v].section), "cpu_target", recipe.target) == "vnni"]
     if vnni_int8 and not exact_here("vnni"):
         found.append(f"{', '.join(vnni_int8)}: int8 target vnni on a CPU without VNNI/AMX ({cpu_class()}): their "
                      "u8 x s8 sums saturate here, so this build validates numbers a VNNI CPU will not compute; "

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from bertforge.artifact import MANIFEST, MODEL_FILE
+from bertforge.artifact import MODEL_FILE, read_manifest
 from bertforge.cpu_target import target_warning
 from bertforge.environment import physical_cores
 
@@ -38,7 +37,7 @@ def session_options(threads: int | None = None, spinning: bool = True, arena: bo
 def int8_target_of(directory: Path) -> str | None:
     """The int8 target a variant directory's manifest records (None: not int8, or no manifest)."""
     try:
-        manifest = json.loads((directory / MANIFEST).read_text("utf-8"))
+        manifest = read_manifest(directory)
     except (OSError, ValueError):
         return None
     target = manifest.get("metadata", {}).get("int8_target") if isinstance(manifest, dict) else None
@@ -64,11 +63,10 @@ def open_session(location: Path, threads: int | None = None, spinning: bool = Tr
     import onnxruntime as ort
 
     path = Path(location)
+    directory = path if path.is_dir() else path.parent
+    warn_outside_target(directory)
     if path.is_dir():
-        warn_outside_target(path)
         path = path / MODEL_FILE
-    else:
-        warn_outside_target(path.parent)
     return ort.InferenceSession(str(path), session_options(threads, spinning, arena),
                                 providers=["CPUExecutionProvider"])
 

@@ -46,7 +46,6 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
     keep_for_ort = excluded_nodes(names, ("embeddings", "mlm-decoder"), ())
     not_for_ort = sorted(set(exclude) | set(keep_for_ort))
     weight_type = QuantType.QInt8 if config.weight_type == "qint8" else QuantType.QUInt8
-
     # quantize_dynamic writes its own file (its external data named its way); it is read back and
     # written through the one save path, after the tied table is shared
     with tempfile.TemporaryDirectory(prefix="bertforge-int8-dynamic-") as scratch:

@@ -24,27 +24,25 @@ from onnx import TensorProto, numpy_helper
 PAIR_SUM_MAX = 128  # 255 * 128 = 32640: the largest same-sign pair sum an int16 accumulator holds
 
 
-def _pair_sums(q: np.ndarray) -> np.ndarray:
-    """[slices, K] int -> per slice, the largest |q[2i]| + |q[2i+1]| over pairs of one sign."""
+def _same_sign_pair_sums(q: np.ndarray) -> np.ndarray:
+    """[slices, K] ints -> [slices, ceil(K/2)]: |q[2i]| + |q[2i+1]| where the pair has one sign, else 0."""
     if q.shape[1] % 2:
         q = np.concatenate([q, np.zeros((q.shape[0], 1), q.dtype)], axis=1)
     first, second = q[:, 0::2].astype(np.int32), q[:, 1::2].astype(np.int32)
-    same_sign = (first * second) > 0
-    return np.where(same_sign, np.abs(first) + np.abs(second), 0).max(axis=1, initial=0)
+    return np.where((first * second) > 0, np.abs(first) + np.abs(second), 0)
 
 
 def symmetric_int8(weight: np.ndarray, axis: int, target: str) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 with one scale per slice along `axis` (the axis the scale varies over; the other
     axis is K): weight ~= q * scale, q in [-127, 127]; for target `portable` also no same-sign K-adjacent
     pair past PAIR_SUM_MAX."""
-    reduce_over = 1 - axis  # 2-D weights: the other axis
     slices = np.moveaxis(np.asarray(weight, dtype=np.float32), axis, 0)  # [slices, K]
     scale = np.abs(slices).max(axis=1).astype(np.float32) / np.float32(127)
     scale[scale == 0] = 1.0
     quantized = np.clip(np.rint(slices / scale[:, None]), -127, 127)
     if target == "portable":
         for _ in range(64):  # each round widens only the offending slices' scales; 2-3 rounds in practice
-            worst = _pair_sums(quantized)
+            worst = _same_sign_pair_sums(quantized).max(axis=1, initial=0)
             over = worst > PAIR_SUM_MAX
             if not over.any():
                 break
@@ -55,17 +53,13 @@ def symmetric_int8(weight: np.ndarray, axis: int, target: str) -> tuple[np.ndarr
     elif target != "vnni":
         raise ValueError(f"unknown int8 target {target!r}")
     q = np.moveaxis(quantized.astype(np.int8), 0, axis)
-    assert q.shape == np.shape(weight) and reduce_over in (0, 1)
+    assert q.shape == np.shape(weight)
     return np.ascontiguousarray(q), scale.astype(np.float32)
 
 
 def saturating_pairs(q: np.ndarray, axis: int) -> int:
     """How many same-sign K-adjacent pairs of int8 weights q (scales along `axis`) sum past PAIR_SUM_MAX."""
-    slices = np.moveaxis(q, axis, 0).astype(np.int32)
-    if slices.shape[1] % 2:
-        slices = np.concatenate([slices, np.zeros((slices.shape[0], 1), np.int32)], axis=1)
-    first, second = slices[:, 0::2], slices[:, 1::2]
-    return int((((first * second) > 0) & (np.abs(first) + np.abs(second) > PAIR_SUM_MAX)).sum())
+    return int((_same_sign_pair_sums(np.moveaxis(q, axis, 0)) > PAIR_SUM_MAX).sum())
 
 
 def requantize_pair_safe(model: onnx.ModelProto, originals: dict[str, np.ndarray]) -> list[str]:
