@@ -1,6 +1,7 @@
 """The stage cache: hits skip the stage, keys chain, interrupted writes are never trusted."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -300,12 +301,50 @@ def test_a_killed_builds_staging_and_scratch_are_removed_by_the_next_build(tmp_p
     killed.mkdir(parents=True)
     owned_by(killed, gone)
     os.utime(killed, (old, old))
+    before = tempfile.gettempdir()
     with owned_scratch(tmp_path / "tmp", "int8-static-") as scratch:
         with tempfile.TemporaryDirectory(prefix="ort.quant.") as library_temp:
-            assert os.path.dirname(library_temp) == str(scratch)
+            library_scratch = Path(library_temp).parent
+            assert library_scratch.parent == tmp_path / "tmp"
+            assert (library_scratch / OWNER_FILE).is_file()  # bertforge's, removed if this process is killed
         assert not killed.exists()
-    assert not scratch.exists()
-    assert tempfile.gettempdir() != str(scratch)
+    assert not scratch.exists() and not library_scratch.exists()
+    assert tempfile.gettempdir() == before
+
+
+def test_two_builds_on_two_threads_keep_the_temp_directory_each_relies_on(tmp_path):
+    import tempfile
+    import threading
+
+    from bertforge.artifact import owned_scratch
+
+    before = tempfile.gettempdir()
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, str] = {}
+
+    def first() -> None:
+        with owned_scratch(tmp_path / "a", "int8-dynamic-"):
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(10)
+        with owned_scratch(tmp_path / "b", "int8-static-"):
+            second_in.set()
+            first_out.wait(10)
+            # the first build has ended: the default temp directory must still exist and be bertforge's
+            with tempfile.TemporaryDirectory(prefix="ort.quant.") as library_temp:
+                seen["second"] = library_temp
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert "second" in seen, "the second build's quantizer could not make its temp directory"
+    assert Path(seen["second"]).parent.parent in (tmp_path / "a", tmp_path / "b")
+    assert tempfile.gettempdir() == before
+    assert not list((tmp_path / "a").iterdir()) and not list((tmp_path / "b").iterdir())
 
 
 def test_publishing_swaps_the_old_output_out_without_a_moment_without_one(tmp_path):

@@ -357,3 +357,45 @@ def test_a_foreign_directory_where_a_failing_rebuild_would_go_is_refused_before_
     assert build(small_recipe, out) == 2
     assert f"{foreign} exists and is not a bertforge output directory" in capsys.readouterr().err
     assert (foreign / "mine.txt").read_text() == "mine"
+
+
+def test_a_damaged_variant_is_bad_input_named_by_its_file(small_recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert build(small_recipe, out) == 0
+    garbage = tmp_path / "garbage"
+    shutil.copytree(out, garbage)
+    model = garbage / "int8-dynamic" / "model.onnx"
+    model.write_bytes(b"garbage\n")
+    capsys.readouterr()
+    for command in (["fill-mask", str(model.parent), "a [MASK] b"], ["bench", str(model.parent)]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"bertforge: error: {model}: onnxruntime ") and "cannot load it" in err[-1], err
+    assert main(["validate", str(garbage), "--quiet"]) == 2
+    assert f"{model.parent}: model.onnx: size 8 != " in capsys.readouterr().err
+
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(out / "fp32", tokenizer)
+    (tokenizer / "tokenizer.json").write_bytes(b"\xff\xfe\x00 not json")
+    assert main(["fill-mask", str(tokenizer), "a [MASK] b"]) == 2
+    assert f"{tokenizer / 'tokenizer.json'}: not a tokenizer file" in capsys.readouterr().err
+
+
+def test_a_full_disk_says_so_and_leaves_nothing_half_written(small_recipe, tmp_path, capsys):
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"this machine cannot mount a small tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        out = disk / "out"
+        capsys.readouterr()
+        assert build(small_recipe, out) == 3
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "failed: no space left on the device writing " in err[-1], err
+        assert "Wire format" not in err[-1] and "Errno" not in err[-1]
+        assert not list(disk.iterdir())  # the staging directory went with the failure
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

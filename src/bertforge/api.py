@@ -22,7 +22,7 @@ from bertforge.artifact import (
     write_text_atomic,
 )
 from bertforge.cache import cache_root, exclusive_or_fail
-from bertforge.errors import EXIT_GATE_FAILED, EXIT_OK, BertforgeError, UsageError
+from bertforge.errors import EXIT_GATE_FAILED, EXIT_OK, UsageError
 from bertforge.onnx_files import MODEL_DATA_FILE, model_bytes, uses_external_data
 from bertforge.pipeline import (
     OUTPUT_MARKER,
@@ -342,12 +342,12 @@ def _validate_existing(out: Path, recipe: Recipe, progress: Progress, model_spec
         raise UsageError(f"{out} holds no variant directories")
     gone = [v for v in listed if v not in variants]
     if gone:  # validating the rest would pass a build that no longer holds what it built
-        raise BertforgeError(f"{out}: {', '.join(gone)} listed in {OUTPUT_MARKER} but missing (rebuild; "
+        raise UsageError(f"{out}: {', '.join(gone)} listed in {OUTPUT_MARKER} but missing (rebuild; "
                              "`bertforge verify` lists every difference)")
     for variant in variants:
         problems = verify_directory(out / variant)
         if problems:
-            raise BertforgeError(f"{out / variant}: {problems[0]}; its files no longer match manifest.json "
+            raise UsageError(f"{out / variant}: {problems[0]}; its files no longer match manifest.json "
                                  "(rebuild it; `bertforge verify` lists every difference)")
     with progress.step("resolve") as info:
         source = resolve(model_spec or recipe.model)

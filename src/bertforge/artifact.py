@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,13 @@ def remove_stale(directory: Path, prefix: str, older_than_s: float = STALE_AFTER
     return removed
 
 
+# Python's tempfile default is one value for the whole process; every build running in it (two API
+# builds on two threads) shares one scratch directory for it, set by the first and restored by the
+# last, so no build's exit pulls the default from under another's quantizer.
+_process_scratch_lock = threading.Lock()
+_process_scratch: dict[str, Any] = {"users": 0, "dir": None, "previous": None}
+
+
 @contextlib.contextmanager
 def owned_scratch(base: Path, prefix: str) -> Iterator[Path]:
     """A scratch directory under `base` (named with this process's id; removed after, and by the
@@ -189,14 +197,25 @@ def owned_scratch(base: Path, prefix: str) -> Iterator[Path]:
     base = Path(base)
     base.mkdir(parents=True, exist_ok=True)
     remove_stale(base, prefix)
+    remove_stale(base, "process-")
     scratch = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))
     claim(scratch)
-    previous = tempfile.tempdir
-    tempfile.tempdir = str(scratch)
+    with _process_scratch_lock:
+        if _process_scratch["users"] == 0:
+            shared = Path(tempfile.mkdtemp(prefix=f"process-{os.getpid()}-", dir=base))
+            claim(shared)
+            _process_scratch.update(dir=shared, previous=tempfile.tempdir)
+            tempfile.tempdir = str(shared)
+        _process_scratch["users"] += 1
     try:
         yield scratch
     finally:
-        tempfile.tempdir = previous
+        with _process_scratch_lock:
+            _process_scratch["users"] -= 1
+            if _process_scratch["users"] == 0:
+                tempfile.tempdir = _process_scratch["previous"]
+                shutil.rmtree(_process_scratch["dir"], ignore_errors=True)
+                _process_scratch.update(dir=None, previous=None)
         shutil.rmtree(scratch, ignore_errors=True)
 
 

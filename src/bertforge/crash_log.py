@@ -7,6 +7,7 @@ exits 3, and keeps the traceback under the cache's logs/ folder, whose path the 
 
 from __future__ import annotations
 
+import errno
 import time
 import traceback
 from pathlib import Path
@@ -26,8 +27,23 @@ def write_traceback(where: str, error: BaseException) -> Path | None:
     return path
 
 
+def disk_full(error: BaseException) -> OSError | None:
+    """The out-of-space OSError behind `error`, if one is (a library may wrap it in its own error)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def one_line(where: str, error: BaseException) -> str:
     """`where failed: Type: first line of the message (traceback: path)`."""
+    full = disk_full(error)
+    if full is not None:  # what to free, not a library's echo of a half-written file
+        written = f" writing {full.filename2 or full.filename}" if (full.filename2 or full.filename) else ""
+        return (f"{where} failed: no space left on the device{written}; free space there or in the cache "
+                "(`bertforge cache prune`) and run it again")
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     cause = f"{type(error).__name__}: {first}" if first else type(error).__name__
     log = write_traceback(where, error)

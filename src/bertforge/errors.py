@@ -22,5 +22,10 @@ class SourceError(UsageError):
     """A model spec that does not resolve to a BERT checkpoint."""
 
 
+class ModelFileError(UsageError):
+    """A model file onnxruntime cannot load. Given by the user (a variant to run, bench or validate) it
+    is bad input; a stage that meets one in its own work turns it into a StageError."""
+
+
 class StageError(BertforgeError):
     """A stage ran but its output is not what the pipeline needs (e.g. fusion incomplete)."""

@@ -33,7 +33,7 @@ from bertforge.cache import cache_root, file_lock, shared_lock, stage_key, use_l
 from bertforge.code_digest import code_digest
 from bertforge.crash_log import one_line
 from bertforge.environment import cpu_class
-from bertforge.errors import BertforgeError, StageError, UsageError
+from bertforge.errors import BertforgeError, ModelFileError, StageError, UsageError
 from bertforge.exporter import export
 from bertforge.memory import release_freed_memory
 from bertforge.onnx_files import MODEL_DATA_FILE, external_data_above, model_bytes
@@ -143,6 +143,8 @@ def run_stage(stage: str, parent: Artifact, config: Any, hold: contextlib.ExitSt
             try:
                 metadata = (module.run(parent.path, tmp, config, inputs) if hasattr(module, "key_inputs")
                             else module.run(parent.path, tmp, config))
+            except ModelFileError as exc:  # a model this stage wrote or read from the cache: the build's fault
+                raise StageError(f"stage {stage}: {exc}") from exc
             except BertforgeError:
                 raise
             except Exception as exc:  # a library's error inside the stage: one line, exit 3, traceback logged

@@ -58,9 +58,18 @@ class MaskText:
     def from_directory(cls, directory: Path) -> MaskText:
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
         config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text("utf-8")) if config_path.is_file() else {}
+        try:
+            tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        except Exception as exc:  # the tokenizers library's message does not name the file
+            raise UsageError(f"{directory / TOKENIZER_FILE}: not a tokenizer file "
+                             f"({' '.join(str(exc).split())[:200]})") from None
+        try:
+            config = json.loads(config_path.read_text("utf-8")) if config_path.is_file() else {}
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{config_path}: not readable JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise UsageError(f"{config_path}: not a JSON object")
 
         def content(token: Any, default: str) -> str:
             return token.get("content", default) if isinstance(token, dict) else (token or default)

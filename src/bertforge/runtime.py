@@ -10,6 +10,7 @@ import numpy as np
 from bertforge.artifact import MODEL_FILE, read_manifest
 from bertforge.cpu_target import target_warning
 from bertforge.environment import physical_cores
+from bertforge.errors import ModelFileError
 
 # the masked-head variant's compact output: one logit row per [MASK], row-major (batch, then position)
 MASK_LOGITS = "mask_logits"
@@ -67,8 +68,20 @@ def open_session(location: Path, threads: int | None = None, spinning: bool = Tr
     warn_outside_target(directory)
     if path.is_dir():
         path = path / MODEL_FILE
-    return ort.InferenceSession(str(path), session_options(threads, spinning, arena),
-                                providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), session_options(threads, spinning, arena),
+                                    providers=["CPUExecutionProvider"])
+    except tuple(_load_failures()) as exc:
+        cause = " ".join(str(exc).split())
+        raise ModelFileError(f"{path}: onnxruntime {ort.__version__} cannot load it ({cause[:300]})") from exc
+
+
+def _load_failures() -> list[type[Exception]]:
+    """ORT's exceptions for a file it cannot load: corrupt, missing, or a graph it does not accept."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("InvalidProtobuf", "InvalidGraph", "NoSuchFile", "Fail", "NotImplemented", "InvalidArgument")
+    return [getattr(state, name) for name in names if hasattr(state, name)]
 
 
 def feeds_for(session, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray):
