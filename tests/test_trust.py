@@ -399,3 +399,51 @@ def test_a_full_disk_says_so_and_leaves_nothing_half_written(small_recipe, tmp_p
         assert not list(disk.iterdir())  # the staging directory went with the failure
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_vocab_that_does_not_decode_is_named(tiny_checkpoint, tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    (checkpoint / "tokenizer.json").unlink()
+    (checkpoint / "vocab.txt").write_bytes(b"\xff\xfe\x00[MASK]\n")
+    assert main(["build", "--model", str(checkpoint), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{checkpoint}: its tokenizer (vocab.txt, tokenizer_config.json) does not load" in err, err
+
+
+def test_importing_the_libraries_a_build_uses_leaves_nothing_in_the_temp_directory(tmp_path):
+    import subprocess
+    import sys
+
+    temp = tmp_path / "t"
+    temp.mkdir()
+    env = dict(os.environ, TMPDIR=str(temp), BERTFORGE_CACHE=str(tmp_path / "cache"))
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    # transformers' tokenizer import pulls in torch._dynamo, which makes torch's compile cache at once
+    done = subprocess.run([sys.executable, "-c", "import bertforge; from transformers import AutoTokenizer"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list(temp.iterdir()) == []
+    assert (tmp_path / "cache" / "torchinductor").is_dir()
+
+
+def test_a_corrupt_json_file_is_named_with_exit_2_and_verify_calls_it_changed(small_recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert build(small_recipe, out) == 0
+    broken_report = tmp_path / "broken-report"
+    shutil.copytree(out, broken_report)
+    (broken_report / "report.json").write_text("{bad")
+    capsys.readouterr()
+    assert main(["compare", str(out), str(broken_report)]) == 2
+    assert f"{broken_report / 'report.json'}: not readable JSON" in capsys.readouterr().err
+
+    broken_manifest = tmp_path / "broken-manifest"
+    shutil.copytree(out, broken_manifest)
+    manifest = broken_manifest / "fp32" / "manifest.json"
+    manifest.write_text("{bad")
+    for command in (["validate", str(broken_manifest), "--quiet"], ["fill-mask", str(manifest.parent), "a [MASK]"]):
+        assert main(command) == 2, command
+        assert f"{manifest}: not readable JSON" in capsys.readouterr().err
+    assert main(["verify", str(broken_manifest)]) == 1
+    printed = capsys.readouterr().out
+    assert f"{manifest.parent}: CHANGED" in printed and f"{manifest}: not readable JSON" in printed

@@ -10,6 +10,12 @@ __version__ = "0.1.0"
 if os.environ.get("BERTFORGE_ALLOW_TELEMETRY") != "1":
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# torch makes its compile cache (`torchinductor_<user>` in the temp directory) the moment torch._dynamo
+# is imported, which exporting does; bertforge compiles nothing, so that folder goes under its cache.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    from bertforge.cache_dir import cache_root
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "torchinductor")
 
 
 # The Python API. Each function imports what it needs when called: `import bertforge` stays light,

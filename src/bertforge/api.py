@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from bertforge.artifact import (
 )
 from bertforge.cache import cache_root, exclusive_or_fail
 from bertforge.errors import EXIT_GATE_FAILED, EXIT_OK, UsageError
+from bertforge.json_files import read_json
 from bertforge.onnx_files import MODEL_DATA_FILE, model_bytes, uses_external_data
 from bertforge.pipeline import (
     OUTPUT_MARKER,
@@ -262,7 +262,7 @@ def check_corpora(recipe: Recipe, source: ResolvedSource) -> None:
     from bertforge.validation.corpus import check_corpus
 
     tokenizer = AutoTokenizer.from_pretrained(source.path)
-    model_config = json.loads((source.path / "config.json").read_text("utf-8"))
+    model_config = read_json(source.path / "config.json")
     corpora = {"validation.corpus": recipe.validation.corpus}
     if "int8-static" in recipe.variants:
         corpora["int8_static.calibration_corpus"] = recipe.int8_static.calibration_corpus

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bertforge.environment import library_versions, machine_info
+from bertforge.json_files import read_json
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"  # every variant directory's model, the name optimum's loaders look for
@@ -301,8 +302,7 @@ def write_manifest(directory: Path, *, key: str, stage: str, stage_version: str,
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
-    with open(Path(directory) / MANIFEST, encoding="utf-8") as handle:
-        return json.load(handle)
+    return read_json(Path(directory) / MANIFEST)
 
 
 def verify_directory(directory: Path) -> list[str]:

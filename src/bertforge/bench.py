@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from bertforge.environment import physical_cores
+from bertforge.json_files import read_json
 from bertforge.onnx_files import model_bytes
 from bertforge.runtime import feeds_for, open_session
 
@@ -40,7 +41,7 @@ class InputSpec:
 
         from bertforge.validation.corpus import position_limit
 
-        config = json.loads((Path(directory) / "config.json").read_text("utf-8"))
+        config = read_json(Path(directory) / "config.json")
         tokenizer = AutoTokenizer.from_pretrained(directory)
         return cls(int(config["vocab_size"]), tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id,
                    position_limit(tokenizer, config))

@@ -12,24 +12,14 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bertforge.cache_dir import cache_root
 from bertforge.environment import library_versions
 
 KEY_LENGTH = 20
-
-
-def cache_root() -> Path:
-    """$BERTFORGE_CACHE, else $XDG_CACHE_HOME/bertforge, else ~/.cache/bertforge."""
-    explicit = os.environ.get("BERTFORGE_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "bertforge"
 
 
 def canonical_json(value: Any) -> str:

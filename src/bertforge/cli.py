@@ -108,7 +108,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from bertforge.artifact import MANIFEST, verify_directory
     from bertforge.cpu_target import exact_here
     from bertforge.environment import cpu_class
-    from bertforge.pipeline import OUTPUT_MARKER
+    from bertforge.pipeline import OUTPUT_MARKER, listed_variants
     from bertforge.runtime import int8_target_of
 
     root = Path(args.dir)
@@ -118,16 +118,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     failures = 0
     marker = root / OUTPUT_MARKER
     if marker.is_file():  # a build directory: every variant the build wrote must still be there
-        for name in json.loads(marker.read_text("utf-8"))["variants"]:
+        for name in listed_variants(root):
             if not (root / name / MANIFEST).is_file():
                 failures += 1
                 print(f"{root / name}: MISSING (listed in {OUTPUT_MARKER})")
     elif not targets:
         raise UsageError(f"{root} holds no {MANIFEST} (not a variant or build directory)")
     for target in targets:
-        problems = verify_directory(target)
+        try:
+            problems = verify_directory(target)
+            int8_target = int8_target_of(target)
+        except UsageError as exc:  # an unreadable manifest is a changed file, not a crash
+            problems, int8_target = [str(exc)], None
         failures += bool(problems)
-        int8_target = int8_target_of(target)
         where = "" if int8_target is None else f"  (int8 target {int8_target}: " + (
             "exact on this CPU)" if exact_here(int8_target) else f"NOT exact on this CPU, {cpu_class()})")
         print(f"{target}: {'ok' if not problems else 'CHANGED'}{where}")

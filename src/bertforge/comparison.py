@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bertforge.errors import UsageError
+from bertforge.json_files import read_json
 
 # metric -> (direction where bigger is better?, how a regression is measured)
 COMPARED = {
@@ -33,7 +33,7 @@ def load_report(run: Path) -> dict[str, Any]:
     path = Path(run) / "report.json" if Path(run).is_dir() else Path(run)
     if not path.is_file():
         raise UsageError(f"{path} not found (give a bertforge build directory or its report.json)")
-    return json.loads(path.read_text("utf-8"))
+    return read_json(path)
 
 
 def _delta(a: float | None, b: float | None) -> float | None:

@@ -35,6 +35,7 @@ from bertforge.crash_log import one_line
 from bertforge.environment import cpu_class
 from bertforge.errors import BertforgeError, ModelFileError, StageError, UsageError
 from bertforge.exporter import export
+from bertforge.json_files import read_json
 from bertforge.memory import release_freed_memory
 from bertforge.onnx_files import MODEL_DATA_FILE, external_data_above, model_bytes
 from bertforge.progress import Progress, reporting
@@ -218,11 +219,7 @@ def listed_variants(out: Path) -> list[str]:
     never names a path (a listed '../elsewhere' would steer reads and writes out of the build)."""
     from bertforge.stages import BY_NAME
 
-    try:
-        marker = json.loads((out / OUTPUT_MARKER).read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{out / OUTPUT_MARKER}: not readable JSON ({exc})") from None
-    listed = marker.get("variants") if isinstance(marker, dict) else None
+    listed = read_json(out / OUTPUT_MARKER).get("variants")
     if not isinstance(listed, list) or not all(isinstance(v, str) for v in listed):
         raise UsageError(f"{out / OUTPUT_MARKER}: 'variants' is not a list of variant names")
     strange = [v for v in listed if v not in BY_NAME]

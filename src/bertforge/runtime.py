@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bertforge.artifact import MODEL_FILE, read_manifest
+from bertforge.artifact import MANIFEST, MODEL_FILE, read_manifest
 from bertforge.cpu_target import target_warning
 from bertforge.environment import physical_cores
 from bertforge.errors import ModelFileError
@@ -37,11 +37,10 @@ def session_options(threads: int | None = None, spinning: bool = True, arena: bo
 
 def int8_target_of(directory: Path) -> str | None:
     """The int8 target a variant directory's manifest records (None: not int8, or no manifest)."""
-    try:
-        manifest = read_manifest(directory)
-    except (OSError, ValueError):
+    if not (Path(directory) / MANIFEST).is_file():  # a bare model directory runs without one
         return None
-    target = manifest.get("metadata", {}).get("int8_target") if isinstance(manifest, dict) else None
+    metadata = read_manifest(directory).get("metadata")  # a manifest that does not parse is named
+    target = metadata.get("int8_target") if isinstance(metadata, dict) else None
     return target if isinstance(target, str) else None
 
 

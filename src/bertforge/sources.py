@@ -116,7 +116,9 @@ def check_mask_token(path: Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # a library's message, kept to one line
-        raise SourceError(f"{path}: its tokenizer does not load: {' '.join(str(exc).split())[:300]}") from exc
+        files = [name for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json") if (path / name).exists()]
+        named = f" ({', '.join(files)})" if files else ""  # the library's message rarely names the file
+        raise SourceError(f"{path}: its tokenizer{named} does not load: {' '.join(str(exc).split())[:300]}") from exc
     mask, mask_id = tokenizer.mask_token, tokenizer.mask_token_id
     if mask is None or mask_id is None:
         raise SourceError(f"{path}: its tokenizer has no mask token; fill-mask needs one (e.g. [MASK])")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from bertforge.artifact import MODEL_FILE  # noqa: F401  (re-exported for the passes)
+from bertforge.json_files import read_json
 
 # Files optimum's ORTModelForMaskedLM and the fill-mask pipeline need beside model.onnx.
 LOADER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -19,7 +19,7 @@ def copy_loader_files(src: Path, dst: Path) -> None:
 
 
 def model_config(directory: Path) -> dict:
-    return json.loads((directory / "config.json").read_text("utf-8"))
+    return read_json(directory / "config.json")
 
 
 # Node-name patterns (from the exporter's module paths) behind each exclusion preset.

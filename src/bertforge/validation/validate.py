@@ -12,7 +12,6 @@ document read; writing them took 3.5-16 s of a cold bert-base build on this mach
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from bertforge.errors import StageError
+from bertforge.json_files import read_json
 from bertforge.memory import release_freed_memory
 from bertforge.predict import MaskText, Prediction, session_predictions
 from bertforge.recipe import ValidationConfig
@@ -46,7 +46,7 @@ def run_validation(checkpoint: Path, variants: dict[str, Path], config: Validati
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     truncation = Truncation()
-    model_config = json.loads((Path(checkpoint) / "config.json").read_text("utf-8"))
+    model_config = read_json(Path(checkpoint) / "config.json")
     examples = mask_sentences(load_lines(config.corpus), tokenizer, seed=config.seed,
                               fraction=config.mask_fraction, limit=config.max_sentences,
                               max_length=input_limit(tokenizer, model_config), truncation=truncation)
