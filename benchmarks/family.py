@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bertforge import __version__
 from bertforge.environment import library_versions, machine_info
-from bertforge.synthetic import FAMILY, PREFIX
+from bertforge.sources.synthetic import FAMILY, PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDARD = "fp32,fused,fp16,int8-dynamic,int8-static"

@@ -37,7 +37,7 @@ def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     import torch
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-    from bertforge.sources import demo_package_dir
+    from bertforge.sources.demo import demo_package_dir
 
     torch.manual_seed(seed)
     model = BertForMaskedLM(BertConfig(vocab_size=30522, **TINY)).eval()

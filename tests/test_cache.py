@@ -199,11 +199,11 @@ def test_a_damaged_cache_entry_is_rebuilt_never_shipped(tiny_variants):
 def test_key_covers_the_stage_code_and_every_helper_it_imports(tiny_variants, monkeypatch):
     from bertforge.code_digest import code_modules
 
-    assert {"bertforge.optimizers.tied_quant", "bertforge.optimizers.common"} <= set(
+    assert {"bertforge.optimizers.tied_quant", "bertforge.optimizers.graph.exclusions"} <= set(
         code_modules("bertforge.optimizers.int8_dynamic"))
-    assert {"bertforge.sensitivity", "bertforge.int8_plan", "bertforge.optimizers.mixed_int8",
-            "bertforge.optimizers.tied_quant", "bertforge.validation.corpus"} <= set(
-        code_modules("bertforge.optimizers.int8_auto"))
+    assert {"bertforge.optimizers.int8_auto.sensitivity", "bertforge.optimizers.int8_auto.search",
+            "bertforge.optimizers.int8_auto.plans", "bertforge.optimizers.tied_quant",
+            "bertforge.validation.corpus"} <= set(code_modules("bertforge.optimizers.int8_auto.stage"))
     fused = Artifact(tiny_variants["fused"], tiny_variants["fused"].name.split("-", 1)[1], "fusion", None)
     before = pipeline.key_of_stage("int8-dynamic", fused, Int8DynamicConfig(), {})
     assert before == tiny_variants["int8-dynamic"].name.split("-", 2)[2]

@@ -46,7 +46,8 @@ def test_the_cgroup_cpu_quota_is_read_from_v1_and_v2(tmp_path, files, expected):
 
 
 def test_the_recipe_target_sets_every_int8_section_unless_a_section_says_otherwise(tmp_path):
-    from bertforge.cli import _overrides, parser
+    from bertforge.cli import parser
+    from bertforge.commands import _overrides
     from bertforge.recipe import INT8_SECTIONS, load_recipe
 
     assert {getattr(load_recipe(None), s).cpu_target for s in INT8_SECTIONS} == {"portable"}

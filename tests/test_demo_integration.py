@@ -23,8 +23,8 @@ def demo_build(tmp_path_factory) -> Path:
 
 
 def test_demo_head_is_informative_and_reproducible(demo_build):
-    from bertforge.demo_head import build_demo_checkpoint
     from bertforge.sources import resolve
+    from bertforge.sources.demo import build_demo_checkpoint
 
     report = json.loads((demo_build / "report.json").read_text())
     reference = report["reference"]

@@ -78,8 +78,8 @@ def test_a_line_whose_mask_is_cut_off_is_counted_not_masked_elsewhere(family_bui
 def test_synthetic_family_members_have_their_published_shapes_and_usable_vocabularies(tmp_path, capsys):
     from transformers import BertTokenizerFast
 
-    from bertforge import synthetic
-    from bertforge.sources import demo_package_dir
+    from bertforge.sources import synthetic
+    from bertforge.sources.demo import demo_package_dir
 
     published = {  # layers, hidden, heads, intermediate, vocabulary (the checkpoints' config.json)
         "bert-base-uncased": (12, 768, 12, 3072, 30522), "bert-base-cased": (12, 768, 12, 3072, 28996),

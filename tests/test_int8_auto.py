@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 
 from bertforge.errors import UsageError
-from bertforge.int8_plan import hull, ordered_moves, plan_after
+from bertforge.optimizers.int8_auto.search import hull, ordered_moves, plan_after
 from conftest import INT8_LOGIT_ERROR, tiny_feeds
 
 
@@ -31,7 +31,7 @@ def fp32_artifact(tiny_variants):
 
 
 def test_int8_auto_meets_its_target_and_picks_the_same_plan_twice(tiny_variants, tmp_path):
-    from bertforge.optimizers import int8_auto
+    from bertforge.optimizers.int8_auto import stage as int8_auto
     from bertforge.pipeline import stage_inputs
     from bertforge.progress import reporting
     from bertforge.recipe import Int8AutoConfig
@@ -68,7 +68,7 @@ def test_int8_auto_meets_its_target_and_picks_the_same_plan_twice(tiny_variants,
 
 
 def test_int8_auto_names_the_best_agreement_when_the_latency_bound_cannot_hold(tiny_variants, tmp_path):
-    from bertforge.optimizers import int8_auto
+    from bertforge.optimizers.int8_auto import stage as int8_auto
     from bertforge.pipeline import stage_inputs
     from bertforge.recipe import Int8AutoConfig
 
@@ -86,8 +86,8 @@ def test_int8_auto_names_the_best_agreement_when_the_latency_bound_cannot_hold(t
 def test_the_table_measures_the_int8_scheme_the_output_error_favours(tiny_variants, tmp_path):
     """Where int8-dynamic and int8-smooth are both faster than fp32 for a group, the table measures
     only the one its output error on its own inputs favours (both where they are close)."""
-    from bertforge.local_error import screened_out
-    from bertforge.optimizers import int8_auto
+    from bertforge.optimizers.int8_auto import stage as int8_auto
+    from bertforge.optimizers.int8_auto.screen import screened_out
     from bertforge.pipeline import stage_inputs
     from bertforge.recipe import Int8AutoConfig
 
@@ -111,7 +111,7 @@ def test_the_search_bisects_to_a_mixed_plan_when_the_target_needs_one(tiny_varia
     """With every int8 scheme a third of fp32's cost (the tiny model's own int8 kernels are slower, so
     its measured plans stay fp32), a KL target at half the all-int8 plan's makes the bisection find a
     plan with some groups int8 and some fp32, and it meets the target."""
-    from bertforge.optimizers import int8_auto
+    from bertforge.optimizers.int8_auto import stage as int8_auto
     from bertforge.pipeline import stage_inputs
     from bertforge.recipe import Int8AutoConfig
 

@@ -59,8 +59,12 @@ def test_int8_static_qdq_matmuls_equal_their_exact_integer_reference(int8_varian
 @pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-smooth", "int8-token", "int8-outlier", "int8-blockwise"])
 def test_every_int8_auto_scheme_equals_its_exact_integer_reference(tiny_variants, scheme):
     """int8-auto's tiny plan keeps its encoder fp32, so each scheme is checked over every group here."""
-    from bertforge.optimizers.common import MODEL_FILE, mha_fused, model_config
-    from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, group_input, input_channels, quant_groups
+    from bertforge.artifact import MODEL_FILE
+    from bertforge.onnx_files import model_config
+    from bertforge.optimizers.graph.ort_fusion import mha_fused
+    from bertforge.optimizers.int8_auto.groups import group_input, input_channels, quant_groups
+    from bertforge.optimizers.int8_auto.plans import apply_plan
+    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     source = tiny_variants["fp32"]
     model, _ = mha_fused(source / MODEL_FILE, model_config(source), "test")

@@ -9,9 +9,11 @@ from test_smooth_quant import logits, mha_graph
 
 
 def test_a_plan_runs_from_its_first_changed_layer_with_the_logits_of_its_whole_graph(tiny_variants, tmp_path):
-    from bertforge.layer_prefix import HEAD_START
-    from bertforge.optimizers.mixed_int8 import QuantizedWeights, quant_groups
-    from bertforge.sensitivity import calibration_split, fp32_values, masked_logits, plan_logits
+    from bertforge.optimizers.int8_auto.calibration import calibration_split, masked_logits
+    from bertforge.optimizers.int8_auto.groups import quant_groups
+    from bertforge.optimizers.int8_auto.prefix import HEAD_START
+    from bertforge.optimizers.int8_auto.sensitivity import fp32_values, plan_logits
+    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     model = mha_graph(tiny_variants)
     groups = quant_groups(model)
@@ -50,7 +52,9 @@ def test_a_plan_runs_from_its_first_changed_layer_with_the_logits_of_its_whole_g
 
 
 def test_fp16_embeddings_keep_the_decoder_int8_and_read_their_own_fp16_table(tiny_variants):
-    from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, quant_groups
+    from bertforge.optimizers.int8_auto.groups import quant_groups
+    from bertforge.optimizers.int8_auto.plans import apply_plan
+    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     model = mha_graph(tiny_variants)
     groups = quant_groups(model)

@@ -17,9 +17,12 @@ def matmul_outputs(graph: onnx.ModelProto, names: list[str], feeds: list[dict[st
 
 
 def test_the_output_error_is_what_the_group_quantized_alone_computes_on_fp32_inputs(tiny_variants, tmp_path):
-    from bertforge.local_error import local_errors
-    from bertforge.optimizers.mixed_int8 import TIED_GROUP, QuantizedWeights, apply_plan, quant_groups
-    from bertforge.sensitivity import calibration_split, fp32_values
+    from bertforge.optimizers.int8_auto.calibration import calibration_split
+    from bertforge.optimizers.int8_auto.groups import TIED_GROUP, quant_groups
+    from bertforge.optimizers.int8_auto.plans import apply_plan
+    from bertforge.optimizers.int8_auto.screen import local_errors
+    from bertforge.optimizers.int8_auto.sensitivity import fp32_values
+    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     model = mha_graph(tiny_variants)
     groups = quant_groups(model)
@@ -45,7 +48,7 @@ def test_the_output_error_is_what_the_group_quantized_alone_computes_on_fp32_inp
 
 
 def test_the_screen_keeps_the_scheme_the_output_error_favours_and_both_when_close():
-    from bertforge.local_error import screened_out
+    from bertforge.optimizers.int8_auto.screen import screened_out
 
     errors = {"a": {"int8-dynamic": 1.0, "int8-smooth": 0.3},  # smooth clearly better: dynamic not measured
               "b": {"int8-dynamic": 1.0, "int8-smooth": 0.85},  # close: both measured

@@ -114,7 +114,7 @@ def test_gate_evaluation_names_metric_and_threshold():
 
 
 def test_demo_logit_scale_recovers_a_known_temperature():
-    from bertforge.demo_head import fit_logit_scale
+    from bertforge.sources.demo import fit_logit_scale
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(4000, 50))

@@ -36,14 +36,17 @@ def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
 
 def qkv_error(model: onnx.ModelProto, x: np.ndarray, weights, scheme: str) -> float:
     """Mean abs error of the Q/K/V outputs with layer.0.qkv in `scheme`, against the fp32 graph."""
-    from bertforge.optimizers.mixed_int8 import apply_plan, quant_groups
+    from bertforge.optimizers.int8_auto.groups import quant_groups
+    from bertforge.optimizers.int8_auto.plans import apply_plan
 
     quantized = apply_plan(model, {"layer.0.qkv": scheme}, quant_groups(model), weights)
     return float(np.mean([np.abs(a - b).mean() for a, b in zip(run(quantized, x), run(model, x), strict=True)]))
 
 
 def test_smoothing_moves_an_outlier_channel_into_the_weights_and_cuts_the_int8_error():
-    from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, quant_groups
+    from bertforge.optimizers.int8_auto.groups import quant_groups
+    from bertforge.optimizers.int8_auto.plans import apply_plan
+    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     model, x = projections_with_an_outlier_channel(np.random.default_rng(0))
     groups = quant_groups(model)
@@ -61,7 +64,9 @@ def test_smoothing_moves_an_outlier_channel_into_the_weights_and_cuts_the_int8_e
 
 
 def test_outlier_channels_stay_fp32_and_the_rest_is_int8():
-    from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, quant_groups
+    from bertforge.optimizers.int8_auto.groups import quant_groups
+    from bertforge.optimizers.int8_auto.plans import apply_plan
+    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     model, x = projections_with_an_outlier_channel(np.random.default_rng(0))
     groups = quant_groups(model)
@@ -79,7 +84,9 @@ def test_outlier_channels_stay_fp32_and_the_rest_is_int8():
 
 @pytest.mark.parametrize("opset", [17, 18])  # ReduceMax's axes: an attribute, then an input from opset 18
 def test_int8_token_gives_each_token_its_own_activation_scale(opset):
-    from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, quant_groups
+    from bertforge.optimizers.int8_auto.groups import quant_groups
+    from bertforge.optimizers.int8_auto.plans import apply_plan
+    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     rng = np.random.default_rng(0)
     model, x = projections_with_an_outlier_channel(rng)
@@ -91,7 +98,7 @@ def test_int8_token_gives_each_token_its_own_activation_scale(opset):
     scaled = apply_plan(model, {"layer.0.qkv": "int8-token"}, groups, weights)
     ops = Counter(node.op_type for node in scaled.graph.node)
     assert ops == {"Abs": 1, "ReduceMax": 1, "Max": 1, "Div": 1, "DynamicQuantizeMatMul": 3, "Mul": 3}
-    from bertforge.sensitivity import group_ms  # the cost model finds every node the scheme adds
+    from bertforge.optimizers.int8_auto.costs import group_ms  # the cost model finds every node the scheme adds
 
     assert group_ms(groups[0], "int8-token", {node.name: 1.0 for node in scaled.graph.node}) == 10.0
     plain, per_token = (qkv_error(model, x, weights, scheme) for scheme in ("int8-dynamic", "int8-token"))
@@ -105,7 +112,9 @@ def test_int8_token_gives_each_token_its_own_activation_scale(opset):
 def test_int8_smooth_needs_the_calibration_absmax():
     import pytest
 
-    from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, quant_groups
+    from bertforge.optimizers.int8_auto.groups import quant_groups
+    from bertforge.optimizers.int8_auto.plans import apply_plan
+    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     model, _ = projections_with_an_outlier_channel(np.random.default_rng(1))
     with pytest.raises(ValueError, match="calibration absmax of x"):
@@ -113,7 +122,9 @@ def test_int8_smooth_needs_the_calibration_absmax():
 
 
 def mha_graph(tiny_variants):
-    from bertforge.optimizers.common import MODEL_FILE, mha_fused, model_config
+    from bertforge.artifact import MODEL_FILE
+    from bertforge.onnx_files import model_config
+    from bertforge.optimizers.graph.ort_fusion import mha_fused
 
     source = tiny_variants["fp32"]
     model, _ = mha_fused(source / MODEL_FILE, model_config(source), "test")
@@ -126,7 +137,9 @@ def logits(model: onnx.ModelProto) -> np.ndarray:
 
 
 def test_fp32_layers_go_back_to_packed_attention_and_every_smooth_plan_runs(tiny_variants, tmp_path):
-    from bertforge.optimizers.mixed_int8 import TIED_GROUP, QuantizedWeights, apply_plan, group_input, quant_groups
+    from bertforge.optimizers.int8_auto.groups import TIED_GROUP, group_input, quant_groups
+    from bertforge.optimizers.int8_auto.plans import apply_plan
+    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     model = mha_graph(tiny_variants)
     groups = quant_groups(model)
@@ -140,7 +153,8 @@ def test_fp32_layers_go_back_to_packed_attention_and_every_smooth_plan_runs(tiny
 
     # a layer whose Q/K/V are int8 goes to QAttention (one quantized input, one packed int8 GEMM);
     # the fp32 one to Attention
-    from bertforge.sensitivity import calibration_split, fp32_values
+    from bertforge.optimizers.int8_auto.calibration import calibration_split
+    from bertforge.optimizers.int8_auto.sensitivity import fp32_values
 
     absmax = fp32_values(model, groups, calibration_split(tiny_variants["fp32"], seeds=(7,)), tmp_path).absmax
     assert set(absmax) == {group_input(model, g) for g in groups}
@@ -161,8 +175,10 @@ def test_fp32_layers_go_back_to_packed_attention_and_every_smooth_plan_runs(tiny
 
 
 def test_int8_qkv_packed_into_qattention_computes_what_the_three_kernels_did(tiny_variants):
-    from bertforge.optimizers.common import repack_fp32_attention
-    from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, quant_groups
+    from bertforge.optimizers.graph.attention import repack_fp32_attention
+    from bertforge.optimizers.int8_auto.groups import quant_groups
+    from bertforge.optimizers.int8_auto.plans import apply_plan
+    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     model = mha_graph(tiny_variants)
     groups = quant_groups(model)
@@ -178,8 +194,10 @@ def test_int8_qkv_packed_into_qattention_computes_what_the_three_kernels_did(tin
 
 
 def test_the_head_runs_at_the_mask_rows_only_where_that_changes_no_logit(tiny_variants):
-    from bertforge.optimizers.mixed_int8 import QuantizedWeights, quant_groups
-    from bertforge.sensitivity import calibration_split, head_reads_masked_rows_only, plan_logits
+    from bertforge.optimizers.int8_auto.calibration import calibration_split, head_reads_masked_rows_only
+    from bertforge.optimizers.int8_auto.groups import quant_groups
+    from bertforge.optimizers.int8_auto.sensitivity import plan_logits
+    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     model = mha_graph(tiny_variants)
     groups = quant_groups(model)
@@ -198,7 +216,7 @@ def test_the_head_runs_at_the_mask_rows_only_where_that_changes_no_logit(tiny_va
 
 
 def logits_of(model, plan, groups, weights, feeds) -> np.ndarray:
-    from bertforge.optimizers.mixed_int8 import apply_plan
+    from bertforge.optimizers.int8_auto.plans import apply_plan
 
     session = ort.InferenceSession(apply_plan(model, plan, groups, weights).SerializeToString(),
                                    providers=["CPUExecutionProvider"])
@@ -207,16 +225,16 @@ def logits_of(model, plan, groups, weights, feeds) -> np.ndarray:
 
 
 def test_each_group_keeps_the_smoothquant_alpha_of_lowest_kl(tiny_variants, tmp_path):
-    from bertforge.optimizers.mixed_int8 import QuantizedWeights, quant_groups
-    from bertforge.sensitivity import (
+    from bertforge.optimizers.int8_auto.calibration import calibration_split, masked_logits
+    from bertforge.optimizers.int8_auto.groups import quant_groups
+    from bertforge.optimizers.int8_auto.sensitivity import (
         Reference,
         agreement,
-        calibration_split,
         fp32_values,
-        masked_logits,
         plan_logits,
         sensitivity_table,
     )
+    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     model = mha_graph(tiny_variants)
     groups = quant_groups(model)

@@ -135,7 +135,7 @@ def test_out_as_the_current_directory_is_refused(small_recipe, tmp_path, monkeyp
 
 
 def test_validate_takes_the_builds_lock(small_recipe, tmp_path, capsys):
-    from bertforge.api import output_lock
+    from bertforge.output_dir import output_lock
 
     out = tmp_path / "out"
     assert build(small_recipe, out) == 0

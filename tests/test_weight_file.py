@@ -9,8 +9,9 @@ from test_smooth_quant import mha_graph
 
 
 def derived_graphs(model, groups, weights):
-    from bertforge.optimizers.mixed_int8 import SCHEMES, TIED_GROUP, apply_plan
-    from bertforge.sensitivity import gathered_head, group_schemes
+    from bertforge.optimizers.int8_auto.calibration import gathered_head
+    from bertforge.optimizers.int8_auto.groups import SCHEMES, TIED_GROUP, group_schemes
+    from bertforge.optimizers.int8_auto.plans import apply_plan
 
     for scheme in SCHEMES:
         plan = {g.name: scheme for g in groups if scheme in group_schemes(g)}
@@ -22,7 +23,8 @@ def derived_graphs(model, groups, weights):
 def test_derived_graphs_never_rewrite_a_base_initializer_under_its_name(tiny_variants):
     """What makes a reference into the base weights exact: a derived graph that still holds a base
     initializer's name holds its data."""
-    from bertforge.optimizers.mixed_int8 import QuantizedWeights, group_input, input_channels, quant_groups
+    from bertforge.optimizers.int8_auto.groups import group_input, input_channels, quant_groups
+    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     model = mha_graph(tiny_variants)
     groups = quant_groups(model)
@@ -38,9 +40,11 @@ def test_derived_graphs_never_rewrite_a_base_initializer_under_its_name(tiny_var
 
 
 def test_sessions_over_the_weight_file_give_the_same_logits_from_far_smaller_graphs(tiny_variants, tmp_path):
-    from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, quant_groups
-    from bertforge.sensitivity import session_for
-    from bertforge.weight_file import WeightFile
+    from bertforge.optimizers.int8_auto.calibration import session_for
+    from bertforge.optimizers.int8_auto.groups import quant_groups
+    from bertforge.optimizers.int8_auto.plans import apply_plan
+    from bertforge.optimizers.int8_auto.weight_file import WeightFile
+    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     model = mha_graph(tiny_variants)
     groups = quant_groups(model)
@@ -68,8 +72,10 @@ def test_plans_made_from_the_referencing_graph_are_the_plans_made_from_the_base_
     """The search applies its plans to the base graph with its weights as references (read back through
     WeightFile.array), and adds the all-fp32 plan's packed Q/K/V weights to the file: every plan's
     graph, once referenced, is the same as the one made from the base graph itself."""
-    from bertforge.optimizers.mixed_int8 import QuantizedWeights, apply_plan, group_input, input_channels, quant_groups
-    from bertforge.weight_file import WeightFile
+    from bertforge.optimizers.int8_auto.groups import group_input, input_channels, quant_groups
+    from bertforge.optimizers.int8_auto.plans import apply_plan
+    from bertforge.optimizers.int8_auto.weight_file import WeightFile
+    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     model = mha_graph(tiny_variants)
     groups = quant_groups(model)

@@ -2,7 +2,7 @@
 
 import os
 
-__version__ = "0.1.0"
+from bertforge.version import __version__
 
 # Keep a build from writing outside its output and cache directories. onnxruntime records a
 # telemetry event (deviceid, onnxruntime.db) under ~/.cache/Microsoft for every process that

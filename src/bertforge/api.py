@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bertforge import bench, results_cache
+import bertforge.bench as bench
+import bertforge.results_cache as results_cache
 from bertforge.artifact import (
     atomic_directory,
     read_manifest,
@@ -20,10 +19,12 @@ from bertforge.artifact import (
     write_json_atomic,
     write_text_atomic,
 )
-from bertforge.cache import cache_root, exclusive_or_fail
+from bertforge.cache import cache_root
+from bertforge.crash_log import library_messages_to
 from bertforge.errors import EXIT_GATE_FAILED, EXIT_OK, UsageError
 from bertforge.json_files import read_json
 from bertforge.onnx_files import MODEL_DATA_FILE, model_bytes, uses_external_data
+from bertforge.output_dir import check_writable, output_lock, rejected_path
 from bertforge.pipeline import (
     OUTPUT_MARKER,
     assemble_variant,
@@ -192,66 +193,6 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> Outcom
         if log.is_file():
             progress.message(f"library warnings: {log}")
         return outcome
-
-
-def output_lock(out: Path):
-    """One command at a time writes a build directory: build and validate take the same lock (two would
-    race to replace it, or leave build.json from one and report.json from the other)."""
-    target = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:20]
-    return exclusive_or_fail(cache_root() / "locks" / f"out-{target}.lock",
-                             f"another bertforge build or validate is writing {out}; wait for it or choose "
-                             "another --out")
-
-
-def rejected_path(out: Path) -> Path:
-    """Where a rebuild whose gates failed goes, beside the build in `out` it leaves as it was; refused
-    when something that is not a bertforge build already stands there."""
-    rejected = out.with_name(f"{out.name}.rejected")
-    if rejected.exists() and not (rejected / OUTPUT_MARKER).is_file():
-        raise UsageError(f"{rejected} exists and is not a bertforge output directory; remove it (a rebuild "
-                         f"of {out} whose gates fail is written there)")
-    return rejected
-
-
-@contextlib.contextmanager
-def library_messages_to(path: Path) -> Iterator[None]:
-    """The libraries' warnings (logging's root logger, where onnxruntime's quantizers write "Please
-    consider to run pre-processing", and Python warnings) go to a log file under the cache, not into
-    the progress line; the file exists only if something was written."""
-    import logging
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, delay=True)
-    handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    logging.captureWarnings(True)
-    try:
-        yield
-    finally:
-        logging.captureWarnings(False)
-        root.removeHandler(handler)
-        handler.close()
-
-
-def check_writable(out: Path) -> None:
-    """Before any work: --out's parent and the cache must be writable, and the cache not inside --out
-    (replacing --out would delete it)."""
-    import tempfile
-
-    root = cache_root().resolve()
-    if root == out.resolve() or out.resolve() in root.parents:
-        raise UsageError(f"the cache ({root}, $BERTFORGE_CACHE) is inside --out {out}: each build replaces "
-                         "--out and would delete it; choose a cache or an --out outside the other")
-    parent = out.resolve().parent  # created if missing, as the build would
-    for place, what in ((parent, f"--out's parent directory {parent}"), (root, f"the cache {root}")):
-        try:
-            place.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=place, prefix=".bertforge-write-check-"):
-                pass
-        except OSError as error:
-            raise UsageError(f"{what} is not writable: {error.strerror or error}") from None
 
 
 def check_corpora(recipe: Recipe, source: ResolvedSource) -> None:

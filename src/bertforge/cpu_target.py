@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from bertforge import environment
+import bertforge.environment as environment
 from bertforge.environment import cpu_class, is_x86
 
 Target = Literal["portable", "vnni"]

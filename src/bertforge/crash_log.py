@@ -7,9 +7,11 @@ exits 3, and keeps the traceback under the cache's logs/ folder, whose path the 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -48,3 +50,25 @@ def one_line(where: str, error: BaseException) -> str:
     cause = f"{type(error).__name__}: {first}" if first else type(error).__name__
     log = write_traceback(where, error)
     return f"{where} failed: {cause}" + (f" (traceback: {log})" if log else "")
+
+
+@contextlib.contextmanager
+def library_messages_to(path: Path) -> Iterator[None]:
+    """The libraries' warnings (logging's root logger, where onnxruntime's quantizers write "Please
+    consider to run pre-processing", and Python warnings) go to a log file under the cache, not into
+    the progress line; the file exists only if something was written."""
+    import logging
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, delay=True)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
+        handler.close()

@@ -12,9 +12,11 @@ model down the large-model path. The threshold is part of every stage's cache ke
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from bertforge.artifact import MODEL_FILE
+from bertforge.json_files import read_json
 
 MODEL_DATA_FILE = "model.onnx_data"  # optimum's name for model.onnx's external data
 # tensors above this many bytes in all go to MODEL_DATA_FILE: under protobuf's 2 GiB, with room for the graph
@@ -83,3 +85,18 @@ def model_bytes(directory: Path) -> int:
 
 def uses_external_data(directory: Path) -> bool:
     return (Path(directory) / MODEL_DATA_FILE).is_file()
+
+
+# Files optimum's ORTModelForMaskedLM and the fill-mask pipeline need beside model.onnx.
+LOADER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def copy_loader_files(src: Path, dst: Path) -> None:
+    for name in LOADER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def model_config(directory: Path) -> dict:
+    """A variant's or checkpoint's config.json."""
+    return read_json(directory / "config.json")

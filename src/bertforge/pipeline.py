@@ -200,7 +200,7 @@ def build_variants(recipe: Recipe, source: ResolvedSource, progress: Progress,
 def check_weights_once(root: Artifact) -> bool:
     """export.check_weights before any stage, once per checkpoint content and check code (a warm build
     does not load the model again); returns whether an earlier check was reused."""
-    from bertforge import results_cache
+    import bertforge.results_cache as results_cache
 
     key = results_cache.key_for("weights-check", {"source": root.key, "code": code_digest(export.__name__)})
     if results_cache.load("weights-check", key) is not None:

@@ -175,7 +175,7 @@ class Int8AutoConfig(Section):
     # groups against 28. Every 4th batch moved demo's plan by a group and bert-base's from 28 to 23 or 31.
     sensitivity_stride: StrictInt = Field(2, ge=1, le=8)
     # Where int8-dynamic and int8-smooth are both schemes, the table measures for each group only the one
-    # its output error on its own fp32 inputs favours (local_error.py; both where they are within 10-20%
+    # its output error on its own fp32 inputs favours (optimizers/int8_auto/screen.py; both where they are within 10-20%
     # of each other): one run of the fp32 graph instead of one table evaluation per group. Off: both;
     # off too with several smooth_alphas (the screen knows the last alpha only, the table picks one).
     screen_schemes: bool = True

@@ -56,7 +56,7 @@ SPECS: tuple[VariantSpec, ...] = (
     VariantSpec("int8-blockwise", "optimizers.int8_blockwise", "fp32", "int8_blockwise",
                 {"top1_min": 0.90, "top5_overlap_min": 0.92, "ref_top1_in_top5_min": 0.99},
                 summary="every MatMul as 8-bit MatMulNBits: activations and weights quantized per block of channels"),
-    VariantSpec("int8-auto", "optimizers.int8_auto", "fp32", "int8_auto", INT8_AUTO_GATE,
+    VariantSpec("int8-auto", "optimizers.int8_auto.stage", "fp32", "int8_auto", INT8_AUTO_GATE,
                 summary="a scheme per layer group (fp32 or an int8 scheme), the fastest plan meeting an agreement "
                         "target on a calibration split"),
     VariantSpec("int8-dynamic-masked", "optimizers.masked_head", "int8-dynamic", "masked_head", INT8_DYNAMIC_GATE,

@@ -14,9 +14,10 @@ from typing import Any
 
 import onnx
 
-from bertforge.onnx_files import save_model
+from bertforge.artifact import MODEL_FILE
+from bertforge.onnx_files import copy_loader_files, save_model
 from bertforge.optimizers import ort_config
-from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mlm_head_nodes
+from bertforge.optimizers.graph.exclusions import mlm_head_nodes
 from bertforge.recipe import Fp16Config
 
 NAME = "fp16"

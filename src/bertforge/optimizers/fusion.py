@@ -14,16 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bertforge.artifact import MODEL_FILE
 from bertforge.errors import StageError
-from bertforge.onnx_files import save_model
+from bertforge.onnx_files import copy_loader_files, model_config, save_model
 from bertforge.optimizers import ort_config
-from bertforge.optimizers.common import (
-    MODEL_FILE,
-    copy_loader_files,
-    model_config,
-    ort_fuse,
-    split_skip_layer_norms,
-)
+from bertforge.optimizers.graph.ort_fusion import ort_fuse, split_skip_layer_norms
 from bertforge.recipe import FusionConfig
 
 NAME = "fusion"

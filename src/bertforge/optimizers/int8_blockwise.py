@@ -15,17 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bertforge.artifact import MODEL_FILE
 from bertforge.cpu_target import int8_target_record
-from bertforge.onnx_files import save_model
-from bertforge.optimizers.common import (
-    MODEL_FILE,
-    copy_loader_files,
-    excluded_nodes,
-    mha_fused,
-    model_config,
-    op_histogram,
-    require_quantized,
-)
+from bertforge.onnx_files import copy_loader_files, model_config, save_model
+from bertforge.optimizers.graph.exclusions import excluded_nodes
+from bertforge.optimizers.graph.op_counts import op_histogram, require_quantized
+from bertforge.optimizers.graph.ort_fusion import mha_fused
 from bertforge.optimizers.tied_quant import share_tied_table_per_presets
 from bertforge.recipe import Int8BlockwiseConfig
 

@@ -17,19 +17,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bertforge.artifact import Artifact
+from bertforge.artifact import MODEL_FILE, Artifact
 from bertforge.cpu_target import int8_target_record
-from bertforge.onnx_files import save_model, uses_external_data
+from bertforge.onnx_files import copy_loader_files, model_config, save_model, uses_external_data
 from bertforge.optimizers import ort_config
-from bertforge.optimizers.common import (
-    MODEL_FILE,
-    copy_loader_files,
-    excluded_nodes,
-    model_config,
-    node_names,
-    op_histogram,
-    require_quantized,
-)
+from bertforge.optimizers.graph.exclusions import excluded_nodes, node_names
+from bertforge.optimizers.graph.op_counts import op_histogram, require_quantized
 from bertforge.optimizers.int8_weights import make_pair_safe
 from bertforge.recipe import Int8StaticConfig
 

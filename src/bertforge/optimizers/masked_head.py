@@ -36,10 +36,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from bertforge.artifact import read_manifest
+from bertforge.artifact import MODEL_FILE, read_manifest
 from bertforge.errors import StageError
-from bertforge.onnx_files import save_model
-from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mlm_head_nodes
+from bertforge.onnx_files import copy_loader_files, save_model
+from bertforge.optimizers.graph.exclusions import mlm_head_nodes
 from bertforge.optimizers.tied_quant import DECODER_NODE, tied_table
 from bertforge.recipe import MaskedHeadConfig
 from bertforge.runtime import MASK_LOGITS

@@ -72,7 +72,7 @@ def share_tied_table(model: onnx.ModelProto, int8_decoder: bool, target: str,
     top-1 (calibration split, PyTorch with only the embedding table quantized); fp16 ones 0.3.
 
     target: the int8 target (cpu_target.py), which bounds the table's int8 values.
-    read: how the table's values are read (mixed_int8.QuantizedWeights.read)."""
+    read: how the table's values are read (int8_auto.weights.QuantizedWeights.read)."""
     graph = model.graph
     found = tied_table(graph)
     if found is None:

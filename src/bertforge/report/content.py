@@ -6,9 +6,9 @@ import math
 from datetime import datetime, timezone
 from typing import Any
 
-from bertforge import __version__
 from bertforge.environment import library_versions, machine_info
 from bertforge.report.recommend import recommend
+from bertforge.version import __version__
 
 SCHEMA_VERSION = 1  # keys added since (recommendation) are optional: readers of 1 still read it
 
@@ -140,7 +140,7 @@ def smooth_note(meta: dict[str, Any]) -> str:
 
 
 def screen_note(meta: dict[str, Any]) -> str:
-    from bertforge.local_error import DYNAMIC_ONLY, SMOOTH_ONLY
+    from bertforge.optimizers.int8_auto.screen import DYNAMIC_ONLY, SMOOTH_ONLY
 
     screened = meta.get("screened_out") or {}
     if not screened:

@@ -27,7 +27,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bertforge.optimizers.mixed_int8 import TIED_GROUP, Group, QuantizedWeights, apply_plan, group_input
+from bertforge.optimizers.int8_auto.groups import TIED_GROUP, Group, group_input
+from bertforge.optimizers.int8_auto.plans import apply_plan
+from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
 SCREENED = ("int8-dynamic", "int8-smooth")
 # int8-smooth's error / int8-dynamic's: below SMOOTH_ONLY the table measures int8-smooth alone, from
@@ -107,7 +109,7 @@ def local_errors(model: onnx.ModelProto, groups: list[Group], weights: Quantized
                  weight_file=None) -> dict[str, dict[str, float]]:
     """{group: {scheme: relative output error}} over the split's batches (sensitivity.CalibrationSplit),
     for every group but the tied table; `weights` needs the calibration absmax (int8-smooth's scales)."""
-    from bertforge.sensitivity import session_for
+    from bertforge.optimizers.int8_auto.calibration import session_for
 
     graph, outputs = error_graph(model, groups, weights)
     session = session_for(graph, weight_file=weight_file)

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from bertforge.optimizers.mixed_int8 import Group, group_input
+from bertforge.optimizers.int8_auto.groups import Group, group_input
 
 LAYER_GROUP = re.compile(r"^layer\.(\d+)\.")
 HEAD_START = 1 << 30  # the head's transform starts after every layer

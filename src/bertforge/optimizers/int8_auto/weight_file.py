@@ -9,8 +9,8 @@ are written once to `weights.bin` in a scratch folder, and just before a session
 still present in a derived graph is replaced by an onnx external-data reference into that file
 (onnxruntime resolves it against `session.model_external_initializers_file_folder_path`).
 
-Exact by construction: the graphs the search derives (mixed_int8.apply_plan, tied_quant, the
-attention repacks, masked_head, layer_prefix) only add initializers under new names or remove old
+Exact by construction: the graphs the search derives (plans.apply_plan, tied_quant, the
+attention repacks, masked_head, prefix.py) only add initializers under new names or remove old
 ones, never rewrite one in place, so a base name still in a derived graph still holds the base
 data (tests/test_weight_file.py checks it for every scheme). `add` extends the file with a derived
 graph's new initializers under the same rule: a name it adds always holds the same data in every
@@ -72,7 +72,7 @@ class WeightFile:
 
     def array(self, init: onnx.TensorProto) -> np.ndarray:
         """An initializer's values, read from the file where `init` is one of its references: what
-        mixed_int8.apply_plan reads weights with when it is given a graph made by `referencing`."""
+        plans.apply_plan reads weights with when it is given a graph made by `referencing`."""
         if init.data_location != onnx.TensorProto.EXTERNAL:
             return numpy_helper.to_array(init)
         loaded = onnx.TensorProto()

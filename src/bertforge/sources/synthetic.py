@@ -91,7 +91,7 @@ def derived_vocabulary(uncased: list[str], size: int, cased: bool) -> list[str]:
 
 def ensure(name: str) -> Path:
     """The member's checkpoint directory under the cache, made once (atomically) and then reused."""
-    from bertforge.sources import demo_package_dir
+    from bertforge.sources.demo import demo_package_dir
 
     if name not in FAMILY:
         raise SourceError(f"unknown synthetic model '{name}'; available: " + ", ".join(

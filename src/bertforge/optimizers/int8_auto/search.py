@@ -13,7 +13,7 @@ the measured cost of each group in each scheme:
    model with G groups costs about log2(G) + 2 evaluations.
 
 Deterministic: KL comes from deterministic sessions, and the costs it is given are already rounded
-(sensitivity.modelled_costs: a per-scheme rate, 2 significant digits) and rounded to 0.01 ms here,
+(costs.modelled_costs: a per-scheme rate, 2 significant digits) and rounded to 0.01 ms here,
 so profiler noise does not reorder the moves.
 """
 

@@ -41,186 +41,23 @@ quantize_dynamic / MatMulNBitsQuantizer per plan.
 from __future__ import annotations
 
 import copy
-import re
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from bertforge.onnx_files import default_opset
-from bertforge.optimizers.common import repack_fp32_attention, repack_int8_attention
-from bertforge.optimizers.int8_weights import symmetric_int8
-from bertforge.optimizers.tied_quant import share_tied_table, tied_table
-from bertforge.weight_file import WeightFile
-
-SCHEMES = ("fp32", "int8-dynamic", "int8-smooth", "int8-token", "int8-outlier", "int8-blockwise")
-TOKEN_FLOOR = 1e-6  # a row of zeros (padding after LayerNorm is not, but a ReLU-like input could be)
-SMOOTH_ALPHA = 0.8
-OUTLIER_CHANNELS = 8
-TIED_GROUP = "tied-table"
-# role of a MatMul, from the exporter's module path (the same names the exclusion presets use)
-ROLE_PATTERNS = (
-    (re.compile(r"/layer\.(\d+)/attention/self/(query|key|value)/MatMul$"), "qkv"),
-    (re.compile(r"/layer\.(\d+)/attention/output/dense/MatMul$"), "attn-out"),
-    (re.compile(r"/layer\.(\d+)/intermediate/dense/MatMul$"), "ffn-up"),
-    (re.compile(r"/layer\.(\d+)/output/dense/MatMul$"), "ffn-down"),
+from bertforge.optimizers.graph.attention import repack_fp32_attention, repack_int8_attention
+from bertforge.optimizers.int8_auto.groups import (
+    SCHEMES,
+    TIED_GROUP,
+    TOKEN_FLOOR,
+    Group,
+    group_input,
+    input_channels,
 )
-HEAD_TRANSFORM = re.compile(r"^/cls/predictions/transform/dense/MatMul$")
-
-
-@dataclass(frozen=True)
-class Group:
-    name: str
-    nodes: tuple[str, ...]  # MatMul node names; empty for the tied table
-    macs_per_token: int
-
-
-def quant_groups(model: onnx.ModelProto) -> list[Group]:
-    """Groups of a MultiHeadAttention-fused graph, in graph order, the tied table last."""
-    initializers = {init.name: init for init in model.graph.initializer}
-    members: dict[str, list[str]] = {}
-    macs: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in initializers:
-            continue
-        name = None
-        for pattern, role in ROLE_PATTERNS:
-            match = pattern.search(node.name)
-            if match:
-                name = f"layer.{match.group(1)}.{role}"
-                break
-        if name is None and HEAD_TRANSFORM.search(node.name):
-            name = "head.transform"
-        if name is None:
-            continue
-        members.setdefault(name, []).append(node.name)
-        dims = initializers[node.input[1]].dims
-        macs[name] = macs.get(name, 0) + int(dims[0]) * int(dims[1])
-    groups = [Group(name, tuple(nodes), macs[name]) for name, nodes in members.items()]
-    found = tied_table(model.graph)
-    if found is not None:
-        table = initializers[found[0]]
-        groups.append(Group(TIED_GROUP, (), int(table.dims[0]) * int(table.dims[1])))
-    return groups
-
-
-def group_input(model: onnx.ModelProto, group: Group) -> str:
-    """The tensor a group's MatMuls read (Q/K/V share one); for the tied table, the decoder's input."""
-    if group.name == TIED_GROUP:
-        found = tied_table(model.graph)
-        assert found is not None
-        return found[2].input[0]
-    first = next(node for node in model.graph.node if node.name == group.nodes[0])
-    return first.input[0]
-
-
-def input_channels(model: onnx.ModelProto, group: Group) -> int:
-    """The width of a group's input: its first MatMul's K, the hidden size for the tied table."""
-    initializers = {init.name: init for init in model.graph.initializer}
-    if group.name == TIED_GROUP:
-        found = tied_table(model.graph)
-        assert found is not None
-        return int(initializers[found[0]].dims[1])
-    first = next(node for node in model.graph.node if node.name == group.nodes[0])
-    return int(initializers[first.input[1]].dims[0])
-
-
-@dataclass
-class QuantizedWeights:
-    """Per MatMul and scheme, the initializers its quantized node needs, computed once.
-
-    activation_absmax: {tensor: max |x| per channel on the calibration split}, for int8-smooth;
-    alphas: {group: its SmoothQuant alpha} where it is not `alpha` (the sensitivity table picks them);
-    outlier_channels: how many input channels int8-outlier keeps fp32."""
-
-    block_size: int = 16
-    activation_absmax: dict[str, np.ndarray] = field(default_factory=dict)
-    alpha: float = SMOOTH_ALPHA
-    # (weight, scheme, what else its initializers depend on: int8-smooth's alpha, int8-outlier's channels)
-    cache: dict[tuple[str, str, float | tuple[int, ...] | None], list[onnx.TensorProto]] = field(
-        default_factory=dict)
-    alphas: dict[str, float] = field(default_factory=dict)
-    outlier_channels: int = OUTLIER_CHANNELS
-    # an int8 tied table: the embeddings read an fp16 copy (tied_quant.share_tied_table), or the int8 one
-    fp16_embeddings: bool = False
-    # where the graph apply_plan is given holds references into a weight file (WeightFile.referencing:
-    # the search's plans, which then copy no large weights), that file: base weights are read from it,
-    # and a derived initializer it already holds (the fp32 packed Q/K/V) is referenced, not rebuilt
-    weight_file: WeightFile | None = None
-    # the int8 target (cpu_target.py): how int8_weights.symmetric_int8 bounds every int8-dynamic-family weight
-    target: str = "portable"
-
-    def alpha_of(self, group: str) -> float:
-        return self.alphas.get(group, self.alpha)
-
-    def read(self, init: onnx.TensorProto) -> np.ndarray:
-        """An initializer's values, from the weight file where `init` is one of its references."""
-        return numpy_helper.to_array(init) if self.weight_file is None else self.weight_file.array(init)
-
-    def stored(self, name: str) -> onnx.TensorProto | None:
-        """The weight file's reference for a derived initializer of that name, if it holds one."""
-        return None if self.weight_file is None else self.weight_file.references.get(name)
-
-    def smoothing(self, tensor: str, weights: list[np.ndarray], alpha: float) -> np.ndarray:
-        """SmoothQuant's s [in channels] for `tensor`, read by `weights` ([in, out] each)."""
-        if tensor not in self.activation_absmax:
-            raise ValueError(f"int8-smooth needs the calibration absmax of {tensor}")
-        x_max = np.maximum(self.activation_absmax[tensor].astype(np.float64), 1e-5)
-        w_max = np.maximum(np.max([np.abs(w).max(axis=1) for w in weights], axis=0).astype(np.float64), 1e-5)
-        return (x_max ** alpha / w_max ** (1 - alpha)).astype(np.float32)
-
-    def dynamic(self, weight: onnx.TensorProto, smooth: np.ndarray | None = None,
-                alpha: float | None = None) -> list[onnx.TensorProto]:
-        """`smooth`: int8-smooth's factors, computed with `alpha` (part of the cache key)."""
-        key = (weight.name, "int8-dynamic", None) if smooth is None else (weight.name, "int8-smooth", alpha)
-        if key not in self.cache:
-            array = self.read(weight)
-            if smooth is not None:
-                array = array * smooth[:, None]
-            q, scale = symmetric_int8(array, axis=1, target=self.target)  # one scale per output column
-            suffix = "_s8" if smooth is None else "_sq8"
-            self.cache[key] = [numpy_helper.from_array(q, f"{weight.name}{suffix}"),
-                               numpy_helper.from_array(scale, f"{weight.name}{suffix}_scale"),
-                               numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8),
-                                                       f"{weight.name}{suffix}_zp")]
-        return self.cache[key]
-
-    def outliers(self, tensor: str) -> np.ndarray:
-        """The input channels int8-outlier keeps fp32: those of largest max|x|, ascending."""
-        if tensor not in self.activation_absmax:
-            raise ValueError(f"int8-outlier needs the calibration absmax of {tensor}")
-        absmax = self.activation_absmax[tensor]
-        return np.sort(np.argsort(-absmax, kind="stable")[: self.outlier_channels]).astype(np.int64)
-
-    def split_outliers(self, weight: onnx.TensorProto, channels: np.ndarray) -> list[onnx.TensorProto]:
-        """[W's outlier rows (fp32), then int8-dynamic's three initializers of W with those rows zeroed]."""
-        key = (weight.name, "int8-outlier", tuple(channels.tolist()))
-        if key not in self.cache:
-            array = self.read(weight)
-            main = array.copy()
-            main[channels] = 0.0
-            q, scale = symmetric_int8(main, axis=1, target=self.target)
-            self.cache[key] = [numpy_helper.from_array(np.ascontiguousarray(array[channels]), f"{weight.name}_o32"),
-                               numpy_helper.from_array(q, f"{weight.name}_o8"),
-                               numpy_helper.from_array(scale, f"{weight.name}_o8_scale"),
-                               numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{weight.name}_o8_zp")]
-        return self.cache[key]
-
-    def blockwise(self, weight: onnx.TensorProto) -> list[onnx.TensorProto]:
-        key = (weight.name, "int8-blockwise", None)
-        if key not in self.cache:
-            from onnxruntime.quantization.matmul_nbits_quantizer import (
-                DefaultWeightOnlyQuantConfig,
-                DefaultWeightOnlyQuantizer,
-            )
-
-            quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
-                block_size=self.block_size, is_symmetric=True, accuracy_level=4, bits=8))
-            packed, scales, _ = quantizer.qbits_block_quant(self.read(weight).astype(np.float32))
-            self.cache[key] = [numpy_helper.from_array(packed, f"{weight.name}_q8_blocks"),
-                               numpy_helper.from_array(scales.astype(np.float32), f"{weight.name}_q8_block_scales")]
-        return self.cache[key]
+from bertforge.optimizers.int8_auto.weights import QuantizedWeights
+from bertforge.optimizers.tied_quant import share_tied_table, tied_table
 
 
 def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group],

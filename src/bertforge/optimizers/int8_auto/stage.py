@@ -3,7 +3,7 @@
 From the export fused with MultiHeadAttention (as int8-blockwise), this stage measures, on the
 calibration split (its own sentences, never the validation corpus), each group quantized alone under
 each scheme (the sensitivity table), then picks the fastest plan whose agreement with the fp32 graph
-meets `int8_auto.target` (int8_plan.py), by each group's kernel time under each scheme (ORT profiler
+meets `int8_auto.target` (search.py), by each group's kernel time under each scheme (ORT profiler
 at b1 x s128). The plan, the table, the costs and every evaluated plan go into manifest.json; the
 pipeline then validates the variant on the validation corpus like any other.
 
@@ -21,17 +21,23 @@ from typing import Any
 
 import numpy as np
 
-from bertforge.artifact import Artifact, owned_scratch
+from bertforge.artifact import MODEL_FILE, Artifact, owned_scratch
 from bertforge.cache import cache_root
 from bertforge.cpu_target import int8_target_record
-from bertforge.int8_plan import ordered_moves, search
-from bertforge.local_error import local_errors, screened_out
-from bertforge.onnx_files import save_model
-from bertforge.optimizers.common import MODEL_FILE, copy_loader_files, mha_fused, model_config, op_histogram
-from bertforge.optimizers.mixed_int8 import SCHEMES, QuantizedWeights, apply_plan, quant_groups
+from bertforge.onnx_files import copy_loader_files, model_config, save_model
+from bertforge.optimizers.graph.op_counts import op_histogram
+from bertforge.optimizers.graph.ort_fusion import mha_fused
+from bertforge.optimizers.int8_auto.calibration import calibration_split
+from bertforge.optimizers.int8_auto.costs import machine_costs, modelled_costs
+from bertforge.optimizers.int8_auto.groups import SCHEMES, quant_groups
+from bertforge.optimizers.int8_auto.plans import apply_plan
+from bertforge.optimizers.int8_auto.screen import local_errors, screened_out
+from bertforge.optimizers.int8_auto.search import ordered_moves, search
+from bertforge.optimizers.int8_auto.sensitivity import Reference, agreement, fp32_values, plan_logits, sensitivity_table
+from bertforge.optimizers.int8_auto.weight_file import WeightFile
+from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 from bertforge.progress import report
 from bertforge.recipe import Int8AutoConfig
-from bertforge.weight_file import WeightFile
 
 NAME = "int8-auto"
 VERSION = "2"
@@ -39,25 +45,22 @@ VERSION = "2"
 
 def key_inputs(parent: Artifact, config: Int8AutoConfig) -> dict[str, Any]:
     """The calibration corpus's text and the measured per-group costs the plan is chosen by."""
-    from bertforge import sensitivity
     from bertforge.validation.corpus import corpus_digest
 
     return {"calibration_corpus": corpus_digest(config.calibration_corpus),
-            "costs": sensitivity.machine_costs(parent, config.block_size)}
+            "costs": machine_costs(parent, config.block_size)}
 
 
 def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) -> dict[str, Any]:
-    from bertforge import sensitivity
-
     started = time.monotonic()
     hf = model_config(src)
     model, stats = mha_fused(src / MODEL_FILE, hf, NAME)
     groups = quant_groups(model)
-    split = sensitivity.calibration_split(src, config.calibration_corpus)
+    split = calibration_split(src, config.calibration_corpus)
     costs = inputs["costs"]
     allowed = {"fp32", *config.schemes}
     group_costs = {name: {s: ms for s, ms in by_scheme.items() if s in allowed}
-                   for name, by_scheme in sensitivity.modelled_costs(groups, costs).items()}
+                   for name, by_scheme in modelled_costs(groups, costs).items()}
     # a scheme slower than fp32 for a group, or not in the recipe's schemes, can never be chosen: its
     # sensitivity is not measured
     skip = {name: {s for s in SCHEMES if s not in allowed} | {s for s, ms in by_scheme.items()
@@ -66,8 +69,8 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
     with owned_scratch(cache_root() / "tmp", "int8-auto-search-") as scratch:
         report("fp32 reference, activation ranges and layer inputs")
         weight_file = WeightFile.write(model, scratch / "weights")
-        fp32 = sensitivity.fp32_values(model, groups, split, scratch / "prefix", weight_file)
-        reference, prefix = sensitivity.Reference.of(fp32.logits), fp32.prefix
+        fp32 = fp32_values(model, groups, split, scratch / "prefix", weight_file)
+        reference, prefix = Reference.of(fp32.logits), fp32.prefix
         weights = QuantizedWeights(block_size=config.block_size, activation_absmax=fp32.absmax,
                                    alpha=config.smooth_alphas[-1], outlier_channels=config.outlier_channels,
                                    fp16_embeddings=config.embedding_table == "fp16", weight_file=weight_file,
@@ -85,7 +88,7 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
                         if not skip[name] & {"int8-dynamic", "int8-smooth"}}  # both measurable: the screen decides
             for name, scheme in screened.items():
                 skip[name].add(scheme)
-        table = sensitivity.sensitivity_table(base, groups, weights, table_split, reference.at(table_positions),
+        table = sensitivity_table(base, groups, weights, table_split, reference.at(table_positions),
                                               skip=skip,
                                               smooth_alphas=config.smooth_alphas, prefix=prefix,
                                               weight_file=weight_file, progress=report)
@@ -100,10 +103,10 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
         def latency_ratio(plan: dict[str, str]) -> float:
             return (fixed_ms + sum(group_costs[name][plan[name]] for name in names)) / fp32_ms
 
-        buffer = np.empty_like(reference.logits)  # each plan's logits in turn (sensitivity.masked_logits)
+        buffer = np.empty_like(reference.logits)  # each plan's logits in turn (calibration.masked_logits)
 
         def evaluate(plan: dict[str, str]) -> dict[str, float]:
-            return sensitivity.agreement(reference, sensitivity.plan_logits(base, plan, groups, weights, split,
+            return agreement(reference, plan_logits(base, plan, groups, weights, split,
                                                                             prefix, weight_file, buffer))
 
         target = {"top1_agreement": config.target.top1_min, "ref_top1_in_top5": config.target.ref_top1_in_top5_min,

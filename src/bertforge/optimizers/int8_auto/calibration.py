@@ -1,0 +1,162 @@
+"""The calibration split int8-auto plans on, and running a plan's graph over it to the logits at its
+[MASK] positions.
+
+Per-group INT8 sensitivity and per-scheme cost, measured on a calibration split.
+
+The calibration split is the project's calibration sentences masked with their own seeds: neither
+the validation corpus nor the demo head's fit sentences, so a plan chosen here is judged on
+sentences it was not chosen on, and the head is no surer here than on new text. The reference is the
+model's own fp32 graph as every plan builds its fp32 groups (`apply_plan(model, {})`: the
+MultiHeadAttention fusion of the export with fp32 Q/K/V packed back into Attention, equal to PyTorch
+to ~1e-4), run once (fp32_values); every candidate graph is run over the same batches and compared at
+the [MASK] positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from bertforge.optimizers.int8_auto.groups import (
+    TIED_GROUP,
+)
+from bertforge.optimizers.int8_auto.prefix import LayerPrefix
+from bertforge.optimizers.int8_auto.weight_file import WeightFile
+
+CALIBRATION_SEEDS = (7, 8)
+WARMUP_RUNS = 3
+
+
+@dataclass
+class CalibrationSplit:
+    feeds: list[dict[str, np.ndarray]]
+    rows: list[np.ndarray]
+    cols: list[np.ndarray]
+    # each batch's index in the split it was taken from (`every`): the one LayerPrefix stored its values by
+    batch_ids: list[int] | None = None
+
+    @property
+    def positions(self) -> int:
+        return int(sum(len(r) for r in self.rows))
+
+    def batch_id(self, index: int) -> int:
+        return index if self.batch_ids is None else self.batch_ids[index]
+
+    def every(self, stride: int) -> tuple[CalibrationSplit, np.ndarray]:
+        """Every `stride`-th batch (the first, then each stride-th after it), and the indices of its
+        [MASK] positions among this split's (logits are concatenated in batch order). The batches are
+        sorted by length, so the subset spans every length the split has."""
+        keep = list(range(0, len(self.feeds), stride))
+        starts = np.cumsum([0] + [len(r) for r in self.rows])
+        positions = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in keep]) if keep else np.arange(0)
+        return (CalibrationSplit([self.feeds[i] for i in keep], [self.rows[i] for i in keep],
+                                 [self.cols[i] for i in keep], [self.batch_id(i) for i in keep]), positions)
+
+
+def calibration_split(checkpoint: Path, corpus: str = "calibration", seeds: tuple[int, ...] = CALIBRATION_SEEDS,
+                      batch_size: int = 32) -> CalibrationSplit:
+    from transformers import AutoTokenizer
+
+    from bertforge.onnx_files import model_config
+    from bertforge.validation.corpus import batches, input_limit, load_lines, mask_sentences
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    lines = load_lines(corpus)
+    limit = input_limit(tokenizer, model_config(checkpoint))
+    examples = [example for seed in seeds for example in mask_sentences(lines, tokenizer, seed=seed, max_length=limit)]
+    examples.sort(key=lambda e: len(e.input_ids))
+    split = CalibrationSplit([], [], [])
+    for batch in batches(examples, batch_size, pad_id=tokenizer.pad_token_id or 0):
+        split.feeds.append({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                            "token_type_ids": batch.token_type_ids})
+        rows, cols, _ = batch.masked_index()
+        split.rows.append(rows)
+        split.cols.append(cols)
+    return split
+
+
+def session_for(model: onnx.ModelProto, threads: int | None = None, profile_prefix: str | None = None,
+                weight_file: WeightFile | None = None):
+    """A session over `model`; with `weight_file`, its large base initializers are read from that file."""
+    import onnxruntime as ort
+
+    from bertforge.runtime import session_options
+
+    options = session_options(threads, spinning=False)
+    if weight_file is not None:
+        weight_file.configure(options)
+        model = weight_file.referencing(model)
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+# Schemes whose arithmetic for one row does not depend on the other rows: int8-dynamic, -smooth and -outlier
+# quantize the whole activation tensor with one scale (DynamicQuantizeMatMul), int8-blockwise per row.
+ROW_LOCAL_SCHEMES = frozenset({"fp32", "int8-blockwise"})
+HEAD_GROUPS = frozenset({"head.transform", TIED_GROUP})
+GATHER_INDEX = "calibration_mask_index"
+
+
+def head_reads_masked_rows_only(plan: dict[str, str]) -> bool:
+    """Whether the head may run at the [MASK] rows only with every logit as in the full graph: true when
+    no head group is quantized with one scale per tensor (a scale that the other rows would change)."""
+    return all(plan.get(name, "fp32") in ROW_LOCAL_SCHEMES for name in HEAD_GROUPS)
+
+
+def gathered_head(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with its MLM head run at the rows of a `calibration_mask_index` input ([n, 2]: batch,
+    position) only. The head's decoder is about half of demo's compute at the calibration batches, and
+    full [batch, seq, vocab] logits are copied out only to keep n rows of them."""
+    import copy
+
+    from onnx import helper
+
+    from bertforge.optimizers.masked_head import gather_before_head
+
+    gathered = copy.deepcopy(model)
+    gathered.graph.input.append(helper.make_tensor_value_info(GATHER_INDEX, onnx.TensorProto.INT64, ["n", 2]))
+    gather_before_head(gathered, GATHER_INDEX)
+    logits = gathered.graph.output[0]
+    vocab = logits.type.tensor_type.shape.dim[-1]
+    del logits.type.tensor_type.shape.dim[:]
+    logits.type.tensor_type.shape.dim.add().dim_param = "n"
+    logits.type.tensor_type.shape.dim.add().CopyFrom(vocab)
+    del gathered.graph.value_info[:]  # the head's shapes changed; ORT infers them at load
+    return gathered
+
+
+def masked_logits(model: onnx.ModelProto, split: CalibrationSplit, masked_rows_only: bool = False,
+                  prefix: LayerPrefix | None = None, weight_file: WeightFile | None = None,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """Logits at the split's [MASK] positions. `masked_rows_only`: `model` is a gathered_head graph
+    (exact only where head_reads_masked_rows_only holds for the graph's plan). `prefix`: `model` is a
+    suffix graph reading the prefix's stored values. `weight_file`: the base graph's weight file.
+
+    `out`: a [positions, vocab] array to write them into and return, for a caller comparing many
+    graphs: a fresh array of that size per graph (92 MB on demo) is new memory each time, whose first
+    touch cost int8-auto's search 0.24 s per evaluated graph here, more than demo's suffix runs."""
+    session = session_for(model, weight_file=weight_file)
+    wanted = [i.name for i in session.get_inputs()]
+    parts = []
+    start = 0
+    for index, (feeds, rows, cols) in enumerate(zip(split.feeds, split.rows, split.cols, strict=True)):
+        available = {**feeds, GATHER_INDEX: np.stack([rows, cols], axis=1).astype(np.int64)}
+        if prefix is not None:
+            available.update(prefix.feeds(session, split.batch_id(index)))
+        logits = session.run(None, {name: available[name] for name in wanted})[0]
+        logits = logits if masked_rows_only else logits[rows, cols]
+        if out is None:
+            parts.append(logits)
+        else:
+            out[start:start + len(logits)] = logits
+        start += len(logits)
+    if out is None:
+        return np.concatenate(parts)
+    if start != len(out):
+        raise ValueError(f"{start} [MASK] positions for an output of {len(out)} rows")
+    return out
