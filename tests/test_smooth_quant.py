@@ -29,6 +29,15 @@ def projections_with_an_outlier_channel(rng) -> tuple[onnx.ModelProto, np.ndarra
     return model, x
 
 
+def qkv_group(model: onnx.ModelProto) -> list:
+    """The hand-built graph's one group: its three projections as int8-auto's layer.0.qkv (the graph has
+    no attention around them for quant_groups to find a layer by)."""
+    from bertforge.optimizers.int8_auto.groups import Group
+
+    width = model.graph.initializer[0].dims
+    return [Group("layer.0.qkv", tuple(QKV), 3 * int(width[0]) * int(width[1]))]
+
+
 def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})
@@ -36,20 +45,18 @@ def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
 
 def qkv_error(model: onnx.ModelProto, x: np.ndarray, weights, scheme: str) -> float:
     """Mean abs error of the Q/K/V outputs with layer.0.qkv in `scheme`, against the fp32 graph."""
-    from bertforge.optimizers.int8_auto.groups import quant_groups
     from bertforge.optimizers.int8_auto.plans import apply_plan
 
-    quantized = apply_plan(model, {"layer.0.qkv": scheme}, quant_groups(model), weights)
+    quantized = apply_plan(model, {"layer.0.qkv": scheme}, qkv_group(model), weights)
     return float(np.mean([np.abs(a - b).mean() for a, b in zip(run(quantized, x), run(model, x), strict=True)]))
 
 
 def test_smoothing_moves_an_outlier_channel_into_the_weights_and_cuts_the_int8_error():
-    from bertforge.optimizers.int8_auto.groups import quant_groups
     from bertforge.optimizers.int8_auto.plans import apply_plan
     from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     model, x = projections_with_an_outlier_channel(np.random.default_rng(0))
-    groups = quant_groups(model)
+    groups = qkv_group(model)
     assert [g.name for g in groups] == ["layer.0.qkv"]
     weights = QuantizedWeights(activation_absmax={"x": np.abs(x[0]).max(axis=0)})
 
@@ -64,12 +71,11 @@ def test_smoothing_moves_an_outlier_channel_into_the_weights_and_cuts_the_int8_e
 
 
 def test_outlier_channels_stay_fp32_and_the_rest_is_int8():
-    from bertforge.optimizers.int8_auto.groups import quant_groups
     from bertforge.optimizers.int8_auto.plans import apply_plan
     from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     model, x = projections_with_an_outlier_channel(np.random.default_rng(0))
-    groups = quant_groups(model)
+    groups = qkv_group(model)
     weights = QuantizedWeights(activation_absmax={"x": np.abs(x[0]).max(axis=0)}, outlier_channels=1)
     assert weights.outliers("x").tolist() == [3]
 
@@ -84,7 +90,6 @@ def test_outlier_channels_stay_fp32_and_the_rest_is_int8():
 
 @pytest.mark.parametrize("opset", [17, 18])  # ReduceMax's axes: an attribute, then an input from opset 18
 def test_int8_token_gives_each_token_its_own_activation_scale(opset):
-    from bertforge.optimizers.int8_auto.groups import quant_groups
     from bertforge.optimizers.int8_auto.plans import apply_plan
     from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
@@ -93,7 +98,7 @@ def test_int8_token_gives_each_token_its_own_activation_scale(opset):
     model.opset_import[0].version = opset
     x = rng.standard_normal(x.shape).astype(np.float32)
     x[0, 5] *= 40.0  # one token far above the rest, as [SEP] and punctuation are in a trained BERT
-    groups = quant_groups(model)
+    groups = qkv_group(model)
     weights = QuantizedWeights()
     scaled = apply_plan(model, {"layer.0.qkv": "int8-token"}, groups, weights)
     ops = Counter(node.op_type for node in scaled.graph.node)
@@ -112,13 +117,12 @@ def test_int8_token_gives_each_token_its_own_activation_scale(opset):
 def test_int8_smooth_needs_the_calibration_absmax():
     import pytest
 
-    from bertforge.optimizers.int8_auto.groups import quant_groups
     from bertforge.optimizers.int8_auto.plans import apply_plan
     from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     model, _ = projections_with_an_outlier_channel(np.random.default_rng(1))
     with pytest.raises(ValueError, match="calibration absmax of x"):
-        apply_plan(model, {"layer.0.qkv": "int8-smooth"}, quant_groups(model), QuantizedWeights())
+        apply_plan(model, {"layer.0.qkv": "int8-smooth"}, qkv_group(model), QuantizedWeights())
 
 
 def mha_graph(tiny_variants):
@@ -255,3 +259,19 @@ def test_each_group_keeps_the_smoothquant_alpha_of_lowest_kl(tiny_variants, tmp_
         assert chosen["kl_mean"] == min(kls.values()), (row["group"], kls)
         assert kls[chosen["alpha"]] == chosen["kl_mean"]
     assert len({row["int8-smooth"]["alpha"] for row in table}) == 2, "both alphas win somewhere on the tiny model"
+
+
+def test_groups_are_found_by_the_graphs_structure_not_the_exporters_node_names(tiny_variants):
+    from bertforge.optimizers.int8_auto.groups import quant_groups
+
+    model = mha_graph(tiny_variants)
+    expected = quant_groups(model)
+    assert [g.name for g in expected] == [f"layer.{i}.{role}" for i in range(2)
+                                          for role in ("qkv", "attn-out", "ffn-up", "ffn-down")] + [
+        "head.transform", "tied-table"]
+    renamed = {node.name: f"n{index}" for index, node in enumerate(model.graph.node)}
+    for node in model.graph.node:  # another exporter's names: nothing of "/layer.0/attention/..." left
+        node.name = renamed[node.name]
+    found = quant_groups(model)
+    assert [(g.name, g.macs_per_token) for g in found] == [(g.name, g.macs_per_token) for g in expected]
+    assert [g.nodes for g in found] == [tuple(renamed[n] for n in g.nodes) for g in expected]

@@ -4,7 +4,6 @@ output, FFN up, FFN down), the head's transform, and the tied word-embedding tab
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import onnx
@@ -16,14 +15,7 @@ TOKEN_FLOOR = 1e-6  # a row of zeros (padding after LayerNorm is not, but a ReLU
 SMOOTH_ALPHA = 0.8
 OUTLIER_CHANNELS = 8
 TIED_GROUP = "tied-table"
-# role of a MatMul, from the exporter's module path (the same names the exclusion presets use)
-ROLE_PATTERNS = (
-    (re.compile(r"/layer\.(\d+)/attention/self/(query|key|value)/MatMul$"), "qkv"),
-    (re.compile(r"/layer\.(\d+)/attention/output/dense/MatMul$"), "attn-out"),
-    (re.compile(r"/layer\.(\d+)/intermediate/dense/MatMul$"), "ffn-up"),
-    (re.compile(r"/layer\.(\d+)/output/dense/MatMul$"), "ffn-down"),
-)
-HEAD_TRANSFORM = re.compile(r"^/cls/predictions/transform/dense/MatMul$")
+GELU_OPS = frozenset({"Gelu", "BiasGelu", "FastGelu"})
 
 
 @dataclass(frozen=True)
@@ -34,27 +26,55 @@ class Group:
 
 
 def quant_groups(model: onnx.ModelProto) -> list[Group]:
-    """Groups of a MultiHeadAttention-fused graph, in graph order, the tied table last."""
+    """Groups of a MultiHeadAttention-fused graph, in graph order, the tied table last.
+
+    Found by the graph's structure, not by the exporter's node names: layer i's Q/K/V are the MatMuls
+    feeding the i-th MultiHeadAttention, its attention output the MatMul reading it; its FFN up the first
+    weight MatMul downstream of that, and its FFN down the first after the FFN up; the head's transform
+    the first weight MatMul after the last layer's FFN down, when a Gelu follows it."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    graph = OnnxModel(model)
     initializers = {init.name: init for init in model.graph.initializer}
-    members: dict[str, list[str]] = {}
-    macs: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in initializers:
-            continue
-        name = None
-        for pattern, role in ROLE_PATTERNS:
-            match = pattern.search(node.name)
-            if match:
-                name = f"layer.{match.group(1)}.{role}"
-                break
-        if name is None and HEAD_TRANSFORM.search(node.name):
-            name = "head.transform"
-        if name is None:
-            continue
-        members.setdefault(name, []).append(node.name)
-        dims = initializers[node.input[1]].dims
-        macs[name] = macs.get(name, 0) + int(dims[0]) * int(dims[1])
-    groups = [Group(name, tuple(nodes), macs[name]) for name, nodes in members.items()]
+    # a node's first output names it (SSA); protobuf hands out a new Python object per access
+    order = {node.output[0]: index for index, node in enumerate(model.graph.node)}
+    readers = graph.input_name_to_nodes()
+
+    def weight_matmul(node: onnx.NodeProto | None) -> bool:
+        return node is not None and node.op_type == "MatMul" and node.input[1] in initializers
+
+    def next_weight_matmul(node: onnx.NodeProto) -> onnx.NodeProto | None:
+        """The first weight MatMul (fewest nodes away, then graph order) reading what `node` computes."""
+        frontier, seen = [node], {node.output[0]}
+        while frontier:
+            after = sorted({c.output[0]: c for n in frontier for out in n.output for c in readers.get(out, [])
+                            if c.output[0] not in seen}.values(), key=lambda c: order[c.output[0]])
+            found = [c for c in after if weight_matmul(c)]
+            if found:
+                return found[0]
+            seen.update(c.output[0] for c in after)
+            frontier = [c for c in after if c.op_type != "MatMul"]
+        return None
+
+    members: list[tuple[str, list[onnx.NodeProto]]] = []
+    last = None
+    for layer, attention in enumerate(n for n in model.graph.node if n.op_type == "MultiHeadAttention"):
+        qkv = [graph.get_parent(attention, i) for i in range(3)]
+        out = next((c for c in readers.get(attention.output[0], []) if weight_matmul(c)), None)
+        up = next_weight_matmul(out) if out is not None else None
+        down = next_weight_matmul(up) if up is not None else None
+        if not all(weight_matmul(n) for n in (*qkv, out, up, down)):
+            continue  # not the layer pattern int8-auto plans over: left as it is
+        members += [(f"layer.{layer}.qkv", sorted(qkv, key=lambda n: order[n.output[0]])),
+                    (f"layer.{layer}.attn-out", [out]), (f"layer.{layer}.ffn-up", [up]),
+                    (f"layer.{layer}.ffn-down", [down])]
+        last = down
+    transform = next_weight_matmul(last) if last is not None else None
+    if transform is not None and any(c.op_type in GELU_OPS for c in readers.get(transform.output[0], [])):
+        members.append(("head.transform", [transform]))
+    groups = [Group(name, tuple(n.name for n in nodes),
+                    sum(int(initializers[n.input[1]].dims[0]) * int(initializers[n.input[1]].dims[1]) for n in nodes))
+              for name, nodes in sorted(members, key=lambda member: order[member[1][0].output[0]])]
     found = tied_table(model.graph)
     if found is not None:
         table = initializers[found[0]]
