@@ -67,8 +67,13 @@ def default_opset(model) -> int | None:
 def ensure_microsoft_opset(model) -> None:
     """Declare the com.microsoft domain when the graph uses ORT's contrib ops (as ORT's own
     OnnxModel.save does; a graph without the import fails to load)."""
-    uses = any(node.domain == "com.microsoft" for node in model.graph.node)
-    if uses and not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+    if any(node.domain == "com.microsoft" for node in model.graph.node):
+        import_microsoft_domain(model)
+
+
+def import_microsoft_domain(model) -> None:
+    """The com.microsoft domain (version 1) among the model's opset imports, once."""
+    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.add(domain="com.microsoft", version=1)
 
 

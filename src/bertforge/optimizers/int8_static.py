@@ -19,7 +19,7 @@ import onnx
 
 from bertforge.artifact import MODEL_FILE, Artifact
 from bertforge.cpu_target import int8_target_record
-from bertforge.onnx_files import copy_loader_files, model_config, save_model, uses_external_data
+from bertforge.onnx_files import copy_loader_files, save_model, uses_external_data
 from bertforge.optimizers import ort_config
 from bertforge.optimizers.graph.exclusions import excluded_nodes, node_names
 from bertforge.optimizers.graph.op_counts import op_histogram, require_quantized
@@ -31,14 +31,10 @@ VERSION = "2"
 
 
 def calibration_feeds(src: Path, config: Int8StaticConfig) -> list[dict[str, np.ndarray]]:
-    from transformers import AutoTokenizer
+    from bertforge.validation.corpus import calibration_examples
 
-    from bertforge.validation.corpus import input_limit, load_lines, mask_sentences
-
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    examples = mask_sentences(load_lines(config.calibration_corpus), tokenizer, seed=7,
-                              limit=config.calibration_samples,
-                              max_length=input_limit(tokenizer, model_config(src)))
+    tokenizer, examples = calibration_examples(src, config.calibration_corpus, seeds=(7,),
+                                               limit=config.calibration_samples)
     # One common length: ORT's Entropy/Percentile calibrators stack every sample's activations and
     # fail on ragged shapes ("inhomogeneous shape"); padding is masked out as in batched inference.
     length = max(len(example.input_ids) for example in examples)

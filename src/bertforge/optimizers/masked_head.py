@@ -39,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bertforge.artifact import MODEL_FILE, read_manifest
 from bertforge.errors import StageError
 from bertforge.onnx_files import copy_loader_files, save_model
+from bertforge.optimizers.graph.edit import insert_at, position, remove
 from bertforge.optimizers.graph.exclusions import mlm_head_nodes
 from bertforge.optimizers.tied_quant import DECODER_NODE, tied_table
 from bertforge.recipe import MaskedHeadConfig
@@ -77,13 +78,11 @@ def gather_before_head(model: onnx.ModelProto, index: str, nodes_before: list[on
     gathered = f"{hidden}_at_masks"
     readers = [n for n in graph.node if hidden in n.input]
     for node in readers:
-        for position, name in enumerate(node.input):
+        for slot, name in enumerate(node.input):
             if name == hidden:
-                node.input[position] = gathered
+                node.input[slot] = gathered
     new_nodes = [*nodes_before, helper.make_node("GatherND", [hidden, index], [gathered], name="masked_head/GatherND")]
-    first_reader = min(list(graph.node).index(n) for n in readers)
-    for offset, node in enumerate(new_nodes):
-        graph.node.insert(first_reader + offset, node)
+    insert_at(graph, min(position(graph, n) for n in readers), new_nodes)
     return hidden
 
 
@@ -109,7 +108,7 @@ def gather_at_decoder(model: onnx.ModelProto, index: str, nodes_before: list[onn
     graph = model.graph
     decoder = decoder_node(model)
     source = decoder.input[0]
-    position = list(graph.node).index(decoder)
+    at = position(graph, decoder)
     if decoder.op_type == "DynamicQuantizeMatMul":
         weight, weight_scale, weight_zero = decoder.input[1:4]
         bias = decoder.input[4] if len(decoder.input) > 4 and decoder.input[4] else None
@@ -129,15 +128,13 @@ def gather_at_decoder(model: onnx.ModelProto, index: str, nodes_before: list[onn
         ]
         if bias:
             new.append(helper.make_node("Add", [f"{p}/product", bias], [output], name=f"{p}/Bias"))
-        graph.node.remove(decoder)
+        remove(graph, [decoder])
     else:  # fp32: every row is computed alone, so gathering first changes nothing
         gathered = f"{source}_at_masks"
         decoder.input[0] = gathered
         new = [helper.make_node("GatherND", [source, index], [gathered], name="masked_head/GatherND")]
-    for offset, node in enumerate(new):
-        graph.node.insert(position + offset, node)
-    for offset, node in enumerate(nodes_before):
-        graph.node.insert(offset, node)
+    insert_at(graph, at, new)
+    insert_at(graph, 0, nodes_before)
     return source
 
 

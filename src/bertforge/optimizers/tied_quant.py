@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bertforge.onnx_files import import_microsoft_domain
+from bertforge.optimizers.graph.edit import insert_at, insert_before, remove, replace
 from bertforge.optimizers.int8_weights import symmetric_int8
 
 DECODER_NODE = "/cls/predictions/decoder/DynamicQuantizeMatMul"
@@ -100,8 +102,8 @@ def share_tied_table(model: onnx.ModelProto, int8_decoder: bool, target: str,
     if int8_decoder:
         if smooth is not None:
             smoothed_input = f"{matmul.input[0]}_smoothed"
-            graph.node.insert(list(graph.node).index(matmul), helper.make_node(
-                "Mul", [matmul.input[0], f"{name}_smooth_inv"], [smoothed_input], name=f"{DECODER_NODE}/Smooth"))
+            insert_before(graph, matmul, [helper.make_node(
+                "Mul", [matmul.input[0], f"{name}_smooth_inv"], [smoothed_input], name=f"{DECODER_NODE}/Smooth")])
             matmul.input[0] = smoothed_input
         graph.initializer.append(numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{name}_zero_point"))
         transpose.input[0] = q_name
@@ -111,17 +113,13 @@ def share_tied_table(model: onnx.ModelProto, int8_decoder: bool, target: str,
         if add is not None:
             inputs.append(add.input[1] if add.input[0] == matmul.output[0] else add.input[0])
             outputs = list(add.output)
-            graph.node.remove(add)
-        index = list(graph.node).index(matmul)
-        graph.node.remove(matmul)
-        graph.node.insert(index, helper.make_node("DynamicQuantizeMatMul", inputs, outputs, name=DECODER_NODE,
-                                                  domain="com.microsoft"))
+            remove(graph, [add])
+        replace(graph, [matmul], [helper.make_node("DynamicQuantizeMatMul", inputs, outputs, name=DECODER_NODE,
+                                                   domain="com.microsoft")])
         how = "int8 DynamicQuantizeMatMul, constant per-row int8 B, bias fused" + (
             ", SmoothQuant-scaled input" if smooth is not None else "")
-        if not any(o.domain == "com.microsoft" for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    for offset, node in enumerate(dequantize):
-        graph.node.insert(offset, node)
+        import_microsoft_domain(model)
+    insert_at(graph, 0, dequantize)
     if fp16_embeddings:
         how += "; the embeddings read an fp16 copy of the table"
     return {name: how}

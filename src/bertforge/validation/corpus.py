@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -177,6 +178,22 @@ def mask_sentences(lines: list[str], tokenizer, *, seed: int = 0, fraction: floa
             masked[position] = mask_id
         examples.append(MaskedExample(text, tuple(masked), tuple(chosen), originals))
     return examples
+
+
+def calibration_examples(checkpoint: Path, corpus: str, seeds: tuple[int, ...],
+                         limit: int | None = None) -> tuple[Any, list[MaskedExample]]:
+    """The masked sentences every stage that calibrates reads (int8-static's activation ranges,
+    int8-auto's split): `corpus`'s first `limit` lines masked once per seed, each cut to what the
+    model takes; with the checkpoint's tokenizer, which the caller pads with."""
+    from transformers import AutoTokenizer
+
+    from bertforge.onnx_files import model_config
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    lines = load_lines(corpus)
+    max_length = input_limit(tokenizer, model_config(checkpoint))
+    return tokenizer, [example for seed in seeds
+                       for example in mask_sentences(lines, tokenizer, seed=seed, limit=limit, max_length=max_length)]
 
 
 @dataclass(frozen=True)

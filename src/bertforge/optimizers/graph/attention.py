@@ -3,6 +3,8 @@ DynamicQuantizeMatMuls (int8) back into ORT's packed Attention or QAttention."""
 
 from __future__ import annotations
 
+from bertforge.optimizers.graph.edit import remove, replace
+
 
 def graph_maps(graph) -> tuple[dict, dict, dict[str, int]]:
     """(initializers by name, the node producing each tensor, how many node inputs read each tensor)."""
@@ -31,12 +33,9 @@ def packable_attentions(graph, producers: dict, readers: dict[str, int], op_type
 def replace_attention(graph, mha, projections: list, new_nodes: list, initializers: dict,
                       readers: dict[str, int]) -> None:
     """Put `new_nodes` where `mha` was, remove its projections, and the initializers only they read."""
-    index = list(graph.node).index(mha)
-    graph.node.remove(mha)
-    for offset, node in enumerate(new_nodes):
-        graph.node.insert(index + offset, node)
+    replace(graph, [mha], new_nodes)
+    remove(graph, projections)
     for projection in projections:
-        graph.node.remove(projection)
         for name in projection.input[1:]:
             readers[name] -= 1
             if readers[name] == 0 and name in initializers:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bertforge.optimizers.graph.edit import replace
+
 
 def ort_fuse(model_path: Path, hf_config: dict, opt_level: int, multi_head_attention: bool = False):
     """ORT's transformers optimizer on a BERT export: (ModelProto in topological order, fused-operator
@@ -66,10 +68,7 @@ def split_skip_layer_norms(model) -> int:
             helper.make_node("LayerNormalization", [f"{add_bias}_output", gamma] + ([beta] if beta else []),
                              [node.output[0]], name=norm, axis=-1, epsilon=epsilon),
         ]
-        index = list(graph.node).index(node)
-        graph.node.remove(node)
-        for offset, new in enumerate(replacement):
-            graph.node.insert(index + offset, new)
+        replace(graph, [node], replacement)
         split += 1
     return split
 

@@ -58,15 +58,9 @@ class CalibrationSplit:
 
 def calibration_split(checkpoint: Path, corpus: str = "calibration", seeds: tuple[int, ...] = CALIBRATION_SEEDS,
                       batch_size: int = 32) -> CalibrationSplit:
-    from transformers import AutoTokenizer
+    from bertforge.validation.corpus import batches, calibration_examples
 
-    from bertforge.onnx_files import model_config
-    from bertforge.validation.corpus import batches, input_limit, load_lines, mask_sentences
-
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    lines = load_lines(corpus)
-    limit = input_limit(tokenizer, model_config(checkpoint))
-    examples = [example for seed in seeds for example in mask_sentences(lines, tokenizer, seed=seed, max_length=limit)]
+    tokenizer, examples = calibration_examples(checkpoint, corpus, seeds)
     examples.sort(key=lambda e: len(e.input_ids))
     split = CalibrationSplit([], [], [])
     for batch in batches(examples, batch_size, pad_id=tokenizer.pad_token_id or 0):

@@ -46,8 +46,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bertforge.onnx_files import default_opset
+from bertforge.onnx_files import default_opset, import_microsoft_domain
 from bertforge.optimizers.graph.attention import repack_fp32_attention, repack_int8_attention
+from bertforge.optimizers.graph.edit import insert_before, replace
 from bertforge.optimizers.int8_auto.groups import (
     SCHEMES,
     TIED_GROUP,
@@ -85,9 +86,8 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
                                                 for n in group.nodes], alpha)
             inverse = numpy_helper.from_array((1.0 / smooth).astype(np.float32), f"{group.name}_smooth_inv")
             graph.initializer.append(inverse)
-            first = list(graph.node).index(by_name[group.nodes[0]])
-            graph.node.insert(first, helper.make_node("Mul", [tensor, inverse.name], [f"{group.name}_smoothed"],
-                                                      name=f"{group.nodes[0]}_smooth"))
+            insert_before(graph, by_name[group.nodes[0]], [helper.make_node(
+                "Mul", [tensor, inverse.name], [f"{group.name}_smoothed"], name=f"{group.nodes[0]}_smooth")])
         if scheme in ("int8-token", "int8-outlier"):  # the group's MatMuls become a small subgraph each
             tensor = group_input(model, group)
             if scheme == "int8-token":
@@ -95,7 +95,7 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
             else:
                 new_nodes = outlier_split_nodes(graph, group, tensor, input_channels(model, group), weights,
                                                 initializers, by_name)
-            splice_group(graph, group, by_name, new_nodes)
+            replace(graph, [by_name[n] for n in group.nodes], new_nodes)
             used.update(by_name[n].input[1] for n in group.nodes)
             continue
         for node_name in group.nodes:
@@ -115,9 +115,7 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
                                        block_size=weights.block_size, accuracy_level=4)
             graph.initializer.extend(extra)
             used.add(weight.name)
-            index = list(graph.node).index(node)
-            graph.node.remove(node)
-            graph.node.insert(index, new)
+            replace(graph, [node], [new])
     still_read = {name for node in graph.node for name in node.input}
     for name in used - still_read:
         graph.initializer.remove(initializers[name])
@@ -133,19 +131,8 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
     if repack:
         repack_fp32_attention(result, read=weights.read, reuse=weights.stored)
         repack_int8_attention(result)
-    if not any(o.domain == "com.microsoft" for o in result.opset_import):
-        result.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    import_microsoft_domain(result)
     return result
-
-
-def splice_group(graph: onnx.GraphProto, group: Group, by_name: dict[str, onnx.NodeProto],
-                 new_nodes: list[onnx.NodeProto]) -> None:
-    """Remove the group's MatMuls and put `new_nodes`, in order, where the first of them was."""
-    at = min(list(graph.node).index(by_name[n]) for n in group.nodes)
-    for node_name in group.nodes:
-        graph.node.remove(by_name[node_name])
-    for offset, node in enumerate(new_nodes):
-        graph.node.insert(at + offset, node)
 
 
 def outlier_split_nodes(graph: onnx.GraphProto, group: Group, tensor: str, width: int,

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bertforge.onnx_files import import_microsoft_domain
 from bertforge.optimizers.int8_auto.groups import TIED_GROUP, Group, group_input
 from bertforge.optimizers.int8_auto.plans import apply_plan
 from bertforge.optimizers.int8_auto.weights import QuantizedWeights
@@ -100,8 +101,7 @@ def error_graph(model: onnx.ModelProto, groups: list[Group], weights: QuantizedW
     names = sorted({name for entries in outputs.values() for entry in entries for name in (entry[0], entry[2])})
     del graph.output[:]  # the sums are all it is run for
     graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)  # typed by ORT at load
-    if not any(o.domain == "com.microsoft" for o in graph_model.opset_import):
-        graph_model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    import_microsoft_domain(graph_model)
     return graph_model, outputs
 
 
