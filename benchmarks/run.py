@@ -31,9 +31,10 @@ from bertforge import bench
 from bertforge.api import build
 from bertforge.environment import cpu_class, cpu_flags, library_versions, machine_info, physical_cores
 from bertforge.progress import Progress
-from bertforge.recipe import ValidationConfig, load_recipe
+from bertforge.recipe import load_recipe
 from bertforge.sources import resolve
 from bertforge.stages import EXTRA_VARIANTS, VARIANTS
+from bertforge.validation.config import ValidationConfig
 from bertforge.validation.validate import run_validation
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ import pytest
 from bertforge import pipeline
 from bertforge.artifact import MANIFEST, Artifact, verify_directory
 from bertforge.cache import cache_root, stage_key
-from bertforge.recipe import FusionConfig, Int8DynamicConfig
+from bertforge.optimizers.config import FusionConfig, Int8DynamicConfig
 
 
 def test_key_changes_with_config_version_and_parent():
@@ -213,7 +213,8 @@ def test_key_covers_the_stage_code_and_every_helper_it_imports(tiny_variants, mo
 
 @pytest.mark.parametrize("stage, parent", [("int8-static", "fused"), ("int8-auto", "fp32")])
 def test_key_covers_the_calibration_corpus_text(tiny_variants, tmp_path, stage, parent):
-    from bertforge.recipe import Int8AutoConfig, Int8StaticConfig
+    from bertforge.optimizers.config import Int8StaticConfig
+    from bertforge.optimizers.int8_auto.config import Int8AutoConfig
 
     built = Artifact(tiny_variants[parent], tiny_variants[parent].name.split("-", 1)[1], "?", None)
     corpus = tmp_path / "calibration.txt"
@@ -233,7 +234,7 @@ def test_int8_auto_key_covers_the_costs_it_plans_by(tiny_variants):
     """The kernel times are measured once per machine and kept; other times make another key."""
     import json
 
-    from bertforge.recipe import Int8AutoConfig
+    from bertforge.optimizers.int8_auto.config import Int8AutoConfig
 
     fp32 = Artifact(tiny_variants["fp32"], tiny_variants["fp32"].name.split("-", 1)[1], "export", None)
     config = Int8AutoConfig()

@@ -533,7 +533,8 @@ def test_verify_checks_every_variant_the_build_listed(built, tmp_path, capsys):
 
 
 def test_recipe_gates_merge_over_the_defaults():
-    from bertforge.recipe import default_gates, parse_recipe
+    from bertforge.recipe import parse_recipe
+    from bertforge.validation.config import default_gates
 
     recipe = parse_recipe({"validation": {"gates": {"fp16": {"top1_min": 0.995},
                                                     "int8-dynamic": {"top5_overlap_min": None}}}})

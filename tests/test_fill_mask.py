@@ -30,8 +30,8 @@ def test_the_answers_are_optimums_fill_mask_pipelines(tiny_variants, variant):
 
 def test_the_masked_head_variant_answers_like_the_graph_it_came_from(tiny_variants, tmp_path):
     from bertforge.optimizers import masked_head
+    from bertforge.optimizers.config import MaskedHeadConfig
     from bertforge.predict import fill_mask
-    from bertforge.recipe import MaskedHeadConfig
     from bertforge.runtime import open_session
 
     out = tmp_path / "masked"

@@ -32,9 +32,9 @@ def fp32_artifact(tiny_variants):
 
 def test_int8_auto_meets_its_target_and_picks_the_same_plan_twice(tiny_variants, tmp_path):
     from bertforge.optimizers.int8_auto import stage as int8_auto
+    from bertforge.optimizers.int8_auto.config import Int8AutoConfig
     from bertforge.pipeline import stage_inputs
     from bertforge.progress import reporting
-    from bertforge.recipe import Int8AutoConfig
 
     config = Int8AutoConfig(target={"top1_min": 0.9, "ref_top1_in_top5_min": 0.99})
     metas = []
@@ -69,8 +69,8 @@ def test_int8_auto_meets_its_target_and_picks_the_same_plan_twice(tiny_variants,
 
 def test_int8_auto_names_the_best_agreement_when_the_latency_bound_cannot_hold(tiny_variants, tmp_path):
     from bertforge.optimizers.int8_auto import stage as int8_auto
+    from bertforge.optimizers.int8_auto.config import Int8AutoConfig
     from bertforge.pipeline import stage_inputs
-    from bertforge.recipe import Int8AutoConfig
 
     # KL 0 needs the fp32 plan (latency ratio 1.0), which the bound forbids
     config = Int8AutoConfig(target={"top1_min": 0.5, "kl_mean_max": 0.0}, max_latency_ratio=0.999)
@@ -87,9 +87,9 @@ def test_the_table_measures_the_int8_scheme_the_output_error_favours(tiny_varian
     """Where int8-dynamic and int8-smooth are both faster than fp32 for a group, the table measures
     only the one its output error on its own inputs favours (both where they are close)."""
     from bertforge.optimizers.int8_auto import stage as int8_auto
+    from bertforge.optimizers.int8_auto.config import Int8AutoConfig
     from bertforge.optimizers.int8_auto.screen import screened_out
     from bertforge.pipeline import stage_inputs
-    from bertforge.recipe import Int8AutoConfig
 
     config = Int8AutoConfig(target={"top1_min": 0.5})
     inputs = stage_inputs("int8-auto", fp32_artifact(tiny_variants), config)
@@ -112,8 +112,8 @@ def test_the_search_bisects_to_a_mixed_plan_when_the_target_needs_one(tiny_varia
     its measured plans stay fp32), a KL target at half the all-int8 plan's makes the bisection find a
     plan with some groups int8 and some fp32, and it meets the target."""
     from bertforge.optimizers.int8_auto import stage as int8_auto
+    from bertforge.optimizers.int8_auto.config import Int8AutoConfig
     from bertforge.pipeline import stage_inputs
-    from bertforge.recipe import Int8AutoConfig
 
     loose = Int8AutoConfig(target={"top1_min": 0.5, "ref_top1_in_top5_min": None})
     inputs = stage_inputs("int8-auto", fp32_artifact(tiny_variants), loose)

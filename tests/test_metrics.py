@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from bertforge.recipe import Gate
+from bertforge.validation.config import Gate
 from bertforge.validation.gates import evaluate
 from bertforge.validation.metrics import (
     Accumulator,

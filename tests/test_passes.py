@@ -110,7 +110,7 @@ def test_int8_dynamic_quantizes_weights_and_shares_the_tied_table(tiny_variants)
 
 def test_int8_dynamic_decoder_preset_keeps_decoder_arithmetic_fp32(tiny_variants, tmp_path):
     from bertforge.optimizers import int8_dynamic
-    from bertforge.recipe import Int8DynamicConfig
+    from bertforge.optimizers.config import Int8DynamicConfig
 
     out = tmp_path / "q"
     out.mkdir()
@@ -127,7 +127,7 @@ def test_int8_dynamic_decoder_preset_keeps_decoder_arithmetic_fp32(tiny_variants
 
 def test_int8_dynamic_embeddings_preset_keeps_embeddings_fp32(tiny_variants, tmp_path):
     from bertforge.optimizers import int8_dynamic
-    from bertforge.recipe import Int8DynamicConfig
+    from bertforge.optimizers.config import Int8DynamicConfig
 
     out = tmp_path / "q"
     out.mkdir()
@@ -212,7 +212,7 @@ def test_masked_head_matches_the_full_head_at_mask_positions(tiny_checkpoint, ti
     one scale per tensor: the masked head must give the parent's logits at every [MASK] whatever else the
     batch holds (gathered before the head it did not: its scale spanned the [MASK] rows only)."""
     from bertforge.optimizers import masked_head
-    from bertforge.recipe import MaskedHeadConfig
+    from bertforge.optimizers.config import MaskedHeadConfig
 
     out = tmp_path / "masked"
     out.mkdir()

@@ -7,7 +7,8 @@ from bertforge.stages import EXTRA_VARIANTS, SPECS, VARIANTS
 
 def test_every_declared_variant_is_buildable_from_what_was_declared_before_it():
     from bertforge import pipeline
-    from bertforge.recipe import Recipe, default_gates
+    from bertforge.recipe import Recipe
+    from bertforge.validation.config import default_gates
 
     declared: list[str] = []
     sections = Recipe.model_fields

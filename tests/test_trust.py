@@ -291,7 +291,7 @@ def test_a_weight_shaped_like_the_vocabulary_is_not_taken_for_a_second_table(tmp
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
     from bertforge.exporter import export
-    from bertforge.recipe import ExportConfig
+    from bertforge.exporter.config import ExportConfig
     from conftest import TINY, small_cased_vocab
 
     source = tmp_path / "wide-ffn"

@@ -5,8 +5,8 @@ key_inputs live there), the variant it is built from, the recipe section that co
 default gate and whether it is an extra (built only when asked for). The recipe's variant names and
 default gates, the pipeline's stage table and build order, and the CLI's help all read this tuple.
 
-The stage is named by module path, not imported: stage modules import their config types from
-recipe.py, which reads this module.
+The stage is named by module path, not imported: the registry is read by every command and stays
+light, and a stage module pulls in onnx and onnxruntime's tools.
 
 The default gates were set from measurements on `demo` (README, "How the gate defaults were set"):
 431 sentences, 1405 masked positions, a fresh clone's `make demo` on an AMD EPYC (VNNI). fp32/fused

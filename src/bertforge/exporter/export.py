@@ -19,9 +19,9 @@ import onnx
 
 from bertforge.artifact import MODEL_FILE
 from bertforge.errors import SourceError, StageError
+from bertforge.exporter.config import ExportConfig
 from bertforge.onnx_files import external_data_above, model_bytes, save_model, uses_external_data
 from bertforge.optimizers.tied_quant import tied_table
-from bertforge.recipe import ExportConfig
 
 NAME = "export"
 VERSION = "1"

@@ -17,8 +17,8 @@ import onnx
 from bertforge.artifact import MODEL_FILE
 from bertforge.onnx_files import copy_loader_files, save_model
 from bertforge.optimizers import ort_config
+from bertforge.optimizers.config import Fp16Config
 from bertforge.optimizers.graph.exclusions import mlm_head_nodes
-from bertforge.recipe import Fp16Config
 
 NAME = "fp16"
 VERSION = "1"

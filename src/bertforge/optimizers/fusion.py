@@ -18,8 +18,8 @@ from bertforge.artifact import MODEL_FILE
 from bertforge.errors import StageError
 from bertforge.onnx_files import copy_loader_files, model_config, save_model
 from bertforge.optimizers import ort_config
+from bertforge.optimizers.config import FusionConfig
 from bertforge.optimizers.graph.ort_fusion import ort_fuse, split_skip_layer_norms
-from bertforge.recipe import FusionConfig
 
 NAME = "fusion"
 VERSION = "1"

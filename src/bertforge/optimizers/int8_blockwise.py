@@ -18,11 +18,11 @@ from typing import Any
 from bertforge.artifact import MODEL_FILE
 from bertforge.cpu_target import int8_target_record
 from bertforge.onnx_files import copy_loader_files, model_config, save_model
+from bertforge.optimizers.config import Int8BlockwiseConfig
 from bertforge.optimizers.graph.exclusions import excluded_nodes
 from bertforge.optimizers.graph.op_counts import op_histogram, require_quantized
 from bertforge.optimizers.graph.ort_fusion import mha_fused
 from bertforge.optimizers.tied_quant import share_tied_table_per_presets
-from bertforge.recipe import Int8BlockwiseConfig
 
 NAME = "int8-blockwise"
 VERSION = "2"

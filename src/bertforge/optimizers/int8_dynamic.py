@@ -20,11 +20,11 @@ from bertforge.artifact import MODEL_FILE
 from bertforge.cpu_target import int8_target_record
 from bertforge.onnx_files import copy_loader_files, save_model, uses_external_data
 from bertforge.optimizers import ort_config
+from bertforge.optimizers.config import Int8DynamicConfig
 from bertforge.optimizers.graph.exclusions import excluded_nodes, node_names
 from bertforge.optimizers.graph.op_counts import op_histogram, require_quantized
 from bertforge.optimizers.int8_weights import make_pair_safe
 from bertforge.optimizers.tied_quant import share_tied_table_per_presets
-from bertforge.recipe import Int8DynamicConfig
 
 # what quantize_dynamic writes for MatMul (before ORT fuses it at load) and for Attention
 INT8_COMPUTE_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention")

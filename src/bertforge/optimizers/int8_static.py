@@ -21,10 +21,10 @@ from bertforge.artifact import MODEL_FILE, Artifact
 from bertforge.cpu_target import int8_target_record
 from bertforge.onnx_files import copy_loader_files, save_model, uses_external_data
 from bertforge.optimizers import ort_config
+from bertforge.optimizers.config import Int8StaticConfig
 from bertforge.optimizers.graph.exclusions import excluded_nodes, node_names
 from bertforge.optimizers.graph.op_counts import op_histogram, require_quantized
 from bertforge.optimizers.int8_weights import make_pair_safe
-from bertforge.recipe import Int8StaticConfig
 
 NAME = "int8-static"
 VERSION = "2"

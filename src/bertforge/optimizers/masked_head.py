@@ -39,10 +39,10 @@ from onnx import TensorProto, helper, numpy_helper
 from bertforge.artifact import MODEL_FILE, read_manifest
 from bertforge.errors import StageError
 from bertforge.onnx_files import copy_loader_files, save_model
+from bertforge.optimizers.config import MaskedHeadConfig
 from bertforge.optimizers.graph.edit import insert_at, position, remove
 from bertforge.optimizers.graph.exclusions import mlm_head_nodes
 from bertforge.optimizers.tied_quant import DECODER_NODE, tied_table
-from bertforge.recipe import MaskedHeadConfig
 from bertforge.runtime import MASK_LOGITS
 
 NAME = "masked-head"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from bertforge.recipe import Gate
+from bertforge.validation.config import Gate
 
 # gate field -> (metric in the validation summary, comparison)
 GATE_METRICS = {

@@ -22,8 +22,8 @@ from bertforge.errors import StageError
 from bertforge.json_files import read_json
 from bertforge.memory import release_freed_memory
 from bertforge.predict import MaskText, Prediction, session_predictions
-from bertforge.recipe import ValidationConfig
 from bertforge.runtime import feeds_for, mask_rows, open_session
+from bertforge.validation.config import ValidationConfig
 from bertforge.validation.corpus import (
     PROBE_TOP_K,
     Truncation,

@@ -33,7 +33,7 @@ def analyze(export_dir: Path, block_size: int = 16, corpus: str = "calibration",
     from bertforge.cache import cache_root
     from bertforge.onnx_files import model_config
     from bertforge.optimizers.graph.ort_fusion import mha_fused
-    from bertforge.recipe import Int8AutoConfig
+    from bertforge.optimizers.int8_auto.config import Int8AutoConfig
 
     alphas = tuple(smooth_alphas or Int8AutoConfig().smooth_alphas)
     hf = model_config(export_dir)

@@ -28,6 +28,7 @@ from bertforge.onnx_files import copy_loader_files, model_config, save_model
 from bertforge.optimizers.graph.op_counts import op_histogram
 from bertforge.optimizers.graph.ort_fusion import mha_fused
 from bertforge.optimizers.int8_auto.calibration import calibration_split
+from bertforge.optimizers.int8_auto.config import Int8AutoConfig
 from bertforge.optimizers.int8_auto.costs import machine_costs, modelled_costs
 from bertforge.optimizers.int8_auto.groups import SCHEMES, quant_groups
 from bertforge.optimizers.int8_auto.plans import apply_plan
@@ -37,7 +38,6 @@ from bertforge.optimizers.int8_auto.sensitivity import Reference, agreement, fp3
 from bertforge.optimizers.int8_auto.weight_file import WeightFile
 from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 from bertforge.progress import report
-from bertforge.recipe import Int8AutoConfig
 
 NAME = "int8-auto"
 VERSION = "2"
