@@ -174,6 +174,7 @@ def cmd_fill_mask(args: argparse.Namespace) -> int:
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from bertforge.artifact import MANIFEST, write_json_atomic, write_text_atomic
     from bertforge.optimizers.int8_auto.analyze import analyze
+    from bertforge.optimizers.int8_auto.config import Int8AutoConfig
     from bertforge.pipeline import OUTPUT_MARKER
     from bertforge.report.sensitivity_table import render_markdown
 
@@ -190,7 +191,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         target = root.parent
     progress = _progress(args)
     with progress.step("sensitivity") as info:
-        result = analyze(export_dir, args.block_size, args.corpus, progress=progress.update)
+        section = Int8AutoConfig(block_size=args.block_size, calibration_corpus=args.corpus)
+        result = analyze(export_dir, section, progress=progress.update)
         info["note"] = f"{len(result['groups'])} groups, {result['calibration_positions']} positions"
     write_json_atomic(target / "sensitivity.json", result)
     write_text_atomic(target / "sensitivity.md", render_markdown(result))

@@ -11,6 +11,7 @@ from bertforge.bench import InputSpec
 from bertforge.optimizers.int8_auto.calibration import (
     calibration_split,
 )
+from bertforge.optimizers.int8_auto.config import Int8AutoConfig
 from bertforge.optimizers.int8_auto.costs import scheme_costs
 from bertforge.optimizers.int8_auto.groups import (
     quant_groups,
@@ -24,18 +25,18 @@ from bertforge.optimizers.int8_auto.weight_file import WeightFile
 from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
 
-def analyze(export_dir: Path, block_size: int = 16, corpus: str = "calibration",
-            smooth_alphas: tuple[float, ...] | None = None,
+def analyze(export_dir: Path, config: Int8AutoConfig | None = None,
             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The full table for an fp32 export directory: every group alone under every scheme, with costs
-    (int8-smooth at each of `smooth_alphas`, int8-auto's by default, keeping the lowest KL)."""
+    """The full table for an fp32 export directory: every group alone under every scheme, with costs,
+    on the calibration corpus and block size of int8-auto's section `config` (int8-smooth at each of its
+    smooth alphas, keeping the lowest KL)."""
     from bertforge.artifact import MODEL_FILE, owned_scratch
     from bertforge.cache import cache_root
     from bertforge.onnx_files import model_config
     from bertforge.optimizers.graph.ort_fusion import mha_fused
-    from bertforge.optimizers.int8_auto.config import Int8AutoConfig
 
-    alphas = tuple(smooth_alphas or Int8AutoConfig().smooth_alphas)
+    config = config or Int8AutoConfig()
+    alphas, block_size, corpus = config.smooth_alphas, config.block_size, config.calibration_corpus
     hf = model_config(export_dir)
     model, _ = mha_fused(export_dir / MODEL_FILE, hf, "sensitivity")
     groups = quant_groups(model)
