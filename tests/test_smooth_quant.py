@@ -275,3 +275,24 @@ def test_groups_are_found_by_the_graphs_structure_not_the_exporters_node_names(t
     found = quant_groups(model)
     assert [(g.name, g.macs_per_token) for g in found] == [(g.name, g.macs_per_token) for g in expected]
     assert [g.nodes for g in found] == [tuple(renamed[n] for n in g.nodes) for g in expected]
+
+
+def test_exclusion_presets_are_found_by_the_graphs_structure_not_the_exporters_node_names(tiny_variants):
+    from bertforge.artifact import MODEL_FILE
+    from bertforge.optimizers.graph.exclusions import excluded_nodes
+
+    model = onnx.load(str(tiny_variants["fused"] / MODEL_FILE))
+    presets = ("embeddings", "mlm-decoder", "mlm-head", "ffn-output")
+    expected = {p: excluded_nodes(model, (p,), ()) for p in presets}
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert [ops[n] for n in expected["embeddings"]] == ["EmbedLayerNormalization"]
+    assert [ops[n] for n in expected["mlm-decoder"]] == ["MatMul", "Add"]
+    assert [ops[n] for n in expected["mlm-head"]] == ["MatMul", "BiasGelu", "LayerNormalization", "MatMul", "Add"]
+    assert [ops[n] for n in expected["ffn-output"]] == ["MatMul", "MatMul"]  # one per layer
+    renamed = {node.name: f"n{index}" for index, node in enumerate(model.graph.node)}
+    for node in model.graph.node:
+        node.name = renamed[node.name]
+    for preset in presets:
+        assert excluded_nodes(model, (preset,), ()) == [renamed[n] for n in expected[preset]], preset
+    some = model.graph.node[len(model.graph.node) // 2].name
+    assert excluded_nodes(model, (), (f"^{some}$",)) == [some]  # the user's own patterns still match names

@@ -18,7 +18,7 @@ from bertforge.artifact import MODEL_FILE
 from bertforge.onnx_files import copy_loader_files, save_model
 from bertforge.optimizers import ort_config
 from bertforge.optimizers.config import Fp16Config
-from bertforge.optimizers.graph.exclusions import mlm_head_nodes
+from bertforge.optimizers.graph.exclusions import excluded_nodes
 
 NAME = "fp16"
 VERSION = "1"
@@ -30,7 +30,7 @@ def run(src: Path, out: Path, config: Fp16Config) -> dict[str, Any]:
     model = OnnxModel(onnx.load(str(src / MODEL_FILE)))
     blocked_nodes = list(config.node_block_list)
     if config.keep_mlm_head_fp32:
-        blocked_nodes += mlm_head_nodes(model.model)
+        blocked_nodes += excluded_nodes(model.model, ("mlm-head",), ())  # the head, by structure
     model.convert_float_to_float16(keep_io_types=config.keep_io_types, op_block_list=list(config.op_block_list),
                                    node_block_list=blocked_nodes)
     kept = Counter(node.op_type for node in model.model.graph.node

@@ -21,7 +21,7 @@ from bertforge.cpu_target import int8_target_record
 from bertforge.onnx_files import copy_loader_files, save_model, uses_external_data
 from bertforge.optimizers import ort_config
 from bertforge.optimizers.config import Int8DynamicConfig
-from bertforge.optimizers.graph.exclusions import excluded_nodes, node_names
+from bertforge.optimizers.graph.exclusions import excluded_nodes, graph_only
 from bertforge.optimizers.graph.op_counts import op_histogram, require_quantized
 from bertforge.optimizers.int8_weights import make_pair_safe
 from bertforge.optimizers.tied_quant import share_tied_table_per_presets
@@ -35,10 +35,11 @@ VERSION = "3"
 def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    names = node_names(src / MODEL_FILE)  # parsed once: the bert-base graph is ~440 MB
-    exclude = excluded_nodes(names, config.exclude_presets, config.exclude_nodes)
+    graph = graph_only(src / MODEL_FILE)  # parsed once: the bert-base graph is ~440 MB
+    exclude = excluded_nodes(graph, config.exclude_presets, config.exclude_nodes)
     # The embeddings and the tied decoder are never ORT's: share_tied_table quantizes their table.
-    keep_for_ort = excluded_nodes(names, ("embeddings", "mlm-decoder"), ())
+    keep_for_ort = excluded_nodes(graph, ("embeddings", "mlm-decoder"), ())
+    del graph
     not_for_ort = sorted(set(exclude) | set(keep_for_ort))
     weight_type = QuantType.QInt8 if config.weight_type == "qint8" else QuantType.QUInt8
     # quantize_dynamic writes its own file (its external data named its way); it is read back and

@@ -22,7 +22,7 @@ from bertforge.cpu_target import int8_target_record
 from bertforge.onnx_files import copy_loader_files, save_model, uses_external_data
 from bertforge.optimizers import ort_config
 from bertforge.optimizers.config import Int8StaticConfig
-from bertforge.optimizers.graph.exclusions import excluded_nodes, node_names
+from bertforge.optimizers.graph.exclusions import excluded_nodes, graph_only
 from bertforge.optimizers.graph.op_counts import op_histogram, require_quantized
 from bertforge.optimizers.int8_weights import make_pair_safe
 
@@ -76,7 +76,7 @@ def run(src: Path, out: Path, config: Int8StaticConfig, inputs: dict[str, Any]) 
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.calibration_method]
-    exclude = excluded_nodes(node_names(src / MODEL_FILE), config.exclude_presets, config.exclude_nodes)
+    exclude = excluded_nodes(graph_only(src / MODEL_FILE), config.exclude_presets, config.exclude_nodes)
 
     with tempfile.TemporaryDirectory(prefix="bertforge-calib-", dir=out) as scratch:
         prepared = Path(scratch) / "prepared.onnx"

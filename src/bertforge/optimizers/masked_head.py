@@ -41,7 +41,6 @@ from bertforge.errors import StageError
 from bertforge.onnx_files import copy_loader_files, save_model
 from bertforge.optimizers.config import MaskedHeadConfig
 from bertforge.optimizers.graph.edit import insert_at, position, remove
-from bertforge.optimizers.graph.exclusions import mlm_head_nodes
 from bertforge.optimizers.tied_quant import DECODER_NODE, tied_table
 from bertforge.runtime import MASK_LOGITS
 
@@ -51,14 +50,20 @@ MASK_POSITIONS = "mask_positions"
 
 
 def head_input(model: onnx.ModelProto) -> str:
-    """The encoder's output: the last (Skip)LayerNormalization's outside the prediction head, which only
-    the head reads (the fusion stage may have split SkipLayerNormalization into Add + LayerNormalization)."""
-    head = set(mlm_head_nodes(model))
-    outputs = [n.output[0] for n in model.graph.node
-               if n.op_type in ("SkipLayerNormalization", "LayerNormalization") and n.name not in head]
-    if not outputs:
-        raise StageError("masked-head needs a fused graph (no encoder LayerNormalization found)")
-    return outputs[-1]
+    """The encoder's output, found from the decoder back: the head reads it through its transform and
+    its own LayerNormalization, so it is the output of the second (Skip)LayerNormalization on the
+    decoder's input path (the fusion stage may have split SkipLayerNormalization into Add + Add +
+    LayerNormalization; an int8 transform quantizes its input first, on the same path)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    norms: list[onnx.NodeProto] = []
+    node = producers.get(decoder_node(model).input[0])
+    while node is not None and len(norms) < 2:
+        if node.op_type in ("SkipLayerNormalization", "LayerNormalization"):
+            norms.append(node)
+        node = producers.get(node.input[0]) if node.input else None
+    if len(norms) < 2:
+        raise StageError("masked-head needs a fused graph (no encoder LayerNormalization before the head found)")
+    return norms[1].output[0]
 
 
 def mask_token_id(directory: Path) -> int:

@@ -1,39 +1,82 @@
-"""The nodes a quantizer leaves out: the recipe's presets and patterns over the exporter's node names,
-and the MLM head's nodes."""
+"""The nodes a quantizer leaves out: the recipe's presets, found by the graph's structure, and the
+user's regular expressions over node names."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-# Node-name patterns (from the exporter's module paths) behind each exclusion preset.
-EXCLUDE_PRESET_PATTERNS = {
-    # The embeddings' Gathers are not MatMuls anyway; this also keeps a fused EmbedLayerNormalization out.
-    "embeddings": (r"^/bert/embeddings/", r"^EmbedLayerNormalization"),
-    # The tied decoder: its weight is the word-embedding table, transposed at run time.
-    "mlm-decoder": (r"^/cls/predictions/decoder/",),
-    # The whole prediction head: transform dense + decoder.
-    "mlm-head": (r"^/cls/predictions/",),
-    # Each layer's FFN down-projection (not attention/output/dense).
-    "ffn-output": (r"/layer\.\d+/output/dense/",),
-}
+import onnx
+
+GELU_OPS = frozenset({"Gelu", "BiasGelu", "FastGelu"})
 
 
-def node_names(model_path: Path) -> list[str]:
-    import onnx
-
-    return [node.name for node in onnx.load(str(model_path), load_external_data=False).graph.node]
-
-
-def excluded_nodes(names: list[str], presets: tuple[str, ...], patterns: tuple[str, ...]) -> list[str]:
-    """The node names matched by the presets' and the user's regular expressions."""
-    import re
-
-    compiled = [re.compile(p) for preset in presets for p in EXCLUDE_PRESET_PATTERNS[preset]]
-    compiled += [re.compile(p) for p in patterns]
-    return [name for name in names if any(p.search(name) for p in compiled)]
+def graph_only(model_path: Path) -> onnx.ModelProto:
+    """The model without its external data: what the presets and patterns are matched on."""
+    return onnx.load(str(model_path), load_external_data=False)
 
 
-def mlm_head_nodes(model) -> list[str]:
-    """Nodes of the prediction head, by name or (for fused nodes named by ORT) by output name."""
-    return [node.name for node in model.graph.node
-            if node.name.startswith("/cls/") or any(o.startswith("/cls/") for o in node.output)]
+DECODER_OPS = frozenset({"MatMul", "DynamicQuantizeMatMul", "MatMulNBits"})
+
+
+def decoder_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The nodes computing the logits (the first graph output) from the head's last hidden state, in
+    graph order: a SmoothQuant Mul before the decoder if there is one, the decoder (the exporter's
+    MatMul over the transposed table, or tied_quant's DynamicQuantizeMatMul, bias fused), its bias Add."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {init.name for init in model.graph.initializer}
+    last = producers.get(model.graph.output[0].name)
+    if last is None:
+        return []
+    chain = [last]
+    if last.op_type == "Add":
+        compute = next((producers[name] for name in last.input if name in producers), None)
+        if compute is None:
+            return []
+        chain.insert(0, compute)
+    if chain[0].op_type not in DECODER_OPS:
+        return []
+    before = producers.get(chain[0].input[0])
+    if before is not None and before.op_type == "Mul" and any(name in initializers for name in before.input):
+        chain.insert(0, before)
+    return chain
+
+
+def preset_nodes(model: onnx.ModelProto, preset: str) -> set[str]:
+    """The node names a preset names, by what the nodes do (the fused graph's, as the int8 stages see it):
+    `embeddings` the embedding lookups (a fused EmbedLayerNormalization, or Gathers of a table);
+    `mlm-decoder` the MatMul computing the logits and its bias Add (the tied decoder); `mlm-head` the
+    whole prediction head, the decoder back to the head's transform MatMul; `ffn-output` each layer's
+    FFN down-projection (the MatMul reading a Gelu)."""
+    nodes = model.graph.node
+    initializers = {init.name for init in model.graph.initializer}
+    producers = {out: node for node in nodes for out in node.output}
+
+    def weight_matmul(node: onnx.NodeProto | None) -> bool:
+        return node is not None and node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in initializers
+
+    if preset == "embeddings":
+        return {n.name for n in nodes if n.op_type == "EmbedLayerNormalization"
+                or (n.op_type == "Gather" and n.input[0] in initializers)}
+    if preset == "ffn-output":
+        return {n.name for n in nodes if weight_matmul(n) and getattr(producers.get(n.input[0]), "op_type", "")
+                in GELU_OPS}
+    decoder = decoder_nodes(model)
+    if preset == "mlm-decoder":
+        return {n.name for n in decoder}
+    if preset == "mlm-head":
+        head, node = list(decoder), producers.get(decoder[0].input[0]) if decoder else None
+        while node is not None:  # back from the decoder through the head's transform (LayerNorm, Gelu)
+            head.append(node)
+            if weight_matmul(node):
+                break
+            node = producers.get(node.input[0])
+        return {n.name for n in head} if head and weight_matmul(head[-1]) else {n.name for n in decoder}
+    raise ValueError(f"unknown exclusion preset {preset!r}")
+
+
+def excluded_nodes(model: onnx.ModelProto, presets: tuple[str, ...], patterns: tuple[str, ...]) -> list[str]:
+    """In graph order, the nodes the presets name and those whose names the user's regular expressions match."""
+    named = set().union(*(preset_nodes(model, preset) for preset in presets)) if presets else set()
+    compiled = [re.compile(p) for p in patterns]
+    return [n.name for n in model.graph.node if n.name in named or any(p.search(n.name) for p in compiled)]

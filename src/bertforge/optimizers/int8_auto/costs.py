@@ -12,6 +12,7 @@ import onnx
 
 from bertforge.artifact import Artifact
 from bertforge.bench import InputSpec
+from bertforge.optimizers.graph.exclusions import decoder_nodes
 from bertforge.optimizers.int8_auto.calibration import (
     WARMUP_RUNS,
     session_for,
@@ -50,11 +51,13 @@ def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: Quantized
     per_scheme: dict[str, dict[str, float]] = {}
     totals: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bertforge-profile-") as scratch:
-        sessions = {}
+        sessions, decoders = {}, {}
         for scheme in SCHEMES:
             plan = {g.name: scheme for g in groups if scheme in group_schemes(g)}
-            session = session_for(apply_plan(model, plan, groups, timing, repack=False),
-                                  profile_prefix=f"{scratch}/{scheme}", weight_file=weight_file)
+            graph = apply_plan(model, plan, groups, timing, repack=False)
+            decoders[scheme] = frozenset(node.name for node in decoder_nodes(graph))
+            session = session_for(graph, profile_prefix=f"{scratch}/{scheme}", weight_file=weight_file)
+            del graph
             sessions[scheme] = (session, feeds_for(session, inputs["input_ids"], inputs["attention_mask"],
                                                    inputs["token_type_ids"]))
         # the schemes' runs interleaved: timed one scheme after another, a busy spell or a clock change
@@ -75,7 +78,8 @@ def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: Quantized
             # must not reorder the plan (a mean let it, on the tiny test model)
             node_ms = {name: float(np.median(times[WARMUP_RUNS:] or times)) for name, times in durations.items()}
             totals[scheme] = sum(node_ms.values())
-            per_scheme[scheme] = {g.name: group_ms(g, scheme, node_ms) for g in groups if scheme in group_schemes(g)}
+            per_scheme[scheme] = {g.name: group_ms(g, scheme, node_ms, decoders[scheme]) for g in groups
+                                  if scheme in group_schemes(g)}
     return {"ms": per_scheme, "model_ms": totals, "sequence": sequence}
 
 
@@ -127,10 +131,11 @@ def modelled_costs(groups: list[Group], costs: dict[str, Any]) -> dict[str, dict
     return modelled
 
 
-def group_ms(group: Group, scheme: str, node_ms: dict[str, float]) -> float:
-    """The kernel time of a group's nodes in a profile (the decoder and its bias for the tied table)."""
+def group_ms(group: Group, scheme: str, node_ms: dict[str, float], decoder: frozenset[str] = frozenset()) -> float:
+    """The kernel time of a group's nodes in a profile (for the tied table, the `decoder` nodes: the
+    decoder, its bias and its smoothing, exclusions.decoder_nodes of the profiled graph)."""
     if group.name == TIED_GROUP:
-        return sum(ms for name, ms in node_ms.items() if name.startswith("/cls/predictions/decoder/"))
+        return sum(ms for name, ms in node_ms.items() if name in decoder)
     suffix = "" if scheme == "fp32" else "_" + scheme.replace("-", "_")
     if scheme == "int8-outlier":  # each MatMul's int8 part, fp32 part and Add; the group's Gather and Mul
         names = [f"{name}{suffix}{part}" for name in group.nodes for part in ("", "_fp32", "_add")]
