@@ -31,6 +31,7 @@ from bertforge.pipeline import (
     build_variants,
     check_output_dir,
     listed_variants,
+    required_variants,
     source_artifact,
     write_marker,
 )
@@ -43,7 +44,7 @@ from bertforge.report.content import make_report
 from bertforge.report.model_card import write_cards
 from bertforge.report.weigh import few_positions_warnings, intervals, plan_miss_warnings
 from bertforge.sources import ResolvedSource, resolve
-from bertforge.stages import EXTRA_VARIANTS, VARIANTS
+from bertforge.stages import BY_NAME, EXTRA_VARIANTS, VARIANTS
 from bertforge.validation.corpus import corpus_digest
 from bertforge.validation.gates import evaluate
 from bertforge.validation.validate import run_validation
@@ -205,10 +206,11 @@ def check_corpora(recipe: Recipe, source: ResolvedSource) -> None:
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     model_config = read_json(source.path / "config.json")
     corpora = {"validation.corpus": recipe.validation.corpus}
-    if "int8-static" in recipe.variants:
-        corpora["int8_static.calibration_corpus"] = recipe.int8_static.calibration_corpus
-    if "int8-auto" in recipe.variants:
-        corpora["int8_auto.calibration_corpus"] = recipe.int8_auto.calibration_corpus
+    for variant in required_variants(recipe.variants):  # parents too: int8-auto-masked builds int8-auto
+        section = BY_NAME[variant].section
+        calibration = getattr(getattr(recipe, section), "calibration_corpus", None)
+        if calibration is not None:  # any stage that calibrates reads one
+            corpora[f"{section}.calibration_corpus"] = calibration
     for key, corpus in corpora.items():
         check_corpus(corpus, tokenizer, model_config, key,
                      recipe.validation.max_sentences if key == "validation.corpus" else None)
