@@ -447,3 +447,15 @@ def test_a_corrupt_json_file_is_named_with_exit_2_and_verify_calls_it_changed(sm
     assert main(["verify", str(broken_manifest)]) == 1
     printed = capsys.readouterr().out
     assert f"{manifest.parent}: CHANGED" in printed and f"{manifest}: not readable JSON" in printed
+
+
+def test_config_json_is_read_once_into_checked_fields(tmp_path):
+    from bertforge.errors import UsageError
+    from bertforge.onnx_files import ModelConfig, model_config
+
+    fields = {"vocab_size": 1000, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    (tmp_path / "config.json").write_text(json.dumps({**fields, "model_type": "bert"}))
+    assert model_config(tmp_path) == ModelConfig(**fields)  # positions and token types optional
+    (tmp_path / "config.json").write_text(json.dumps({**fields, "hidden_size": "64"}))
+    with pytest.raises(UsageError, match=r"config.json: hidden_size is '64', not a positive integer"):
+        model_config(tmp_path)

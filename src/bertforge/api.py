@@ -22,8 +22,7 @@ from bertforge.artifact import (
 from bertforge.cache import cache_root
 from bertforge.crash_log import library_messages_to
 from bertforge.errors import EXIT_GATE_FAILED, EXIT_OK, UsageError
-from bertforge.json_files import read_json
-from bertforge.onnx_files import MODEL_DATA_FILE, model_bytes, uses_external_data
+from bertforge.onnx_files import MODEL_DATA_FILE, model_bytes, model_config, uses_external_data
 from bertforge.output_dir import check_writable, output_lock, rejected_path
 from bertforge.pipeline import (
     OUTPUT_MARKER,
@@ -204,7 +203,7 @@ def check_corpora(recipe: Recipe, source: ResolvedSource) -> None:
     from bertforge.validation.corpus import check_corpus
 
     tokenizer = AutoTokenizer.from_pretrained(source.path)
-    model_config = read_json(source.path / "config.json")
+    config_of_model = model_config(source.path)
     corpora = {"validation.corpus": recipe.validation.corpus}
     for variant in required_variants(recipe.variants):  # parents too: int8-auto-masked builds int8-auto
         section = BY_NAME[variant].section
@@ -212,11 +211,11 @@ def check_corpora(recipe: Recipe, source: ResolvedSource) -> None:
         if calibration is not None:  # any stage that calibrates reads one
             corpora[f"{section}.calibration_corpus"] = calibration
     for key, corpus in corpora.items():
-        check_corpus(corpus, tokenizer, model_config, key,
+        check_corpus(corpus, tokenizer, config_of_model, key,
                      recipe.validation.max_sentences if key == "validation.corpus" else None)
     from bertforge.validation.corpus import position_limit
 
-    limit = position_limit(tokenizer, model_config)
+    limit = position_limit(tokenizer, config_of_model)
     for index, probe in enumerate(recipe.validation.probes):
         if "[MASK]" not in probe and tokenizer.mask_token not in probe:
             raise UsageError(f"validation.probes.{index}: {probe!r} has no [MASK]")

@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 
 from bertforge.environment import physical_cores
-from bertforge.json_files import read_json
-from bertforge.onnx_files import model_bytes
+from bertforge.onnx_files import model_bytes, model_config
 from bertforge.runtime import feeds_for, open_session
 
 INPUT_SEED = 0
@@ -41,9 +40,9 @@ class InputSpec:
 
         from bertforge.validation.corpus import position_limit
 
-        config = read_json(Path(directory) / "config.json")
+        config = model_config(Path(directory))
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        return cls(int(config["vocab_size"]), tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id,
+        return cls(config.vocab_size, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id,
                    position_limit(tokenizer, config))
 
     def sequence(self, wanted: int) -> int:

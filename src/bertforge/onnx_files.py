@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from bertforge.artifact import MODEL_FILE
+from bertforge.errors import UsageError
 from bertforge.json_files import read_json
 
 MODEL_DATA_FILE = "model.onnx_data"  # optimum's name for model.onnx's external data
@@ -102,6 +104,30 @@ def copy_loader_files(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def model_config(directory: Path) -> dict:
-    """A variant's or checkpoint's config.json."""
-    return read_json(directory / "config.json")
+@dataclass(frozen=True)
+class ModelConfig:
+    """The fields of a checkpoint's or variant's config.json that bertforge reads, read once and checked."""
+
+    vocab_size: int
+    hidden_size: int
+    num_attention_heads: int
+    num_hidden_layers: int
+    max_position_embeddings: int | None = None
+    type_vocab_size: int | None = None
+
+
+def model_config(directory: Path) -> ModelConfig:
+    """`directory`'s config.json as a ModelConfig; a missing or non-integer field is named (exit 2)."""
+    path = Path(directory) / "config.json"
+    raw = read_json(path)
+    values: dict[str, int | None] = {}
+    for field in fields(ModelConfig):
+        value = raw.get(field.name)
+        required = field.default is MISSING
+        if value is None and not required:
+            values[field.name] = None
+        elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            values[field.name] = value
+        else:
+            raise UsageError(f"{path}: {field.name} is {value!r}, not a positive integer")
+    return ModelConfig(**values)

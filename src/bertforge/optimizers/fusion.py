@@ -45,7 +45,7 @@ def missing_fusions(stats: dict[str, int], num_layers: int) -> list[str]:
 def run(src: Path, out: Path, config: FusionConfig) -> dict[str, Any]:
     hf = model_config(src)
     model, stats = ort_fuse(src / MODEL_FILE, hf, opt_level=config.opt_level)
-    problems = missing_fusions(stats, hf["num_hidden_layers"])
+    problems = missing_fusions(stats, hf.num_hidden_layers)
     if problems and config.require_full_fusion:
         raise StageError("fusion incomplete: " + ", ".join(problems) + " (was the model exported with SDPA "
                          "attention? set fusion.require_full_fusion: false to accept a partial fusion)")

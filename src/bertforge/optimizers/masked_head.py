@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bertforge.artifact import MODEL_FILE, read_manifest
 from bertforge.errors import StageError
-from bertforge.onnx_files import copy_loader_files, save_model
+from bertforge.onnx_files import copy_loader_files, model_config, save_model
 from bertforge.optimizers.config import MaskedHeadConfig
 from bertforge.optimizers.graph.edit import insert_at, position, remove
 from bertforge.optimizers.tied_quant import DECODER_NODE, tied_table
@@ -157,7 +157,7 @@ def run(src: Path, out: Path, config: MaskedHeadConfig) -> dict[str, Any]:
     logits = graph.output[0]
     logits_name = logits.name
     vocab = logits.type.tensor_type.shape.dim[-1]
-    vocab_size = vocab.dim_value or json.loads((src / "config.json").read_text("utf-8"))["vocab_size"]
+    vocab_size = vocab.dim_value or model_config(src).vocab_size
     for node in graph.node:  # the head now ends in the compact rows
         node.output[:] = [MASK_LOGITS if name == logits_name else name for name in node.output]
     graph.initializer.extend([

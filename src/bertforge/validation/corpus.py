@@ -19,11 +19,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bertforge.errors import UsageError
+
+if TYPE_CHECKING:
+    from bertforge.onnx_files import ModelConfig
 
 MASK_FRACTION = 0.15
 MAX_LENGTH = 128
@@ -56,16 +59,16 @@ class Truncation:
                 "dropped_mask_lines": self.dropped_mask_lines}
 
 
-def position_limit(tokenizer, model_config: dict) -> int:
+def position_limit(tokenizer, model_config: ModelConfig) -> int:
     """The most positions the model takes: its max_position_embeddings, or its tokenizer's limit when lower."""
-    limits = [int(model_config.get("max_position_embeddings") or 512)]
+    limits = [model_config.max_position_embeddings or 512]
     tokenizer_limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:  # transformers' "unset" is ~1e30
         limits.append(tokenizer_limit)
     return min(limits)
 
 
-def input_limit(tokenizer, model_config: dict) -> int:
+def input_limit(tokenizer, model_config: ModelConfig) -> int:
     """The longest corpus sentence fed to the model: its position limit, at most MAX_LENGTH."""
     return min(MAX_LENGTH, position_limit(tokenizer, model_config))
 
@@ -126,7 +129,7 @@ def load_lines(source: str) -> list[str]:
     return lines
 
 
-def check_corpus(source: str, tokenizer, model_config: dict, what: str, limit: int | None = None) -> None:
+def check_corpus(source: str, tokenizer, model_config: ModelConfig, what: str, limit: int | None = None) -> None:
     """Before any stage runs: the corpus reads, and at least one of its lines (of the first `limit` it
     will be read to) has a word to mask once tokenized. Masking skips lines that tokenize to special
     tokens only; a corpus of nothing else used to fail after every stage had run."""

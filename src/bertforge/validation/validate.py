@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from bertforge.errors import StageError
-from bertforge.json_files import read_json
 from bertforge.memory import release_freed_memory
+from bertforge.onnx_files import model_config
 from bertforge.predict import MaskText, Prediction, session_predictions
 from bertforge.runtime import feeds_for, mask_rows, open_session
 from bertforge.validation.config import ValidationConfig
@@ -46,10 +46,10 @@ def run_validation(checkpoint: Path, variants: dict[str, Path], config: Validati
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     truncation = Truncation()
-    model_config = read_json(Path(checkpoint) / "config.json")
+    config_of_model = model_config(Path(checkpoint))
     examples = mask_sentences(load_lines(config.corpus), tokenizer, seed=config.seed,
                               fraction=config.mask_fraction, limit=config.max_sentences,
-                              max_length=input_limit(tokenizer, model_config), truncation=truncation)
+                              max_length=input_limit(tokenizer, config_of_model), truncation=truncation)
     examples.sort(key=lambda e: len(e.input_ids))  # less padding per batch
     corpus_batches = list(batches(examples, config.batch_size, pad_id=tokenizer.pad_token_id or 0))
     total = len(examples) * (1 + len(variants))  # sentence passes: the reference's, then each variant's

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bertforge.onnx_files import ModelConfig
 from bertforge.optimizers.graph.edit import replace
 
 
-def ort_fuse(model_path: Path, hf_config: dict, opt_level: int, multi_head_attention: bool = False):
+def ort_fuse(model_path: Path, hf_config: ModelConfig, opt_level: int, multi_head_attention: bool = False):
     """ORT's transformers optimizer on a BERT export: (ModelProto in topological order, fused-operator
     counts).
 
@@ -25,8 +26,8 @@ def ort_fuse(model_path: Path, hf_config: dict, opt_level: int, multi_head_atten
 
     options = FusionOptions("bert")
     options.use_multi_head_attention = multi_head_attention
-    optimized = optimize_model(str(model_path), model_type="bert", num_heads=hf_config["num_attention_heads"],
-                               hidden_size=hf_config["hidden_size"], opt_level=opt_level, use_gpu=False,
+    optimized = optimize_model(str(model_path), model_type="bert", num_heads=hf_config.num_attention_heads,
+                               hidden_size=hf_config.hidden_size, opt_level=opt_level, use_gpu=False,
                                optimization_options=options)
     stats = {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
     optimized.topological_sort()  # what OnnxModel.save_model_to_file does before it writes
@@ -73,13 +74,13 @@ def split_skip_layer_norms(model) -> int:
     return split
 
 
-def mha_fused(model_path: Path, hf_config: dict, who: str):
+def mha_fused(model_path: Path, hf_config: ModelConfig, who: str):
     """The export fused with MultiHeadAttention (Q/K/V kept as MatMuls), SkipLayerNormalization split
     as in the fusion stage: (ModelProto, fused-op counts)."""
     from bertforge.errors import StageError
 
     model, stats = ort_fuse(model_path, hf_config, opt_level=0, multi_head_attention=True)
-    found, layers = stats.get("MultiHeadAttention", 0), hf_config["num_hidden_layers"]
+    found, layers = stats.get("MultiHeadAttention", 0), hf_config.num_hidden_layers
     if found != layers:
         raise StageError(f"{who}: MultiHeadAttention fused {found}/{layers} layers of {model_path} "
                          "(was the model exported with SDPA attention?)")
