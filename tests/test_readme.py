@@ -40,3 +40,15 @@ def test_every_documented_command_parses(command, capsys):
         parser().parse_args(argv[1:])
     except SystemExit as exc:
         pytest.fail(f"{command!r} does not parse (exit {exc.code}): {capsys.readouterr().err.strip()}")
+
+
+def test_the_recipe_reference_is_a_recipe_bertforge_reads():
+    import yaml
+
+    from bertforge.recipe import Recipe, parse_recipe
+
+    block = re.search(r"```yaml\n(.*?)```", (ROOT / "docs" / "recipes.md").read_text("utf-8"), re.S).group(1)
+    documented = parse_recipe(yaml.safe_load(block), "docs/recipes.md")
+    # every section the recipe has is documented there
+    assert set(yaml.safe_load(block)) == set(Recipe.model_fields)
+    assert documented.validation.shard_batches == 64

@@ -32,6 +32,9 @@ class ValidationConfig(Section):
     mask_fraction: float = Field(0.15, gt=0, le=1)
     max_sentences: StrictInt | None = Field(None, ge=1)
     batch_size: StrictInt = Field(16, ge=1, le=256)
+    # batches per validation shard: the reference's logits of one shard are held at a time (bert-base's
+    # vocabulary: ~120 kB a [MASK] position, ~0.3 GB for 64 batches of 16); the metrics do not change
+    shard_batches: StrictInt = Field(64, ge=1)
     # sentences with [MASK] whose top-5 the report shows for every variant beside PyTorch's, after the
     # model card's three ("The capital of France is [MASK].", "The man/woman worked as a [MASK].")
     probes: tuple[str, ...] = ()

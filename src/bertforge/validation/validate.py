@@ -57,30 +57,46 @@ def run_validation(checkpoint: Path, variants: dict[str, Path], config: Validati
     reference_stats = ReferenceStats()
     model, missing_head = load_reference(checkpoint)
     model = with_onednn_linears(model)
-    masked_reference = []
-    for batch in corpus_batches:
-        with torch.no_grad():
-            reference = model(input_ids=torch.from_numpy(batch.input_ids),
-                              attention_mask=torch.from_numpy(batch.attention_mask),
-                              token_type_ids=torch.from_numpy(batch.token_type_ids)).logits.numpy()
-        rows, cols, truth = batch.masked_index()
-        masked_reference.append(reference[rows, cols])
-        reference_stats.add(masked_reference[-1], truth)
-        done += len(batch.examples)
-        if progress:
-            progress(done, total)
     masker = MaskText.from_transformers(tokenizer)
     texts = probe_texts(config.probes, tokenizer.mask_token)
     reference_probes = {text: compact(torch_predictions(model, masker, text)) for text in texts}
-    del model, reference
-    release_freed_memory()
-    summaries = {}
-    for name, path in variants.items():
-        summaries[name] = validate_variant(name, path, corpus_batches, masked_reference, masker, texts)
-        release_freed_memory()  # the variant's session is closed; the next one starts from a low RSS
-        done += len(examples)
-        if progress:
-            progress(done, total)
+    accumulators = {name: Accumulator() for name in variants}
+    answers: dict[str, dict[str, Any]] = {}
+    # Shard by shard (contiguous runs of the length-sorted batches): the reference's logits at the
+    # [MASK] positions of one shard, then every variant's over the same shard, accumulated and dropped.
+    # Memory holds one shard's logits whatever the corpus's size; the metrics are the same floats in
+    # the same order as in one pass, so the report does not depend on the shard size.
+    for start in range(0, len(corpus_batches), config.shard_batches):
+        shard = corpus_batches[start:start + config.shard_batches]
+        masked_reference = []
+        for batch in shard:
+            with torch.no_grad():
+                reference = model(input_ids=torch.from_numpy(batch.input_ids),
+                                  attention_mask=torch.from_numpy(batch.attention_mask),
+                                  token_type_ids=torch.from_numpy(batch.token_type_ids)).logits.numpy()
+            rows, cols, truth = batch.masked_index()
+            masked_reference.append(reference[rows, cols])
+            reference_stats.add(masked_reference[-1], truth)
+            del reference
+            done += len(batch.examples)
+            if progress:
+                progress(done, total)
+        if start + config.shard_batches >= len(corpus_batches):
+            model = None  # the last shard: the reference is done, its memory goes before the variants run
+            release_freed_memory()
+        for name, path in variants.items():
+            if start == 0:  # each variant's answers to the probes, once
+                answers[name] = validate_shard(name, path, shard, masked_reference, accumulators[name], masker, texts)
+            else:
+                validate_shard(name, path, shard, masked_reference, accumulators[name])
+            release_freed_memory()  # the variant's session is closed; the next one starts from a low RSS
+            done += sum(len(batch.examples) for batch in shard)
+            if progress:
+                progress(done, total)
+        del masked_reference
+        release_freed_memory()
+    summaries = {name: {**accumulator.summary(), "probes": answers.get(name, {})}
+                 for name, accumulator in accumulators.items()}
     return {
         "corpus": {"source": config.corpus, "digest": corpus_digest(config.corpus), "sentences": len(examples),
                    "seed": config.seed, "mask_fraction": config.mask_fraction, "max_sentences": config.max_sentences,
@@ -126,24 +142,22 @@ def compact(predictions: list[list[Prediction]]) -> list[list[list[Any]]]:
     return [[[p.token_str, round(p.score, 6)] for p in found] for found in predictions]
 
 
-def validate_variant(name: str, path: Path, corpus_batches: list, masked_reference: list[np.ndarray],
-                     masker: MaskText | None = None, probes: list[str] = ()) -> dict[str, Any]:
-    """One variant over every batch against the stored reference, then its answers to the probes; its
-    session is released on return."""
+def validate_shard(name: str, path: Path, shard: list, masked_reference: list[np.ndarray], accumulator: Accumulator,
+                   masker: MaskText | None = None, probes: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """One variant over one shard's batches against their stored reference, added to `accumulator`;
+    then its answers to `probes`, returned. Its session is released on return."""
     # the only session open while it runs, so its threads may spin between ops (about 10% faster on
     # bert-base here); no arena, so it does not keep its largest batch's buffers
     session = open_session(path, spinning=True, arena=False)
-    accumulator = Accumulator()
-    for index, batch in enumerate(corpus_batches):
+    for index, batch in enumerate(shard):
         rows, cols, truth = batch.masked_index()
         feeds = feeds_for(session, batch.input_ids, batch.attention_mask, batch.token_type_ids)
         try:  # the masked head's compact rows where it has them (its other logits are zeros)
             accumulator.add(masked_reference[index], mask_rows(session, feeds, rows, cols), truth)
         except ValueError as error:
             raise StageError(f"{name}: {error}") from None
-    summary = accumulator.summary()
+    answers = {}
     if masker is not None:
-        summary["probes"] = {text: compact(session_predictions(session, masker, text, PROBE_TOP_K))
-                             for text in probes}
+        answers = {text: compact(session_predictions(session, masker, text, PROBE_TOP_K)) for text in probes}
     del session
-    return summary
+    return answers
