@@ -44,7 +44,16 @@ def test_top_k_and_overlap():
 
 
 
-def test_top_k_orders_like_a_stable_full_sort_with_ties_infinities_and_nans():
+@pytest.mark.parametrize("kth_by", ["torch", "numpy"])
+def test_top_k_orders_like_a_stable_full_sort_with_ties_infinities_and_nans(kth_by, monkeypatch):
+    import sys
+
+    import torch
+
+    if kth_by == "numpy":  # the path where torch is not loaded
+        monkeypatch.delitem(sys.modules, "torch")
+    else:
+        assert sys.modules["torch"] is torch
     rng = np.random.default_rng(0)
     for trial in range(200):
         rows, vocab = int(rng.integers(1, 30)), int(rng.integers(2, 50))

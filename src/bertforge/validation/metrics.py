@@ -6,6 +6,7 @@ Pure numpy on arrays of shape [positions, vocab]; `Accumulator` aggregates batch
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +66,19 @@ def relative_l2(reference: np.ndarray, variant: np.ndarray) -> np.ndarray:
     return np.linalg.norm(variant - reference, axis=-1) / np.maximum(np.linalg.norm(reference, axis=-1), 1e-30)
 
 
+def kth_largest(rows: np.ndarray, k: int) -> np.ndarray:
+    """Each row's k-th largest value, [rows, 1] (NaN counted largest, as np.partition does).
+
+    torch's topk where torch is already loaded (validation runs the PyTorch reference, so it is):
+    at 40 x 30,522 logits it takes 1.4 ms against np.partition's 6.8 ms (AVX-512 VNNI, 2 threads),
+    and partitioning was most of validation's metric time. The same value either way: only which
+    rows are plain and which candidates they have depend on it, and it is a value of the row."""
+    torch = sys.modules.get("torch")
+    if torch is not None and rows.flags.c_contiguous and rows.dtype in (np.float32, np.float64):
+        return torch.topk(torch.from_numpy(rows), k, dim=-1).values[:, -1:].numpy()
+    return np.partition(rows, -k, axis=-1)[:, [-k]]
+
+
 def top_k(logits: np.ndarray, k: int = TOP_K) -> np.ndarray:
     """Indices of the k largest logits per row, largest first (ties broken by lower index).
 
@@ -77,7 +91,7 @@ def top_k(logits: np.ndarray, k: int = TOP_K) -> np.ndarray:
     if len(rows) > ROW_BLOCK:
         found = np.concatenate([top_k(rows[i:i + ROW_BLOCK], k) for i in range(0, len(rows), ROW_BLOCK)])
         return found.reshape(*logits.shape[:-1], k)
-    kth = np.partition(rows, -k, axis=-1)[:, [-k]]
+    kth = kth_largest(rows, k)
     above = rows >= kth
     plain = (above.sum(axis=-1) == k) & ~np.isnan(rows).any(axis=-1)
     found = np.empty((len(rows), k), dtype=np.int64)
@@ -121,15 +135,17 @@ class Accumulator:
     ref_top1_in_top5: list[bool] = field(default_factory=list)
     truth_hit: list[bool] = field(default_factory=list)
 
-    def add(self, reference: np.ndarray, variant: np.ndarray, truth: np.ndarray) -> None:
-        """reference/variant: [masked positions, vocab]; truth: original ids, -1 where unknown."""
+    def add(self, reference: np.ndarray, variant: np.ndarray, truth: np.ndarray,
+            ref_top: np.ndarray | None = None) -> None:
+        """reference/variant: [masked positions, vocab]; truth: original ids, -1 where unknown; ref_top:
+        top_k(reference) when the caller has it (one reference meets every variant)."""
         diff = np.abs(variant.astype(np.float64) - reference.astype(np.float64))
         self.max_abs.extend(diff.max(axis=-1).tolist())
         self.mean_abs.extend(diff.mean(axis=-1).tolist())
         self.cosine.extend(cosine_similarity(reference, variant).tolist())
         self.kl.extend(kl_divergence(reference, variant).tolist())
         self.rel_l2.extend(relative_l2(reference, variant).tolist())
-        ref_top, var_top = top_k(reference), top_k(variant)
+        ref_top, var_top = top_k(reference) if ref_top is None else ref_top, top_k(variant)
         self.top1_agree.extend(top1_agrees(ref_top, var_top).tolist())
         self.top5_overlap.extend(top_k_overlap(reference, variant, ref_k=ref_top, var_k=var_top).tolist())
         self.ref_top1_in_top5.extend(ref_top1_in_top_k(ref_top, var_top).tolist())
