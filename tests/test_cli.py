@@ -702,7 +702,9 @@ def test_each_variant_directory_explains_itself_and_still_verifies(built, capsys
     report = json.loads((built / "report.json").read_text())
     for name in report["variants"]:
         card = (built / name / "README.md").read_text()
-        assert card.startswith(f"# {name}: ") and "## Load it" in card and "ORTModelForMaskedLM" in card
+        assert card.startswith("---\n")  # the hub's metadata first (test_every_card_carries_metadata...)
+        body = card.split("\n---\n", 1)[1].lstrip()
+        assert body.startswith(f"# {name}: ") and "## Load it" in card and "ORTModelForMaskedLM" in card
         top1 = report["variants"][name]["metrics"]["top1_agreement"]
         assert f"| top-1 agreement | {top1:.2%}" in card
         assert "README.md" in json.loads((built / name / "manifest.json").read_text())["files"]
@@ -720,3 +722,19 @@ def test_library_warnings_go_to_a_log_not_into_the_progress(tiny_checkpoint, tmp
     assert "Please consider" not in err
     (log,) = (tmp_path / "cache" / "logs").glob("build-*-libraries.log")
     assert "Please consider to run pre-processing" in log.read_text() and f"library warnings: {log}" in err
+
+
+def test_every_card_carries_metadata_a_model_hub_reads(built):
+    from huggingface_hub import ModelCard
+
+    report = json.loads((built / "report.json").read_text())
+    for name, entry in report["variants"].items():
+        card = ModelCard.load(built / name / "README.md")
+        assert card.data.pipeline_tag == "fill-mask" and "onnx" in card.data.tags, name
+        assert ("int8" in card.data.tags) == name.startswith("int8"), name
+        results = card.data.to_dict()["model-index"][0]["results"][0]
+        measured = {m["type"]: m["value"] for m in results["metrics"]}
+        assert measured == {key: entry["metrics"][key] for key in ("top1_agreement", "ref_top1_in_top5")}, name
+        assert results["task"]["type"] == "fill-mask"
+        assert card.text.lstrip().startswith(f"# {name}:")
+    assert main(["verify", str(built)]) == 0  # the cards are what the manifests list

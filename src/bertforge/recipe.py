@@ -50,8 +50,9 @@ class Recipe(Section):
     model: str = "bert-base-uncased"
     variants: tuple[VariantName, ...] = VARIANTS
     # Where the int8 variants compute the integers they were validated with (cpu_target.py): `portable`,
-    # every CPU (s8 weights in [-64, 64]); `vnni`, full-range s8 weights, exact only on VNNI, AMX and ARM64
-    # (elsewhere they saturate and warn). Sets each int8 section's cpu_target that the recipe leaves unset.
+    # every CPU (s8 weights whose same-sign K-adjacent pairs sum to at most 128); `vnni`, full-range s8
+    # weights, exact only on VNNI, AMX and ARM64 (elsewhere they saturate and warn). Sets each int8
+    # section's cpu_target that the recipe leaves unset.
     target: Target = "portable"
     export: ExportConfig = ExportConfig()
     fusion: FusionConfig = FusionConfig()

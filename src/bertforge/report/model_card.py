@@ -26,6 +26,7 @@ def card_text(name: str, entry: dict[str, Any], report: dict[str, Any], manifest
     gates = ", ".join(f"{g['metric']} {g['op']} {g['threshold']:g}: {'pass' if g['passed'] else 'FAIL'}"
                       for g in entry.get("gates", [])) or "none"
     lines = [
+        *card_metadata(name, entry, report, manifest),
         f"# {name}: {report['model']['spec']}",
         "",
         f"{spec.summary if spec else name}. Made by bertforge {report['bertforge_version']} from "
@@ -76,13 +77,41 @@ def card_text(name: str, entry: dict[str, Any], report: dict[str, Any], manifest
     return "\n".join(lines) + "\n"
 
 
+def card_metadata(name: str, entry: dict[str, Any], report: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """The YAML block a model hub reads from the top of a README.md (huggingface_hub.ModelCard parses it):
+    the task, the base model where the source is a hub id, tags, and a model-index holding the measured
+    agreement with PyTorch on the validation corpus."""
+    import yaml
+
+    metrics = entry.get("metrics", {})
+    precision = "fp16" if name == "fp16" else "int8" if name.startswith("int8") else "fp32"
+    target = manifest.get("metadata", {}).get("int8_target")
+    data: dict[str, Any] = {"library_name": "onnx", "pipeline_tag": "fill-mask"}
+    if report["model"].get("kind") == "hub":
+        data["base_model"] = report["model"]["spec"]
+    data["tags"] = ["onnx", "bertforge", precision] + ([f"int8-target-{target}"] if target else [])
+    measured = [{"name": "top-1 agreement with PyTorch fp32", "type": "top1_agreement",
+                 "value": metrics["top1_agreement"]},
+                {"name": "PyTorch top-1 within the top-5", "type": "ref_top1_in_top5",
+                 "value": metrics["ref_top1_in_top5"]}] if "top1_agreement" in metrics else []
+    if measured:
+        corpus = report["corpus"]
+        data["model-index"] = [{"name": f"{report['model']['spec']} {name}", "results": [{
+            "task": {"type": "fill-mask", "name": "Fill-Mask"},
+            "dataset": {"type": "text", "name": f"{corpus['source']} ({corpus['masked_positions']} [MASK] positions)"},
+            "metrics": measured}]}]
+    return ["---", yaml.safe_dump(data, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
+
+
 def where_it_holds(target: str | None, machine: dict[str, Any]) -> list[str]:
     """The card's lines on which CPUs compute the integers measured above (int8 variants only)."""
     if target is None:
         return []
     measured = f"Validated on {machine.get('cpu_class', '?')} ({machine['cpu']})."
     if target == "portable":
-        text = ("int8 target `portable`: every s8 weight is in [-64, 64], so no u8 x s8 pair sum can saturate and "
+        text = ("int8 target `portable`: every same-sign pair of s8 weights adjacent along K sums to at most 128 in "
+                "magnitude (each output channel's scale widened only as far as its own pairs need), so no u8 x s8 "
+                "pair sum can saturate and "
                 "every CPU (AVX2, AVX-512, VNNI, AMX, ARM64) and onnxruntime-web's wasm compute the same integers: "
                 f"the agreement above holds wherever it runs. {measured}")
     else:
