@@ -13,7 +13,6 @@ lines, because importing transformers imports torch).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from bertforge.errors import UsageError
+from bertforge.json_files import read_json
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -64,12 +64,7 @@ class MaskText:
         except Exception as exc:  # the tokenizers library's message does not name the file
             raise UsageError(f"{directory / TOKENIZER_FILE}: not a tokenizer file "
                              f"({' '.join(str(exc).split())[:200]})") from None
-        try:
-            config = json.loads(config_path.read_text("utf-8")) if config_path.is_file() else {}
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"{config_path}: not readable JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise UsageError(f"{config_path}: not a JSON object")
+        config = read_json(config_path) if config_path.is_file() else {}
 
         def content(token: Any, default: str) -> str:
             return token.get("content", default) if isinstance(token, dict) else (token or default)

@@ -20,6 +20,7 @@ import onnx
 from bertforge.artifact import MODEL_FILE
 from bertforge.errors import SourceError, StageError
 from bertforge.exporter.config import ExportConfig
+from bertforge.json_files import read_json
 from bertforge.onnx_files import external_data_above, model_bytes, save_model, uses_external_data
 from bertforge.optimizers.tied_quant import tied_table
 
@@ -72,7 +73,6 @@ def check_dimensions(checkpoint: Path) -> None:
     """config.json's sizes against the safetensors headers (names and shapes only, no weights read),
     before any model is built: a config asking for 100,000 layers over a checkpoint of 2 had
     transformers allocate them all (7.4 GB and counting) before noticing the missing weights."""
-    import json
     import re
 
     from safetensors import safe_open
@@ -80,7 +80,7 @@ def check_dimensions(checkpoint: Path) -> None:
     files = sorted(checkpoint.glob("*.safetensors"))
     if not files:
         return  # pytorch_model.bin: its header is a pickle, read only by loading it
-    config = json.loads((checkpoint / "config.json").read_text("utf-8"))
+    config = read_json(checkpoint / "config.json")
     shapes: dict[str, list[int]] = {}
     for path in files:
         try:

@@ -11,6 +11,11 @@ import onnx
 GELU_OPS = frozenset({"Gelu", "BiasGelu", "FastGelu"})
 
 
+def is_weight_matmul(node: onnx.NodeProto | None, initializers: set[str] | dict[str, onnx.TensorProto]) -> bool:
+    """A MatMul whose B is a constant of the graph: a layer's weight."""
+    return node is not None and node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in initializers
+
+
 def graph_only(model_path: Path) -> onnx.ModelProto:
     """The model without its external data: what the presets and patterns are matched on."""
     return onnx.load(str(model_path), load_external_data=False)
@@ -53,7 +58,7 @@ def preset_nodes(model: onnx.ModelProto, preset: str) -> set[str]:
     producers = {out: node for node in nodes for out in node.output}
 
     def weight_matmul(node: onnx.NodeProto | None) -> bool:
-        return node is not None and node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in initializers
+        return is_weight_matmul(node, initializers)
 
     if preset == "embeddings":
         return {n.name for n in nodes if n.op_type == "EmbedLayerNormalization"

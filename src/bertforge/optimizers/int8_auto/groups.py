@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from bertforge.optimizers.graph.exclusions import GELU_OPS, is_weight_matmul
 from bertforge.optimizers.tied_quant import tied_table
 
 SCHEMES = ("fp32", "int8-dynamic", "int8-smooth", "int8-token", "int8-outlier", "int8-blockwise")
@@ -15,7 +16,6 @@ TOKEN_FLOOR = 1e-6  # a row of zeros (padding after LayerNorm is not, but a ReLU
 SMOOTH_ALPHA = 0.8
 OUTLIER_CHANNELS = 8
 TIED_GROUP = "tied-table"
-GELU_OPS = frozenset({"Gelu", "BiasGelu", "FastGelu"})
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def quant_groups(model: onnx.ModelProto) -> list[Group]:
     readers = graph.input_name_to_nodes()
 
     def weight_matmul(node: onnx.NodeProto | None) -> bool:
-        return node is not None and node.op_type == "MatMul" and node.input[1] in initializers
+        return is_weight_matmul(node, initializers)
 
     def next_weight_matmul(node: onnx.NodeProto) -> onnx.NodeProto | None:
         """The first weight MatMul (fewest nodes away, then graph order) reading what `node` computes."""
