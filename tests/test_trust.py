@@ -79,7 +79,8 @@ def test_a_results_file_is_read_only_whatever_the_umask(small_recipe, tmp_path, 
     assert modes and all(int(m, 8) & 0o222 == 0 for m in modes), modes
 
 
-def test_cache_prune_skips_every_entry_a_running_build_has_used(tiny_checkpoint):
+def test_cache_prune_skips_every_entry_a_running_build_has_used(tiny_checkpoint, own_cache):
+    # a cache of its own: pruning to 0 GB must not take the session cache other tests build into
     import contextlib
 
     from bertforge import cache_admin
