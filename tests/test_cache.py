@@ -374,9 +374,31 @@ def test_key_covers_every_library_that_shapes_an_artifact():
 
     versions = library_versions()
     assert {"accelerate", "optimum", "onnxruntime", "onnxconverter-common", "transformers", "torch"} <= set(versions)
-    assert list(versions) == list(TRACKED_LIBRARIES)
+    assert list(versions)[:len(TRACKED_LIBRARIES)] == list(TRACKED_LIBRARIES)
     other = {**versions, "accelerate": versions["accelerate"] + ".post1"}
     assert stage_key(None, "export", "1", {}, versions) != stage_key(None, "export", "1", {}, other)
+
+
+def test_an_onnxruntime_build_under_another_name_is_keyed_by_its_own_version(tmp_path, monkeypatch):
+    """onnxruntime-gpu installs the `onnxruntime` module with `onnxruntime` itself absent: its version is in
+    the key (a real installed distribution's metadata, written on a sys.path entry)."""
+    import sys
+
+    from bertforge import environment
+
+    info = tmp_path / "onnxruntime_gpu-1.32.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.32.0\n")
+    environment.library_versions.cache_clear()
+    without = environment.library_versions()
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    environment.library_versions.cache_clear()
+    try:
+        with_gpu = environment.library_versions()
+    finally:
+        environment.library_versions.cache_clear()
+    assert "onnxruntime-gpu" not in without and with_gpu["onnxruntime-gpu"] == "1.32.0"
+    assert stage_key(None, "export", "1", {}, without) != stage_key(None, "export", "1", {}, with_gpu)
 
 
 def test_a_write_that_fails_midway_keeps_nothing_half_written(tiny_checkpoint, tmp_path):
@@ -401,3 +423,58 @@ def test_a_write_that_fails_midway_keeps_nothing_half_written(tiny_checkpoint, t
     assert lines[-1].startswith("bertforge: error: ") and "File too large" in lines[-1], done.stderr
     assert not out.exists()
     assert not list((cache / "stages").glob("*")), "no cache entry, complete or partial, is kept"
+
+
+def _chained_code_keys(package: Path, monkeypatch) -> dict[str, str]:
+    """Every variant's key as the pipeline chains it, from the code digest alone (the rest held fixed),
+    with the package's source read from `package`."""
+    from bertforge import code_digest
+
+    monkeypatch.setattr(code_digest, "PACKAGE_DIR", package)
+    code_digest.code_modules.cache_clear()
+    code_digest.code_digest.cache_clear()
+    keys: dict[str, str] = {}
+    for variant, (stage, parent, _section) in pipeline.VARIANT_PLAN.items():
+        module = pipeline.STAGES[stage].__name__
+        keys[variant] = stage_key(keys.get(parent, "source"), stage, "1", {}, libraries={},
+                                  extra={"code": code_digest.code_digest(module)})
+    code_digest.code_modules.cache_clear()
+    code_digest.code_digest.cache_clear()
+    return keys
+
+
+def test_a_stage_key_follows_the_code_the_stage_runs_and_nothing_else(tmp_path, monkeypatch):
+    """A comment in the HTML report changes no stage key (a shared cache keeps every hit); a change to a
+    stage's own module changes its key and its descendants' only."""
+    import shutil
+
+    from bertforge import code_digest
+    from bertforge.stages import SPECS
+
+    package = tmp_path / "bertforge"
+    shutil.copytree(code_digest.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = _chained_code_keys(package, monkeypatch)
+    assert len(set(before.values())) == len(before)
+    for module in ("report/html.py", "cli.py", "api.py", "validation/validate.py", "commands.py"):
+        with open(package / module, "a") as handle:
+            handle.write("# a comment\n")
+    assert _chained_code_keys(package, monkeypatch) == before
+
+    def descendants(variant: str) -> set[str]:
+        below = {v for v, (_, parent, _) in pipeline.VARIANT_PLAN.items() if parent == variant}
+        return below.union(*(descendants(v) for v in below))
+
+    for spec in SPECS:
+        if spec.stage == "optimizers.masked_head":
+            continue  # int8-auto runs its head_input too: checked below
+        source = package / (spec.stage.replace(".", "/") + ".py")
+        original = source.read_text()
+        source.write_text(original + "\nCHANGED = 1\n")
+        after = _chained_code_keys(package, monkeypatch)
+        source.write_text(original)
+        changed = {v for v in before if after[v] != before[v]}
+        assert changed == {spec.name} | descendants(spec.name), spec.name
+    head = package / "optimizers" / "masked_head.py"
+    head.write_text(head.read_text() + "\nCHANGED = 1\n")
+    after = _chained_code_keys(package, monkeypatch)
+    assert {v for v in before if after[v] != before[v]} == {"int8-auto", "int8-dynamic-masked", "int8-auto-masked"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 PACKAGE = "bertforge"
@@ -26,11 +27,24 @@ def _source_path(module: str) -> Path | None:
     return None
 
 
-def _imported(module: str, path: Path) -> set[str]:
+def _module_level(tree: ast.AST) -> Iterator[ast.AST]:
+    """The nodes that run when a module is imported: everything but the bodies of its functions."""
+    pending = [tree]
+    while pending:
+        node = pending.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            pending.extend(ast.iter_child_nodes(node))
+
+
+def _imported(module: str, path: Path, import_time_only: bool = False) -> set[str]:
+    """The bertforge modules `module` imports: anywhere in it, or with `import_time_only` only those its
+    import itself runs (a package's __init__ reached as the parent of a module, whose functions the
+    module does not call: bertforge/__init__'s API functions import the whole package when called)."""
     tree = ast.parse(path.read_bytes(), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(tree):
+    for node in (_module_level(tree) if import_time_only else ast.walk(tree)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -47,21 +61,23 @@ def _imported(module: str, path: Path) -> set[str]:
 
 @functools.cache
 def code_modules(module: str) -> tuple[str, ...]:
-    """`module` and every bertforge module reachable from it by imports, sorted."""
-    seen: set[str] = set()
-    pending = [module]
+    """`module` and every bertforge module its code can run: what it imports (anywhere in it, function-local
+    imports too), transitively, and the __init__ of each package above them (which runs on import),
+    sorted. A module reached only as a parent contributes only what its import runs."""
+    seen: dict[str, bool] = {}  # module -> whether all of its imports were followed (else import-time ones)
+    pending = [(module, False)]
     while pending:
-        name = pending.pop()
-        if name in seen:
-            continue
+        name, as_parent = pending.pop()
+        if name in seen and (seen[name] or as_parent):
+            continue  # followed in full already, or reached as a parent again
         path = _source_path(name)
         if path is None:
             continue  # an attribute named in a from-import, not a module
-        seen.add(name)
-        pending.extend(_imported(name, path) - seen)
+        seen[name] = not as_parent
+        pending.extend((found, False) for found in _imported(name, path, import_time_only=as_parent))
         parent = name.rpartition(".")[0]
-        if parent and parent not in seen:
-            pending.append(parent)  # a package's __init__ runs before its modules
+        if parent:
+            pending.append((parent, True))  # a package's __init__ runs before its modules
     return tuple(sorted(seen))
 
 

@@ -14,6 +14,11 @@ import psutil
 # onnx-ir is MatMulNBitsQuantizer's graph library, numpy rounds the quantized weights.
 TRACKED_LIBRARIES = ("torch", "transformers", "tokenizers", "optimum", "optimum-onnx", "accelerate", "onnx",
                      "onnx-ir", "onnxruntime", "onnxconverter-common", "numpy")
+# onnxruntime's other builds install the same `onnxruntime` module under their own distribution name (with
+# `onnxruntime` itself then absent): each is keyed by its own version where it is installed, and left out
+# of the key where it is not, so adding this list changed no existing key.
+ONNXRUNTIME_BUILDS = ("onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml", "onnxruntime-qnn",
+                      "onnxruntime-training")
 
 
 @functools.cache
@@ -24,6 +29,11 @@ def library_versions() -> dict[str, str]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "absent"
+    for name in ONNXRUNTIME_BUILDS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
     return versions
 
 
