@@ -22,14 +22,16 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 # and bertforge.fill_mask never imports torch.
 
 def build(out, recipe=None, *, model: str | None = None, variants: list[str] | None = None,
-          progress: str = "quiet", **sections):
+          progress: str = "quiet", remote_cache: str | None = None, remote_cache_readonly: bool | None = None,
+          **sections):
     """Build, validate and report every variant of a model into `out`, like `bertforge build`.
 
     recipe: a YAML path, a `bertforge.recipe.Recipe`, or None (the defaults); `model`, `variants` and
     any recipe section given as a keyword (e.g. `int8_auto={"target": {"top1_min": 0.97}}`) override
-    it. Returns `bertforge.api.Outcome` (exit_code as the CLI's, the report dict, the out path). A bad
-    recipe or input raises `bertforge.errors.UsageError`/`SourceError`; a failed gate does not raise:
-    `outcome.exit_code` is 1 and `outcome.report["gates_passed"]` False."""
+    it. `remote_cache`: an fsspec URL of a shared stage cache (default $BERTFORGE_REMOTE_CACHE), only read
+    with `remote_cache_readonly`. Returns `bertforge.api.Outcome` (exit_code as the CLI's, the report
+    dict, the out path). A bad recipe or input raises `bertforge.errors.UsageError`/`SourceError`; a
+    failed gate does not raise: `outcome.exit_code` is 1 and `outcome.report["gates_passed"]` False."""
     from pathlib import Path
 
     from bertforge import api
@@ -42,12 +44,14 @@ def build(out, recipe=None, *, model: str | None = None, variants: list[str] | N
         recipe = parse_recipe(merged(recipe.model_dump(mode="json", exclude_unset=True), given)) if given else recipe
     else:
         recipe = load_recipe(recipe, overrides)
-    return api.build(recipe, Path(out), Progress(progress))
+    return api.build(recipe, Path(out), Progress(progress), remote_cache, remote_cache_readonly)
 
 
-def validate(out, recipe=None, *, model: str | None = None, progress: str = "quiet"):
+def validate(out, recipe=None, *, model: str | None = None, progress: str = "quiet", remote_cache: str | None = None,
+             remote_cache_readonly: bool | None = None):
     """Re-validate an existing build directory and rewrite its report, like `bertforge validate`;
-    the recipe defaults to the one `out/build.json` recorded. Returns `bertforge.api.Outcome`."""
+    the recipe defaults to the one `out/build.json` recorded; fresh results are published to the remote
+    cache (as in `build`). Returns `bertforge.api.Outcome`."""
     from pathlib import Path
 
     from bertforge import api
@@ -58,7 +62,7 @@ def validate(out, recipe=None, *, model: str | None = None, progress: str = "qui
     if not isinstance(recipe, Recipe):
         recorded = recorded_recipe(Path(out)) if recipe is None else None
         recipe = parse_recipe(recorded) if recorded is not None else load_recipe(recipe)
-    return api.validate_existing(Path(out), recipe, Progress(progress), model)
+    return api.validate_existing(Path(out), recipe, Progress(progress), model, remote_cache, remote_cache_readonly)
 
 
 def compare(run_a, run_b, *, agreement_tolerance: float = 0.005, latency_tolerance: float = 0.25,

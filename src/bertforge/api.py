@@ -37,6 +37,7 @@ from bertforge.pipeline import (
 from bertforge.preflight import warnings_for
 from bertforge.progress import Progress
 from bertforge.recipe import Recipe
+from bertforge.remote_cache import session as remote_session
 from bertforge.report import html as html_report
 from bertforge.report import markdown as md_report
 from bertforge.report.content import make_report
@@ -178,7 +179,10 @@ def validate_and_report(out: Path, source: ResolvedSource, source_key: str, reci
     return report
 
 
-def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> Outcome:
+def build(recipe: Recipe, out: Path, progress: Progress | None = None, remote_cache: str | None = None,
+          remote_cache_readonly: bool | None = None) -> Outcome:
+    """`remote_cache`: an fsspec URL of a shared stage cache (default $BERTFORGE_REMOTE_CACHE; none when
+    neither), read and written, or only read with `remote_cache_readonly`."""
     progress = progress or Progress("quiet")
     out = Path(out)
     check_output_dir(out)
@@ -188,10 +192,13 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None) -> Outcom
         if (out / OUTPUT_MARKER).is_file():  # a failing rebuild would go beside it: that place must be free
             rejected_path(out)
         log = cache_root() / "logs" / f"build-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-libraries.log"
-        with library_messages_to(log):
+        remote = remote_session.from_settings(remote_cache, remote_cache_readonly, progress.message)
+        with library_messages_to(log), remote_session.using(remote):
             outcome = _build(recipe, out, progress)
         if log.is_file():
             progress.message(f"library warnings: {log}")
+        if remote is not None:
+            progress.message(remote.summary())
         return outcome
 
 
@@ -266,15 +273,22 @@ def placement_note(placed: dict[str, int]) -> str:
             "link, or files the filesystem would not link)")
 
 
-def validate_existing(out: Path, recipe: Recipe, progress: Progress | None = None,
-                      model_spec: str | None = None) -> Outcome:
-    """Re-validate the variants of an existing build directory and rewrite its report."""
+def validate_existing(out: Path, recipe: Recipe, progress: Progress | None = None, model_spec: str | None = None,
+                      remote_cache: str | None = None, remote_cache_readonly: bool | None = None) -> Outcome:
+    """Re-validate the variants of an existing build directory and rewrite its report. Everything is
+    measured again; with a remote cache (as in `build`) the new results are published to it where it
+    lacks them, for builds elsewhere to reuse."""
     progress = progress or Progress("quiet")
     out = Path(out)
     if not (out / OUTPUT_MARKER).is_file():
         raise UsageError(f"{out} is not a bertforge build directory (no {OUTPUT_MARKER})")
     with output_lock(out):
-        return _validate_existing(out, recipe, progress, model_spec)
+        remote = remote_session.from_settings(remote_cache, remote_cache_readonly, progress.message)
+        with remote_session.using(remote):
+            outcome = _validate_existing(out, recipe, progress, model_spec)
+        if remote is not None:
+            progress.message(remote.summary())
+        return outcome
 
 
 def _validate_existing(out: Path, recipe: Recipe, progress: Progress, model_spec: str | None) -> Outcome:

@@ -1,4 +1,5 @@
-"""`bertforge cache list|prune`: what the stage cache holds, and removing what was not used lately.
+"""`bertforge cache list|prune|verify`: what the stage cache holds, removing what was not used lately,
+and checking every entry against its manifest (remote_cache/admin.py does the same on a remote cache).
 
 An entry's last use is its directory's modification time, which the pipeline sets on every cache hit
 (a file in the entry would fail its verification: entries hold exactly what their manifest lists).
@@ -20,7 +21,7 @@ from bertforge.errors import UsageError
 
 @dataclass(frozen=True)
 class Entry:
-    path: Path
+    path: Path | str  # a local directory, or a remote entry's URL
     stage: str
     key: str
     size_bytes: int
@@ -44,14 +45,13 @@ def entries() -> list[Entry]:
     return sorted(found, key=lambda e: (e.last_used, e.path.name))
 
 
-def prune(older_than_days: float | None, max_size_gb: float | None, dry_run: bool = False) -> list[Entry]:
-    """Remove entries unused for `older_than_days`, then the least recently used until the entries fit
-    in `max_size_gb`. Returns what was (or, with dry_run, would be) removed."""
+def to_prune(present: list[Entry], older_than_days: float | None, max_size_gb: float | None) -> list[Entry]:
+    """Entries unused for `older_than_days`, then the least recently used (`present` is sorted so) until
+    the rest fit in `max_size_gb`."""
     if older_than_days is None and max_size_gb is None:
         raise UsageError("cache prune needs --older-than DAYS and/or --max-size GB")
     if (older_than_days or 0) < 0 or (max_size_gb or 0) < 0:
         raise UsageError("cache prune: --older-than and --max-size must be 0 or more")
-    present = entries()
     cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
     chosen = [e for e in present if cutoff is not None and e.last_used < cutoff]
     total = sum(e.size_bytes for e in present) - sum(e.size_bytes for e in chosen)
@@ -61,6 +61,13 @@ def prune(older_than_days: float | None, max_size_gb: float | None, dry_run: boo
                 break
             chosen.append(entry)
             total -= entry.size_bytes
+    return chosen
+
+
+def prune(older_than_days: float | None, max_size_gb: float | None, dry_run: bool = False) -> list[Entry]:
+    """Remove entries unused for `older_than_days`, then the least recently used until the entries fit
+    in `max_size_gb`. Returns what was (or, with dry_run, would be) removed."""
+    chosen = to_prune(entries(), older_than_days, max_size_gb)
     removed = []
     for entry in chosen:
         if dry_run:
@@ -70,19 +77,32 @@ def prune(older_than_days: float | None, max_size_gb: float | None, dry_run: boo
             # a live build holds the use lock of every entry it has used, shared, until it ends
             with exclusive_or_fail(use_lock_path(f"{entry.stage}-{entry.key}"), "in use"), \
                     exclusive_or_fail(cache_root() / "locks" / f"{entry.stage}-{entry.key}.lock", "busy"):
-                shutil.rmtree(entry.path)
+                shutil.rmtree(Path(entry.path))
         except UsageError:
             continue  # a build holds it now
         removed.append(entry)
     return removed
 
 
-def render(listed: list[Entry]) -> str:
+def verify() -> list[str]:
+    """One line per damaged entry (a file missing, resized, altered or unlisted); empty when all hold."""
+    from bertforge.artifact import verify_directory
+
+    damaged = []
+    for entry in entries():
+        problems = verify_directory(Path(entry.path))
+        if problems:
+            damaged.append(f"{Path(entry.path).name}: {problems[0]}" + (
+                f", and {len(problems) - 1} more" if len(problems) > 1 else ""))
+    return damaged
+
+
+def render(listed: list[Entry], where: str | None = None) -> str:
     now = time.time()
     lines = [f"{'stage':<16} {'key':<22} {'MB':>9} {'last used':>12}"]
     for entry in listed:
         days = (now - entry.last_used) / 86400
         lines.append(f"{entry.stage:<16} {entry.key:<22} {entry.size_bytes / 1e6:>9.1f} {days:>9.1f} d ago")
     total = sum(e.size_bytes for e in listed) / 1e9
-    lines.append(f"{len(listed)} entries, {total:.2f} GB in {cache_root() / 'stages'}")
+    lines.append(f"{len(listed)} entries, {total:.2f} GB in {where or cache_root() / 'stages'}")
     return "\n".join(lines)

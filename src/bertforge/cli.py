@@ -53,6 +53,16 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--max-sentences", type=int, help="validate on the first N sentences only")
         p.add_argument("--no-latency", action="store_true", help="skip the latency measurement in the report")
 
+    def remote_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--remote-cache", metavar="URL",
+                       help="a stage cache shared through object storage, any fsspec URL (s3://bucket/prefix, "
+                       "gs://..., file:///shared/dir); default $BERTFORGE_REMOTE_CACHE. Entries are fetched with "
+                       "every file verified, and published; credentials come from the storage library's own "
+                       "sources (for S3 the AWS_* variables and ~/.aws)")
+        p.add_argument("--remote-cache-readonly", action="store_true", default=None,
+                       help="fetch and verify from the remote cache, never write to it (untrusted jobs such as "
+                       "pull requests from forks); also $BERTFORGE_REMOTE_CACHE_READONLY=1")
+
     build = sub.add_parser("build", help="export, optimize, validate and report", epilog=EPILOG,
                            description="Build every variant of a model, validate each against PyTorch at "
                            "[MASK] positions, write OUT/<variant>/ and OUT/report.{md,html,json}.")
@@ -61,6 +71,7 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--target", choices=TARGETS,
                        help="int8 target: portable (default; the same integers on every CPU) or vnni (full-range "
                        "weights, exact on VNNI/AMX/ARM64 only)")
+    remote_flags(build)
     progress_flags(build)
     build.set_defaults(func=cmd_build)
 
@@ -69,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
                               "Uses the recipe recorded in DIR/build.json unless --recipe is given.")
     validate.add_argument("dir", help="a directory written by bertforge build")
     recipe_flags(validate)
+    remote_flags(validate)
     progress_flags(validate)
     validate.set_defaults(func=cmd_validate)
 
@@ -141,11 +153,16 @@ def parser() -> argparse.ArgumentParser:
     fil.add_argument("--json", action="store_true", help="a JSON list per [MASK], the pipeline's fields")
     fil.set_defaults(func=cmd_fill_mask)
 
-    cac = sub.add_parser("cache", help="list the stage cache's entries, or prune the ones not used lately",
-                         description="Entries of $BERTFORGE_CACHE/stages with their size and last use (a cache hit "
-                         "counts as a use). prune removes entries unused for --older-than DAYS, then the least "
-                         "recently used until the rest fit in --max-size GB; an entry a build holds is skipped.")
-    cac.add_argument("action", choices=("list", "prune"))
+    cac = sub.add_parser("cache", help="list, prune or verify the stage cache (local, or remote with --remote-cache)",
+                         description="Entries of $BERTFORGE_CACHE/stages (or of the remote cache at --remote-cache "
+                         "URL) with their size and last use (a cache hit counts as a use). prune removes entries "
+                         "unused for --older-than DAYS, then the least recently used until the rest fit in "
+                         "--max-size GB; an entry a local build holds is skipped, and a remote entry's blobs go "
+                         "once no entry names them. verify rehashes every file of every entry: exit 1 when one "
+                         "is damaged.")
+    cac.add_argument("action", choices=("list", "prune", "verify"))
+    cac.add_argument("--remote-cache", metavar="URL",
+                     help="act on this remote cache (an fsspec URL), not the local one")
     cac.add_argument("--older-than", type=float, metavar="DAYS", help="prune: entries unused for this many days")
     cac.add_argument("--max-size", type=float, metavar="GB", help="prune: keep at most this many GB of entries")
     cac.add_argument("--dry-run", action="store_true", help="prune: say what would go, remove nothing")

@@ -57,7 +57,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     progress = _progress(args)
     progress.message(f"bertforge {__version__}: building {recipe.model} -> {args.out} "
                      f"({', '.join(recipe.variants)})")
-    return build(recipe, Path(args.out), progress).exit_code
+    return build(recipe, Path(args.out), progress, args.remote_cache, args.remote_cache_readonly).exit_code
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -67,7 +67,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.variants is not None:
         raise UsageError("validate checks every variant its build directory lists; --variants is for build")
     recipe = _recipe(args, recorded_recipe(Path(args.dir)))
-    return validate_existing(Path(args.dir), recipe, _progress(args), args.model).exit_code
+    return validate_existing(Path(args.dir), recipe, _progress(args), args.model, args.remote_cache,
+                             args.remote_cache_readonly).exit_code
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
@@ -142,8 +143,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     import bertforge.cache_admin as cache_admin
 
+    store = None
+    if args.remote_cache:  # its failures are RemoteError: one line, exit 3
+        import bertforge.remote_cache.admin as admin
+        from bertforge.remote_cache.store import RemoteStore
+
+        store = RemoteStore(args.remote_cache)
+    if args.action == "verify":
+        if store is not None:
+            problems, hashed = admin.verify(store)
+            checked = f"{hashed} blobs rehashed in {store.shown}"
+        else:
+            problems, checked = cache_admin.verify(), f"{len(cache_admin.entries())} entries checked"
+        if args.json:
+            print(json.dumps({"damaged": problems, "checked": checked}, indent=2))
+        else:
+            print("\n".join([*problems, f"{checked}: {len(problems)} damaged"]))
+        return EXIT_GATE_FAILED if problems else EXIT_OK
+    blobs = None
     if args.action == "list":
-        listed = cache_admin.entries()
+        listed = admin.entries(store) if store is not None else cache_admin.entries()
+    elif store is not None:
+        listed, blobs = admin.prune(store, args.older_than, args.max_size, args.dry_run)
     else:
         listed = cache_admin.prune(args.older_than, args.max_size, args.dry_run)
     if args.json:
@@ -151,7 +172,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     else:
         if args.action == "prune":
             print(("would remove" if args.dry_run else "removed") + ":")
-        print(cache_admin.render(listed))
+        print(cache_admin.render(listed, f"{store.shown}/stages" if store is not None else None))
+        if blobs:
+            print(f"and {blobs} blobs no entry names any more")
     return EXIT_OK
 
 

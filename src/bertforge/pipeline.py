@@ -40,6 +40,8 @@ from bertforge.memory import release_freed_memory
 from bertforge.onnx_files import MODEL_DATA_FILE, external_data_above, model_bytes
 from bertforge.progress import Progress, reporting
 from bertforge.recipe import Recipe
+from bertforge.remote_cache import session as remote_session
+from bertforge.remote_cache.entries import Fetched
 from bertforge.sources import ResolvedSource
 from bertforge.stages import SPECS
 
@@ -61,6 +63,8 @@ class StageRun:
     seconds: float
     # why a cache entry under this key was not trusted and the stage ran again (None: it was fine or absent)
     rebuilt_because: str | None = None
+    # what came from the remote cache, verified (None: the local cache had it, or it was built here)
+    fetched: Fetched | None = None
 
 
 @dataclass
@@ -120,12 +124,16 @@ def run_stage(stage: str, parent: Artifact, config: Any, hold: contextlib.ExitSt
 
     A hit is verified against its manifest (every file present, same size and sha256); a damaged or
     partial entry is rebuilt under the same key, and the reason returned. `hold`: the build's stack, on
-    which the entry's use lock is held (shared) until the build ends, so `cache prune` skips it."""
+    which the entry's use lock is held (shared) until the build ends, so `cache prune` skips it.
+
+    With a remote cache (remote_cache.session.using), a local miss is looked up there and, when found,
+    fetched with every file verified; an entry this machine has and the remote lacks is published to it."""
     module = STAGES[stage]
     config_data = config.model_dump(mode="json")
     inputs = stage_inputs(stage, parent, config)
     key = key_of_stage(stage, parent, config, inputs)
     target = cache_root() / "stages" / f"{stage}-{key}"
+    remote = remote_session.current()
     artifact = Artifact(path=target, key=key, stage=stage, parent=parent.key)
     if hold is not None:  # taken before the entry is looked at: prune cannot remove it from here on
         hold.enter_context(shared_lock(use_lock_path(f"{stage}-{key}")))
@@ -136,10 +144,14 @@ def run_stage(stage: str, parent: Artifact, config: Any, hold: contextlib.ExitSt
             if not problems:
                 os.utime(target)  # its last use, for `bertforge cache prune` (cache_admin.py)
                 make_read_only(target)  # an entry written before entries were made read-only
+                if remote is not None:
+                    remote.share_stage(target)
                 return StageRun(artifact, True, 0.0)
             damaged = f"cache entry {target.name} failed verification ({problems[0]}" + (
                 f", and {len(problems) - 1} more" if len(problems) > 1 else "") + "); rebuilt"
         start = time.monotonic()
+        if remote is not None and (fetched := remote.fetch_stage(stage, key, target)) is not None:
+            return StageRun(artifact, True, time.monotonic() - start, fetched=fetched)
         with atomic_directory(target) as tmp, owned_scratch(cache_root() / "tmp", f"{stage}-"):
             try:
                 metadata = (module.run(parent.path, tmp, config, inputs) if hasattr(module, "key_inputs")
@@ -156,6 +168,8 @@ def run_stage(stage: str, parent: Artifact, config: Any, hold: contextlib.ExitSt
                            config=config_data, lineage=lineage_of(parent) + [{"stage": stage, "key": key}],
                            metadata=metadata, seconds=seconds)
             make_read_only(tmp)  # output directories hard-link these files
+        if remote is not None:
+            remote.share_stage(target)
         return StageRun(artifact, False, seconds, damaged)
 
 
@@ -190,7 +204,8 @@ def build_variants(recipe: Recipe, source: ResolvedSource, progress: Progress,
             run = run_stage(stage, parent, getattr(recipe, section), hold)
             info["cached"] = run.cached
             size = model_bytes(run.artifact.path) / 1e6
-            info["note"] = f"{size:.1f} MB  key {run.artifact.key}"
+            info["note"] = f"{size:.1f} MB  key {run.artifact.key}" + (
+                f"  fetched from the remote cache, {run.fetched.files} files verified" if run.fetched else "")
         if run.rebuilt_because:
             progress.message(f"warning: {variant}: {run.rebuilt_because}")
         state.artifacts[variant] = run

@@ -23,6 +23,7 @@ from bertforge.artifact import current_umask, write_json_atomic
 from bertforge.cache import cache_root, canonical_json, stage_key
 from bertforge.environment import cpu_class, cpu_model, physical_cores
 from bertforge.errors import BertforgeError
+from bertforge.remote_cache import session as remote_session
 
 EVALUATION_VERSION = "1"
 
@@ -85,9 +86,15 @@ refused: dict[str, str] = {}
 
 def load(kind: str, key: str) -> dict[str, Any] | None:
     """A stored result, only when its signature holds: a damaged, edited or unsigned entry is measured
-    again, never trusted."""
+    again, never trusted. A local miss is looked up in the remote cache, if one is in use (its results
+    carry a sha256 of their contents; a fetched one is stored here, signed with this cache's key)."""
     path = _path(kind, key)
     if not path.is_file():
+        remote = remote_session.current()
+        fetched = remote.fetch_result(kind, key) if remote is not None else None
+        if isinstance(fetched, dict):
+            _store_local(kind, key, fetched)
+            return fetched
         return None
     try:
         stored = json.loads(path.read_text("utf-8"))
@@ -104,6 +111,14 @@ def load(kind: str, key: str) -> dict[str, Any] | None:
 
 
 def store(kind: str, key: str, data: dict[str, Any]) -> None:
+    """Keep a result here, and in the remote cache if one is in use and writable."""
+    _store_local(kind, key, data)
+    remote = remote_session.current()
+    if remote is not None:
+        remote.share_result(kind, key, data)
+
+
+def _store_local(kind: str, key: str, data: dict[str, Any]) -> None:
     path = _path(kind, key)
     write_json_atomic(path, {"data": data, "signature": _signature(kind, key, data)})
     os.chmod(path, 0o444 & ~current_umask())  # read-only, whatever the umask (world-writable under umask 000)
