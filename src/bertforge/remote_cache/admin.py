@@ -23,7 +23,7 @@ from bertforge.remote_cache.entries import (
     result_digest,
     used_path,
 )
-from bertforge.remote_cache.store import BlobMismatch, RemoteStore
+from bertforge.remote_cache.store import RemoteStore
 
 BLOB_GRACE_S = 3600.0
 
@@ -119,10 +119,8 @@ def _blob_problem(store: RemoteStore, sha: str, size: int) -> str | None:
         actual, actual_size = store.rehash(blob_path(sha))
     except FileNotFoundError:
         return f"blob {sha[:12]} missing"
-    except BlobMismatch as exc:
-        return str(exc)
     if actual_size != size:
-        return f"blob {sha[:12]}: {actual_size} bytes, {size} expected"
+        return f"blob {sha[:12]}: {actual_size} bytes where {size} were promised (truncated or replaced)"
     if actual != sha:
-        return f"blob {sha[:12]}: its sha256 is not the one its name promises"
+        return f"blob {sha[:12]}: its bytes do not hash to its name (altered)"
     return None

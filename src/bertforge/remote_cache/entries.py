@@ -105,7 +105,7 @@ def fetch_entry(store: RemoteStore, stage: str, key: str, dest: Path) -> Fetched
             problems.append(f"{relative}: blob {facts['sha256'][:12]} missing")
         except BlobMismatch as exc:
             bad.append(facts["sha256"])
-            problems.append(f"{relative}: blob {facts['sha256'][:12]} failed its check ({str(exc).split(': ', 1)[1]})")
+            problems.append(f"{relative}: blob {facts['sha256'][:12]}: {exc}")
     if problems:
         more = f", and {len(problems) - 1} more" if len(problems) > 1 else ""
         raise DamagedEntry(problems[0] + more, tuple(bad))

@@ -198,9 +198,9 @@ class RemoteStore:
                     target.write(block)
                     written += len(block)
             if written != size:
-                raise BlobMismatch(f"{path}: {written} bytes, {size} expected (truncated or replaced)")
+                raise BlobMismatch(f"{written} bytes where {size} were promised (truncated or replaced)")
             if digest.hexdigest() != sha256:
-                raise BlobMismatch(f"{path}: its sha256 is not the one its name promises (altered)")
+                raise BlobMismatch("its bytes do not hash to its name (altered)")
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 dest.unlink()

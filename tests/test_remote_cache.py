@@ -1,0 +1,346 @@
+"""The remote stage cache against a real S3 API: moto's server on a loopback port, started here.
+
+Each test builds the tiny model (fp32, fused, int8-dynamic) through the API, with its own local cache
+and its own bucket; the faults are real (bytes changed in the store, a store that goes away mid-upload,
+two builds at once in two processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("moto", reason="the dev extra's moto serves the S3 API these tests use")
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("s3fs")
+
+VARIANTS = ["fp32", "fused", "int8-dynamic"]
+STAGES = {"fp32": "export", "fused": "fusion", "int8-dynamic": "int8-dynamic"}
+SECRET = "bertforge-test-secret-d41d8cd98f00"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def s3_environment(endpoint: str) -> dict[str, str]:
+    """Credentials and endpoint the way a CI job passes them: the AWS_* variables, nothing else."""
+    return {"AWS_ACCESS_KEY_ID": "bertforge-test-key", "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_CONFIG_FILE": "/nonexistent",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture
+def remote(s3_endpoint, monkeypatch):
+    """An empty bucket; returns the cache URL under it."""
+    for name, value in s3_environment(s3_endpoint).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("BERTFORGE_REMOTE_CACHE", raising=False)
+    bucket = f"cache-{uuid.uuid4().hex[:12]}"
+    client().create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/builds"
+
+
+def client():
+    return boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+
+
+def keys_under(url: str) -> list[str]:
+    bucket, prefix = url.removeprefix("s3://").split("/", 1)
+    listed = client().list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", [])
+    return sorted(item["Key"][len(prefix) + 1:] for item in listed)
+
+
+def build(out: Path, cache: Path, checkpoint: Path, monkeypatch, **options):
+    import bertforge
+
+    monkeypatch.setenv("BERTFORGE_CACHE", str(cache))
+    return bertforge.build(out, model=str(checkpoint), variants=VARIANTS, progress="plain",
+                           validation={"max_sentences": 20}, bench={"enabled": False}, **options)
+
+
+def shipped(out: Path) -> dict[str, str]:
+    return {v: hashlib.sha256((out / v / "model.onnx").read_bytes()).hexdigest() for v in VARIANTS}
+
+
+def cli(*argv: str) -> int:
+    from bertforge.cli import main
+
+    return main(list(argv))
+
+
+def test_a_build_from_an_empty_local_cache_fetches_every_stage_and_runs_none(
+        tiny_checkpoint, remote, tmp_path, monkeypatch, capsys):
+    first = build(tmp_path / "a", tmp_path / "cache-a", tiny_checkpoint, monkeypatch, remote_cache=remote)
+    assert first.exit_code == 0
+    assert "0 entries fetched and verified, 3 published" in capsys.readouterr().err
+    assert [k for k in keys_under(remote) if k.startswith("stages/")] == sorted(
+        f"stages/{STAGES[v]}-{first.report['variants'][v]['key']}.json" for v in VARIANTS)
+
+    from bertforge import pipeline
+
+    def must_not_run(*args):
+        raise AssertionError("a stage ran although the remote cache holds its entry")
+
+    for stage in STAGES.values():
+        monkeypatch.setattr(pipeline.STAGES[stage], "run", must_not_run)
+    second = build(tmp_path / "b", tmp_path / "cache-b", tiny_checkpoint, monkeypatch, remote_cache=remote)
+    err = capsys.readouterr().err
+    assert second.exit_code == 0
+    for variant in VARIANTS:
+        line = next(x for x in err.splitlines() if x.strip().startswith(variant + " "))
+        assert "fetched from the remote cache" in line and "files verified" in line, line
+    assert "3 entries fetched and verified, 0 published" in err
+    assert shipped(tmp_path / "b") == shipped(tmp_path / "a")
+    # the validation results came from the remote cache too: nothing was measured again
+    assert all(entry["evaluation_cached"] for entry in second.report["variants"].values())
+    assert [v["metrics"] for v in second.report["variants"].values()] == [
+        v["metrics"] for v in first.report["variants"].values()]
+
+
+@pytest.mark.parametrize("fault", ["flipped byte", "truncated"])
+def test_a_damaged_remote_blob_is_reported_in_one_line_rebuilt_and_repaired(
+        tiny_checkpoint, remote, tmp_path, monkeypatch, capsys, fault):
+    clean = build(tmp_path / "a", tmp_path / "cache-a", tiny_checkpoint, monkeypatch, remote_cache=remote)
+    name = f"fusion-{clean.report['variants']['fused']['key']}"
+    bucket, prefix = remote.removeprefix("s3://").split("/", 1)
+    manifest = json.loads(client().get_object(Bucket=bucket, Key=f"{prefix}/stages/{name}.json")["Body"].read())
+    blob = f"{prefix}/blobs/sha256/{manifest['files']['model.onnx']['sha256']}"
+    data = bytearray(client().get_object(Bucket=bucket, Key=blob)["Body"].read())
+    if fault == "flipped byte":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[: len(data) // 3]
+    client().put_object(Bucket=bucket, Key=blob, Body=bytes(data))
+    capsys.readouterr()
+    assert cli("cache", "verify", "--remote-cache", remote) == 1
+    assert name in capsys.readouterr().out
+
+    again = build(tmp_path / "b", tmp_path / "cache-b", tiny_checkpoint, monkeypatch, remote_cache=remote)
+    err = capsys.readouterr().err
+    assert again.exit_code == 0
+    warnings = [line for line in err.splitlines() if line.startswith("warning:") and "damaged" in line]
+    assert len(warnings) == 1 and name in warnings[0] and "model.onnx" in warnings[0], warnings
+    fused_line = next(x for x in err.splitlines() if x.strip().startswith("fused "))
+    assert "done" in fused_line and "fetched" not in fused_line  # built here, not taken from the store
+    assert shipped(tmp_path / "b") == shipped(tmp_path / "a")
+    # the rebuilt bytes are the ones the blob's name promises: uploading them repaired the store
+    assert cli("cache", "verify", "--remote-cache", remote) == 0
+
+
+def test_two_builds_at_once_against_one_empty_remote_cache_both_succeed_with_one_entry_per_stage(
+        tiny_checkpoint, remote, tmp_path):
+    def start(name: str) -> subprocess.Popen:
+        env = {**os.environ, "BERTFORGE_CACHE": str(tmp_path / f"cache-{name}"), "BERTFORGE_REMOTE_CACHE": remote}
+        return subprocess.Popen([sys.executable, "-m", "bertforge", "build", "--model", str(tiny_checkpoint),
+                                 "--variants", ",".join(VARIANTS), "--max-sentences", "20", "--no-latency",
+                                 "--out", str(tmp_path / name), "--progress", "plain"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    builds = [start("a"), start("b")]
+    outputs = [b.communicate(timeout=600)[0] for b in builds]
+    assert [b.returncode for b in builds] == [0, 0], outputs
+    assert shipped(tmp_path / "a") == shipped(tmp_path / "b")
+    entries = [k for k in keys_under(remote) if k.startswith("stages/")]
+    assert len(entries) == len(STAGES) and all(k.endswith(".json") for k in entries)
+    published = sum(int(out.rsplit("verified, ", 1)[1].split(" published")[0]) for out in outputs)
+    fetched = sum(int(out.rsplit("(read-write): ", 1)[1].split(" entries")[0]) for out in outputs)
+    assert published + fetched >= len(STAGES)  # each stage written once, the other build took it or kept its own
+    assert published <= len(STAGES)
+    assert cli("cache", "verify", "--remote-cache", remote) == 0
+
+
+class DyingProxy:
+    """A TCP forwarder to the S3 server that closes every connection and stops listening once `limit`
+    bytes of requests have passed: the store disappears mid-upload, while the server keeps what it got."""
+
+    def __init__(self, port: int, limit: int) -> None:
+        self.target, self.limit, self.sent = port, limit, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.dead = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.dead.is_set():
+            try:
+                client_side, _ = self.listener.accept()
+            except OSError:
+                return
+            server_side = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client_side, server_side]
+            threading.Thread(target=self._pump, args=(client_side, server_side, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server_side, client_side, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, dest: socket.socket, request: bool) -> None:
+        with contextlib.suppress(OSError):
+            while (data := source.recv(65536)) and not self.dead.is_set():
+                if request:
+                    self.sent += len(data)
+                    if self.sent > self.limit:
+                        self.die()
+                        return
+                dest.sendall(data)
+        with contextlib.suppress(OSError):
+            dest.shutdown(socket.SHUT_WR)
+
+    def die(self) -> None:
+        self.dead.set()
+        for sock in [self.listener, *self.sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def test_a_store_that_disappears_mid_upload_leaves_no_half_entry_and_the_build_succeeds(
+        tiny_checkpoint, remote, tmp_path, monkeypatch, capsys):
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    proxy = DyingProxy(int(endpoint.rsplit(":", 1)[1]), limit=1_500_000)  # inside the first model's upload
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    outcome = build(tmp_path / "a", tmp_path / "cache-a", tiny_checkpoint, monkeypatch, remote_cache=remote)
+    err = capsys.readouterr().err
+    assert proxy.dead.is_set()
+    assert outcome.exit_code == 0 and outcome.report["gates_passed"]
+    remote_lines = [line for line in err.splitlines() if line.startswith("warning:") and "remote cache" in line]
+    assert len(remote_lines) == 1 and "not published" in remote_lines[0], remote_lines
+    assert "not used after a failure" in err
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # the store itself kept everything it received
+    assert not [k for k in keys_under(remote) if k.startswith("stages/")]  # no entry is visible half-written
+    assert cli("cache", "verify", "--remote-cache", remote) == 0
+    # and the next build publishes what this one could not
+    build(tmp_path / "b", tmp_path / "cache-a", tiny_checkpoint, monkeypatch, remote_cache=remote)
+    assert "0 entries fetched and verified, 3 published" in capsys.readouterr().err
+
+
+def test_a_read_only_job_fetches_and_verifies_but_never_writes(tiny_checkpoint, remote, tmp_path, monkeypatch,
+                                                              capsys):
+    build(tmp_path / "a", tmp_path / "cache-a", tiny_checkpoint, monkeypatch, remote_cache=remote,
+          remote_cache_readonly=True)
+    assert keys_under(remote) == []
+    build(tmp_path / "b", tmp_path / "cache-b", tiny_checkpoint, monkeypatch, remote_cache=remote)
+    before = keys_under(remote)
+    capsys.readouterr()
+    monkeypatch.setenv("BERTFORGE_REMOTE_CACHE_READONLY", "1")
+    reader = build(tmp_path / "c", tmp_path / "cache-c", tiny_checkpoint, monkeypatch, remote_cache=remote)
+    assert reader.exit_code == 0
+    assert "(read-only): 3 entries fetched and verified, 0 published" in capsys.readouterr().err
+    assert keys_under(remote) == before
+
+
+def test_an_unreachable_store_costs_one_warning_and_no_credential_is_ever_printed(
+        tiny_checkpoint, remote, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    env = {**os.environ, "BERTFORGE_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-m", "bertforge", "build", "--model", str(tiny_checkpoint),
+                          "--variants", ",".join(VARIANTS), "--max-sentences", "20", "--no-latency", "--out",
+                          str(tmp_path / "out"), "--progress", "plain",
+                          "--remote-cache", remote.replace("s3://", "s3://someone:hunter2@")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    remote_lines = [line for line in run.stderr.splitlines() if "remote cache" in line and "warning" in line]
+    assert len(remote_lines) == 1 and "building with the local cache only" in remote_lines[0], run.stderr
+    written = [p for p in [*(tmp_path / "out").rglob("*"), *(tmp_path / "cache").rglob("*")] if p.is_file()]
+    for text in (run.stdout, run.stderr, *(p.read_bytes().decode("utf-8", "replace") for p in written)):
+        assert SECRET not in text and "hunter2" not in text
+
+
+def test_cache_list_and_prune_work_on_the_remote_cache(tiny_checkpoint, remote, tmp_path, monkeypatch, capsys):
+    from bertforge.remote_cache import admin
+    from bertforge.remote_cache.store import RemoteStore
+
+    build(tmp_path / "a", tmp_path / "cache-a", tiny_checkpoint, monkeypatch, remote_cache=remote)
+    capsys.readouterr()
+    assert cli("cache", "list", "--remote-cache", remote, "--json") == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted(e["stage"] for e in listed) == sorted(STAGES.values())
+    assert all(e["size_bytes"] > 0 and time.time() - e["last_used"] < 3600 for e in listed)
+    assert cli("cache", "prune", "--remote-cache", remote, "--older-than", "1") == 0  # nothing that old
+    assert len([k for k in keys_under(remote) if k.startswith("stages/")]) == 3
+    blobs = {k for k in keys_under(remote) if k.startswith("blobs/")}
+    # by size: everything goes; the blobs stay for the grace period a writer's upload may still need
+    assert cli("cache", "prune", "--remote-cache", remote, "--max-size", "0") == 0
+    assert not [k for k in keys_under(remote) if k.startswith(("stages/", "used/"))]
+    assert {k for k in keys_under(remote) if k.startswith("blobs/")} == blobs
+    monkeypatch.setattr(admin, "BLOB_GRACE_S", -1.0)
+    _, removed = admin.prune(RemoteStore(remote), None, 0)
+    assert removed == len(blobs) and not [k for k in keys_under(remote) if k.startswith("blobs/")]
+
+
+def test_a_filesystem_store_creates_an_entry_once_among_many_writers(tmp_path):
+    """file:// (a mount shared between runners): create-if-absent is a hard link, atomic; 8 threads race."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bertforge.remote_cache.store import RemoteStore
+
+    store = RemoteStore(f"file://{tmp_path}/shared")
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: store.create("stages/x.json", f"writer {i}".encode()), range(8)))
+    assert won.count(True) == 1
+    assert store.read("stages/x.json") == f"writer {won.index(True)}".encode()
+    assert [p.name for p in (tmp_path / "shared" / "stages").iterdir()] == ["x.json"]  # no temp file left
+
+
+def test_a_filesystem_store_serves_a_second_build(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    url = f"file://{tmp_path}/shared"
+    build(tmp_path / "a", tmp_path / "cache-a", tiny_checkpoint, monkeypatch, remote_cache=url)
+    capsys.readouterr()
+    second = build(tmp_path / "b", tmp_path / "cache-b", tiny_checkpoint, monkeypatch, remote_cache=url)
+    assert "3 entries fetched and verified, 0 published" in capsys.readouterr().err
+    assert second.exit_code == 0 and shipped(tmp_path / "b") == shipped(tmp_path / "a")
+
+
+def test_a_remote_manifest_naming_a_path_outside_its_entry_is_refused(tmp_path):
+    from bertforge.remote_cache.entries import DamagedEntry, parse_manifest
+
+    good = {"key": "k1", "stage": "fusion", "files": {"model.onnx": {"sha256": "a" * 64, "size": 3}}}
+    assert parse_manifest(json.dumps(good).encode(), "fusion", "k1")["files"]
+    for files in ({"../../escape": {"sha256": "a" * 64, "size": 3}}, {"/etc/x": {"sha256": "a" * 64, "size": 3}},
+                  {"model.onnx": {"sha256": "../x", "size": 3}}, {"manifest.json": {"sha256": "a" * 64, "size": 3}}):
+        with pytest.raises(DamagedEntry):
+            parse_manifest(json.dumps({**good, "files": files}).encode(), "fusion", "k1")
+    with pytest.raises(DamagedEntry, match="not the one for this stage and key"):
+        parse_manifest(json.dumps(good).encode(), "fusion", "other-key")
+
+
+def test_a_url_is_shown_without_its_credentials():
+    from bertforge.remote_cache.store import redacted
+
+    assert redacted("s3://key:secret@bucket/prefix?X-Amz-Signature=abc") == "s3://bucket/prefix"
+    assert redacted("sftp://me:pw@host:2222/cache") == "sftp://host:2222/cache"
+    assert redacted("gs://bucket/builds") == "gs://bucket/builds"
