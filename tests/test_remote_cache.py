@@ -344,3 +344,30 @@ def test_a_url_is_shown_without_its_credentials():
     assert redacted("s3://key:secret@bucket/prefix?X-Amz-Signature=abc") == "s3://bucket/prefix"
     assert redacted("sftp://me:pw@host:2222/cache") == "sftp://host:2222/cache"
     assert redacted("gs://bucket/builds") == "gs://bucket/builds"
+
+
+def test_the_demo_checkpoint_is_fetched_not_fitted_again_on_a_fresh_runner(tmp_path, monkeypatch):
+    """The demo's fitted head is a prepared source, not a stage: a second runner fetches it (its files
+    are the source's identity, so every stage key below it then matches the first runner's)."""
+    from bertforge.cache import cache_root
+    from bertforge.pipeline import source_artifact
+    from bertforge.remote_cache.session import RemoteCache, using
+    from bertforge.sources import demo
+    from bertforge.sources.spec import ResolvedSource
+
+    remote = RemoteCache(f"file://{tmp_path}/shared")
+    with using(remote):
+        first = demo.ensure_demo_checkpoint()  # the session cache's (fitted by an earlier test, or now)
+    assert remote.published == [f"{demo.REMOTE_NAME}-{demo.remote_key()}"]
+    monkeypatch.setenv("BERTFORGE_CACHE", str(tmp_path / "fresh-runner"))
+
+    def must_not_fit(target):
+        raise AssertionError("the head was fitted again although the remote cache holds it")
+
+    monkeypatch.setattr(demo, "build_demo_checkpoint", must_not_fit)
+    with using(remote):
+        second = demo.ensure_demo_checkpoint()
+    assert second.is_relative_to(cache_root()) and remote.fetched == remote.published
+    assert not (second / "manifest.json").exists()
+    keys = [source_artifact(ResolvedSource("demo", path, "demo", "")).key for path in (first, second)]
+    assert keys[0] == keys[1]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bertforge.artifact import MANIFEST, read_manifest
+from bertforge.artifact import MANIFEST, file_inventory, read_manifest
 from bertforge.cache import canonical_json
 from bertforge.remote_cache.store import BlobMismatch, RemoteStore
 
@@ -84,10 +84,11 @@ class Fetched:
     bytes: int
 
 
-def fetch_entry(store: RemoteStore, stage: str, key: str, dest: Path) -> Fetched | None:
-    """The remote entry for `stage`-`key` downloaded into the empty directory `dest`, every blob checked
-    against its sha256 and size; None when the store has no such entry; DamagedEntry when it has one that
-    fails a check (nothing of it is left in `dest` to be trusted: the caller discards `dest`)."""
+def fetch_entry(store: RemoteStore, stage: str, key: str, dest: Path, keep_manifest: bool = True) -> Fetched | None:
+    """The remote entry for `stage`-`key` downloaded into the empty directory `dest` (with its manifest.json
+    unless not `keep_manifest`), every blob checked against its sha256 and size; None when the store has
+    no such entry; DamagedEntry when it has one that fails a check (nothing of it is left in `dest` to be
+    trusted: the caller discards `dest`)."""
     name = f"{stage}-{key}"
     data = store.read(entry_path(name))
     if data is None:
@@ -109,19 +110,28 @@ def fetch_entry(store: RemoteStore, stage: str, key: str, dest: Path) -> Fetched
     if problems:
         more = f", and {len(problems) - 1} more" if len(problems) > 1 else ""
         raise DamagedEntry(problems[0] + more, tuple(bad))
-    (dest / MANIFEST).write_bytes(data)
+    if keep_manifest:
+        (dest / MANIFEST).write_bytes(data)
     return Fetched(len(manifest["files"]), total)
 
 
-def publish_entry(store: RemoteStore, directory: Path, damaged: DamagedEntry | None = None) -> bool:
+def directory_manifest(directory: Path, stage: str, key: str) -> bytes:
+    """A manifest for a directory that keeps none of its own (a prepared source checkpoint, whose files
+    are its identity: a manifest.json in it would change its hash)."""
+    return canonical_json({"schema": 1, "key": key, "stage": stage, "files": file_inventory(directory)}).encode()
+
+
+def publish_entry(store: RemoteStore, directory: Path, damaged: DamagedEntry | None = None,
+                  manifest_bytes: bytes | None = None) -> bool:
     """Upload a complete local entry: each blob the store lacks (or holds at another size), then its
     manifest, created only if absent. Returns whether this call wrote the entry (False: another writer's
     complete entry was there first, and is kept).
 
     `damaged`: the store's entry under this key failed its checks when fetched. Its bad blobs are uploaded
     again (a blob's name is its sha256: a correct upload can only repair it) and its manifest is replaced
-    by this complete one, in one atomic write: only an entry found broken is ever replaced."""
-    manifest = read_manifest(directory)
+    by this complete one, in one atomic write: only an entry found broken is ever replaced.
+    `manifest_bytes`: the manifest to publish where `directory` keeps none (directory_manifest)."""
+    manifest = json.loads(manifest_bytes) if manifest_bytes is not None else read_manifest(directory)
     name = f"{manifest['stage']}-{manifest['key']}"
     if damaged is None and store.exists(entry_path(name)):
         return False
@@ -130,7 +140,7 @@ def publish_entry(store: RemoteStore, directory: Path, damaged: DamagedEntry | N
         blob = blob_path(facts["sha256"])
         if facts["sha256"] in repair or store.size(blob) != facts["size"]:
             store.put_file(directory / relative, blob)
-    body = (directory / MANIFEST).read_bytes()
+    body = manifest_bytes if manifest_bytes is not None else (directory / MANIFEST).read_bytes()
     if damaged is not None:
         store.overwrite(entry_path(name), body)
         return True

@@ -66,15 +66,16 @@ class RemoteCache:
             self._fail(exc, "building with the local cache only")
         return self.usable()
 
-    def fetch_stage(self, stage: str, key: str, target: Path) -> Fetched | None:
+    def fetch_stage(self, stage: str, key: str, target: Path, keep_manifest: bool = True) -> Fetched | None:
         """The remote entry, verified, placed at `target` in the local cache; None when there is none
-        (or it was damaged, or the store failed: each said once)."""
+        (or it was damaged, or the store failed: each said once). Without `keep_manifest` (a prepared
+        source checkpoint) only the files the manifest lists are placed."""
         if not self.usable():
             return None
         name = f"{stage}-{key}"
         try:
             with atomic_directory(target) as staging:
-                fetched = fetch_entry(self.store, stage, key, staging)
+                fetched = fetch_entry(self.store, stage, key, staging, keep_manifest)
                 if fetched is None:
                     raise _Absent
                 make_read_only(staging)
@@ -92,13 +93,14 @@ class RemoteCache:
             self._quietly(mark_used, name)
         return fetched
 
-    def share_stage(self, directory: Path) -> None:
-        """Publish a complete local entry the store lacks (nothing, for a read-only client)."""
+    def share_stage(self, directory: Path, name: str | None = None, manifest_bytes: bytes | None = None) -> None:
+        """Publish a complete local entry the store lacks (nothing, for a read-only client); `name` and
+        `manifest_bytes` for a directory that keeps no manifest.json (entries.directory_manifest)."""
         if self.readonly or not self.usable():
             return
-        name = directory.name
+        name = name or directory.name
         try:
-            if publish_entry(self.store, directory, self.damaged.pop(name, None)):
+            if publish_entry(self.store, directory, self.damaged.pop(name, None), manifest_bytes):
                 self.published.append(name)
             else:
                 mark_used(self.store, name)

@@ -42,11 +42,40 @@ GELU_LINEAR_MARGIN = 5.0
 
 
 def ensure_demo_checkpoint() -> Path:
+    """The demo checkpoint with its fitted head, made once per cache; with a remote cache in use it is
+    fetched from there (verified) instead of fitted again, and published there once made here."""
+    from bertforge.remote_cache import session as remote_session
+
     target = cache_root() / "sources" / f"demo-minilm-l6-fitted-head-v{DEMO_HEAD_VERSION}"
+    remote = remote_session.current()
     with file_lock(cache_root() / "locks" / "demo.lock"):
-        if not (target / "config.json").is_file():
+        present = (target / "config.json").is_file()
+        key = remote_key() if remote is not None else ""
+        if not present and remote is not None and remote.fetch_stage(REMOTE_NAME, key, target, keep_manifest=False):
+            return target
+        if not present:
             build_demo_checkpoint(target)
+        if remote is not None:  # made here now, or before this cache was shared
+            from bertforge.remote_cache.entries import directory_manifest
+
+            remote.share_stage(target, f"{REMOTE_NAME}-{key}", directory_manifest(target, REMOTE_NAME, key))
     return target
+
+
+REMOTE_NAME = "source-demo"
+
+
+def remote_key() -> str:
+    """What the fitted checkpoint is made from: the package's files, this module's code (its fit), the
+    libraries that compute it. Its bits may differ between CPUs; every build that fetches it then uses
+    the same checkpoint, and every key below follows its files' hash."""
+    from bertforge.artifact import sha256_file
+    from bertforge.cache import stage_key
+    from bertforge.code_digest import code_digest
+
+    package = demo_package_dir()
+    files = {p.relative_to(package).as_posix(): sha256_file(p) for p in sorted(package.rglob("*")) if p.is_file()}
+    return stage_key(None, REMOTE_NAME, DEMO_HEAD_VERSION, {"package": files}, extra={"code": code_digest(__name__)})
 
 
 def build_demo_checkpoint(target: Path) -> None:
