@@ -29,6 +29,8 @@ def isolated_cache(tmp_path_factory) -> Path:
     """Every test session gets its own bertforge cache; no test touches the user's."""
     root = tmp_path_factory.mktemp("bertforge-cache")
     os.environ["BERTFORGE_CACHE"] = str(root)
+    # `import bertforge` (at collection, before this fixture) pointed torch's compile cache at the real cache
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "torchinductor")
     os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches for the network
     return root
 

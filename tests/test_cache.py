@@ -478,3 +478,64 @@ def test_a_stage_key_follows_the_code_the_stage_runs_and_nothing_else(tmp_path, 
     head.write_text(head.read_text() + "\nCHANGED = 1\n")
     after = _chained_code_keys(package, monkeypatch)
     assert {v for v in before if after[v] != before[v]} == {"int8-auto", "int8-dynamic-masked", "int8-auto-masked"}
+
+
+def _as_user(uid: int, gid: int, umask: int, argv: list[str], env: dict[str, str]):
+    import subprocess
+
+    def become() -> None:
+        os.setgroups([gid])
+        os.setgid(uid)
+        os.setuid(uid)
+        os.umask(umask)
+
+    return subprocess.run(argv, env=env, preexec_fn=become, capture_output=True, text=True, timeout=600)
+
+
+def test_a_cache_shared_by_a_group_serves_every_member_and_refuses_clearly_where_it_cannot(tiny_checkpoint):
+    """Two users of one group, one setgid cache: the second hits the first's entries and results (umask
+    002); with umask 022 the first's directories are closed to the second, who is told why (exit 2)."""
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("switching users needs root")
+    probe = _as_user(64001, 64000, 0o002, [sys.executable, "-c", "import bertforge"], dict(os.environ))
+    if probe.returncode != 0:
+        pytest.skip(f"another user cannot run this interpreter here ({probe.stderr.strip().splitlines()[-1:]})")
+    import shutil
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="bertforge-group-", dir="/tmp"))  # pytest's is closed to others
+    request_cleanup = shutil.rmtree
+    os.chmod(tmp_path, 0o1777)
+    checkpoint = tmp_path / "checkpoint"
+    subprocess.run(["cp", "-r", str(tiny_checkpoint), str(checkpoint)], check=True)
+    subprocess.run(["chmod", "-R", "a+rX", str(checkpoint)], check=True)
+    try:
+        _two_users_share(tmp_path, checkpoint)
+    finally:
+        request_cleanup(tmp_path, ignore_errors=True)
+
+
+def _two_users_share(tmp_path: Path, checkpoint: Path) -> None:
+    import sys
+
+    for umask, second_code in ((0o002, 0), (0o022, 2)):
+        cache = tmp_path / f"cache-{umask:o}"
+        cache.mkdir()
+        os.chown(cache, 0, 64000)
+        os.chmod(cache, 0o2775)
+        env = {**{k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"},
+               "BERTFORGE_CACHE": str(cache), "HOME": str(tmp_path)}
+        runs = [_as_user(uid, 64000, umask, [sys.executable, "-m", "bertforge", "build", "--model", str(checkpoint),
+                                             "--variants", "fp32,int8-dynamic", "--max-sentences", "20",
+                                             "--no-latency", "--progress", "plain",
+                                             "--out", str(tmp_path / f"out-{umask:o}-{uid}")], env)
+                for uid in (64001, 64002)]
+        assert runs[0].returncode == 0, runs[0].stderr
+        assert runs[1].returncode == second_code, runs[1].stderr
+        if second_code == 0:
+            assert "fp32                 cached" in runs[1].stderr and "validate" not in runs[1].stderr
+        else:
+            assert "may not write" in runs[1].stderr and "umask 002" in runs[1].stderr

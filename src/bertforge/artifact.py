@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -132,7 +133,8 @@ def atomic_directory(final: Path, destination: Callable[[], Path] | None = None)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final.parent, ".tmp-")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700
+    # mkdtemp creates 0700; a setgid parent's bit is kept, so a cache shared by a group stays the group's
+    os.chmod(tmp, (0o777 & ~current_umask()) | (final.parent.stat().st_mode & stat.S_ISGID))
     claim(tmp)
     try:
         yield tmp
@@ -236,7 +238,8 @@ def make_read_only(directory: Path) -> None:
         if path.is_file() and not path.is_symlink():
             mode = path.stat().st_mode
             if mode & 0o222:
-                os.chmod(path, mode & ~0o222)
+                with contextlib.suppress(PermissionError):  # another user's file in a shared cache
+                    os.chmod(path, mode & ~0o222)
 
 
 def link_or_copy_tree(src: Path, dest: Path, skip: tuple[str, ...] = (), copy: tuple[str, ...] = ()) -> dict[str, int]:

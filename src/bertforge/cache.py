@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from bertforge.cache_dir import cache_root
 from bertforge.environment import library_versions
@@ -47,9 +47,7 @@ def exclusive_or_fail(path: Path, busy: str) -> Iterator[None]:
     holds it. The kernel drops the lock with its holder, so a killed build never leaves it stuck."""
     from bertforge.errors import UsageError
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
+    with _lock_file(path) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -60,11 +58,26 @@ def exclusive_or_fail(path: Path, busy: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-@contextlib.contextmanager
-def _waiting_lock(path: Path, mode: int) -> Iterator[None]:
+def _lock_file(path: Path) -> IO[str]:
+    """The lock file, created if absent; opened read-only where it is another user's and not writable
+    to this one (a cache shared by several users): flock needs no write access."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
+    try:
+        return open(path, "a+")
+    except PermissionError:
+        if path.is_file():
+            return open(path)
+    from bertforge.errors import UsageError
+
+    raise UsageError(f"cannot create {path}: this user may not write {path.parent}. A cache shared by several "
+                     "users needs group write on it: `chgrp -R GROUP CACHE; chmod -R g+w CACHE; find CACHE -type d "
+                     "-exec chmod g+s {} +` and umask 002 for every user of it")
+
+
+@contextlib.contextmanager
+def _waiting_lock(path: Path, mode: int) -> Iterator[None]:
+    with _lock_file(path) as handle:
         fcntl.flock(handle, mode)
         try:
             yield

@@ -142,7 +142,8 @@ def run_stage(stage: str, parent: Artifact, config: Any, hold: contextlib.ExitSt
         if target.exists():
             problems = verify_directory(target)
             if not problems:
-                os.utime(target)  # its last use, for `bertforge cache prune` (cache_admin.py)
+                with contextlib.suppress(PermissionError):  # another user's entry in a shared cache
+                    os.utime(target)  # its last use, for `bertforge cache prune` (cache_admin.py)
                 make_read_only(target)  # an entry written before entries were made read-only
                 if remote is not None:
                     remote.share_stage(target)

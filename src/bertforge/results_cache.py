@@ -56,13 +56,15 @@ def key_for(kind: str, parts: dict[str, Any]) -> str:
 
 
 def _secret() -> bytes:
-    """This cache's signing key (created once, readable by its owner alone): a result file edited by
-    hand, or written by anything but bertforge with this cache, no longer carries a valid signature."""
+    """This cache's signing key (created once; readable by its owner and, as the umask allows, its group,
+    never by others): a result file edited by hand, or written by anything but bertforge with this cache,
+    no longer carries a valid signature. A cache shared by a group is shared by users who may write its
+    results anyway, so they share the key; others cannot read it."""
     path = cache_root() / "results.key"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640 & ~current_umask())
         except FileExistsError:
             pass  # another process made it first
         else:
