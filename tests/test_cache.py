@@ -500,9 +500,13 @@ def test_a_cache_shared_by_a_group_serves_every_member_and_refuses_clearly_where
 
     if os.geteuid() != 0:
         pytest.skip("switching users needs root")
-    probe = _as_user(64001, 64000, 0o002, [sys.executable, "-c", "import bertforge"], dict(os.environ))
-    if probe.returncode != 0:
-        pytest.skip(f"another user cannot run this interpreter here ({probe.stderr.strip().splitlines()[-1:]})")
+    try:
+        probe = _as_user(64001, 64000, 0o002, [sys.executable, "-c", "import bertforge"], dict(os.environ))
+        refused = probe.stderr.strip().splitlines()[-1:] if probe.returncode else None
+    except PermissionError as exc:
+        refused = exc
+    if refused:
+        pytest.skip(f"another user cannot run this interpreter here ({refused})")
     import shutil
     import tempfile
 
