@@ -187,10 +187,11 @@ def test_two_builds_at_once_against_one_empty_remote_cache_both_succeed_with_one
 
 class DyingProxy:
     """A TCP forwarder to the S3 server that closes every connection and stops listening once `limit`
-    bytes of requests have passed: the store disappears mid-upload, while the server keeps what it got."""
+    bytes of requests have passed: the store disappears mid-upload, while the server keeps what it got
+    (or, with `on_death`, is killed too)."""
 
-    def __init__(self, port: int, limit: int) -> None:
-        self.target, self.limit, self.sent = port, limit, 0
+    def __init__(self, port: int, limit: int, on_death=None) -> None:
+        self.target, self.limit, self.sent, self.on_death = port, limit, 0, on_death
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.sockets: list[socket.socket] = []
@@ -221,6 +222,8 @@ class DyingProxy:
             dest.shutdown(socket.SHUT_WR)
 
     def die(self) -> None:
+        if self.on_death is not None:
+            self.on_death()
         self.dead.set()
         for sock in [self.listener, *self.sockets]:
             with contextlib.suppress(OSError):
@@ -246,6 +249,42 @@ def test_a_store_that_disappears_mid_upload_leaves_no_half_entry_and_the_build_s
     # and the next build publishes what this one could not
     build(tmp_path / "b", tmp_path / "cache-a", tiny_checkpoint, monkeypatch, remote_cache=remote)
     assert "0 entries fetched and verified, 3 published" in capsys.readouterr().err
+
+
+def test_a_server_killed_mid_upload_costs_one_warning_and_the_build_succeeds(tiny_checkpoint, remote, tmp_path,
+                                                                             monkeypatch, capsys):
+    """The S3 server process itself killed (SIGKILL) partway through the first upload."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        client().create_bucket(Bucket="doomed")
+        proxy = DyingProxy(port, limit=1_500_000, on_death=server.kill)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+        outcome = build(tmp_path / "a", tmp_path / "cache-a", tiny_checkpoint, monkeypatch,
+                        remote_cache="s3://doomed/builds")
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+    err = capsys.readouterr().err
+    assert server.returncode is not None and proxy.dead.is_set()
+    assert outcome.exit_code == 0 and outcome.report["gates_passed"]
+    assert len([line for line in err.splitlines() if line.startswith("warning:") and "remote cache" in line]) == 1
+    assert "not used after a failure" in err
+
+
+def test_validate_publishes_what_it_measured(tiny_checkpoint, remote, tmp_path, monkeypatch, capsys):
+    import bertforge
+
+    build(tmp_path / "a", tmp_path / "cache-a", tiny_checkpoint, monkeypatch)  # no remote cache
+    assert keys_under(remote) == []
+    outcome = bertforge.validate(tmp_path / "a", remote_cache=remote, progress="plain")
+    assert outcome.exit_code == 0
+    published = [k for k in keys_under(remote) if k.startswith("results/")]
+    assert sum(k.startswith("results/validation-") for k in published) == len(VARIANTS)
+    assert any(k.startswith("results/reference-") for k in published)
 
 
 def test_a_read_only_job_fetches_and_verifies_but_never_writes(tiny_checkpoint, remote, tmp_path, monkeypatch,
