@@ -79,6 +79,17 @@ def compare(run_a, run_b, *, agreement_tolerance: float = 0.005, latency_toleran
                            allow_different=allow_different)
 
 
+def package(out, dest, *, variants: list[str] | None = None, int8_target: float = 0.95):
+    """A build as a model repository in `dest`, like `bertforge package`: transformers.js, optimum and
+    onnxruntime load it unchanged. Returns `bertforge.hub_repo.Packaged` (files, the int8 variant packaged
+    as onnx/model_quantized.onnx and why)."""
+    from pathlib import Path
+
+    from bertforge.hub_repo import package as run
+
+    return run(Path(out), Path(dest), variants, int8_target)
+
+
 def fill_mask(directory, text: str, top_k: int = 5):
     """Top-k `Prediction`s (score, token, token_str, sequence) at each [MASK] of `text` from a variant
     directory, with onnxruntime and tokenizers only; one list per [MASK]."""
@@ -87,4 +98,4 @@ def fill_mask(directory, text: str, top_k: int = 5):
     return run(directory, text, top_k)
 
 
-__all__ = ["__version__", "build", "compare", "fill_mask", "validate"]
+__all__ = ["__version__", "build", "compare", "fill_mask", "package", "validate"]

@@ -43,6 +43,7 @@ from bertforge.report import markdown as md_report
 from bertforge.report.content import make_report
 from bertforge.report.model_card import write_cards
 from bertforge.report.weigh import few_positions_warnings, intervals, plan_miss_warnings
+from bertforge.runtime_floor import floor_of_file
 from bertforge.sources import ResolvedSource, resolve
 from bertforge.stages import BY_NAME, EXTRA_VARIANTS, VARIANTS
 from bertforge.validation.corpus import corpus_digest
@@ -147,6 +148,7 @@ def validate_and_report(out: Path, source: ResolvedSource, source_key: str, reci
         entries[name] = {
             "size_bytes": model_bytes(path),  # model.onnx and its external data, if any
             "sha256": sha256_file(path / "model.onnx"),
+            "needs": floor_of_file(path / "model.onnx").as_dict(),  # the oldest onnxruntime, the contrib ops
             **({"data_sha256": sha256_file(path / MODEL_DATA_FILE)} if uses_external_data(path) else {}),
             "key": manifest["key"],
             "stage": manifest["stage"],

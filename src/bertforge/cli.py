@@ -17,6 +17,7 @@ from bertforge.commands import (
     cmd_compare,
     cmd_fill_mask,
     cmd_inspect,
+    cmd_package,
     cmd_resolve,
     cmd_sensitivity,
     cmd_validate,
@@ -95,6 +96,20 @@ def parser() -> argparse.ArgumentParser:
     ins.add_argument("dir", help="a variant directory or a model.onnx file")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=cmd_inspect)
+
+    pkg = sub.add_parser("package", help="a build as a model repository for a hub, transformers.js and optimum",
+                         description="Copy a build into DEST laid out as a model hub repository: config and "
+                         "tokenizer at the root, onnx/model.onnx (fp32), onnx/model_fp16.onnx, "
+                         "onnx/model_quantized.onnx (the int8 variant to ship) and onnx/model_<variant>.onnx, a "
+                         "README.md card with hub metadata and quantize_config.json. transformers.js, optimum and "
+                         "onnxruntime load it unchanged; nothing is uploaded.", epilog=EPILOG)
+    pkg.add_argument("dir", help="a directory written by bertforge build")
+    pkg.add_argument("dest", help="the repository folder to write (replaced in one step when complete)")
+    pkg.add_argument("--variants", help="comma-separated subset of the build's variants (default: all)")
+    pkg.add_argument("--int8-target", type=float, default=0.95, metavar="TOP1",
+                     help="model_quantized.onnx is the fastest int8 variant whose gates passed with top-1 agreement "
+                     ">= this (default 0.95)")
+    pkg.set_defaults(func=cmd_package)
 
     ver = sub.add_parser("verify", help="check files against manifest.json (a variant or a build directory)")
     ver.add_argument("dir")

@@ -95,6 +95,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_package(args: argparse.Namespace) -> int:
+    from bertforge.hub_repo import package
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    result = package(Path(args.dir), Path(args.dest), variants, args.int8_target)
+    for path, variant in result.files.items():
+        print(f"{path:<40} {variant}")
+    print(("model_quantized.onnx: " + result.quantized_because) if result.quantized
+          else f"no model_quantized.onnx: {result.quantized_because}")
+    print(f"wrote {result.dest}/ (README.md, quantize_config.json); upload it with `huggingface-cli upload ID "
+          f"{result.dest}`")
+    return EXIT_OK
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from bertforge.artifact import MANIFEST, verify_directory
     from bertforge.cpu_target import exact_here

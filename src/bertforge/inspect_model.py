@@ -36,7 +36,10 @@ def inspect_model(directory: Path) -> dict[str, Any]:
         dtype_count[name] += 1
         dtype_bytes[name] += len(init.raw_data) if init.HasField("raw_data") else 0
     total = sum(dtype_bytes.values()) or 1
+    from bertforge.runtime_floor import runtime_floor
+
     return {
+        "needs": runtime_floor(model).as_dict(),
         "path": str(path),
         "size_bytes": model_bytes(path.parent) if path.name == MODEL_FILE else path.stat().st_size,
         "opsets": {opset.domain or "ai.onnx": opset.version for opset in model.opset_import},
@@ -53,11 +56,18 @@ def inspect_model(directory: Path) -> dict[str, Any]:
     }
 
 
+def needs_line(needs: dict[str, Any]) -> str:
+    from bertforge.runtime_floor import RuntimeFloor
+
+    return RuntimeFloor(needs["onnxruntime"], tuple(needs["reasons"]), tuple(needs["contrib_ops"])).line()
+
+
 def render(info: dict[str, Any]) -> str:
     lines = [f"{info['path']}: {info['size_bytes'] / 1e6:.1f} MB, {info['nodes']} nodes, ir {info['ir_version']}, "
              "opsets " + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()),
              "inputs:  " + ", ".join(f"{k} {v}" for k, v in info["inputs"].items()),
              "outputs: " + ", ".join(f"{k} {v}" for k, v in info["outputs"].items()),
+             "needs:   " + needs_line(info["needs"]),
              "precision mix (initializer bytes):"]
     for name, facts in info["initializers"].items():
         lines.append(f"  {name:<8} {facts['count']:5d} tensors {facts['bytes'] / 1e6:9.1f} MB  {facts['share']:.1%}")

@@ -51,6 +51,7 @@ def card_text(name: str, entry: dict[str, Any], report: dict[str, Any], manifest
         lines.append(f"| latency b{latency.get('batch', 1)}×s{latency.get('sequence', 128)} | p50 "
                      f"{latency['p50_ms']:.1f} ms, p90 {latency['p90_ms']:.1f} ms (this build's run) |")
     lines += ["", f"Gates: {gates}.", ""]
+    lines += runtimes(name, entry, report, manifest)
     lines += where_it_holds(manifest.get("metadata", {}).get("int8_target"), report["machine"])
     lines += ["## How it was built", "",
               f"Lineage: {lineage}. Recipe section `{spec.section if spec else '?'}`: "
@@ -74,7 +75,29 @@ def card_text(name: str, entry: dict[str, Any], report: dict[str, Any], manifest
                   'fill("The capital of France is [MASK].")', "```", "",
                   f'Without torch: `bertforge fill-mask {name} "The capital of France is [MASK]."`; plain '
                   f'onnxruntime: `onnxruntime.InferenceSession("{name}/model.onnx")`.']
+    lines += ["", "JavaScript (transformers.js; `bertforge package` lays a build out as a hub repository it loads "
+              "with no option):", "", "```js", "import { pipeline, env } from '@huggingface/transformers';", "",
+              "env.localModelPath = './';", "env.allowRemoteModels = false;",
+              f"const fill = await pipeline('fill-mask', '{name}', {{ subfolder: '', dtype: 'fp32' }});",
+              "await fill('The capital of France is [MASK].');", "```"]
     return "\n".join(lines) + "\n"
+
+
+def runtimes(name: str, entry: dict[str, Any], report: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """Which runtime the file needs, and on which runtimes and CPU class its numbers were measured."""
+    from bertforge.runtime_floor import RuntimeFloor
+
+    floor = entry.get("needs")
+    needs = RuntimeFloor(floor["onnxruntime"], tuple(floor["reasons"]), tuple(floor["contrib_ops"])).line() \
+        if floor else "not recorded"
+    machine = report["machine"]
+    web = entry.get("web")
+    web_line = (f"on {web['runtime']} it gives native onnxruntime's top-1 at {web['top1_vs_native']:.2%} of "
+                f"{web['positions']} positions" if web else
+                "not measured on onnxruntime-web (`bertforge validate OUT --runtime web` measures it)")
+    return ["## Runtimes", "",
+            f"Needs {needs}. Measured with onnxruntime {report['libraries'].get('onnxruntime')} (Python) on "
+            f"{machine.get('cpu_class', '?')} ({machine['cpu']}); {web_line}.", ""]
 
 
 def card_metadata(name: str, entry: dict[str, Any], report: dict[str, Any], manifest: dict[str, Any]) -> list[str]:

@@ -1,0 +1,170 @@
+"""`bertforge package`: a build as a model repository that the real clients load unchanged.
+
+transformers.js (and onnxruntime-web) are installed with npm into a cache folder outside the repository,
+once per machine; the tests skip, saying why, where node or npm is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import bertforge
+
+VARIANTS = ["fp32", "fp16", "int8-dynamic", "int8-blockwise"]
+TEXT = "the quick brown fox jumps over the [MASK] dog."
+NODE_PACKAGES = ("@huggingface/transformers@4.3.2", "onnxruntime-web@1.31.1")
+FILL_MASK_JS = """
+import { pipeline, env } from '@huggingface/transformers';
+const [parent, name, text, dtype] = process.argv.slice(2);
+env.allowRemoteModels = false;
+env.localModelPath = parent + '/';
+const fill = await pipeline('fill-mask', name, dtype ? { dtype } : {});
+console.log(JSON.stringify(await fill(text, { top_k: 5 })));
+"""
+
+
+@pytest.fixture(scope="module")
+def node_modules() -> Path:
+    """A folder where `import '@huggingface/transformers'` resolves (npm, once per machine)."""
+    for tool in ("node", "npm"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed here (.ci/run installs Node.js)")
+    key = hashlib.sha256(" ".join(NODE_PACKAGES).encode()).hexdigest()[:12]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = base / "bertforge-tests" / f"node-{key}"
+    if not (folder / "node_modules" / "@huggingface" / "transformers" / "package.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "package.json").write_text('{"private": true, "type": "module"}\n')
+        run = subprocess.run(["npm", "install", "--no-audit", "--no-fund", *NODE_PACKAGES], cwd=folder,
+                             env={**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"}, capture_output=True, text=True,
+                             timeout=600)
+        if run.returncode != 0:
+            pytest.skip(f"npm could not install {', '.join(NODE_PACKAGES)}: {run.stderr.strip()[-300:]}")
+    (folder / "fill_mask.mjs").write_text(FILL_MASK_JS)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tiny_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("package") / "build"
+    outcome = bertforge.build(out, model=str(tiny_checkpoint), variants=VARIANTS, validation={"max_sentences": 20},
+                              bench={"enabled": False})
+    assert outcome.exit_code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_build, tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("repos") / "tiny-onnx"
+    bertforge.package(tiny_build, dest)
+    return dest
+
+
+def test_the_repository_has_the_hub_layout_with_real_copies(tiny_build, repo):
+    report = json.loads((tiny_build / "report.json").read_text())
+    config = json.loads((repo / "quantize_config.json").read_text())
+    # no latency measured: the smallest int8 variant whose gates passed at top-1 >= 95%
+    int8 = {v: report["variants"][v]["size_bytes"] for v in ("int8-dynamic", "int8-blockwise")}
+    assert config["quantized"] == min(int8, key=int8.get)
+    other = next(v for v in int8 if v != config["quantized"])
+    assert {path: facts["variant"] for path, facts in config["files"].items()} == {
+        "onnx/model.onnx": "fp32", "onnx/model_fp16.onnx": "fp16", "onnx/model_quantized.onnx": config["quantized"],
+        f"onnx/model_{other.replace('-', '_')}.onnx": other}
+    for name in ("config.json", "tokenizer.json", "vocab.txt"):
+        assert (repo / name).is_file()
+    for path, facts in config["files"].items():
+        packaged, built = repo / path, tiny_build / facts["variant"] / "model.onnx"
+        assert packaged.read_bytes() == built.read_bytes()
+        assert packaged.stat().st_nlink == 1 and packaged.stat().st_ino != built.stat().st_ino  # a copy
+
+
+def _top5(answers: list[dict]) -> list[int]:
+    return [answer["token"] for answer in answers]
+
+
+@pytest.mark.parametrize("dtype, variant", [(None, "fp32"), ("fp16", "fp16"), ("q8", "quantized")])
+def test_transformers_js_fills_masks_as_bertforge_does(node_modules, tiny_build, repo, dtype, variant):
+    """transformers.js's own fill-mask pipeline in Node, local files only, no option but the dtype."""
+    if variant == "quantized":
+        variant = json.loads((repo / "quantize_config.json").read_text())["quantized"]
+    run = subprocess.run(["node", "fill_mask.mjs", str(repo.parent), repo.name, TEXT, *([dtype] if dtype else [])],
+                         cwd=node_modules, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs = json.loads(run.stdout.strip().splitlines()[-1])
+    ours = bertforge.fill_mask(tiny_build / variant, TEXT)[0]
+    assert _top5(theirs) == [p.token for p in ours]
+    assert [a["token_str"] for a in theirs] == [p.token_str for p in ours]
+    for answer, prediction in zip(theirs, ours, strict=True):
+        assert answer["score"] == pytest.approx(prediction.score, rel=1e-3, abs=1e-6)
+
+
+def test_every_card_is_one_a_hub_reads(tiny_build, repo):
+    from huggingface_hub import ModelCard
+
+    report = json.loads((tiny_build / "report.json").read_text())
+    card = ModelCard.load(repo / "README.md")
+    assert card.data.pipeline_tag == "fill-mask" and card.data.library_name == "transformers.js"
+    config = json.loads((repo / "quantize_config.json").read_text())
+    read_back: dict[str, dict[str, float]] = {}
+    for result in card.data.eval_results:  # huggingface_hub's parse of the model-index
+        assert result.task_type == "fill-mask"
+        read_back.setdefault(result.metric_config, {})[result.metric_type] = result.metric_value
+    assert set(read_back) == set(config["files"])
+    for path, facts in config["files"].items():
+        assert read_back[path] == {key: report["variants"][facts["variant"]]["metrics"][key]
+                                   for key in ("top1_agreement", "ref_top1_in_top5")}
+    for variant in VARIANTS:
+        variant_card = ModelCard.load(tiny_build / variant / "README.md")
+        assert variant_card.data.pipeline_tag == "fill-mask"
+
+
+def test_the_runtime_a_file_needs_is_in_its_card_and_in_inspect(tiny_build, repo, capsys):
+    from bertforge.cli import main
+
+    assert main(["inspect", str(tiny_build / "int8-blockwise")]) == 0
+    assert "onnxruntime >= 1.22 (MatMulNBits with 8-bit weights" in capsys.readouterr().out
+    assert main(["inspect", str(tiny_build / "int8-dynamic")]) == 0
+    assert "onnxruntime >= 1.16 (the oldest release tested" in capsys.readouterr().out
+    config = json.loads((repo / "quantize_config.json").read_text())
+    path = next(path for path, facts in config["files"].items() if facts["variant"] == "int8-blockwise")
+    row = next(line for line in (repo / "README.md").read_text().splitlines() if f"`{path}`" in line)
+    assert row.endswith("| >= 1.22 |") and config["files"][path]["needs"]["onnxruntime"] == "1.22"
+    assert "onnxruntime >= 1.22" in (tiny_build / "int8-blockwise" / "README.md").read_text()
+
+
+def test_packaging_never_replaces_files_it_did_not_write(tiny_build, tmp_path):
+    from bertforge.errors import UsageError
+
+    dest = tmp_path / "repo"
+    bertforge.package(tiny_build, dest, variants=["fp32", "int8-dynamic"])
+    assert sorted(p.name for p in (dest / "onnx").iterdir()) == ["model.onnx", "model_quantized.onnx"]
+    (dest / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="did not write"):
+        bertforge.package(tiny_build, dest)
+    assert (dest / "notes.txt").read_text() == "mine"
+    with pytest.raises(UsageError, match="inside the build"):
+        bertforge.package(tiny_build, tiny_build / "repo")
+    with pytest.raises(UsageError, match="holds no int8-auto"):
+        bertforge.package(tiny_build, tmp_path / "other", variants=["int8-auto"])
+
+
+def test_a_variant_answering_differently_on_the_web_is_not_packaged_as_model_quantized():
+    from bertforge.hub_repo import choose_quantized
+
+    def entry(top1: float, web: float | None, p50: float) -> dict:
+        return {"passed": True, "metrics": {"top1_agreement": top1}, "size_bytes": 1, "latency": {"p50_ms": p50},
+                **({"web": {"top1_vs_native": web, "positions": 100}} if web is not None else {})}
+
+    report = {"variants": {"int8-dynamic": entry(0.97, 0.96, 5.0), "int8-auto": entry(0.96, 0.999, 8.0),
+                           "int8-static": entry(0.90, 1.0, 4.0)}}
+    chosen, why = choose_quantized(report, ["int8-dynamic", "int8-auto", "int8-static"], 0.95)
+    assert chosen == "int8-auto" and "99.9%" in why
+    chosen, why = choose_quantized(report, ["int8-dynamic", "int8-static"], 0.95)
+    assert chosen is None and "onnxruntime-web" in why and "top-1 90.0% < 95%" in why
