@@ -168,3 +168,26 @@ def test_a_variant_answering_differently_on_the_web_is_not_packaged_as_model_qua
     assert chosen == "int8-auto" and "99.9%" in why
     chosen, why = choose_quantized(report, ["int8-dynamic", "int8-static"], 0.95)
     assert chosen is None and "onnxruntime-web" in why and "top-1 90.0% < 95%" in why
+
+
+def test_validate_on_the_web_runtime_measures_agreement_and_package_reads_it(node_modules, tiny_build, tmp_path,
+                                                                            monkeypatch):
+    """onnxruntime-web (wasm, in Node) against native onnxruntime on every validation position."""
+    monkeypatch.setenv("BERTFORGE_ONNXRUNTIME_WEB_DIR", str(node_modules))
+    build = tmp_path / "build"
+    shutil.copytree(tiny_build, build)
+    outcome = bertforge.validate(build, runtime="web")
+    assert outcome.exit_code == 0
+    report = json.loads((build / "report.json").read_text())
+    positions = report["corpus"]["masked_positions"]
+    for variant in VARIANTS:
+        web = report["variants"][variant]["web"]
+        assert web["positions"] == positions and web["runtime"].startswith("onnxruntime-web 1.31.1 wasm")
+        assert web["differ"] == round((1 - web["top1_vs_native"]) * positions)
+        assert f"{web['top1_vs_native']:.2%} of {positions} positions" in (build / variant / "README.md").read_text()
+    assert report["variants"]["fp32"]["web"]["top1_vs_native"] == 1.0
+    dest = tmp_path / "repo"
+    result = bertforge.package(build, dest)
+    assert ("onnxruntime-web" in result.quantized_because) and result.quantized is not None
+    row = next(line for line in (dest / "README.md").read_text().splitlines() if "`onnx/model.onnx`" in line)
+    assert f"100.00% of {positions}" in row

@@ -48,10 +48,11 @@ def build(out, recipe=None, *, model: str | None = None, variants: list[str] | N
 
 
 def validate(out, recipe=None, *, model: str | None = None, progress: str = "quiet", remote_cache: str | None = None,
-             remote_cache_readonly: bool | None = None):
+             remote_cache_readonly: bool | None = None, runtime: str = "native"):
     """Re-validate an existing build directory and rewrite its report, like `bertforge validate`;
     the recipe defaults to the one `out/build.json` recorded; fresh results are published to the remote
-    cache (as in `build`). Returns `bertforge.api.Outcome`."""
+    cache (as in `build`); `runtime="web"` also measures each variant on onnxruntime-web (wasm, in Node).
+    Returns `bertforge.api.Outcome`."""
     from pathlib import Path
 
     from bertforge import api
@@ -62,7 +63,8 @@ def validate(out, recipe=None, *, model: str | None = None, progress: str = "qui
     if not isinstance(recipe, Recipe):
         recorded = recorded_recipe(Path(out)) if recipe is None else None
         recipe = parse_recipe(recorded) if recorded is not None else load_recipe(recipe)
-    return api.validate_existing(Path(out), recipe, Progress(progress), model, remote_cache, remote_cache_readonly)
+    return api.validate_existing(Path(out), recipe, Progress(progress), model, remote_cache, remote_cache_readonly,
+                                 runtime)
 
 
 def compare(run_a, run_b, *, agreement_tolerance: float = 0.005, latency_tolerance: float = 0.25,

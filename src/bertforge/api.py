@@ -132,10 +132,20 @@ def input_limit_warnings(corpus: dict[str, Any], latencies: dict[str, dict], rec
 
 
 def validate_and_report(out: Path, source: ResolvedSource, source_key: str, recipe: Recipe, variants: list[str],
-                        progress: Progress, warnings: list[str], use_cache: bool = True) -> dict[str, Any]:
-    """Validate the variant directories under `out`, time them, write report.{json,md,html} there."""
+                        progress: Progress, warnings: list[str], use_cache: bool = True,
+                        web: bool = False) -> dict[str, Any]:
+    """Validate the variant directories under `out`, time them, write report.{json,md,html} there; with
+    `web`, also measure each variant's agreement between onnxruntime-web (wasm) and native onnxruntime."""
     dirs = {name: out / name for name in variants}
     validation, latencies, cached = evaluate_variants(dirs, source, source_key, recipe, progress, use_cache)
+    on_web: dict[str, dict[str, Any]] = {}
+    if web:
+        from bertforge.web_runtime import web_agreement
+
+        with progress.step("onnxruntime-web") as info:
+            on_web = web_agreement(source.path, dirs, recipe.validation)
+            info["note"] = "same top-1 as native: " + ", ".join(
+                f"{name} {found['top1_vs_native']:.2%}" for name, found in on_web.items())
     limited = input_limit_warnings(validation["corpus"], latencies, recipe)
     for warning in limited:
         progress.message(f"warning: {warning}")
@@ -155,6 +165,7 @@ def validate_and_report(out: Path, source: ResolvedSource, source_key: str, reci
             "stage_seconds": manifest["timings"]["seconds"],
             "metadata": manifest["metadata"],
             "latency": latencies.get(name, {}),
+            **({"web": on_web[name]} if name in on_web else {}),
             "metrics": metrics,
             "intervals": intervals(metrics),
             "probes": validation["variants"][name].get("probes", {}),
@@ -276,7 +287,8 @@ def placement_note(placed: dict[str, int]) -> str:
 
 
 def validate_existing(out: Path, recipe: Recipe, progress: Progress | None = None, model_spec: str | None = None,
-                      remote_cache: str | None = None, remote_cache_readonly: bool | None = None) -> Outcome:
+                      remote_cache: str | None = None, remote_cache_readonly: bool | None = None,
+                      runtime: str = "native") -> Outcome:
     """Re-validate the variants of an existing build directory and rewrite its report. Everything is
     measured again; with a remote cache (as in `build`) the new results are published to it where it
     lacks them, for builds elsewhere to reuse."""
@@ -287,13 +299,14 @@ def validate_existing(out: Path, recipe: Recipe, progress: Progress | None = Non
     with output_lock(out):
         remote = remote_session.from_settings(remote_cache, remote_cache_readonly, progress.message)
         with remote_session.using(remote):
-            outcome = _validate_existing(out, recipe, progress, model_spec)
+            outcome = _validate_existing(out, recipe, progress, model_spec, runtime == "web")
         if remote is not None:
             progress.message(remote.summary())
         return outcome
 
 
-def _validate_existing(out: Path, recipe: Recipe, progress: Progress, model_spec: str | None) -> Outcome:
+def _validate_existing(out: Path, recipe: Recipe, progress: Progress, model_spec: str | None,
+                       web: bool = False) -> Outcome:
     listed = listed_variants(out) or list(VARIANTS + EXTRA_VARIANTS)
     variants = [v for v in listed if (out / v / "model.onnx").is_file()]
     if not variants:
@@ -313,6 +326,6 @@ def _validate_existing(out: Path, recipe: Recipe, progress: Progress, model_spec
     with progress.step("hash source"):
         source_key = source_artifact(source).key
     report = validate_and_report(out, source, source_key, recipe, variants, progress, warnings_for(recipe),
-                                 use_cache=False)
+                                 use_cache=False, web=web)
     progress.message(md_report.terminal_summary(report))
     return Outcome(EXIT_OK if report["gates_passed"] else EXIT_GATE_FAILED, report, out)

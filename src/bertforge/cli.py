@@ -80,6 +80,10 @@ def parser() -> argparse.ArgumentParser:
                               description="Re-run validation and gates on DIR's variants; rewrites its report. "
                               "Uses the recipe recorded in DIR/build.json unless --recipe is given.")
     validate.add_argument("dir", help="a directory written by bertforge build")
+    validate.add_argument("--runtime", choices=("native", "web"), default="native",
+                          help="web: also run every variant on onnxruntime-web (wasm, in Node; installed with npm "
+                          "into the cache on first use) and report where its top-1 differs from native "
+                          "onnxruntime's (report.json's `web`, each card; `bertforge package` reads it)")
     recipe_flags(validate)
     remote_flags(validate)
     progress_flags(validate)

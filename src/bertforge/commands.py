@@ -68,7 +68,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise UsageError("validate checks every variant its build directory lists; --variants is for build")
     recipe = _recipe(args, recorded_recipe(Path(args.dir)))
     return validate_existing(Path(args.dir), recipe, _progress(args), args.model, args.remote_cache,
-                             args.remote_cache_readonly).exit_code
+                             args.remote_cache_readonly, args.runtime).exit_code
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from bertforge.optimizers.config import (
     Int8BlockwiseConfig,
     Int8DynamicConfig,
     Int8StaticConfig,
+    Int8WeightsConfig,
     MaskedHeadConfig,
 )
 from bertforge.optimizers.int8_auto.config import Int8AutoConfig
@@ -43,7 +44,7 @@ class BenchConfig(Section):
     sequence_length: StrictInt = Field(128, ge=8, le=512)
 
 
-INT8_SECTIONS = ("int8_dynamic", "int8_static", "int8_blockwise", "int8_auto")
+INT8_SECTIONS = ("int8_dynamic", "int8_static", "int8_blockwise", "int8_weights", "int8_auto")
 
 
 class Recipe(Section):
@@ -60,6 +61,7 @@ class Recipe(Section):
     int8_dynamic: Int8DynamicConfig = Int8DynamicConfig()
     int8_static: Int8StaticConfig = Int8StaticConfig()
     int8_blockwise: Int8BlockwiseConfig = Int8BlockwiseConfig()
+    int8_weights: Int8WeightsConfig = Int8WeightsConfig()
     int8_auto: Int8AutoConfig = Int8AutoConfig()
     masked_head: MaskedHeadConfig = MaskedHeadConfig()
     validation: ValidationConfig = ValidationConfig()

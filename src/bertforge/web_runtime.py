@@ -6,6 +6,7 @@ counts the [MASK] positions where both give the same top-1 token. That is the ag
 gets with the numbers the report measured natively. onnxruntime-web is installed with npm on first use
 into the cache's node/ folder (its version: ONNXRUNTIME_WEB_VERSION below, or $BERTFORGE_ONNXRUNTIME_WEB);
 ONNXRUNTIME_NODE_INSTALL=skip keeps onnxruntime-node's install script from downloading anything.
+$BERTFORGE_ONNXRUNTIME_WEB_DIR names a folder of your own where `import "onnxruntime-web"` resolves instead.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ SCRIPT = "top1.mjs"
 
 def node_dir(version: str | None = None) -> Path:
     """A folder where `import "onnxruntime-web"` resolves, installed with npm when absent."""
+    own = os.environ.get("BERTFORGE_ONNXRUNTIME_WEB_DIR")
+    if own:
+        if not (Path(own) / "node_modules" / "onnxruntime-web" / "package.json").is_file():
+            raise UsageError(f"BERTFORGE_ONNXRUNTIME_WEB_DIR={own}: no node_modules/onnxruntime-web there")
+        return Path(own)
     version = version or os.environ.get("BERTFORGE_ONNXRUNTIME_WEB") or ONNXRUNTIME_WEB_VERSION
     target = cache_root() / "node" / f"onnxruntime-web-{version}"
     if (target / "node_modules" / "onnxruntime-web" / "package.json").is_file():
@@ -63,7 +69,8 @@ def native_top1(model: Path, examples: list[dict[str, Any]]) -> list[int]:
 def web_top1(models: list[Path], examples: list[dict[str, Any]], version: str | None = None) -> dict[str, Any]:
     directory = node_dir(version)
     shutil.copyfile(Path(str(resources.files("bertforge.web").joinpath(SCRIPT))), directory / SCRIPT)
-    with tempfile.TemporaryDirectory(dir=cache_root() / "node") as work:
+    (cache_root() / "tmp").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_root() / "tmp") as work:
         inputs, output = Path(work) / "inputs.json", Path(work) / "top1.json"
         inputs.write_text(json.dumps(examples))
         run = subprocess.run(["node", SCRIPT, str(inputs), str(output), *(str(m) for m in models)], cwd=directory,
