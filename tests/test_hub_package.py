@@ -191,3 +191,20 @@ def test_validate_on_the_web_runtime_measures_agreement_and_package_reads_it(nod
     assert ("onnxruntime-web" in result.quantized_because) and result.quantized is not None
     row = next(line for line in (dest / "README.md").read_text().splitlines() if "`onnx/model.onnx`" in line)
     assert f"100.00% of {positions}" in row
+
+
+def test_a_license_the_source_declares_reaches_the_cards(tmp_path):
+    from bertforge.sources.spec import declared_license
+
+    readme = tmp_path / "README.md"
+    readme.write_text("---\nlanguage: en\nlicense: apache-2.0\ntags: [bert]\n---\n# a model\n")
+    assert declared_license(readme) == "apache-2.0"
+    readme.write_text("# a model without metadata\nlicense: mit\n")
+    assert declared_license(readme) is None
+    assert declared_license(tmp_path / "absent.md") is None
+    from bertforge.report.hub_card import repo_metadata
+
+    report = {"model": {"spec": "x", "kind": "local", "license": "apache-2.0"}, "corpus": {
+        "source": "builtin", "masked_positions": 3}, "variants": {"fp32": {"metrics": {
+            "top1_agreement": 1.0, "ref_top1_in_top5": 1.0}}}}
+    assert "license: apache-2.0" in "\n".join(repo_metadata(report, {"onnx/model.onnx": "fp32"}))

@@ -182,7 +182,7 @@ def validate_and_report(out: Path, source: ResolvedSource, source_key: str, reci
         progress.message(f"warning: {warning}")
     warnings = warnings + few
     # source_key: the hash of the checkpoint's files, the model's identity for `compare` (not the spec string)
-    model = {"spec": source.spec, "kind": source.kind, "description": source.description,
+    model = {"spec": source.spec, "kind": source.kind, "description": source.description, "license": source.license,
              "checkpoint": str(source.path), "source_key": source_key}
     report = make_report(model=model, validation=validation, variants=entries, warnings=warnings)
     write_cards(out, report)  # each variant's README.md, listed in its manifest

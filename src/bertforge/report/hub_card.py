@@ -19,6 +19,8 @@ def repo_metadata(report: dict[str, Any], files: dict[str, str]) -> list[str]:
     data: dict[str, Any] = {"library_name": "transformers.js", "pipeline_tag": "fill-mask"}
     if report["model"].get("kind") == "hub":
         data["base_model"] = report["model"]["spec"]
+    if report["model"].get("license"):
+        data["license"] = report["model"]["license"]
     precisions = sorted({"fp16" if v == "fp16" else "int8" if v.startswith("int8") else "fp32" for v in files.values()})
     data["tags"] = ["onnx", "transformers.js", "bertforge", *precisions]
     # one model, one task and corpus; each file's metrics carry its path as their `config` (the hub merges
@@ -85,9 +87,11 @@ def repo_card(out: Path, report: dict[str, Any], result: Any) -> str:
     ]
     if extras:
         lines += [f"{', '.join(extras)}: **fill-mask only**; the logits are zeros except at the [MASK] positions.", ""]
-    needs = {floor_of_file(out / v / "model.onnx").line() for v in result.files.values()}
-    lines += ["What each file needs: " + " | ".join(sorted(needs)) + ". `quantize_config.json` says how each was "
-              "made; `bertforge-report.json` is the full report.", ""]
+    lines += ["## What each file needs", ""]
+    lines += [f"- `{path}`: {floor_of_file(out / variant / 'model.onnx').line()}"
+              for path, variant in result.files.items()]
+    lines += ["", "`quantize_config.json` says how each file was made; `bertforge-report.json` is the full report.",
+              ""]
     lines += [
         "## Load it",
         "",
@@ -111,7 +115,8 @@ def repo_card(out: Path, report: dict[str, Any], result: Any) -> str:
         "Replace THIS_REPO with the hub id once uploaded (`huggingface-cli upload ID .`), or a local path (in "
         "Node, transformers.js reads a local folder with `env.localModelPath` and `env.allowRemoteModels = false`).",
         "",
-        "License: " + (f"`{report['model'].get('license')}`" if report["model"].get("license")
+        "License: " + (f"`{report['model']['license']}`, as the source's model card declares (check that it "
+                       "covers these files before uploading)." if report["model"].get("license")
                        else "the source declares none that bertforge could read; add a `license:` line to the "
                        "metadata above before uploading."),
     ]

@@ -112,6 +112,8 @@ def card_metadata(name: str, entry: dict[str, Any], report: dict[str, Any], mani
     data: dict[str, Any] = {"library_name": "onnx", "pipeline_tag": "fill-mask"}
     if report["model"].get("kind") == "hub":
         data["base_model"] = report["model"]["spec"]
+    if report["model"].get("license"):
+        data["license"] = report["model"]["license"]
     data["tags"] = ["onnx", "bertforge", precision] + ([f"int8-target-{target}"] if target else [])
     measured = [{"name": "top-1 agreement with PyTorch fp32", "type": "top1_agreement",
                  "value": metrics["top1_agreement"]},
@@ -134,9 +136,11 @@ def where_it_holds(target: str | None, machine: dict[str, Any]) -> list[str]:
     if target == "portable":
         text = ("int8 target `portable`: every same-sign pair of s8 weights adjacent along K sums to at most 128 in "
                 "magnitude (each output channel's scale widened only as far as its own pairs need), so no u8 x s8 "
-                "pair sum can saturate and "
-                "every CPU (AVX2, AVX-512, VNNI, AMX, ARM64) and onnxruntime-web's wasm compute the same integers: "
-                f"the agreement above holds wherever it runs. {measured}")
+                "pair sum can saturate: every int8 node computes the same integers from the same inputs on every CPU "
+                "(AVX2, AVX-512, VNNI, AMX, ARM64) and in onnxruntime-web's wasm. The float ops around them "
+                "(LayerNorm, softmax) differ between kernels by ~1e-6, which a quantized activation can round "
+                "differently, moving a near-tie: the Runtimes section above gives what was measured on "
+                f"onnxruntime-web. {measured}")
     else:
         text = (f"int8 target `{target}`: full-range s8 weights, summed exactly only with VNNI or AMX, or on "
                 "ARM64. On AVX2 and AVX-512 CPUs without VNNI the u8 x s8 pair sums saturate and the answers can "

@@ -29,14 +29,34 @@ class ResolvedSource:
     path: Path
     kind: str  # hub | local | demo | synthetic
     description: str
+    license: str | None = None  # what the source's model card declares (`license:` in its metadata), if it does
+
+
+def declared_license(readme: Path) -> str | None:
+    """The `license:` of a model card's YAML metadata (a hub model's README.md), None without one."""
+    import yaml
+
+    try:
+        text = readme.read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith("---"):
+        return None
+    try:
+        metadata = yaml.safe_load(text.split("---", 2)[1])
+    except yaml.YAMLError:
+        return None
+    found = metadata.get("license") if isinstance(metadata, dict) else None
+    return str(found) if isinstance(found, str | int) and str(found).strip() else None
 
 
 def resolve(spec: str) -> ResolvedSource:
     if spec == DEMO:
-        from bertforge.sources.demo import ensure_demo_checkpoint
+        from bertforge.sources.demo import demo_package_dir, ensure_demo_checkpoint
 
         return ResolvedSource(spec, ensure_demo_checkpoint(), "demo",
-                              "all-MiniLM-L6-v2 encoder (real weights) with a fitted MLM head; not bert-base-uncased")
+                              "all-MiniLM-L6-v2 encoder (real weights) with a fitted MLM head; not bert-base-uncased",
+                              declared_license(demo_package_dir() / "README.md"))
     if spec.startswith(SYNTHETIC_PREFIX):
         from bertforge.sources import synthetic
 
@@ -44,5 +64,9 @@ def resolve(spec: str) -> ResolvedSource:
         return ResolvedSource(spec, synthetic.ensure(name), "synthetic", synthetic.describe(name))
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")):
-        return ResolvedSource(spec, check_checkpoint(path), "local", f"local checkpoint {path}")
-    return ResolvedSource(spec, resolve_hub(spec), "hub", f"Hugging Face hub model {spec}")
+        checked = check_checkpoint(path)
+        return ResolvedSource(spec, checked, "local", f"local checkpoint {path}",
+                              declared_license(checked / "README.md"))
+    located = resolve_hub(spec)
+    return ResolvedSource(spec, located, "hub", f"Hugging Face hub model {spec}",
+                          declared_license(located / "README.md"))
