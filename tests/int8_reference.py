@@ -86,8 +86,9 @@ def qattention(node, x, weight, bias, x_scale, w_scale, mask_index=None, x_zero_
 
 
 def matmul_nbits(node, a, b_blocks, scales, zero_points=None, *rest):
-    """MatMulNBits, 8 bits, int8 compute (accuracy_level 4): A quantized to int8 per block of its row
-    (scale max|a|/127), B's blocks offset by their zero point (128 when symmetric), summed per block."""
+    """MatMulNBits, 8 bits. int8 compute (accuracy_level 4): A quantized to int8 per block of its row
+    (scale max|a|/127), B's blocks offset by their zero point (128 when symmetric), summed per block.
+    fp32 compute (accuracy_level 0, int8-weights): A as it is times B's blocks dequantized, in float64."""
     bits, block = int(_attr(node, "bits")), int(_attr(node, "block_size"))
     n, k = int(_attr(node, "N")), int(_attr(node, "K"))
     assert bits == 8 and zero_points is None, "the reference covers 8-bit symmetric blocks"
@@ -95,6 +96,12 @@ def matmul_nbits(node, a, b_blocks, scales, zero_points=None, *rest):
     b = b_blocks.reshape(n, blocks * block)[:, :k].astype(np.int64) - 128  # [N, K]
     b_scale = scales.reshape(n, blocks).astype(np.float64)
     rows = a.reshape(-1, k).astype(np.float32)
+    if int(_attr(node, "accuracy_level", 0)) == 0:
+        weights = b.astype(np.float64) * np.repeat(b_scale, block, axis=1)[:, :k]  # [N, K]
+        out = rows.astype(np.float64) @ weights.T
+        if rest and rest[-1] is not None:
+            out = out + rest[-1]
+        return out.reshape(*a.shape[:-1], n).astype(np.float32)
     padded = np.zeros((rows.shape[0], blocks * block), np.float32)
     padded[:, :k] = rows
     per_block = padded.reshape(rows.shape[0], blocks, block)

@@ -54,7 +54,7 @@ def test_the_recipe_target_sets_every_int8_section_unless_a_section_says_otherwi
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text("target: vnni\nint8_static: {cpu_target: portable, calibration_samples: 8}\n")
     recipe = load_recipe(recipe_file)
-    assert [getattr(recipe, s).cpu_target for s in INT8_SECTIONS] == ["vnni", "portable", "vnni", "vnni"]
+    assert [getattr(recipe, s).cpu_target for s in INT8_SECTIONS] == ["vnni", "portable", "vnni", "vnni", "vnni"]
     assert recipe.int8_static.calibration_samples == 8
     args = parser().parse_args(["build", "--out", str(tmp_path / "o"), "--target", "vnni"])
     assert load_recipe(None, _overrides(args)).int8_auto.cpu_target == "vnni"

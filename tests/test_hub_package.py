@@ -208,3 +208,18 @@ def test_a_license_the_source_declares_reaches_the_cards(tmp_path):
         "source": "builtin", "masked_positions": 3}, "variants": {"fp32": {"metrics": {
             "top1_agreement": 1.0, "ref_top1_in_top5": 1.0}}}}
     assert "license: apache-2.0" in "\n".join(repo_metadata(report, {"onnx/model.onnx": "fp32"}))
+
+
+def test_optimum_loads_a_packaged_file_by_subfolder_and_name(tiny_build, repo):
+    from optimum.onnxruntime import ORTModelForMaskedLM
+    from transformers import AutoTokenizer
+    from transformers import pipeline as transformers_pipeline
+
+    variant = json.loads((repo / "quantize_config.json").read_text())["quantized"]
+    model = ORTModelForMaskedLM.from_pretrained(repo, subfolder="onnx", file_name="model_quantized.onnx")
+    fill = transformers_pipeline("fill-mask", model=model, tokenizer=AutoTokenizer.from_pretrained(repo))
+    theirs = fill(TEXT, top_k=5)
+    ours = bertforge.fill_mask(tiny_build / variant, TEXT)[0]
+    assert [a["token"] for a in theirs] == [p.token for p in ours]
+    for answer, prediction in zip(theirs, ours, strict=True):
+        assert answer["score"] == pytest.approx(prediction.score, rel=1e-4, abs=1e-7)

@@ -41,8 +41,8 @@ def load(path) -> onnx.ModelProto:
     return onnx.load(str(path / "model.onnx"))
 
 
-@pytest.mark.parametrize("variant", ["int8-dynamic", "int8-blockwise", "int8-auto", "int8-dynamic-masked",
-                                     "int8-auto-masked"])
+@pytest.mark.parametrize("variant", ["int8-dynamic", "int8-blockwise", "int8-weights", "int8-auto",
+                                     "int8-dynamic-masked", "int8-auto-masked"])
 def test_each_int8_node_equals_its_exact_integer_reference(int8_variants, variant):
     checked, mismatches = check_nodes(load(int8_variants[variant]), tiny_feeds())
     assert checked >= 1, f"{variant} has no int8 node to check"
@@ -96,7 +96,7 @@ def int8_weights_of_u8s8_kernels(model: onnx.ModelProto) -> dict[str, tuple[np.n
     return found
 
 
-@pytest.mark.parametrize("variant", ["int8-dynamic", "int8-static", "int8-blockwise", "int8-auto",
+@pytest.mark.parametrize("variant", ["int8-dynamic", "int8-static", "int8-blockwise", "int8-weights", "int8-auto",
                                      "int8-dynamic-masked", "int8-auto-masked"])
 def test_portable_weights_cannot_saturate_a_pair_sum(int8_variants, variant):
     """The portable target's bound, checked on the files whatever this CPU is: no same-sign K-adjacent
