@@ -56,14 +56,18 @@ def kl_to(p: np.ndarray, p_log_p: np.ndarray, variant: np.ndarray) -> np.ndarray
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)  # no copy when already float64
     denominator = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
     return (a * b).sum(axis=-1) / np.maximum(denominator, 1e-30)
 
 
-def relative_l2(reference: np.ndarray, variant: np.ndarray) -> np.ndarray:
-    reference, variant = reference.astype(np.float64), variant.astype(np.float64)
-    return np.linalg.norm(variant - reference, axis=-1) / np.maximum(np.linalg.norm(reference, axis=-1), 1e-30)
+def relative_l2(reference: np.ndarray, variant: np.ndarray, difference: np.ndarray | None = None) -> np.ndarray:
+    """|variant - reference| / |reference| per row; `difference`: |variant - reference| in float64 where the
+    caller has it (the norm of |d| is the norm of d, to the bit)."""
+    reference = np.asarray(reference, dtype=np.float64)
+    if difference is None:
+        difference = np.asarray(variant, dtype=np.float64) - reference
+    return np.linalg.norm(difference, axis=-1) / np.maximum(np.linalg.norm(reference, axis=-1), 1e-30)
 
 
 def kth_largest(rows: np.ndarray, k: int) -> np.ndarray:
@@ -88,7 +92,10 @@ def top_k(logits: np.ndarray, k: int = TOP_K) -> np.ndarray:
     rows = logits.reshape(-1, logits.shape[-1])
     if k >= rows.shape[-1]:
         return np.argsort(-logits, axis=-1, kind="stable")[..., :k]
-    if len(rows) > ROW_BLOCK:
+    # with torch's topk the k-th values come without a partitioned copy: the whole matrix at once costs
+    # fewer calls than blocks (validation's 5,000-sentence run: 7.6 s of top_k in blocks)
+    whole = sys.modules.get("torch") is not None and rows.flags.c_contiguous and len(rows) <= 4096
+    if len(rows) > ROW_BLOCK and not whole:
         found = np.concatenate([top_k(rows[i:i + ROW_BLOCK], k) for i in range(0, len(rows), ROW_BLOCK)])
         return found.reshape(*logits.shape[:-1], k)
     kth = kth_largest(rows, k)
@@ -139,12 +146,13 @@ class Accumulator:
             ref_top: np.ndarray | None = None) -> None:
         """reference/variant: [masked positions, vocab]; truth: original ids, -1 where unknown; ref_top:
         top_k(reference) when the caller has it (one reference meets every variant)."""
-        diff = np.abs(variant.astype(np.float64) - reference.astype(np.float64))
+        reference64, variant64 = reference.astype(np.float64), variant.astype(np.float64)  # once, for all below
+        diff = np.abs(variant64 - reference64)
         self.max_abs.extend(diff.max(axis=-1).tolist())
         self.mean_abs.extend(diff.mean(axis=-1).tolist())
-        self.cosine.extend(cosine_similarity(reference, variant).tolist())
+        self.cosine.extend(cosine_similarity(reference64, variant64).tolist())
         self.kl.extend(kl_divergence(reference, variant).tolist())
-        self.rel_l2.extend(relative_l2(reference, variant).tolist())
+        self.rel_l2.extend(relative_l2(reference64, variant64, diff).tolist())
         ref_top, var_top = top_k(reference) if ref_top is None else ref_top, top_k(variant)
         self.top1_agree.extend(top1_agrees(ref_top, var_top).tolist())
         self.top5_overlap.extend(top_k_overlap(reference, variant, ref_k=ref_top, var_k=var_top).tolist())

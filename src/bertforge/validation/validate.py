@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bertforge.errors import StageError
-from bertforge.memory import release_freed_memory
+from bertforge.memory import release_freed_memory, reused_large_buffers
 from bertforge.onnx_files import model_config
 from bertforge.predict import MaskText, Prediction, session_predictions
 from bertforge.runtime import feeds_for, mask_rows, open_session
@@ -39,6 +39,12 @@ from bertforge.validation.metrics import Accumulator, ReferenceStats, top_k
 
 def run_validation(checkpoint: Path, variants: dict[str, Path], config: ValidationConfig,
                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    with reused_large_buffers():  # a logits array a batch: reused heap pages, not fresh mappings (memory.py)
+        return _run_validation(checkpoint, variants, config, progress)
+
+
+def _run_validation(checkpoint: Path, variants: dict[str, Path], config: ValidationConfig,
+                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
@@ -70,14 +76,14 @@ def run_validation(checkpoint: Path, variants: dict[str, Path], config: Validati
         shard = corpus_batches[start:start + config.shard_batches]
         masked_reference = []
         for batch in shard:
-            with torch.no_grad():
-                reference = model(input_ids=torch.from_numpy(batch.input_ids),
-                                  attention_mask=torch.from_numpy(batch.attention_mask),
-                                  token_type_ids=torch.from_numpy(batch.token_type_ids)).logits.numpy()
             rows, cols, truth = batch.masked_index()
-            masked_reference.append(reference[rows, cols])
+            with torch.no_grad():  # the MLM head at the [MASK] rows only: the rest of the logits go unread
+                hidden = model.bert(input_ids=torch.from_numpy(batch.input_ids),
+                                    attention_mask=torch.from_numpy(batch.attention_mask),
+                                    token_type_ids=torch.from_numpy(batch.token_type_ids))[0]
+                masked_reference.append(model.cls(hidden[torch.from_numpy(rows), torch.from_numpy(cols)]).numpy())
+            del hidden
             reference_stats.add(masked_reference[-1], truth)
-            del reference
             done += len(batch.examples)
             if progress:
                 progress(done, total)
