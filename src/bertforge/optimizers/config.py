@@ -106,7 +106,7 @@ class Int8WeightsConfig(Int8BlockwiseConfig):
     """int8-weights: int8-blockwise's 8-bit MatMulNBits with fp32 compute (accuracy_level 0). No activation
     is quantized inside the encoder, so float noise between runtimes is never amplified into a different
     integer: on demo (431 sentences) onnxruntime-web (wasm) gave native onnxruntime's top-1 at 1404 of
-    1405 positions, against 1340 for accuracy_level 4 and 1380 for int8-auto (web_runtime.py measures it);
+    1405 positions, against 1340 for accuracy_level 4 and 1384 for int8-auto (web_runtime.py measures it);
     top-1 agreement with PyTorch 96.0%. The tied decoder is the tied table's (int8 with dynamic activations)."""
 
     accuracy_level: Literal[0] = 0
