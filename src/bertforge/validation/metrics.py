@@ -198,17 +198,17 @@ class Accumulator:
 class ReferenceStats:
     """How informative the reference is: top-1 diversity, margins, its own ground-truth recovery."""
 
-    top1: list[int] = field(default_factory=list)
-    margins: list[float] = field(default_factory=list)
-    truth_hit: list[bool] = field(default_factory=list)
+    top1: array = field(default_factory=lambda: array("q"))
+    margins: array = field(default_factory=_floats)
+    truth_hit: array = field(default_factory=_flags)
 
     def add(self, reference: np.ndarray, truth: np.ndarray) -> None:
         top2 = np.partition(reference, -2, axis=-1)[:, -2:]  # [second largest, largest]
-        self.margins.extend((top2[:, 1] - top2[:, 0]).tolist())
+        _extend(self.margins, top2[:, 1] - top2[:, 0])
         top1 = reference.argmax(axis=-1)
-        self.top1.extend(top1.tolist())
+        self.top1.frombytes(np.ascontiguousarray(top1, dtype=np.int64).tobytes())
         known = truth >= 0
-        self.truth_hit.extend((top1[known] == truth[known]).tolist())
+        _extend(self.truth_hit, top1[known] == truth[known])
 
     def summary(self) -> dict[str, object]:
         values, counts = np.unique(self.top1, return_counts=True)

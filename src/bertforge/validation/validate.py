@@ -57,7 +57,9 @@ def _run_validation(checkpoint: Path, variants: dict[str, Path], config: Validat
                               fraction=config.mask_fraction, limit=config.max_sentences,
                               max_length=input_limit(tokenizer, config_of_model), truncation=truncation)
     examples.sort(key=lambda e: len(e.input_ids))  # less padding per batch
-    corpus_batches = list(batches(examples, config.batch_size, pad_id=tokenizer.pad_token_id or 0))
+    pad_id = tokenizer.pad_token_id or 0
+    # each shard's batches are built when it starts and dropped with it: their arrays never all exist at once
+    per_shard = config.batch_size * config.shard_batches
     total = len(examples) * (1 + len(variants))  # sentence passes: the reference's, then each variant's
     done = 0
     reference_stats = ReferenceStats()
@@ -72,8 +74,8 @@ def _run_validation(checkpoint: Path, variants: dict[str, Path], config: Validat
     # [MASK] positions of one shard, then every variant's over the same shard, accumulated and dropped.
     # Memory holds one shard's logits whatever the corpus's size; the metrics are the same floats in
     # the same order as in one pass, so the report does not depend on the shard size.
-    for start in range(0, len(corpus_batches), config.shard_batches):
-        shard = corpus_batches[start:start + config.shard_batches]
+    for start in range(0, len(examples), per_shard):
+        shard = list(batches(examples[start:start + per_shard], config.batch_size, pad_id=pad_id))
         masked_reference = []
         for batch in shard:
             rows, cols, truth = batch.masked_index()
@@ -88,7 +90,7 @@ def _run_validation(checkpoint: Path, variants: dict[str, Path], config: Validat
             if progress:
                 progress(done, total)
         reference_tops = [top_k(logits) for logits in masked_reference]  # once, not once per variant
-        if start + config.shard_batches >= len(corpus_batches):
+        if start + per_shard >= len(examples):
             model = None  # the last shard: the reference is done, its memory goes before the variants run
             release_freed_memory()
         for name, path in variants.items():
