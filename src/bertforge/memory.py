@@ -18,13 +18,13 @@ from functools import cache
 
 
 @cache
-def _malloc_trim():
-    """glibc's malloc_trim, or None on a C library without it (musl, macOS)."""
+def _libc(function: str):
+    """A function of the C library (glibc's malloc_trim, mallopt), or None where it has none (musl, macOS)."""
     name = ctypes.util.find_library("c")
     if not name:
         return None
     try:
-        return ctypes.CDLL(name).malloc_trim
+        return getattr(ctypes.CDLL(name), function)
     except (OSError, AttributeError):
         return None
 
@@ -49,7 +49,7 @@ def release_freed_memory() -> None:
     resident = resident_bytes()
     if resident is None or resident > COLLECT_ABOVE_BYTES:
         gc.collect()
-    trim = _malloc_trim()
+    trim = _libc("malloc_trim")
     if trim is not None:
         trim(0)
 
@@ -57,17 +57,6 @@ def release_freed_memory() -> None:
 # glibc mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 GLIBC_MMAP_MAX_DEFAULT, GLIBC_TRIM_THRESHOLD_DEFAULT = 65536, 128 * 1024
-
-
-@cache
-def _mallopt():
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        return ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
-        return None
 
 
 class reused_large_buffers:  # noqa: N801 - used as a context manager, named for what it does
@@ -84,14 +73,14 @@ class reused_large_buffers:  # noqa: N801 - used as a context manager, named for
     parameters go back to glibc's defaults. Not glibc: nothing changes."""
 
     def __enter__(self) -> reused_large_buffers:
-        mallopt = _mallopt()
+        mallopt = _libc("mallopt")
         if mallopt is not None:
             mallopt(M_MMAP_MAX, 0)
             mallopt(M_TRIM_THRESHOLD, 1 << 30)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        mallopt = _mallopt()
+        mallopt = _libc("mallopt")
         if mallopt is not None:
             mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX_DEFAULT)
             mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD_DEFAULT)
