@@ -159,7 +159,7 @@ def quantize_config(out: Path, report: dict[str, Any], result: Packaged) -> dict
     """What each packaged file is: its variant, how it was made (the recipe section and what the stage
     recorded), its measured agreement, and the runtime it needs."""
     from bertforge.artifact import read_manifest
-    from bertforge.runtime_floor import floor_of_file
+    from bertforge.report.hub_card import floor_of
 
     files = {}
     for path, variant in result.files.items():
@@ -174,7 +174,7 @@ def quantize_config(out: Path, report: dict[str, Any], result: Packaged) -> dict
             "top1_agreement": entry["metrics"].get("top1_agreement"),
             "ref_top1_in_top5": entry["metrics"].get("ref_top1_in_top5"),
             "web": entry.get("web"),
-            "needs": floor_of_file(out / variant / "model.onnx").as_dict(),
+            "needs": floor_of(out, report, variant).as_dict(),
         }
     return {"tool": "bertforge", "model": report["model"]["spec"], "quantized": result.quantized,
             "quantized_because": result.quantized_because, "files": files}

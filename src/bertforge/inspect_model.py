@@ -59,7 +59,7 @@ def inspect_model(directory: Path) -> dict[str, Any]:
 def needs_line(needs: dict[str, Any]) -> str:
     from bertforge.runtime_floor import RuntimeFloor
 
-    return RuntimeFloor(needs["onnxruntime"], tuple(needs["reasons"]), tuple(needs["contrib_ops"])).line()
+    return RuntimeFloor.from_dict(needs).line()
 
 
 def render(info: dict[str, Any]) -> str:

@@ -33,6 +33,11 @@ class RuntimeFloor:
     def as_dict(self) -> dict[str, Any]:
         return {"onnxruntime": self.onnxruntime, "reasons": list(self.reasons), "contrib_ops": list(self.contrib_ops)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RuntimeFloor:
+        """Back from as_dict (report.json's `needs`, `bertforge inspect --json`)."""
+        return cls(data["onnxruntime"], tuple(data["reasons"]), tuple(data["contrib_ops"]))
+
 
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split("."))

@@ -6,10 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bertforge.runtime_floor import floor_of_file
+from bertforge.runtime_floor import RuntimeFloor, floor_of_file
 from bertforge.stages import BY_NAME
 
 JS_DTYPES = {"model.onnx": "fp32", "model_fp16.onnx": "fp16", "model_quantized.onnx": "q8"}
+
+
+def floor_of(out: Path, report: dict[str, Any], variant: str) -> RuntimeFloor:
+    """The variant's runtime floor as report.json records it (read from its graph for a report older than
+    that record)."""
+    needs = report["variants"][variant].get("needs")
+    return RuntimeFloor.from_dict(needs) if needs else floor_of_file(out / variant / "model.onnx")
 
 
 def repo_metadata(report: dict[str, Any], files: dict[str, str]) -> list[str]:
@@ -60,7 +67,7 @@ def repo_card(out: Path, report: dict[str, Any], result: Any) -> str:
     for path, variant in result.files.items():
         entry = report["variants"][variant]
         metrics = entry["metrics"]
-        floor = floor_of_file(out / variant / "model.onnx")
+        floor = floor_of(out, report, variant)
         rows.append(f"| `{path}` | {variant} | {how_to_select(path)} | {entry['size_bytes'] / 1e6:.1f} MB | "
                     f"{metrics.get('top1_agreement', float('nan')):.2%} | "
                     f"{metrics.get('ref_top1_in_top5', float('nan')):.2%} | {web_cell(entry)} | "
@@ -88,7 +95,7 @@ def repo_card(out: Path, report: dict[str, Any], result: Any) -> str:
     if extras:
         lines += [f"{', '.join(extras)}: **fill-mask only**; the logits are zeros except at the [MASK] positions.", ""]
     lines += ["## What each file needs", ""]
-    lines += [f"- `{path}`: {floor_of_file(out / variant / 'model.onnx').line()}"
+    lines += [f"- `{path}`: {floor_of(out, report, variant).line()}"
               for path, variant in result.files.items()]
     lines += ["", "`quantize_config.json` says how each file was made; `bertforge-report.json` is the full report.",
               ""]

@@ -88,8 +88,7 @@ def runtimes(name: str, entry: dict[str, Any], report: dict[str, Any], manifest:
     from bertforge.runtime_floor import RuntimeFloor
 
     floor = entry.get("needs")
-    needs = RuntimeFloor(floor["onnxruntime"], tuple(floor["reasons"]), tuple(floor["contrib_ops"])).line() \
-        if floor else "not recorded"
+    needs = RuntimeFloor.from_dict(floor).line() if floor else "not recorded"
     machine = report["machine"]
     web = entry.get("web")
     web_line = (f"on {web['runtime']} it gives native onnxruntime's top-1 at {web['top1_vs_native']:.2%} of "
