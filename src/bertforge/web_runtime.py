@@ -87,12 +87,10 @@ def web_agreement(checkpoint: Path, variants: dict[str, Path], config: Any,
     onnxruntime's, their count, and the runtime that measured it."""
     from transformers import AutoTokenizer
 
-    from bertforge.onnx_files import model_config
-    from bertforge.validation.corpus import input_limit, load_lines, mask_sentences
+    from bertforge.validation.corpus import validation_examples
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    masked = mask_sentences(load_lines(config.corpus), tokenizer, seed=config.seed, fraction=config.mask_fraction,
-                            limit=config.max_sentences, max_length=input_limit(tokenizer, model_config(checkpoint)))
+    masked = validation_examples(Path(checkpoint), tokenizer, config)
     examples = [{"ids": list(e.input_ids), "pos": list(e.masked_positions)} for e in masked]
     models = {name: Path(path) / "model.onnx" for name, path in variants.items()}
     web = web_top1(list(models.values()), examples, version)

@@ -183,6 +183,17 @@ def mask_sentences(lines: list[str], tokenizer, *, seed: int = 0, fraction: floa
     return examples
 
 
+def validation_examples(checkpoint: Path, tokenizer, config, truncation: Truncation | None = None
+                        ) -> list[MaskedExample]:
+    """The validation corpus masked as `config` (a ValidationConfig) says, cut to the model's input limit:
+    the positions validation measures and `validate --runtime web` runs again."""
+    from bertforge.onnx_files import model_config
+
+    return mask_sentences(load_lines(config.corpus), tokenizer, seed=config.seed, fraction=config.mask_fraction,
+                          limit=config.max_sentences, max_length=input_limit(tokenizer, model_config(checkpoint)),
+                          truncation=truncation)
+
+
 def calibration_examples(checkpoint: Path, corpus: str, seeds: tuple[int, ...],
                          limit: int | None = None) -> tuple[Any, list[MaskedExample]]:
     """The masked sentences every stage that calibrates reads (int8-static's activation ranges,

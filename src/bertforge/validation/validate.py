@@ -20,7 +20,6 @@ import numpy as np
 
 from bertforge.errors import StageError
 from bertforge.memory import release_freed_memory, reused_large_buffers
-from bertforge.onnx_files import model_config
 from bertforge.predict import MaskText, Prediction, session_predictions
 from bertforge.runtime import feeds_for, mask_rows, open_session
 from bertforge.validation.config import ValidationConfig
@@ -29,10 +28,8 @@ from bertforge.validation.corpus import (
     Truncation,
     batches,
     corpus_digest,
-    input_limit,
-    load_lines,
-    mask_sentences,
     probe_texts,
+    validation_examples,
 )
 from bertforge.validation.metrics import Accumulator, ReferenceStats, top_k
 
@@ -52,10 +49,7 @@ def _run_validation(checkpoint: Path, variants: dict[str, Path], config: Validat
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     truncation = Truncation()
-    config_of_model = model_config(Path(checkpoint))
-    examples = mask_sentences(load_lines(config.corpus), tokenizer, seed=config.seed,
-                              fraction=config.mask_fraction, limit=config.max_sentences,
-                              max_length=input_limit(tokenizer, config_of_model), truncation=truncation)
+    examples = validation_examples(Path(checkpoint), tokenizer, config, truncation)
     examples.sort(key=lambda e: len(e.input_ids))  # less padding per batch
     pad_id = tokenizer.pad_token_id or 0
     # each shard's batches are built when it starts and dropped with it: their arrays never all exist at once
