@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,11 @@ import pytest
 # the tiny model's logits: max |x| 0.58, standard deviation 0.11; its int8 variants part from fp32 by
 # 0.008-0.014 at most (measured); a saturating or broken int8 kernel by a large share of the spread
 INT8_LOGIT_ERROR = 0.05
+
+# read by Ray at its import, wherever a test module imports it first: every Ray node the tests start is
+# on the loopback (Ray's own switch for a single-machine cluster), and sends no usage report
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=128)
@@ -118,3 +126,44 @@ def tiny_feeds(length: int = 12, batch: int = 2):
     ids = rng.integers(1000, 30000, size=(batch, length), dtype=np.int64)
     ids[:, 0], ids[:, -1], ids[:, 3] = 101, 102, 103
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real Ray cluster on this machine for the Ray executor's tests: a head node that runs nothing
+    and two worker nodes of one CPU each, on the loopback, telemetry and dashboard off. Started once
+    per session (~5 s), stopped at its end."""
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    from bertforge.environment import cpu_class
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                            "node_ip_address": "127.0.0.1"})
+    for _ in range(2):  # nodes of this machine's CPU class, as `ray start --resources` declares it
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={f"cpu_class_{cpu_class()}": 100})
+    cluster.wait_for_nodes()
+    assert cluster.address.startswith("127.0.0.1:")
+    yield cluster
+    cluster.shutdown()
+
+
+def kill_a_task(prefix: str, killed: list[int], stop: threading.Event) -> None:
+    """SIGKILL the first Ray worker seen running a task whose name starts with `prefix` (Ray titles the
+    process ray::NAME while it runs); its pid goes into `killed`. For a thread beside a Ray build."""
+    import psutil
+
+    while not stop.is_set() and not killed:
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            if any(part.startswith(f"ray::{prefix}") for part in process.info["cmdline"] or []):
+                process.kill()
+                killed.append(process.info["pid"])
+                return
+        time.sleep(0.02)
+
+
+def report_metrics(out: Path) -> dict:
+    """What validation measured, from a build's report.json: every metric, probe answer and corpus count."""
+    report = json.loads((out / "report.json").read_text())
+    return {"reference": report["reference"], "corpus": report["corpus"],
+            **{name: (entry["metrics"], entry["probes"]) for name, entry in report["variants"].items()}}

@@ -445,12 +445,12 @@ def test_a_library_error_inside_a_stage_is_one_line_and_exit_3(tiny_recipe, tmp_
 
 
 def test_an_unexpected_error_outside_a_stage_is_exit_3_not_a_gate_failure(built, monkeypatch, capsys):
-    from bertforge import api
+    from bertforge.validation import validate
 
     def breaks(*args, **kwargs):
         raise ValueError("a corner nobody anticipated")
 
-    monkeypatch.setattr(api, "run_validation", breaks)
+    monkeypatch.setattr(validate, "run_validation", breaks)
     assert main(["validate", str(built), "--no-latency", "--quiet"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("bertforge: error: validate failed: ValueError: a corner nobody")
@@ -487,7 +487,7 @@ def test_sigterm_that_a_library_turns_into_its_own_error_still_exits_143(built, 
     import signal
     import time
 
-    from bertforge import api
+    from bertforge.validation import validate
 
     def interrupted_import(*args, **kwargs):
         try:
@@ -496,7 +496,7 @@ def test_sigterm_that_a_library_turns_into_its_own_error_still_exits_143(built, 
         except KeyboardInterrupt:
             raise ImportError("initialization failed") from None
 
-    monkeypatch.setattr(api, "run_validation", interrupted_import)
+    monkeypatch.setattr(validate, "run_validation", interrupted_import)
     assert main(["validate", str(built), "--no-latency", "--quiet"]) == 143
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("bertforge: terminated (SIGTERM)")
     # the flag does not outlive the run it belongs to

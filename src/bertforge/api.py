@@ -22,6 +22,7 @@ from bertforge.artifact import (
 from bertforge.cache import cache_root
 from bertforge.crash_log import library_messages_to
 from bertforge.errors import EXIT_GATE_FAILED, EXIT_OK, UsageError
+from bertforge.executor import Executor, LocalExecutor, started
 from bertforge.onnx_files import MODEL_DATA_FILE, model_bytes, model_config, uses_external_data
 from bertforge.output_dir import check_writable, output_lock, rejected_path
 from bertforge.pipeline import (
@@ -48,7 +49,6 @@ from bertforge.sources import ResolvedSource, resolve
 from bertforge.stages import BY_NAME, EXTRA_VARIANTS, VARIANTS
 from bertforge.validation.corpus import corpus_digest
 from bertforge.validation.gates import evaluate
-from bertforge.validation.validate import run_validation
 
 
 @dataclass
@@ -59,8 +59,10 @@ class Outcome:
 
 
 def evaluate_variants(dirs: dict[str, Path], source: ResolvedSource, source_key: str, recipe: Recipe,
-                      progress: Progress, use_cache: bool) -> tuple[dict[str, Any], dict[str, dict], list[str]]:
-    """Validation metrics and latency per variant; cached results reused when `use_cache`."""
+                      progress: Progress, use_cache: bool,
+                      executor: Executor) -> tuple[dict[str, Any], dict[str, dict], list[str], dict[str, Any] | None]:
+    """Validation metrics and latency per variant, run by `executor`; cached results reused when
+    `use_cache`; the last item: where this run's latencies were measured (None: none were)."""
     keys = {name: read_manifest(path)["key"] for name, path in dirs.items()}
     validation_parts = {"source": source_key, "corpus": corpus_digest(recipe.validation.corpus),
                         "validation": recipe.validation.model_dump(mode="json", exclude={"gates"})}
@@ -76,9 +78,9 @@ def evaluate_variants(dirs: dict[str, Path], source: ResolvedSource, source_key:
                              "measured again")
     if missing or reference is None:
         with progress.step("validate") as info:
-            fresh = run_validation(source.path, {n: dirs[n] for n in missing}, recipe.validation,
-                                   progress=lambda done, total: progress.update(
-                                       f"{done}/{total} sentence runs (reference, then one variant at a time)"))
+            fresh = executor.validate(source, {n: dirs[n] for n in missing}, recipe.validation,
+                                      lambda done, total: progress.update(
+                                          f"{done}/{total} sentence runs (reference, then one variant at a time)"))
             reference = {"corpus": fresh["corpus"], "reference": fresh["reference"]}
             results_cache.store("reference", reference_key, reference)
             for name in missing:
@@ -88,6 +90,7 @@ def evaluate_variants(dirs: dict[str, Path], source: ResolvedSource, source_key:
                 f"; cached: {', '.join(cached)}" if cached else "")
     validation = {**reference, "variants": found}
     latencies: dict[str, dict] = {}
+    measured_on = None
     if recipe.bench.enabled:
         bench_parts = recipe.bench.model_dump(mode="json")
         latency_keys = {n: results_cache.key_for("latency", {**bench_parts, "variant": k}) for n, k in keys.items()}
@@ -97,8 +100,8 @@ def evaluate_variants(dirs: dict[str, Path], source: ResolvedSource, source_key:
         to_time = {n: dirs[n] for n in dirs if n not in latencies}
         if to_time:
             with progress.step("latency") as info:
-                timed = bench.latency(to_time, 1, recipe.bench.sequence_length, recipe.bench.warmup,
-                                      recipe.bench.repeats)
+                timed, measured_on = executor.latency(to_time, recipe.bench.sequence_length, recipe.bench.warmup,
+                                                      recipe.bench.repeats)
                 noisy = []
                 for name, stats in timed.items():
                     if bench.busy(stats):  # measured on a busy machine: a later build measures it again
@@ -106,12 +109,12 @@ def evaluate_variants(dirs: dict[str, Path], source: ResolvedSource, source_key:
                     else:
                         results_cache.store("latency", latency_keys[name], stats)
                 latencies.update(timed)
-                info["note"] = f"timed {', '.join(to_time)}" + (
+                info["note"] = f"timed {', '.join(to_time)} on {measured_on['host']}" + (
                     f"; busy machine (rounds spread > {bench.BUSY_SPREAD}x), not cached: {', '.join(noisy)}"
                     if noisy else "")
         # which latencies this run measured (together, interleaved) and which an earlier build did
         latencies = {n: {**v, "this_run": n in to_time} for n, v in latencies.items()}
-    return validation, latencies, cached
+    return validation, latencies, cached, measured_on
 
 
 def input_limit_warnings(corpus: dict[str, Any], latencies: dict[str, dict], recipe: Recipe) -> list[str]:
@@ -133,11 +136,14 @@ def input_limit_warnings(corpus: dict[str, Any], latencies: dict[str, dict], rec
 
 def validate_and_report(out: Path, source: ResolvedSource, source_key: str, recipe: Recipe, variants: list[str],
                         progress: Progress, warnings: list[str], use_cache: bool = True,
-                        web: bool = False) -> dict[str, Any]:
+                        web: bool = False, executor: Executor | None = None) -> dict[str, Any]:
     """Validate the variant directories under `out`, time them, write report.{json,md,html} there; with
-    `web`, also measure each variant's agreement between onnxruntime-web (wasm) and native onnxruntime."""
+    `web`, also measure each variant's agreement between onnxruntime-web (wasm) and native onnxruntime.
+    `executor`: where validation and latency run (default: this process)."""
     dirs = {name: out / name for name in variants}
-    validation, latencies, cached = evaluate_variants(dirs, source, source_key, recipe, progress, use_cache)
+    executor = executor or LocalExecutor()
+    validation, latencies, cached, measured_on = evaluate_variants(dirs, source, source_key, recipe, progress,
+                                                                   use_cache, executor)
     on_web: dict[str, dict[str, Any]] = {}
     if web:
         from bertforge.web_runtime import web_agreement
@@ -184,7 +190,8 @@ def validate_and_report(out: Path, source: ResolvedSource, source_key: str, reci
     # source_key: the hash of the checkpoint's files, the model's identity for `compare` (not the spec string)
     model = {"spec": source.spec, "kind": source.kind, "description": source.description, "license": source.license,
              "checkpoint": str(source.path), "source_key": source_key}
-    report = make_report(model=model, validation=validation, variants=entries, warnings=warnings)
+    ran = {**executor.describe(), **({"latency_measured_on": measured_on} if measured_on else {})}
+    report = make_report(model=model, validation=validation, variants=entries, warnings=warnings, executor=ran)
     write_cards(out, report)  # each variant's README.md, listed in its manifest
     write_json_atomic(out / "report.json", report, sort_keys=False)  # variants in recipe order
     write_text_atomic(out / "report.md", md_report.render(report))
@@ -193,9 +200,12 @@ def validate_and_report(out: Path, source: ResolvedSource, source_key: str, reci
 
 
 def build(recipe: Recipe, out: Path, progress: Progress | None = None, remote_cache: str | None = None,
-          remote_cache_readonly: bool | None = None) -> Outcome:
+          remote_cache_readonly: bool | None = None, executor: str | None = None,
+          ray_address: str | None = None) -> Outcome:
     """`remote_cache`: an fsspec URL of a shared stage cache (default $BERTFORGE_REMOTE_CACHE; none when
-    neither), read and written, or only read with `remote_cache_readonly`."""
+    neither), read and written, or only read with `remote_cache_readonly`. `executor`: `local` (default:
+    this process) or `ray` (stages, validation shards and latency as Ray tasks; ray_executor.py), which
+    joins `ray_address` (default $RAY_ADDRESS), else starts a local Ray instance for this build."""
     progress = progress or Progress("quiet")
     out = Path(out)
     check_output_dir(out)
@@ -206,8 +216,9 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None, remote_ca
             rejected_path(out)
         log = cache_root() / "logs" / f"build-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-libraries.log"
         remote = remote_session.from_settings(remote_cache, remote_cache_readonly, progress.message)
-        with library_messages_to(log), remote_session.using(remote):
-            outcome = _build(recipe, out, progress)
+        with library_messages_to(log), remote_session.using(remote), \
+                started(executor, ray_address, progress, remote and remote.settings()) as runner:
+            outcome = _build(recipe, out, progress, runner)
         if log.is_file():
             progress.message(f"library warnings: {log}")
         if remote is not None:
@@ -245,7 +256,7 @@ def check_corpora(recipe: Recipe, source: ResolvedSource) -> None:
                              "takes; shorten it")
 
 
-def _build(recipe: Recipe, out: Path, progress: Progress) -> Outcome:
+def _build(recipe: Recipe, out: Path, progress: Progress, executor: Executor) -> Outcome:
     with progress.step("resolve") as info:
         source = resolve(recipe.model)
         info["note"] = f"{source.spec} -> {source.path}"
@@ -260,12 +271,14 @@ def _build(recipe: Recipe, out: Path, progress: Progress) -> Outcome:
     destination = {"path": out}
     # every cache entry the build uses stays locked against `cache prune` until the build is written
     with contextlib.ExitStack() as hold:
-        state = build_variants(recipe, source, progress, hold)
+        state = build_variants(recipe, source, progress, hold,
+                               lambda: executor.build_stages(recipe, source, progress))
         with atomic_directory(out, destination=lambda: destination["path"]) as staging:  # complete or absent
             for name in variants:
                 for what, count in assemble_variant(state.artifacts[name], staging / name, recipe).items():
                     placed[what] += count
-            report = validate_and_report(staging, source, state.source_key, recipe, variants, progress, warnings)
+            report = validate_and_report(staging, source, state.source_key, recipe, variants, progress, warnings,
+                                         executor=executor)
             write_marker(staging, recipe, source, variants)
             if not report["gates_passed"] and (out / OUTPUT_MARKER).is_file():
                 destination["path"] = rejected_path(out)
@@ -288,24 +301,25 @@ def placement_note(placed: dict[str, int]) -> str:
 
 def validate_existing(out: Path, recipe: Recipe, progress: Progress | None = None, model_spec: str | None = None,
                       remote_cache: str | None = None, remote_cache_readonly: bool | None = None,
-                      runtime: str = "native") -> Outcome:
+                      runtime: str = "native", executor: str | None = None, ray_address: str | None = None) -> Outcome:
     """Re-validate the variants of an existing build directory and rewrite its report. Everything is
     measured again; with a remote cache (as in `build`) the new results are published to it where it
-    lacks them, for builds elsewhere to reuse."""
+    lacks them, for builds elsewhere to reuse. `executor`, `ray_address`: as in `build`."""
     progress = progress or Progress("quiet")
     out = Path(out)
     if not (out / OUTPUT_MARKER).is_file():
         raise UsageError(f"{out} is not a bertforge build directory (no {OUTPUT_MARKER})")
     with output_lock(out):
         remote = remote_session.from_settings(remote_cache, remote_cache_readonly, progress.message)
-        with remote_session.using(remote):
-            outcome = _validate_existing(out, recipe, progress, model_spec, runtime == "web")
+        with remote_session.using(remote), started(executor, ray_address, progress,
+                                                   remote and remote.settings()) as runner:
+            outcome = _validate_existing(out, recipe, progress, model_spec, runner, runtime == "web")
         if remote is not None:
             progress.message(remote.summary())
         return outcome
 
 
-def _validate_existing(out: Path, recipe: Recipe, progress: Progress, model_spec: str | None,
+def _validate_existing(out: Path, recipe: Recipe, progress: Progress, model_spec: str | None, executor: Executor,
                        web: bool = False) -> Outcome:
     listed = listed_variants(out) or list(VARIANTS + EXTRA_VARIANTS)
     variants = [v for v in listed if (out / v / "model.onnx").is_file()]
@@ -326,6 +340,6 @@ def _validate_existing(out: Path, recipe: Recipe, progress: Progress, model_spec
     with progress.step("hash source"):
         source_key = source_artifact(source).key
     report = validate_and_report(out, source, source_key, recipe, variants, progress, warnings_for(recipe),
-                                 use_cache=False, web=web)
+                                 use_cache=False, web=web, executor=executor)
     progress.message(md_report.terminal_summary(report))
     return Outcome(EXIT_OK if report["gates_passed"] else EXIT_GATE_FAILED, report, out)

@@ -25,6 +25,7 @@ from bertforge.commands import (
 )
 from bertforge.cpu_target import TARGETS
 from bertforge.errors import EXIT_BUILD_FAILED, EXIT_USAGE, BertforgeError
+from bertforge.executor import EXECUTORS
 from bertforge.progress import MODES
 from bertforge.stages import SPECS, VARIANTS
 from bertforge.version import __version__
@@ -64,6 +65,14 @@ def parser() -> argparse.ArgumentParser:
                        help="fetch and verify from the remote cache, never write to it (untrusted jobs such as "
                        "pull requests from forks); also $BERTFORGE_REMOTE_CACHE_READONLY=1")
 
+    def executor_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--executor", choices=EXECUTORS, default=os.environ.get("BERTFORGE_EXECUTOR") or "local",
+                       help="where the work runs: local (default, this process) or ray (stages, validation shards "
+                       "and latency as Ray tasks; pip install 'bertforge[ray]'); also $BERTFORGE_EXECUTOR")
+        p.add_argument("--ray-address", metavar="HOST:PORT",
+                       help="with --executor ray: the Ray cluster to join (default $RAY_ADDRESS; with neither, a "
+                       "local Ray instance is started for this command)")
+
     build = sub.add_parser("build", help="export, optimize, validate and report", epilog=EPILOG,
                            description="Build every variant of a model, validate each against PyTorch at "
                            "[MASK] positions, write OUT/<variant>/ and OUT/report.{md,html,json}.")
@@ -73,6 +82,7 @@ def parser() -> argparse.ArgumentParser:
                        help="int8 target: portable (default; the same integers on every CPU) or vnni (full-range "
                        "weights, exact on VNNI/AMX/ARM64 only)")
     remote_flags(build)
+    executor_flags(build)
     progress_flags(build)
     build.set_defaults(func=cmd_build)
 
@@ -86,6 +96,7 @@ def parser() -> argparse.ArgumentParser:
                           "onnxruntime's (report.json's `web`, each card; `bertforge package` reads it)")
     recipe_flags(validate)
     remote_flags(validate)
+    executor_flags(validate)
     progress_flags(validate)
     validate.set_defaults(func=cmd_validate)
 

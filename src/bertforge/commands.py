@@ -57,7 +57,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     progress = _progress(args)
     progress.message(f"bertforge {__version__}: building {recipe.model} -> {args.out} "
                      f"({', '.join(recipe.variants)})")
-    return build(recipe, Path(args.out), progress, args.remote_cache, args.remote_cache_readonly).exit_code
+    return build(recipe, Path(args.out), progress, args.remote_cache, args.remote_cache_readonly, args.executor,
+                 args.ray_address).exit_code
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -68,7 +69,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise UsageError("validate checks every variant its build directory lists; --variants is for build")
     recipe = _recipe(args, recorded_recipe(Path(args.dir)))
     return validate_existing(Path(args.dir), recipe, _progress(args), args.model, args.remote_cache,
-                             args.remote_cache_readonly, args.runtime).exit_code
+                             args.remote_cache_readonly, args.runtime, args.executor, args.ray_address).exit_code
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:

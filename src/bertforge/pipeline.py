@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -65,6 +66,17 @@ class StageRun:
     rebuilt_because: str | None = None
     # what came from the remote cache, verified (None: the local cache had it, or it was built here)
     fetched: Fetched | None = None
+
+
+@dataclass(frozen=True)
+class Built:
+    """A variant a task built (or found cached) somewhere else, for build_variants."""
+
+    key: str
+    cached: bool
+    seconds: float
+    rebuilt_because: str | None = None
+    where: str = ""  # the node
 
 
 @dataclass
@@ -135,24 +147,11 @@ def run_stage(stage: str, parent: Artifact, config: Any, hold: contextlib.ExitSt
     target = cache_root() / "stages" / f"{stage}-{key}"
     remote = remote_session.current()
     artifact = Artifact(path=target, key=key, stage=stage, parent=parent.key)
-    if hold is not None:  # taken before the entry is looked at: prune cannot remove it from here on
-        hold.enter_context(shared_lock(use_lock_path(f"{stage}-{key}")))
-    with file_lock(cache_root() / "locks" / f"{stage}-{key}.lock"):
-        damaged = None
-        if target.exists():
-            problems = verify_directory(target)
-            if not problems:
-                with contextlib.suppress(PermissionError):  # another user's entry in a shared cache
-                    os.utime(target)  # its last use, for `bertforge cache prune` (cache_admin.py)
-                make_read_only(target)  # an entry written before entries were made read-only
-                if remote is not None:
-                    remote.share_stage(target)
-                return StageRun(artifact, True, 0.0)
-            damaged = f"cache entry {target.name} failed verification ({problems[0]}" + (
-                f", and {len(problems) - 1} more" if len(problems) > 1 else "") + "); rebuilt"
+    with entry_lock(stage, key, hold):
+        found = cached_entry(artifact)
+        if isinstance(found, StageRun):
+            return found
         start = time.monotonic()
-        if remote is not None and (fetched := remote.fetch_stage(stage, key, target)) is not None:
-            return StageRun(artifact, True, time.monotonic() - start, fetched=fetched)
         with atomic_directory(target) as tmp, owned_scratch(cache_root() / "tmp", f"{stage}-"):
             try:
                 metadata = (module.run(parent.path, tmp, config, inputs) if hasattr(module, "key_inputs")
@@ -171,7 +170,57 @@ def run_stage(stage: str, parent: Artifact, config: Any, hold: contextlib.ExitSt
             make_read_only(tmp)  # output directories hard-link these files
         if remote is not None:
             remote.share_stage(target)
-        return StageRun(artifact, False, seconds, damaged)
+        return StageRun(artifact, False, seconds, found)
+
+
+@contextlib.contextmanager
+def entry_lock(stage: str, key: str, hold: contextlib.ExitStack | None = None) -> Iterator[None]:
+    """The entry's build lock; with `hold`, its use lock too, taken first and kept on that stack (prune
+    cannot remove the entry from here on)."""
+    if hold is not None:
+        hold.enter_context(shared_lock(use_lock_path(f"{stage}-{key}")))
+    with file_lock(cache_root() / "locks" / f"{stage}-{key}.lock"):
+        yield
+
+
+def cached_entry(artifact: Artifact) -> StageRun | str | None:
+    """The entry under the artifact's key as a hit (verified locally, or fetched from the remote cache
+    with every file verified); else why a local entry was not trusted (a string), or None: not there.
+    Call under entry_lock."""
+    target, stage, key = artifact.path, artifact.stage, artifact.key
+    remote = remote_session.current()
+    damaged = None
+    if target.exists():
+        problems = verify_directory(target)
+        if not problems:
+            with contextlib.suppress(PermissionError):  # another user's entry in a shared cache
+                os.utime(target)  # its last use, for `bertforge cache prune` (cache_admin.py)
+            make_read_only(target)  # an entry written before entries were made read-only
+            if remote is not None:
+                remote.share_stage(target)
+            return StageRun(artifact, True, 0.0)
+        damaged = f"cache entry {target.name} failed verification ({problems[0]}" + (
+            f", and {len(problems) - 1} more" if len(problems) > 1 else "") + "); rebuilt"
+    start = time.monotonic()
+    if remote is not None and (fetched := remote.fetch_stage(stage, key, target)) is not None:
+        return StageRun(artifact, True, time.monotonic() - start, fetched=fetched)
+    return damaged
+
+
+def built_elsewhere(stage: str, key: str, parent: Artifact | None,
+                    hold: contextlib.ExitStack | None = None) -> StageRun:
+    """The entry another process built under `key` (a Ray task: ray_executor.py), taken from this
+    machine's cache or the remote one, verified as any hit; its key is the builder's, not recomputed
+    here, so a kernel-cost measurement (int8-auto's key input) is not repeated on this machine."""
+    artifact = Artifact(path=cache_root() / "stages" / f"{stage}-{key}", key=key, stage=stage,
+                        parent=parent.key if parent else None)
+    with entry_lock(stage, key, hold):
+        found = cached_entry(artifact)
+    if not isinstance(found, StageRun):
+        raise StageError(f"stage {stage}: the entry {stage}-{key} a Ray task built is neither in this machine's "
+                         "cache nor in a remote cache" + (f" ({found})" if found else "") +
+                         "; nodes on other machines share entries through --remote-cache")
+    return found
 
 
 def required_variants(requested: tuple[str, ...]) -> list[str]:
@@ -188,9 +237,12 @@ def required_variants(requested: tuple[str, ...]) -> list[str]:
 
 
 def build_variants(recipe: Recipe, source: ResolvedSource, progress: Progress,
-                   hold: contextlib.ExitStack | None = None) -> BuildState:
+                   hold: contextlib.ExitStack | None = None,
+                   elsewhere: Callable[[], dict[str, Built]] | None = None) -> BuildState:
     """Every variant the recipe needs, from the cache or built; with `hold`, each entry used stays
-    locked against `cache prune` until that stack closes."""
+    locked against `cache prune` until that stack closes. `elsewhere`: builds them in other processes
+    (the Ray executor) after the weights check and returns their keys and times; the entries are then
+    taken by those keys."""
     state = BuildState(source)
     with progress.step("hash source") as info:
         root = source_artifact(source)
@@ -198,15 +250,23 @@ def build_variants(recipe: Recipe, source: ResolvedSource, progress: Progress,
         info["note"] = root.key
     with progress.step("check weights") as info:
         info["cached"] = check_weights_once(root)
+    built = elsewhere() if elsewhere is not None else {}
     for variant in required_variants(recipe.variants):
         stage, parent_variant, section = VARIANT_PLAN[variant]
         parent = root if parent_variant is None else state.artifacts[parent_variant].artifact
         with progress.step(variant) as info, reporting(progress.update):
-            run = run_stage(stage, parent, getattr(recipe, section), hold)
+            if variant in built:
+                done = built[variant]
+                run = built_elsewhere(stage, done.key, parent, hold)
+                run = StageRun(run.artifact, done.cached, done.seconds, done.rebuilt_because, run.fetched)
+            else:
+                run = run_stage(stage, parent, getattr(recipe, section), hold)
             info["cached"] = run.cached
             size = model_bytes(run.artifact.path) / 1e6
             info["note"] = f"{size:.1f} MB  key {run.artifact.key}" + (
-                f"  fetched from the remote cache, {run.fetched.files} files verified" if run.fetched else "")
+                f"  fetched from the remote cache, {run.fetched.files} files verified" if run.fetched else "") + (
+                f"  {'found' if run.cached else f'built in {run.seconds:.1f} s'} on {built[variant].where}"
+                if variant in built and built[variant].where else "")
         if run.rebuilt_because:
             progress.message(f"warning: {variant}: {run.rebuilt_because}")
         state.artifacts[variant] = run

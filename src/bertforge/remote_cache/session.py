@@ -42,6 +42,10 @@ class RemoteCache:
         self.published: list[str] = []  # entries this run wrote to the store
         self.fetched: list[str] = []  # entries this run took from it
 
+    def settings(self) -> tuple[str, bool]:
+        """URL and read-only flag: what another process (a Ray task) opens the same cache with."""
+        return self.store.url, self.readonly
+
     @property
     def shown(self) -> str:
         return self.store.shown

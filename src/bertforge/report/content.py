@@ -53,7 +53,7 @@ def variant_row(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_report(*, model: dict[str, Any], validation: dict[str, Any], variants: dict[str, dict[str, Any]],
-                warnings: list[str]) -> dict[str, Any]:
+                warnings: list[str], executor: dict[str, Any] | None = None) -> dict[str, Any]:
     passed = all(g["passed"] for entry in variants.values() for g in entry["gates"])
     return without_nan({
         "schema_version": SCHEMA_VERSION,
@@ -62,6 +62,8 @@ def make_report(*, model: dict[str, Any], validation: dict[str, Any], variants: 
         "model": model,
         "machine": machine_info(),
         "libraries": library_versions(),
+        # where the work ran (local: this process; ray: its cluster), and the one machine that timed the variants
+        "executor": executor or {"kind": "local"},
         "corpus": validation["corpus"],
         "reference": validation["reference"],
         "variants": variants,
@@ -234,7 +236,17 @@ def provenance(report: dict[str, Any]) -> str:
     return (f"Generated {report.get('generated_utc', 'n/a')} by bertforge {report['bertforge_version']} (report "
             f"schema {report['schema_version']}) on {machine['cpu']} (CPU class {machine.get('cpu_class', '?')}: int8 "
             f"kernels and latencies are this class's), {machine['physical_cores']} physical cores, ISA "
-            + ", ".join(k for k, v in machine["isa"].items() if v) + f". Libraries: {libraries}.")
+            + ", ".join(k for k, v in machine["isa"].items() if v) + f". Libraries: {libraries}." + ran_on(report))
+
+
+def ran_on(report: dict[str, Any]) -> str:
+    """Where a Ray build's work ran and which node timed the variants (nothing for a local run)."""
+    executor = report.get("executor", {})
+    if executor.get("kind") != "ray":
+        return ""
+    timed = executor.get("latency_measured_on")
+    return (f" Stages and validation ran on Ray ({executor['nodes']} nodes)" +
+            (f"; every latency of this run was timed on {timed['host']} ({timed['cpu_class']})" if timed else "") + ".")
 
 
 EARLIER_RUN_NOTE = ("* latency from an earlier build's run (the same artifact and bench settings, this machine); "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -175,6 +175,11 @@ class Accumulator:
         known = truth >= 0
         _extend(self.truth_hit, var_top[known, 0] == truth[known])
 
+    def extend(self, later: Accumulator) -> None:
+        """`later`'s positions after these: one column each, so merged shards summarize as one pass."""
+        for column in fields(self):
+            getattr(self, column.name).extend(getattr(later, column.name))
+
     def summary(self) -> dict[str, float]:
         if not self.max_abs:
             raise ValueError("no masked positions were evaluated")
@@ -209,6 +214,10 @@ class ReferenceStats:
         self.top1.frombytes(np.ascontiguousarray(top1, dtype=np.int64).tobytes())
         known = truth >= 0
         _extend(self.truth_hit, top1[known] == truth[known])
+
+    def extend(self, later: ReferenceStats) -> None:
+        for column in fields(self):
+            getattr(self, column.name).extend(getattr(later, column.name))
 
     def summary(self) -> dict[str, object]:
         values, counts = np.unique(self.top1, return_counts=True)

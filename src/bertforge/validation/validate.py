@@ -1,18 +1,25 @@
-"""Run the PyTorch reference over the masked corpus once, then every variant, one at a time.
+"""Run the PyTorch reference over the masked corpus, then every variant, one shard at a time.
 
-Memory stays at about one model plus one variant, whatever the number of variants: only the
-reference's logits at the [MASK] positions are kept (every metric is measured there), the PyTorch
-model is released before the first variant opens, and each variant's session is closed before the
-next one opens. Nothing of size [corpus tokens x vocab] is kept, in RAM or on disk.
+Memory stays at about one model plus one variant, whatever the number of variants and the corpus's
+size: only one shard's reference logits at the [MASK] positions are kept (every metric is measured
+there), the PyTorch model is released before the last shard's variants run, and each variant's
+session is closed before the next one opens. Nothing of size [corpus tokens x vocab] is kept, in RAM
+or on disk.
 
-Until this version the reference's logits at every real position were also spilled to the cache (1.2
-GB for bert-base, 4.7 GB for multilingual) for a max-abs over all positions that no gate, table or
-document read; writing them took 3.5-16 s of a cold bert-base build on this machine's disk.
+A shard is a contiguous run of the length-sorted batches (`ValidationConfig.shard_batches`). Its
+result (`ShardResult`: per-position metric columns) merges with the others' by concatenation in shard
+order, so the summaries are the same floats whether the shards ran in this process one after another
+or as separate tasks (the Ray executor, ray_executor.py).
+
+Until an earlier version the reference's logits at every real position were also spilled to the cache
+(1.2 GB for bert-base, 4.7 GB for multilingual) for a max-abs over all positions that no gate, table
+or document read; writing them took 3.5-16 s of a cold bert-base build on this machine's disk.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,7 @@ from bertforge.runtime import feeds_for, mask_rows, open_session
 from bertforge.validation.config import ValidationConfig
 from bertforge.validation.corpus import (
     PROBE_TOP_K,
+    MaskedExample,
     Truncation,
     batches,
     corpus_digest,
@@ -34,83 +42,147 @@ from bertforge.validation.corpus import (
 from bertforge.validation.metrics import Accumulator, ReferenceStats, top_k
 
 
+@dataclass
+class Corpus:
+    """The validation corpus masked and sorted by length (less padding per batch), cut into shards."""
+
+    examples: list[MaskedExample]
+    truncation: Truncation
+    pad_id: int
+    per_shard: int  # sentences a shard
+
+    @classmethod
+    def of(cls, checkpoint: Path, config: ValidationConfig) -> Corpus:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        truncation = Truncation()
+        examples = validation_examples(Path(checkpoint), tokenizer, config, truncation)
+        examples.sort(key=lambda e: len(e.input_ids))
+        return cls(examples, truncation, tokenizer.pad_token_id or 0, config.batch_size * config.shard_batches)
+
+    def shards(self) -> list[list[MaskedExample]]:
+        return [self.examples[start:start + self.per_shard] for start in range(0, len(self.examples), self.per_shard)]
+
+    def record(self, config: ValidationConfig) -> dict[str, Any]:
+        """report.json's `corpus`."""
+        return {"source": config.corpus, "digest": corpus_digest(config.corpus), "sentences": len(self.examples),
+                "seed": config.seed, "mask_fraction": config.mask_fraction, "max_sentences": config.max_sentences,
+                "batch_size": config.batch_size,
+                "masked_positions": int(sum(len(e.masked_positions) for e in self.examples)),
+                **self.truncation.as_dict()}
+
+
+@dataclass
+class ShardResult:
+    """One or more shards' per-position columns: the reference's statistics and each variant's metrics,
+    with the probes' answers where the first shard is among them."""
+
+    reference: ReferenceStats = field(default_factory=ReferenceStats)
+    variants: dict[str, Accumulator] = field(default_factory=dict)
+    reference_probes: dict[str, Any] = field(default_factory=dict)
+    answers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    missing_head: bool = False  # the checkpoint has no MLM head of its own (load_reference)
+
+    def extend(self, later: ShardResult) -> None:
+        """`later`'s positions after this one's: shards merged in corpus order give one pass's columns."""
+        self.reference.extend(later.reference)
+        for name, accumulator in later.variants.items():
+            self.variants.setdefault(name, Accumulator()).extend(accumulator)
+        self.reference_probes = self.reference_probes or later.reference_probes
+        self.missing_head = self.missing_head or later.missing_head
+        for name, found in later.answers.items():
+            self.answers.setdefault(name, found)
+
+    def summary(self, corpus: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "corpus": corpus,
+            "reference": {**self.reference.summary(), "mlm_head_missing_from_checkpoint": self.missing_head,
+                          "probes": self.reference_probes},
+            "variants": {name: {**accumulator.summary(), "probes": self.answers.get(name, {})}
+                         for name, accumulator in self.variants.items()},
+        }
+
+
+class Reference:
+    """The PyTorch reference and what a shard needs beside it: the masker, the probes, the pad id."""
+
+    def __init__(self, checkpoint: Path, config: ValidationConfig):
+        from transformers import AutoTokenizer
+
+        from bertforge.exporter.export import load_reference
+
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        model, self.missing_head = load_reference(checkpoint)
+        self.model = with_onednn_linears(model)
+        self.masker = MaskText.from_transformers(tokenizer)
+        self.probes = probe_texts(config.probes, tokenizer.mask_token)
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.batch_size = config.batch_size
+
+    def release(self) -> None:
+        self.model = None
+        release_freed_memory()
+
+
 def run_validation(checkpoint: Path, variants: dict[str, Path], config: ValidationConfig,
                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Every shard in this process, one after another: the reference loaded once."""
     with reused_large_buffers():  # a logits array a batch: reused heap pages, not fresh mappings (memory.py)
-        return _run_validation(checkpoint, variants, config, progress)
+        corpus = Corpus.of(checkpoint, config)
+        shards = corpus.shards()
+        total = len(corpus.examples) * (1 + len(variants))  # sentence passes: the reference's, then each variant's
+        done = [0]
+
+        def count(sentences: int) -> None:
+            done[0] += sentences
+            if progress:
+                progress(done[0], total)
+
+        reference = Reference(checkpoint, config)
+        merged = ShardResult()
+        for index, shard in enumerate(shards):
+            merged.extend(validate_shard(reference, variants, shard, first=index == 0,
+                                         last=index == len(shards) - 1, count=count))
+        return merged.summary(corpus.record(config))
 
 
-def _run_validation(checkpoint: Path, variants: dict[str, Path], config: ValidationConfig,
-                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def validate_shard(reference: Reference, variants: dict[str, Path], examples: Sequence[MaskedExample],
+                   first: bool, last: bool, count: Callable[[int], None] = lambda n: None) -> ShardResult:
+    """The reference's logits at one shard's [MASK] positions, then every variant's against them; with
+    `first`, the probes' answers too; with `last`, the reference is released before the variants run.
+    The shard's batches are built here and dropped on return: their arrays never all exist at once."""
     import torch
-    from transformers import AutoTokenizer
 
-    from bertforge.exporter.export import load_reference
-
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    truncation = Truncation()
-    examples = validation_examples(Path(checkpoint), tokenizer, config, truncation)
-    examples.sort(key=lambda e: len(e.input_ids))  # less padding per batch
-    pad_id = tokenizer.pad_token_id or 0
-    # each shard's batches are built when it starts and dropped with it: their arrays never all exist at once
-    per_shard = config.batch_size * config.shard_batches
-    total = len(examples) * (1 + len(variants))  # sentence passes: the reference's, then each variant's
-    done = 0
-    reference_stats = ReferenceStats()
-    model, missing_head = load_reference(checkpoint)
-    model = with_onednn_linears(model)
-    masker = MaskText.from_transformers(tokenizer)
-    texts = probe_texts(config.probes, tokenizer.mask_token)
-    reference_probes = {text: compact(torch_predictions(model, masker, text)) for text in texts}
-    accumulators = {name: Accumulator() for name in variants}
-    answers: dict[str, dict[str, Any]] = {}
-    # Shard by shard (contiguous runs of the length-sorted batches): the reference's logits at the
-    # [MASK] positions of one shard, then every variant's over the same shard, accumulated and dropped.
-    # Memory holds one shard's logits whatever the corpus's size; the metrics are the same floats in
-    # the same order as in one pass, so the report does not depend on the shard size.
-    for start in range(0, len(examples), per_shard):
-        shard = list(batches(examples[start:start + per_shard], config.batch_size, pad_id=pad_id))
-        masked_reference = []
-        for batch in shard:
-            rows, cols, truth = batch.masked_index()
-            with torch.no_grad():  # the MLM head at the [MASK] rows only: the rest of the logits go unread
-                hidden = model.bert(input_ids=torch.from_numpy(batch.input_ids),
-                                    attention_mask=torch.from_numpy(batch.attention_mask),
-                                    token_type_ids=torch.from_numpy(batch.token_type_ids))[0]
-                masked_reference.append(model.cls(hidden[torch.from_numpy(rows), torch.from_numpy(cols)]).numpy())
-            del hidden
-            reference_stats.add(masked_reference[-1], truth)
-            done += len(batch.examples)
-            if progress:
-                progress(done, total)
-        reference_tops = [top_k(logits) for logits in masked_reference]  # once, not once per variant
-        if start + per_shard >= len(examples):
-            model = None  # the last shard: the reference is done, its memory goes before the variants run
-            release_freed_memory()
-        for name, path in variants.items():
-            if start == 0:  # each variant's answers to the probes, once
-                answers[name] = validate_shard(name, path, shard, masked_reference, reference_tops,
-                                               accumulators[name], masker, texts)
-            else:
-                validate_shard(name, path, shard, masked_reference, reference_tops, accumulators[name])
-            release_freed_memory()  # the variant's session is closed; the next one starts from a low RSS
-            done += sum(len(batch.examples) for batch in shard)
-            if progress:
-                progress(done, total)
-        del masked_reference, reference_tops
-        release_freed_memory()
-    summaries = {name: {**accumulator.summary(), "probes": answers.get(name, {})}
-                 for name, accumulator in accumulators.items()}
-    return {
-        "corpus": {"source": config.corpus, "digest": corpus_digest(config.corpus), "sentences": len(examples),
-                   "seed": config.seed, "mask_fraction": config.mask_fraction, "max_sentences": config.max_sentences,
-                   "batch_size": config.batch_size,
-                   "masked_positions": int(sum(len(e.masked_positions) for e in examples)),
-                   **truncation.as_dict()},
-        "reference": {**reference_stats.summary(), "mlm_head_missing_from_checkpoint": missing_head,
-                      "probes": reference_probes},
-        "variants": summaries,
-    }
+    result = ShardResult(variants={name: Accumulator() for name in variants}, missing_head=reference.missing_head)
+    if first:  # the reference's answers to the probes, once
+        result.reference_probes = {text: compact(torch_predictions(reference.model, reference.masker, text))
+                                   for text in reference.probes}
+    shard = list(batches(list(examples), reference.batch_size, pad_id=reference.pad_id))
+    masked_reference = []
+    for batch in shard:
+        rows, cols, truth = batch.masked_index()
+        with torch.no_grad():  # the MLM head at the [MASK] rows only: the rest of the logits go unread
+            hidden = reference.model.bert(input_ids=torch.from_numpy(batch.input_ids),
+                                          attention_mask=torch.from_numpy(batch.attention_mask),
+                                          token_type_ids=torch.from_numpy(batch.token_type_ids))[0]
+            masked_reference.append(reference.model.cls(hidden[torch.from_numpy(rows), torch.from_numpy(cols)]).numpy())
+        del hidden
+        result.reference.add(masked_reference[-1], truth)
+        count(len(batch.examples))
+    reference_tops = [top_k(logits) for logits in masked_reference]  # once, not once per variant
+    if last:  # the reference is done: its memory goes before the variants run
+        reference.release()
+    for name, path in variants.items():
+        answers = variant_on_shard(name, path, shard, masked_reference, reference_tops, result.variants[name],
+                                   reference.masker if first else None, reference.probes)
+        if first:
+            result.answers[name] = answers
+        release_freed_memory()  # the variant's session is closed; the next one starts from a low RSS
+        count(len(examples))
+    del masked_reference, reference_tops
+    release_freed_memory()
+    return result
 
 
 def with_onednn_linears(model):
@@ -146,11 +218,11 @@ def compact(predictions: list[list[Prediction]]) -> list[list[list[Any]]]:
     return [[[p.token_str, round(p.score, 6)] for p in found] for found in predictions]
 
 
-def validate_shard(name: str, path: Path, shard: list, masked_reference: list[np.ndarray],
-                   reference_tops: list[np.ndarray], accumulator: Accumulator, masker: MaskText | None = None,
-                   probes: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def variant_on_shard(name: str, path: Path, shard: list, masked_reference: list[np.ndarray],
+                     reference_tops: list[np.ndarray], accumulator: Accumulator, masker: MaskText | None = None,
+                     probes: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """One variant over one shard's batches against their stored reference, added to `accumulator`;
-    then its answers to `probes`, returned. Its session is released on return."""
+    then its answers to `probes` (with `masker`), returned. Its session is released on return."""
     # the only session open while it runs, so its threads may spin between ops (about 10% faster on
     # bert-base here); no arena, so it does not keep its largest batch's buffers
     session = open_session(path, spinning=True, arena=False)

@@ -1,0 +1,318 @@
+"""`--executor ray`: a build's stages, validation shards and latency as Ray tasks.
+
+- Stages: one task a variant, each after its parent's (Ray's own dependency on the parent task's
+  result), so the waves after the export run side by side where the cluster has room (fp32 -> fused,
+  int8-blockwise, int8-weights, int8-auto; fused -> fp16, int8-dynamic, int8-static). A task builds
+  into its machine's cache and returns the entry's key; the driver then takes every entry by key from
+  its own cache or, across machines, from the remote cache (`--remote-cache`), each file verified.
+  Nothing assumes a disk shared between nodes: a cluster of several machines without a remote cache
+  is refused before any work.
+- Validation: one task a shard (validate.py), each running the reference and every variant over its
+  sentences; the driver merges the shards' columns in corpus order, so the report equals the local
+  executor's.
+- Latency: one task, every variant timed together, interleaved, on one node; the report names it.
+
+A task that dies (worker killed, node lost) is run again by Ray (`max_retries`); stages are keyed and
+written atomically, shards are pure, so a rerun changes nothing. Each task takes as many of Ray's CPUs
+as the threads it runs (this machine's physical cores, at most a node's CPUs): on a machine of 2
+cores tasks run one at a time, as the local executor's steps, and fan-out costs only Ray's overhead.
+
+Where int8 numerics and latency depend on the CPU, tasks go to nodes of the driver's CPU class (its
+int8 cache keys and kernel costs are that class's): to nodes started with the custom resource
+`cpu_class_<class>` (`ray start --resources='{"cpu_class_avx2": 1000}'`) where any node has one;
+otherwise anywhere, and a task on a node of another class fails with the one-line reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bertforge.artifact import read_manifest
+from bertforge.crash_log import one_line
+from bertforge.environment import cpu_class, physical_cores
+from bertforge.errors import BertforgeError, StageError, UsageError
+from bertforge.pipeline import VARIANT_PLAN, Built, built_elsewhere, required_variants, run_stage, source_artifact
+from bertforge.progress import Progress
+from bertforge.recipe import Recipe
+from bertforge.sources import ResolvedSource
+from bertforge.validation.config import ValidationConfig
+
+CLASS_RESOURCE = "cpu_class_"  # + a class (environment.cpu_class): a custom resource naming a node's CPU class
+# what a task inherits from the driver's environment (the cache's place and settings, the hub's)
+PASSED_ENV = ("BERTFORGE_", "HF_", "TRANSFORMERS_", "AWS_")
+RETRIES = 3  # reruns of a task whose worker or node died
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What every task needs from the driver."""
+
+    cpu_class: str
+    remote_url: str | None = None
+    remote_readonly: bool = False
+
+
+@dataclass(frozen=True)
+class VariantAt:
+    """A variant as a task finds it: the driver's directory where the task's machine sees it, else
+    the cache entry by stage and key."""
+
+    path: str
+    stage: str
+    key: str
+
+
+# ---- in the task (a Ray worker process) ----
+
+@contextlib.contextmanager
+def in_task(settings: TaskSettings) -> Iterator[None]:
+    """A task's setting: the driver's CPU class checked, the session threads of a local run, the run's
+    remote cache."""
+    from bertforge.remote_cache import session as remote_session
+    from bertforge.remote_cache.session import RemoteCache
+
+    here = cpu_class()
+    if here != settings.cpu_class:
+        raise UsageError(f"Ray node {socket.gethostname()} is CPU class {here}, this build's is {settings.cpu_class} "
+                         f"(its int8 keys and kernel costs are that class's); start nodes with the resource "
+                         f"{CLASS_RESOURCE}<class> so tasks go to their class")
+    import torch
+
+    torch.set_num_threads(physical_cores())  # Ray sets OMP_NUM_THREADS to the task's CPUs; a local run uses the cores
+    remote = RemoteCache(settings.remote_url, settings.remote_readonly) if settings.remote_url else None
+    with remote_session.using(remote):
+        yield
+
+
+def where() -> str:
+    return f"{socket.gethostname()} ({cpu_class()})"
+
+
+def local_source(source: ResolvedSource) -> ResolvedSource:
+    """The checkpoint on this node: the driver's path where it exists here, else the spec resolved here."""
+    if source.path.is_dir():
+        return source
+    from bertforge.sources import resolve
+
+    return resolve(source.spec)
+
+
+def variant_here(variant: VariantAt) -> Path:
+    if (Path(variant.path) / "model.onnx").is_file():
+        return Path(variant.path)
+    return built_elsewhere(variant.stage, variant.key, None).artifact.path
+
+
+def stage_task(settings: TaskSettings, recipe: Recipe, source: ResolvedSource, variant: str, *parent: Built) -> Built:
+    """`variant` into this node's cache, its ancestors from the cache (built by earlier tasks)."""
+    with in_task(settings):
+        root = source_artifact(local_source(source))
+        artifacts = {}
+        for name in required_variants((variant,)):
+            stage, parent_variant, section = VARIANT_PLAN[name]
+            run = run_stage(stage, root if parent_variant is None else artifacts[parent_variant],
+                            getattr(recipe, section))
+            artifacts[name] = run.artifact
+        return Built(run.artifact.key, run.cached, run.seconds, run.rebuilt_because, where())
+
+
+def shard_task(settings: TaskSettings, source: ResolvedSource, variants: dict[str, VariantAt],
+               config: ValidationConfig, examples: list, first: bool):
+    """One validation shard over every variant (validate.validate_shard)."""
+    from bertforge.memory import reused_large_buffers
+    from bertforge.validation.validate import Reference, validate_shard
+
+    with in_task(settings), reused_large_buffers():
+        paths = {name: variant_here(at) for name, at in variants.items()}
+        return validate_shard(Reference(local_source(source).path, config), paths, examples, first=first, last=True)
+
+
+def latency_task(settings: TaskSettings, variants: dict[str, VariantAt], sequence: int, warmup: int,
+                 repeats: int) -> tuple[dict[str, dict], dict[str, Any]]:
+    import bertforge.bench as bench
+    from bertforge.executor import this_machine
+
+    with in_task(settings):
+        paths = {name: variant_here(at) for name, at in variants.items()}
+        return bench.latency(paths, 1, sequence, warmup, repeats), {**this_machine(), "executor": "ray"}
+
+
+# ---- in the driver ----
+
+def placement(nodes: list[dict[str, Any]], build_class: str,
+              address: str = "the cluster") -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The live nodes with CPUs a task of this build may run on, and the resource a task asks for:
+    where any node names its CPU class (resource cpu_class_<class>), only nodes of the build's class;
+    where none does, every node (each task checks its class itself, in_task)."""
+    nodes = [n for n in nodes if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    if not nodes:
+        raise UsageError(f"the Ray cluster at {address} has no node with CPUs to run tasks")
+    if not any(k.startswith(CLASS_RESOURCE) for n in nodes for k in n["Resources"]):
+        return nodes, {}
+    resource = CLASS_RESOURCE + build_class
+    nodes = [n for n in nodes if resource in n["Resources"]]
+    if not nodes:
+        raise UsageError(f"no node of the Ray cluster at {address} has the resource {resource}, this machine's "
+                         "CPU class; this build's int8 keys and kernel costs are that class's")
+    return nodes, {resource: 0.001}
+
+
+def needs_remote_cache(nodes: list[dict[str, Any]], driver_host: str) -> bool:
+    """Whether the nodes and the driver are more than one machine: then only a remote cache carries
+    stage entries between them (no disk is assumed shared)."""
+    return len({n.get("NodeManagerHostname") for n in nodes} | {driver_host}) > 1
+
+def import_ray(local: bool):
+    """Ray, imported; a local instance binds to the loopback only (Ray's own switch, read at import)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if local and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--executor ray needs Ray: pip install 'bertforge[ray]'") from None
+    return ray
+
+
+class RayExecutor:
+    def __init__(self, ray: Any, settings: TaskSettings, nodes: list[dict[str, Any]], resources: dict[str, float],
+                 address: str, progress: Progress) -> None:
+        self.ray, self.settings, self.nodes, self.address, self.progress = ray, settings, nodes, address, progress
+        self.resources = resources
+        # a task takes as many of Ray's CPUs as the threads it runs: this machine's cores, at most a node's
+        self.cpus = min(physical_cores(), *(node["Resources"]["CPU"] for node in nodes))
+
+    @classmethod
+    @contextlib.contextmanager
+    def joined(cls, address: str | None, progress: Progress, remote: tuple[str, bool] | None) -> Iterator[RayExecutor]:
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        ray = import_ray(local=address is None)
+        owned = not ray.is_initialized()
+        if owned:
+            options: dict[str, Any] = {
+                "include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR,
+                "runtime_env": {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}}}
+            try:
+                if address is None:  # a Ray instance of this machine's cores, for this command only
+                    ray.init(address="local", num_cpus=physical_cores(), _node_ip_address="127.0.0.1", **options)
+                else:
+                    ray.init(address=address, **options)
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                raise UsageError(one_line(f"cannot join the Ray cluster at {address or 'a local instance'}",
+                                          exc)) from None
+        try:
+            executor = cls.of_cluster(ray, address or "local", progress, remote)
+            progress.message(f"executor: ray, {executor.summary()}")
+            yield executor
+        finally:
+            if owned:
+                ray.shutdown()
+
+    @classmethod
+    def of_cluster(cls, ray: Any, address: str, progress: Progress, remote: tuple[str, bool] | None) -> RayExecutor:
+        settings = TaskSettings(cpu_class(), *(remote or (None, False)))
+        nodes, resources = placement(ray.nodes(), settings.cpu_class, address)
+        if needs_remote_cache(nodes, socket.gethostname()) and settings.remote_url is None:
+            hosts = sorted({n.get("NodeManagerHostname") or "?" for n in nodes} | {socket.gethostname()})
+            raise UsageError(f"the Ray cluster spans machines ({', '.join(hosts)}): its tasks share stage entries "
+                             "through a remote cache; add --remote-cache URL")
+        return cls(ray, settings, nodes, resources, address, progress)
+
+    def summary(self) -> str:
+        placement = (f"tasks on nodes with {next(iter(self.resources))}" if self.resources
+                     else f"tasks on any node, each checking it is {self.settings.cpu_class}")
+        return (f"{len(self.nodes)} node{'s' * (len(self.nodes) != 1)} ({self.address}), {self.cpus:g} CPUs a task, "
+                f"{placement}")
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "ray", "address": self.address, "nodes": len(self.nodes), "cpus_per_task": self.cpus,
+                "cpu_class": self.settings.cpu_class}
+
+    def remote(self, function: Callable[..., Any], name: str) -> Any:
+        return self.ray.remote(function).options(num_cpus=self.cpus, resources=self.resources,
+                                                 max_retries=RETRIES, retry_exceptions=False, name=name)
+
+    def results(self, refs: list[Any], done: Callable[[int, Any], None] = lambda index, value: None) -> list[Any]:
+        """Each task's result in `refs`' order, `done` called as each arrives; a task's error raised here as
+        its own (a bertforge error keeps its exit code), a worker that died past its retries as a StageError."""
+        ray = self.ray
+        index_of = {ref: index for index, ref in enumerate(refs)}
+        found: dict[int, Any] = {}
+        pending = list(refs)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                index = index_of[ready[0]]
+                found[index] = ray.get(ready[0])
+                done(index, found[index])
+        except ray.exceptions.RayTaskError as exc:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            cause = exc.cause
+            if isinstance(cause, BertforgeError):
+                raise cause from None
+            raise StageError(one_line("a Ray task", cause)) from None
+        except ray.exceptions.RayError as exc:
+            raise StageError(one_line(f"a Ray task failed {RETRIES + 1} times", exc)) from None
+        return [found[index] for index in range(len(refs))]
+
+    def build_stages(self, recipe: Recipe, source: ResolvedSource, progress: Progress) -> dict[str, Built]:
+        needed = required_variants(recipe.variants)
+        refs: dict[str, Any] = {}
+        for variant in needed:
+            parent = VARIANT_PLAN[variant][1]
+            refs[variant] = self.remote(stage_task, f"bertforge-stage-{variant}").remote(
+                self.settings, recipe, source, variant, *([refs[parent]] if parent else []))
+        built: dict[str, Built] = {}
+
+        def done(index: int, result: Built) -> None:
+            built[needed[index]] = result
+            progress.update(f"{len(built)}/{len(needed)}: {needed[index]} "
+                            f"{'cached' if result.cached else f'built in {result.seconds:.1f} s'} on {result.where}")
+
+        with progress.step("stages on ray") as info:
+            self.results([refs[v] for v in needed], done)
+            fresh = sum(not b.cached for b in built.values())
+            info["note"] = f"{fresh} built, {len(built) - fresh} cached"
+        return built
+
+    def located(self, variants: dict[str, Path]) -> dict[str, VariantAt]:
+        found = {}
+        for name, path in variants.items():
+            manifest = read_manifest(path)
+            found[name] = VariantAt(str(Path(path).resolve()), manifest["stage"], manifest["key"])
+        return found
+
+    def validate(self, source: ResolvedSource, variants: dict[str, Path], config: ValidationConfig,
+                 progress: Callable[[int, int], None]) -> dict[str, Any]:
+        from bertforge.validation.validate import Corpus, ShardResult
+
+        corpus = Corpus.of(source.path, config)
+        shards = corpus.shards()
+        at = self.located(variants)
+        refs = [self.remote(shard_task, f"bertforge-validation-shard-{index}").remote(
+            self.settings, source, at, config, shard, index == 0) for index, shard in enumerate(shards)]
+        total = len(corpus.examples) * (1 + len(variants))
+        finished = [0]
+
+        def done(index: int, result: Any) -> None:
+            finished[0] += len(shards[index]) * (1 + len(variants))
+            progress(finished[0], total)
+
+        merged = ShardResult()
+        for result in self.results(refs, done):  # in corpus order: the columns of one pass
+            merged.extend(result)
+        return merged.summary(corpus.record(config))
+
+    def latency(self, variants: dict[str, Path], sequence: int, warmup: int,
+                repeats: int) -> tuple[dict[str, dict], dict[str, Any]]:
+        task = self.remote(latency_task, "bertforge-latency")
+        return self.results([task.remote(self.settings, self.located(variants), sequence, warmup, repeats)])[0]

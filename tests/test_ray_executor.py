@@ -1,0 +1,101 @@
+"""`--executor ray` on a real Ray cluster of two worker nodes started by the tests (conftest.ray_cluster):
+stages built as tasks, validation shards merged to the local executor's metrics, a worker killed
+mid-validation, placement by CPU class (issue "Past one machine, part 1")."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+
+from bertforge.cli import main
+from conftest import kill_a_task, make_tiny_checkpoint, report_metrics
+
+pytest.importorskip("ray")
+
+
+def test_a_ray_build_builds_its_stages_on_the_workers_and_reports_the_local_executors_metrics(
+        ray_cluster, tmp_path, capsys):
+    checkpoint = make_tiny_checkpoint(tmp_path / "checkpoint", seed=5)  # its stages are in no cache yet
+    out = tmp_path / "out"
+    code = main(["build", "--model", str(checkpoint), "--out", str(out),
+                 "--variants", "fp32,fp16,int8-dynamic,int8-auto", "--max-sentences", "160",
+                 "--executor", "ray", "--ray-address", ray_cluster.address,
+                 "--progress", "plain"])
+    assert code == 0
+    printed = capsys.readouterr().err
+    assert "executor: ray, 2 nodes" in printed and "stages on ray" in printed
+    assert "5 built, 0 cached" in printed  # fp32, fused, fp16, int8-dynamic, int8-auto: every stage ran in a task
+    report = json.loads((out / "report.json").read_text())
+    assert report["executor"]["kind"] == "ray" and report["executor"]["nodes"] == 2
+    assert report["executor"]["latency_measured_on"]["cpu_class"] == report["machine"]["cpu_class"]
+    assert "timed on" in (out / "report.md").read_text()
+    from_ray = report_metrics(out)
+    local = tmp_path / "local"
+    shutil.copytree(out, local)
+    assert main(["validate", str(local), "--no-latency", "-q"]) == 0  # the local executor, measured again
+    assert json.loads((local / "report.json").read_text())["executor"]["kind"] == "local"
+    assert report_metrics(local) == from_ray
+
+
+def test_a_worker_killed_mid_validation_changes_nothing(ray_cluster, tiny_checkpoint, tmp_path):
+    from bertforge.api import validate_existing
+    from bertforge.pipeline import recorded_recipe
+    from bertforge.recipe import Recipe
+
+    out = tmp_path / "out"
+    assert main(["build", "--model", str(tiny_checkpoint), "--out", str(out), "--variants", "fp32,int8-dynamic",
+                 "--no-latency", "-q"]) == 0
+    local = report_metrics(out)
+    recipe = Recipe.model_validate(recorded_recipe(out))
+    recipe = recipe.model_copy(update={"validation": recipe.validation.model_copy(update={"shard_batches": 1})})
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_a_task, args=("bertforge-validation-shard", killed, stop))
+    killer.start()
+    try:
+        outcome = validate_existing(out, recipe, executor="ray", ray_address=ray_cluster.address)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no validation shard was seen running, so none was killed"
+    assert outcome.exit_code == 0
+    assert report_metrics(out) == local  # 27 shards of one batch, one of them run twice, merged as one pass
+
+
+def test_tasks_go_to_nodes_of_the_builds_cpu_class():
+    from bertforge.errors import UsageError
+    from bertforge.ray_executor import placement
+
+    def node(cpus: float, *classes: str, host: str = "a") -> dict:
+        return {"Alive": True, "NodeManagerHostname": host,
+                "Resources": {"CPU": cpus, **{f"cpu_class_{c}": 100.0 for c in classes}}}
+
+    nodes, resources = placement([node(0), node(2, "avx2"), node(4, "amx")], "amx")
+    assert resources == {"cpu_class_amx": 0.001} and [n["Resources"]["CPU"] for n in nodes] == [4]
+    nodes, resources = placement([node(0), node(2), node(4)], "amx")  # no node names a class: checked in each task
+    assert resources == {} and len(nodes) == 2
+    with pytest.raises(UsageError, match="cpu_class_avx512-vnni"):
+        placement([node(2, "avx2")], "avx512-vnni")
+
+
+def test_a_task_on_a_node_of_another_cpu_class_refuses_to_run():
+    from bertforge.errors import UsageError
+    from bertforge.ray_executor import TaskSettings, in_task
+
+    with pytest.raises(UsageError, match="CPU class"), in_task(TaskSettings("a-class-no-cpu-has")):
+        pass
+
+
+def test_a_cluster_across_machines_needs_a_remote_cache():
+    from bertforge.ray_executor import needs_remote_cache
+
+    assert not needs_remote_cache([{"NodeManagerHostname": "here"}], "here")
+    assert needs_remote_cache([{"NodeManagerHostname": "here"}, {"NodeManagerHostname": "there"}], "here")
+
+
+def test_a_ray_address_without_the_ray_executor_is_refused(tmp_path, capsys):
+    assert main(["build", "--model", "demo", "--out", str(tmp_path / "o"), "--ray-address", "127.0.0.1:1"]) == 2
+    assert "--ray-address is for --executor ray" in capsys.readouterr().err
