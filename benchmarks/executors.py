@@ -1,14 +1,15 @@
 """Cold builds with the local executor and with `--executor ray`, interleaved: the measurement behind
 docs/SCALING.md.
 
-    python benchmarks/executors.py [--model synthetic:bert-base-uncased] [--rounds 1] [--json FILE] [-- BUILD FLAGS]
+    python benchmarks/executors.py [--model synthetic:bert-base-uncased] [--rounds 1] [--ray-first] [--json FILE]
+                                   [-- BUILD FLAGS]
 
-Each round runs `bertforge build` once per executor (local first, then ray; the next round the other
-way round), each from an empty cache of its own, under /usr/bin/time -v where it exists (peak RSS),
-with --progress jsonl. Printed and, with --json, written: wall time, peak RSS, every progress step's
-seconds (the stages, validation, latency), each variant's stage seconds from report.json, and whether
-the two executors' metrics are equal. The checkpoint is resolved once, before the first round, so a
-synthetic model's weights are generated once and not timed.
+Each round runs `bertforge build` once per executor (local first, then ray, or ray first with
+--ray-first; the next round the other way round), each from an empty cache of its own, under
+/usr/bin/time -v where it exists (peak RSS), with --progress jsonl. Printed and, with --json, written:
+wall time, peak RSS, every progress step's seconds (the stages, validation, latency), each variant's
+stage seconds from report.json, and the variants whose metrics differ between the runs. The
+checkpoint is resolved once, before the first round: a synthetic model's weights are not timed.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def main() -> int:
     parser.add_argument("--model", default="synthetic:bert-base-uncased")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--ray-first", action="store_true", help="start each pair with the Ray build")
     parser.add_argument("extra", nargs="*", help="more build flags, after --")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bertforge-executors-"))
@@ -68,7 +70,7 @@ def main() -> int:
                               text=True, env=env, check=True).stdout.strip().splitlines()[-1]
     runs = []
     for index in range(args.rounds):
-        order = ("local", "ray") if index % 2 == 0 else ("ray", "local")
+        order = ("local", "ray") if (index + args.ray_first) % 2 == 0 else ("ray", "local")
         for executor in order:
             runs.append(build(resolved, executor, work, args.extra))
             print(f"round {index + 1}: {executor} {runs[-1]['wall_s']} s, {runs[-1]['peak_rss_gb']} GB", flush=True)

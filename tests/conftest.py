@@ -162,6 +162,29 @@ def kill_a_task(prefix: str, killed: list[int], stop: threading.Event) -> None:
         time.sleep(0.02)
 
 
+def validate_on_ray_killing_a_shard(out: Path, address: str, shard_batches: int):
+    """`validate` of a build directory on the Ray cluster at `address`, its recorded recipe with
+    `shard_batches` batches a shard and no latency, while a thread SIGKILLs the first validation task it
+    sees running; returns the outcome and the killed pids (empty: none was seen)."""
+    from bertforge.api import validate_existing
+    from bertforge.pipeline import recorded_recipe
+    from bertforge.recipe import Recipe
+
+    recipe = Recipe.model_validate(recorded_recipe(out))
+    recipe = recipe.model_copy(update={
+        "validation": recipe.validation.model_copy(update={"shard_batches": shard_batches}),
+        "bench": recipe.bench.model_copy(update={"enabled": False})})
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_a_task, args=("bertforge-validation-shard", killed, stop))
+    killer.start()
+    try:
+        return validate_existing(out, recipe, executor="ray", ray_address=address), killed
+    finally:
+        stop.set()
+        killer.join()
+
+
 def report_metrics(out: Path) -> dict:
     """What validation measured, from a build's report.json: every metric, probe answer and corpus count."""
     report = json.loads((out / "report.json").read_text())

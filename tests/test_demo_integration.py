@@ -27,28 +27,12 @@ def test_demo_on_ray_with_a_worker_killed_mid_validation_gives_the_local_executo
     """The demo's variants validated as 7 Ray tasks on two worker nodes, one killed while it runs:
     the report's metrics are the local executor's (one shard, this process) to the last bit."""
     import shutil
-    import threading
 
-    from bertforge.api import validate_existing
-    from bertforge.pipeline import recorded_recipe
-    from bertforge.recipe import Recipe
-    from conftest import kill_a_task, report_metrics
+    from conftest import report_metrics, validate_on_ray_killing_a_shard
 
     out = tmp_path / "out"
     shutil.copytree(demo_build, out)
-    recipe = Recipe.model_validate(recorded_recipe(out))
-    recipe = recipe.model_copy(update={
-        "validation": recipe.validation.model_copy(update={"shard_batches": 4}),  # 431 sentences: 7 shards
-        "bench": recipe.bench.model_copy(update={"enabled": False})})
-    killed: list[int] = []
-    stop = threading.Event()
-    killer = threading.Thread(target=kill_a_task, args=("bertforge-validation-shard", killed, stop))
-    killer.start()
-    try:
-        outcome = validate_existing(out, recipe, executor="ray", ray_address=ray_cluster.address)
-    finally:
-        stop.set()
-        killer.join()
+    outcome, killed = validate_on_ray_killing_a_shard(out, ray_cluster.address, shard_batches=4)  # 7 shards
     assert killed and outcome.exit_code == 0
     assert json.loads((out / "report.json").read_text())["executor"]["nodes"] == 2
     assert report_metrics(out) == report_metrics(demo_build)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 
 import pytest
 
 from bertforge.cli import main
-from conftest import kill_a_task, make_tiny_checkpoint, report_metrics
+from conftest import make_tiny_checkpoint, report_metrics, validate_on_ray_killing_a_shard
 
 pytest.importorskip("ray")
 
@@ -41,25 +40,11 @@ def test_a_ray_build_builds_its_stages_on_the_workers_and_reports_the_local_exec
 
 
 def test_a_worker_killed_mid_validation_changes_nothing(ray_cluster, tiny_checkpoint, tmp_path):
-    from bertforge.api import validate_existing
-    from bertforge.pipeline import recorded_recipe
-    from bertforge.recipe import Recipe
-
     out = tmp_path / "out"
     assert main(["build", "--model", str(tiny_checkpoint), "--out", str(out), "--variants", "fp32,int8-dynamic",
                  "--no-latency", "-q"]) == 0
     local = report_metrics(out)
-    recipe = Recipe.model_validate(recorded_recipe(out))
-    recipe = recipe.model_copy(update={"validation": recipe.validation.model_copy(update={"shard_batches": 1})})
-    killed: list[int] = []
-    stop = threading.Event()
-    killer = threading.Thread(target=kill_a_task, args=("bertforge-validation-shard", killed, stop))
-    killer.start()
-    try:
-        outcome = validate_existing(out, recipe, executor="ray", ray_address=ray_cluster.address)
-    finally:
-        stop.set()
-        killer.join()
+    outcome, killed = validate_on_ray_killing_a_shard(out, ray_cluster.address, shard_batches=1)
     assert killed, "no validation shard was seen running, so none was killed"
     assert outcome.exit_code == 0
     assert report_metrics(out) == local  # 27 shards of one batch, one of them run twice, merged as one pass
@@ -99,3 +84,22 @@ def test_a_cluster_across_machines_needs_a_remote_cache():
 def test_a_ray_address_without_the_ray_executor_is_refused(tmp_path, capsys):
     assert main(["build", "--model", "demo", "--out", str(tmp_path / "o"), "--ray-address", "127.0.0.1:1"]) == 2
     assert "--ray-address is for --executor ray" in capsys.readouterr().err
+
+
+def test_without_an_address_a_build_starts_a_ray_instance_of_its_own_on_the_loopback(tmp_path):
+    """A fresh interpreter (Ray's loopback switch is read at its import), no cluster given: the build
+    starts a local instance for itself and stops it."""
+    import os
+    import subprocess
+    import sys
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "checkpoint")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    done = subprocess.run([sys.executable, "-m", "bertforge", "build", "--model", str(checkpoint), "--out",
+                           str(tmp_path / "out"), "--variants", "fp32", "--max-sentences", "20", "--no-latency",
+                           "--executor", "ray", "--progress", "plain"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "executor: ray, 1 node (local)" in done.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["executor"]["kind"] == "ray" and report["executor"]["address"] == "local"

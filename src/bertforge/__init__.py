@@ -23,13 +23,15 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 
 def build(out, recipe=None, *, model: str | None = None, variants: list[str] | None = None,
           progress: str = "quiet", remote_cache: str | None = None, remote_cache_readonly: bool | None = None,
-          **sections):
+          executor: str | None = None, ray_address: str | None = None, **sections):
     """Build, validate and report every variant of a model into `out`, like `bertforge build`.
 
     recipe: a YAML path, a `bertforge.recipe.Recipe`, or None (the defaults); `model`, `variants` and
     any recipe section given as a keyword (e.g. `int8_auto={"target": {"top1_min": 0.97}}`) override
     it. `remote_cache`: an fsspec URL of a shared stage cache (default $BERTFORGE_REMOTE_CACHE), only read
-    with `remote_cache_readonly`. Returns `bertforge.api.Outcome` (exit_code as the CLI's, the report
+    with `remote_cache_readonly`. `executor="ray"` runs the stages, validation shards and latency as Ray
+    tasks, on the cluster at `ray_address` (default $RAY_ADDRESS, else a local instance started for the
+    build; docs/SCALING.md). Returns `bertforge.api.Outcome` (exit_code as the CLI's, the report
     dict, the out path). A bad recipe or input raises `bertforge.errors.UsageError`/`SourceError`; a
     failed gate does not raise: `outcome.exit_code` is 1 and `outcome.report["gates_passed"]` False."""
     from pathlib import Path
@@ -44,14 +46,17 @@ def build(out, recipe=None, *, model: str | None = None, variants: list[str] | N
         recipe = parse_recipe(merged(recipe.model_dump(mode="json", exclude_unset=True), given)) if given else recipe
     else:
         recipe = load_recipe(recipe, overrides)
-    return api.build(recipe, Path(out), Progress(progress), remote_cache, remote_cache_readonly)
+    return api.build(recipe, Path(out), Progress(progress), remote_cache, remote_cache_readonly, executor,
+                     ray_address)
 
 
 def validate(out, recipe=None, *, model: str | None = None, progress: str = "quiet", remote_cache: str | None = None,
-             remote_cache_readonly: bool | None = None, runtime: str = "native"):
+             remote_cache_readonly: bool | None = None, runtime: str = "native", executor: str | None = None,
+             ray_address: str | None = None):
     """Re-validate an existing build directory and rewrite its report, like `bertforge validate`;
     the recipe defaults to the one `out/build.json` recorded; fresh results are published to the remote
-    cache (as in `build`); `runtime="web"` also measures each variant on onnxruntime-web (wasm, in Node).
+    cache (as in `build`); `runtime="web"` also measures each variant on onnxruntime-web (wasm, in Node);
+    `executor`, `ray_address`: as in `build`.
     Returns `bertforge.api.Outcome`."""
     from pathlib import Path
 
@@ -64,7 +69,7 @@ def validate(out, recipe=None, *, model: str | None = None, progress: str = "qui
         recorded = recorded_recipe(Path(out)) if recipe is None else None
         recipe = parse_recipe(recorded) if recorded is not None else load_recipe(recipe)
     return api.validate_existing(Path(out), recipe, Progress(progress), model, remote_cache, remote_cache_readonly,
-                                 runtime)
+                                 runtime, executor, ray_address)
 
 
 def compare(run_a, run_b, *, agreement_tolerance: float = 0.005, latency_tolerance: float = 0.25,

@@ -202,7 +202,10 @@ class RayExecutor:
                 "runtime_env": {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}}}
             try:
                 if address is None:  # a Ray instance of this machine's cores, for this command only
-                    ray.init(address="local", num_cpus=physical_cores(), _node_ip_address="127.0.0.1", **options)
+                    # worker_niceness 0: Ray runs workers at nice 15, so its own daemons and the driver's
+                    # threads take the cores from them whenever they wake; the tasks time kernels and latency
+                    ray.init(address="local", num_cpus=physical_cores(), _node_ip_address="127.0.0.1",
+                             _system_config={"worker_niceness": 0}, **options)
                 else:
                     ray.init(address=address, **options)
             except (ConnectionError, ValueError, RuntimeError) as exc:
