@@ -80,6 +80,13 @@ def cpu_class(flags: set[str] | None = None, machine: str | None = None) -> str:
     return "x86-64"
 
 
+def this_machine() -> dict[str, str]:
+    """The machine a measurement ran on, as the report names it (a Ray build's latency node, too)."""
+    import socket
+
+    return {"host": socket.gethostname(), "cpu_class": cpu_class()}
+
+
 def machine_info() -> dict[str, object]:
     flags = cpu_flags()
     return {

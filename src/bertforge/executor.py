@@ -9,12 +9,11 @@ measured in one process, every variant interleaved, on one machine the report na
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bertforge.environment import cpu_class
+from bertforge.environment import this_machine
 from bertforge.errors import UsageError
 
 if TYPE_CHECKING:  # the CLI reads EXECUTORS: this module stays light
@@ -59,11 +58,6 @@ class LocalExecutor:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "local", **this_machine()}
-
-
-def this_machine() -> dict[str, Any]:
-    """The machine a measurement ran on, as the report names it."""
-    return {"host": socket.gethostname(), "cpu_class": cpu_class()}
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ from typing import Any
 
 from bertforge.artifact import read_manifest
 from bertforge.crash_log import one_line
-from bertforge.environment import cpu_class, physical_cores
+from bertforge.environment import cpu_class, physical_cores, this_machine
 from bertforge.errors import BertforgeError, StageError, UsageError
 from bertforge.pipeline import VARIANT_PLAN, Built, built_elsewhere, required_variants, run_stage, source_artifact
 from bertforge.progress import Progress
@@ -138,7 +138,6 @@ def shard_task(settings: TaskSettings, source: ResolvedSource, variants: dict[st
 def latency_task(settings: TaskSettings, variants: dict[str, VariantAt], sequence: int, warmup: int,
                  repeats: int) -> tuple[dict[str, dict], dict[str, Any]]:
     import bertforge.bench as bench
-    from bertforge.executor import this_machine
 
     with in_task(settings):
         paths = {name: variant_here(at) for name, at in variants.items()}
