@@ -112,15 +112,15 @@ def variant_here(variant: VariantAt) -> Path:
 
 
 def stage_task(settings: TaskSettings, recipe: Recipe, source: ResolvedSource, variant: str, *parent: Built) -> Built:
-    """`variant` into this node's cache, its ancestors from the cache (built by earlier tasks)."""
+    """`variant` into this node's cache, from the source checkpoint or from its parent's entry, taken by
+    the key the parent's task returned (verified, fetched from the remote cache where this node lacks it)."""
     with in_task(settings):
-        root = source_artifact(local_source(source))
-        artifacts = {}
-        for name in required_variants((variant,)):
-            stage, parent_variant, section = VARIANT_PLAN[name]
-            run = run_stage(stage, root if parent_variant is None else artifacts[parent_variant],
-                            getattr(recipe, section))
-            artifacts[name] = run.artifact
+        stage, parent_variant, section = VARIANT_PLAN[variant]
+        if parent_variant is None:
+            built_from = source_artifact(local_source(source))
+        else:
+            built_from = built_elsewhere(VARIANT_PLAN[parent_variant][0], parent[0].key, None).artifact
+        run = run_stage(stage, built_from, getattr(recipe, section))
         return Built(run.artifact.key, run.cached, run.seconds, run.rebuilt_because, where())
 
 
@@ -183,9 +183,8 @@ def import_ray(local: bool):
 
 class RayExecutor:
     def __init__(self, ray: Any, settings: TaskSettings, nodes: list[dict[str, Any]], resources: dict[str, float],
-                 address: str, progress: Progress) -> None:
-        self.ray, self.settings, self.nodes, self.address, self.progress = ray, settings, nodes, address, progress
-        self.resources = resources
+                 address: str) -> None:
+        self.ray, self.settings, self.nodes, self.resources, self.address = ray, settings, nodes, resources, address
         # a task takes as many of Ray's CPUs as the threads it runs: this machine's cores, at most a node's
         self.cpus = min(physical_cores(), *(node["Resources"]["CPU"] for node in nodes))
 
@@ -211,7 +210,7 @@ class RayExecutor:
                 raise UsageError(one_line(f"cannot join the Ray cluster at {address or 'a local instance'}",
                                           exc)) from None
         try:
-            executor = cls.of_cluster(ray, address or "local", progress, remote)
+            executor = cls.of_cluster(ray, address or "local", remote)
             progress.message(f"executor: ray, {executor.summary()}")
             yield executor
         finally:
@@ -219,14 +218,14 @@ class RayExecutor:
                 ray.shutdown()
 
     @classmethod
-    def of_cluster(cls, ray: Any, address: str, progress: Progress, remote: tuple[str, bool] | None) -> RayExecutor:
+    def of_cluster(cls, ray: Any, address: str, remote: tuple[str, bool] | None) -> RayExecutor:
         settings = TaskSettings(cpu_class(), *(remote or (None, False)))
         nodes, resources = placement(ray.nodes(), settings.cpu_class, address)
         if needs_remote_cache(nodes, socket.gethostname()) and settings.remote_url is None:
             hosts = sorted({n.get("NodeManagerHostname") or "?" for n in nodes} | {socket.gethostname()})
             raise UsageError(f"the Ray cluster spans machines ({', '.join(hosts)}): its tasks share stage entries "
                              "through a remote cache; add --remote-cache URL")
-        return cls(ray, settings, nodes, resources, address, progress)
+        return cls(ray, settings, nodes, resources, address)
 
     def summary(self) -> str:
         placement = (f"tasks on nodes with {next(iter(self.resources))}" if self.resources

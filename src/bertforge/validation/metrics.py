@@ -143,6 +143,13 @@ def _extend(values: array, new: np.ndarray) -> None:
     values.frombytes(np.ascontiguousarray(new, dtype=np.float64 if values.typecode == "d" else np.int8).tobytes())
 
 
+def append_columns(columns: Accumulator | ReferenceStats, later: Accumulator | ReferenceStats) -> None:
+    """`later`'s positions after those of `columns` (the same kind), column by column: shards merged in
+    corpus order summarize as one pass."""
+    for column in fields(columns):
+        getattr(columns, column.name).extend(getattr(later, column.name))
+
+
 @dataclass
 class Accumulator:
     """Per-position metrics for one variant, collected over the corpus."""
@@ -176,9 +183,7 @@ class Accumulator:
         _extend(self.truth_hit, var_top[known, 0] == truth[known])
 
     def extend(self, later: Accumulator) -> None:
-        """`later`'s positions after these: one column each, so merged shards summarize as one pass."""
-        for column in fields(self):
-            getattr(self, column.name).extend(getattr(later, column.name))
+        append_columns(self, later)
 
     def summary(self) -> dict[str, float]:
         if not self.max_abs:
@@ -216,8 +221,7 @@ class ReferenceStats:
         _extend(self.truth_hit, top1[known] == truth[known])
 
     def extend(self, later: ReferenceStats) -> None:
-        for column in fields(self):
-            getattr(self, column.name).extend(getattr(later, column.name))
+        append_columns(self, later)
 
     def summary(self) -> dict[str, object]:
         values, counts = np.unique(self.top1, return_counts=True)

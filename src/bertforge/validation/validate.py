@@ -48,7 +48,6 @@ class Corpus:
 
     examples: list[MaskedExample]
     truncation: Truncation
-    pad_id: int
     per_shard: int  # sentences a shard
 
     @classmethod
@@ -59,7 +58,7 @@ class Corpus:
         truncation = Truncation()
         examples = validation_examples(Path(checkpoint), tokenizer, config, truncation)
         examples.sort(key=lambda e: len(e.input_ids))
-        return cls(examples, truncation, tokenizer.pad_token_id or 0, config.batch_size * config.shard_batches)
+        return cls(examples, truncation, config.batch_size * config.shard_batches)
 
     def shards(self) -> list[list[MaskedExample]]:
         return [self.examples[start:start + self.per_shard] for start in range(0, len(self.examples), self.per_shard)]
@@ -82,7 +81,7 @@ class ShardResult:
     variants: dict[str, Accumulator] = field(default_factory=dict)
     reference_probes: dict[str, Any] = field(default_factory=dict)
     answers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    missing_head: bool = False  # the checkpoint has no MLM head of its own (load_reference)
+    missing_head: list[str] = field(default_factory=list)  # the head weights the checkpoint lacks (load_reference)
 
     def extend(self, later: ShardResult) -> None:
         """`later`'s positions after this one's: shards merged in corpus order give one pass's columns."""
