@@ -103,3 +103,16 @@ def test_without_an_address_a_build_starts_a_ray_instance_of_its_own_on_the_loop
     assert "executor: ray, 1 node (local)" in done.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["executor"]["kind"] == "ray" and report["executor"]["address"] == "local"
+
+
+def test_a_ray_address_where_nothing_answers_is_one_line_and_exit_2(tiny_checkpoint, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as unused:  # a loopback port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    out = tmp_path / "out"
+    assert main(["build", "--model", str(tiny_checkpoint), "--out", str(out), "--executor", "ray",
+                 "--ray-address", f"127.0.0.1:{port}", "-q"]) == 2
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in capsys.readouterr().err
+    assert not out.exists()

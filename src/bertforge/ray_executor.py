@@ -170,7 +170,8 @@ def needs_remote_cache(nodes: list[dict[str, Any]], driver_host: str) -> bool:
     return len({n.get("NodeManagerHostname") for n in nodes} | {driver_host}) > 1
 
 def import_ray(local: bool):
-    """Ray, imported; a local instance binds to the loopback only (Ray's own switch, read at import)."""
+    """Ray, imported; with `local` (a local instance, or a cluster on the loopback) Ray keeps to the
+    loopback (its own switch, read at import: otherwise it rewrites 127.0.0.1 to this machine's address)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if local and "ray" not in sys.modules:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -192,7 +193,15 @@ class RayExecutor:
     @contextlib.contextmanager
     def joined(cls, address: str | None, progress: Progress, remote: tuple[str, bool] | None) -> Iterator[RayExecutor]:
         address = address or os.environ.get("RAY_ADDRESS") or None
-        ray = import_ray(local=address is None)
+        host, _, port = (address or "").rpartition(":")
+        if address is not None and port.isdigit():
+            # Ray retries an address where nothing answers for minutes without raising: ask once first
+            try:
+                socket.create_connection((host, int(port)), timeout=10).close()
+            except OSError as exc:
+                raise UsageError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); start its head "
+                                 "with `ray start --head` or give another --ray-address") from None
+        ray = import_ray(local=address is None or host in ("127.0.0.1", "localhost"))
         owned = not ray.is_initialized()
         if owned:
             options: dict[str, Any] = {
