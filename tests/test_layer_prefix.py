@@ -12,7 +12,7 @@ def test_a_plan_runs_from_its_first_changed_layer_with_the_logits_of_its_whole_g
     from bertforge.optimizers.int8_auto.calibration import calibration_split, masked_logits
     from bertforge.optimizers.int8_auto.groups import quant_groups
     from bertforge.optimizers.int8_auto.prefix import HEAD_START
-    from bertforge.optimizers.int8_auto.sensitivity import fp32_values, plan_logits
+    from bertforge.optimizers.int8_auto.sensitivity import Reference, fp32_values, plan_logits
     from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 
     model = mha_graph(tiny_variants)
@@ -20,11 +20,18 @@ def test_a_plan_runs_from_its_first_changed_layer_with_the_logits_of_its_whole_g
     split = calibration_split(tiny_variants["fp32"], seeds=(7,))
     # one run gives the reference logits, the activation ranges and the prefix
     values = fp32_values(model, groups, split, tmp_path)
-    assert np.abs(values.logits - masked_logits(model, split)).max() < 1e-4
+    # the reference, spilled a batch at a time: the fp32 graph's own, to float32 rounding
+    whole, start = masked_logits(model, split), 0
+    for index, rows in enumerate(split.rows):
+        expected, spilled = Reference.of(whole[start:start + len(rows)]), values.reference.batch(index)
+        start += len(rows)
+        assert spilled.p.shape == (len(rows), 30522)
+        assert np.abs(spilled.p - expected.p).max() < 1e-5 and np.abs(spilled.p_log_p - expected.p_log_p).max() < 1e-3
+    assert start == split.positions
     weights = QuantizedWeights(activation_absmax=values.absmax)
     prefix = values.prefix
     assert sorted(prefix.starts) == [0, 1, HEAD_START]
-    assert len(list(tmp_path.glob("*.npy"))) == len(prefix.dtypes) * len(split.feeds)
+    assert len(list((tmp_path / "prefix").glob("*.npy"))) == len(prefix.dtypes) * len(split.feeds)
 
     for plan, start in (({"layer.1.ffn-down": "int8-dynamic"}, 1), ({"layer.0.qkv": "int8-smooth"}, 0),
                         ({"layer.1.attn-out": "int8-blockwise", "head.transform": "int8-dynamic"}, 1),

@@ -233,6 +233,7 @@ def test_each_group_keeps_the_smoothquant_alpha_of_lowest_kl(tiny_variants, tmp_
     from bertforge.optimizers.int8_auto.groups import quant_groups
     from bertforge.optimizers.int8_auto.sensitivity import (
         Reference,
+        SpilledReference,
         agreement,
         fp32_values,
         plan_logits,
@@ -243,11 +244,14 @@ def test_each_group_keeps_the_smoothquant_alpha_of_lowest_kl(tiny_variants, tmp_
     model = mha_graph(tiny_variants)
     groups = quant_groups(model)
     split = calibration_split(tiny_variants["fp32"], seeds=(7,))
-    reference = Reference.of(masked_logits(model, split))
-    absmax = fp32_values(model, groups, split, tmp_path).absmax
+    whole = masked_logits(model, split)
+    reference = Reference.of(whole)
+    absmax = fp32_values(model, groups, split, tmp_path / "fp32").absmax
     weights = QuantizedWeights(activation_absmax=absmax)
     skip = {g.name: {"int8-dynamic", "int8-blockwise"} for g in groups}
-    table = sensitivity_table(model, groups, weights, split, reference, skip=skip, smooth_alphas=(0.3, 0.9))
+    # the table reads the reference a batch at a time; the plans below are measured over all batches at once
+    spilled = SpilledReference.of(tmp_path / "reference", split, whole)
+    table = sensitivity_table(model, groups, weights, split, spilled, skip=skip, smooth_alphas=(0.3, 0.9))
     for row in table:
         chosen = row["int8-smooth"]
         assert weights.alphas[row["group"]] == chosen["alpha"]

@@ -17,7 +17,6 @@ from bertforge.optimizers.int8_auto.groups import (
     quant_groups,
 )
 from bertforge.optimizers.int8_auto.sensitivity import (
-    Reference,
     fp32_values,
     sensitivity_table,
 )
@@ -43,8 +42,8 @@ def analyze(export_dir: Path, config: Int8AutoConfig | None = None,
     split = calibration_split(export_dir, corpus)
     with owned_scratch(cache_root() / "tmp", "sensitivity-") as scratch:
         weight_file = WeightFile.write(model, scratch / "weights")
-        fp32 = fp32_values(model, groups, split, scratch / "prefix", weight_file)
-        reference = Reference.of(fp32.logits)
+        fp32 = fp32_values(model, groups, split, scratch, weight_file)
+        reference = fp32.reference
         weights = QuantizedWeights(block_size=block_size, alpha=alphas[-1], activation_absmax=fp32.absmax,
                                    weight_file=weight_file)
         costs = scheme_costs(model, groups, weights, InputSpec.of(export_dir), weight_file=weight_file)

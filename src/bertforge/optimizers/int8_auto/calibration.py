@@ -14,6 +14,7 @@ the [MASK] positions.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,33 +125,25 @@ def gathered_head(model: onnx.ModelProto) -> onnx.ModelProto:
     return gathered
 
 
-def masked_logits(model: onnx.ModelProto, split: CalibrationSplit, masked_rows_only: bool = False,
-                  prefix: LayerPrefix | None = None, weight_file: WeightFile | None = None,
-                  out: np.ndarray | None = None) -> np.ndarray:
-    """Logits at the split's [MASK] positions. `masked_rows_only`: `model` is a gathered_head graph
-    (exact only where head_reads_masked_rows_only holds for the graph's plan). `prefix`: `model` is a
-    suffix graph reading the prefix's stored values. `weight_file`: the base graph's weight file.
-
-    `out`: a [positions, vocab] array to write them into and return, for a caller comparing many
-    graphs: a fresh array of that size per graph (92 MB on demo) is new memory each time, whose first
-    touch cost int8-auto's search 0.24 s per evaluated graph here, more than demo's suffix runs."""
+def masked_logit_batches(model: onnx.ModelProto, split: CalibrationSplit, masked_rows_only: bool = False,
+                         prefix: LayerPrefix | None = None,
+                         weight_file: WeightFile | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(batch index, its logits at its [MASK] positions), batch after batch. `masked_rows_only`: `model`
+    is a gathered_head graph (exact only where head_reads_masked_rows_only holds for the graph's plan).
+    `prefix`: `model` is a suffix graph reading the prefix's stored values. `weight_file`: the base
+    graph's weight file."""
     session = session_for(model, weight_file=weight_file)
     wanted = [i.name for i in session.get_inputs()]
-    parts = []
-    start = 0
     for index, (feeds, rows, cols) in enumerate(zip(split.feeds, split.rows, split.cols, strict=True)):
         available = {**feeds, GATHER_INDEX: np.stack([rows, cols], axis=1).astype(np.int64)}
         if prefix is not None:
             available.update(prefix.feeds(session, split.batch_id(index)))
         logits = session.run(None, {name: available[name] for name in wanted})[0]
-        logits = logits if masked_rows_only else logits[rows, cols]
-        if out is None:
-            parts.append(logits)
-        else:
-            out[start:start + len(logits)] = logits
-        start += len(logits)
-    if out is None:
-        return np.concatenate(parts)
-    if start != len(out):
-        raise ValueError(f"{start} [MASK] positions for an output of {len(out)} rows")
-    return out
+        yield index, logits if masked_rows_only else logits[rows, cols]
+
+
+def masked_logits(model: onnx.ModelProto, split: CalibrationSplit, masked_rows_only: bool = False,
+                  prefix: LayerPrefix | None = None, weight_file: WeightFile | None = None) -> np.ndarray:
+    """Logits at every [MASK] position of the split, in batch order (masked_logit_batches)."""
+    return np.concatenate([logits for _, logits in masked_logit_batches(model, split, masked_rows_only, prefix,
+                                                                        weight_file)])

@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bertforge.artifact import MODEL_FILE, Artifact, owned_scratch
 from bertforge.cache import cache_root
 from bertforge.cpu_target import int8_target_record
@@ -34,7 +32,7 @@ from bertforge.optimizers.int8_auto.groups import SCHEMES, quant_groups
 from bertforge.optimizers.int8_auto.plans import apply_plan
 from bertforge.optimizers.int8_auto.screen import local_errors, screened_out
 from bertforge.optimizers.int8_auto.search import ordered_moves, search
-from bertforge.optimizers.int8_auto.sensitivity import Reference, agreement, fp32_values, plan_logits, sensitivity_table
+from bertforge.optimizers.int8_auto.sensitivity import fp32_values, plan_agreement, sensitivity_table
 from bertforge.optimizers.int8_auto.weight_file import WeightFile
 from bertforge.optimizers.int8_auto.weights import QuantizedWeights
 from bertforge.progress import report
@@ -69,8 +67,8 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
     with owned_scratch(cache_root() / "tmp", "int8-auto-search-") as scratch:
         report("fp32 reference, activation ranges and layer inputs")
         weight_file = WeightFile.write(model, scratch / "weights")
-        fp32 = fp32_values(model, groups, split, scratch / "prefix", weight_file)
-        reference, prefix = Reference.of(fp32.logits), fp32.prefix
+        fp32 = fp32_values(model, groups, split, scratch, weight_file)
+        reference, prefix = fp32.reference, fp32.prefix
         weights = QuantizedWeights(block_size=config.block_size, activation_absmax=fp32.absmax,
                                    alpha=config.smooth_alphas[-1], outlier_channels=config.outlier_channels,
                                    fp16_embeddings=config.embedding_table == "fp16", weight_file=weight_file,
@@ -78,7 +76,7 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
         # every candidate graph is made from the base graph with its large weights as references into the
         # weight file: copying 440 MB of bert-base weights into each of ~110 plans cost ~20 s
         base = weight_file.referencing(model)
-        table_split, table_positions = split.every(config.sensitivity_stride)
+        table_split, _ = split.every(config.sensitivity_stride)
         errors: dict[str, dict[str, float]] = {}
         screened: dict[str, str] = {}
         if config.screen_schemes and {"int8-dynamic", "int8-smooth"} <= allowed and len(config.smooth_alphas) == 1:
@@ -88,10 +86,9 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
                         if not skip[name] & {"int8-dynamic", "int8-smooth"}}  # both measurable: the screen decides
             for name, scheme in screened.items():
                 skip[name].add(scheme)
-        table = sensitivity_table(base, groups, weights, table_split, reference.at(table_positions),
-                                              skip=skip,
-                                              smooth_alphas=config.smooth_alphas, prefix=prefix,
-                                              weight_file=weight_file, progress=report)
+        table = sensitivity_table(base, groups, weights, table_split, reference, skip=skip,
+                                  smooth_alphas=config.smooth_alphas, prefix=prefix, weight_file=weight_file,
+                                  progress=report)
         kl = {row["group"]: {s: row[s]["kl_mean"] for s in allowed if row.get(s) is not None} for row in table}
         group_costs = {name: {s: ms for s, ms in by_scheme.items() if s == "fp32" or s in kl[name]}
                        for name, by_scheme in group_costs.items()}
@@ -103,11 +100,8 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
         def latency_ratio(plan: dict[str, str]) -> float:
             return (fixed_ms + sum(group_costs[name][plan[name]] for name in names)) / fp32_ms
 
-        buffer = np.empty_like(reference.logits)  # each plan's logits in turn (calibration.masked_logits)
-
         def evaluate(plan: dict[str, str]) -> dict[str, float]:
-            return agreement(reference, plan_logits(base, plan, groups, weights, split,
-                                                                            prefix, weight_file, buffer))
+            return plan_agreement(base, plan, groups, weights, split, reference, prefix, weight_file)
 
         target = {"top1_agreement": config.target.top1_min, "ref_top1_in_top5": config.target.ref_top1_in_top5_min,
                   "kl_mean": config.target.kl_mean_max}
