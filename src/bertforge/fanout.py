@@ -8,8 +8,11 @@ it is given (which pickle, so another process may run it), and the pieces come b
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # (piece, its inputs, how many pieces, called with each finished piece's index) -> the pieces' results, in order
@@ -38,3 +41,27 @@ def spreading(spread: Mapper) -> Iterator[None]:
         yield
     finally:
         _mapper.reset(token)
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A folder of files a stage's pieces read (inputs with a `folder` and a `moved_to(root)`), and how
+    a process elsewhere tells whether it sees it: the token written in it."""
+
+    root: Path
+    token: str
+
+    @classmethod
+    def marked(cls, root: Path) -> Folder:
+        token = uuid.uuid4().hex
+        (Path(root) / TOKEN_FILE).write_text(token)
+        return cls(Path(root), token)
+
+    def visible(self) -> bool:
+        try:
+            return (self.root / TOKEN_FILE).read_text() == self.token
+        except OSError:
+            return False
+
+
+TOKEN_FILE = ".pieces-token"

@@ -38,26 +38,18 @@ from typing import Any
 from bertforge.artifact import read_manifest
 from bertforge.crash_log import one_line
 from bertforge.environment import cpu_class, physical_cores, this_machine
-from bertforge.errors import BertforgeError, StageError, UsageError
+from bertforge.errors import UsageError
+from bertforge.fanout import spreading
 from bertforge.pipeline import VARIANT_PLAN, Built, built_elsewhere, required_variants, run_stage, source_artifact
 from bertforge.progress import Progress
+from bertforge.ray_fanout import spread_on_ray
+from bertforge.ray_tasks import CLASS_RESOURCE, TaskSettings, gathered, in_task, where
 from bertforge.recipe import Recipe
 from bertforge.sources import ResolvedSource
 from bertforge.validation.config import ValidationConfig
 
-CLASS_RESOURCE = "cpu_class_"  # + a class (environment.cpu_class): a custom resource naming a node's CPU class
 # what a task inherits from the driver's environment (the cache's place and settings, the hub's)
 PASSED_ENV = ("BERTFORGE_", "HF_", "TRANSFORMERS_", "AWS_")
-RETRIES = 3  # reruns of a task whose worker or node died
-
-
-@dataclass(frozen=True)
-class TaskSettings:
-    """What every task needs from the driver."""
-
-    cpu_class: str
-    remote_url: str | None = None
-    remote_readonly: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,30 +63,6 @@ class VariantAt:
 
 
 # ---- in the task (a Ray worker process) ----
-
-@contextlib.contextmanager
-def in_task(settings: TaskSettings) -> Iterator[None]:
-    """A task's setting: the driver's CPU class checked, the session threads of a local run, the run's
-    remote cache."""
-    from bertforge.remote_cache import session as remote_session
-    from bertforge.remote_cache.session import RemoteCache
-
-    here = cpu_class()
-    if here != settings.cpu_class:
-        raise UsageError(f"Ray node {socket.gethostname()} is CPU class {here}, this build's is {settings.cpu_class} "
-                         f"(its int8 keys and kernel costs are that class's); start nodes with the resource "
-                         f"{CLASS_RESOURCE}<class> so tasks go to their class")
-    import torch
-
-    torch.set_num_threads(physical_cores())  # Ray sets OMP_NUM_THREADS to the task's CPUs; a local run uses the cores
-    remote = RemoteCache(settings.remote_url, settings.remote_readonly) if settings.remote_url else None
-    with remote_session.using(remote):
-        yield
-
-
-def where() -> str:
-    return f"{socket.gethostname()} ({cpu_class()})"
-
 
 def local_source(source: ResolvedSource) -> ResolvedSource:
     """The checkpoint on this node: the driver's path where it exists here, else the spec resolved here."""
@@ -120,7 +88,8 @@ def stage_task(settings: TaskSettings, recipe: Recipe, source: ResolvedSource, v
             built_from = source_artifact(local_source(source))
         else:
             built_from = built_elsewhere(VARIANT_PLAN[parent_variant][0], parent[0].key, None).artifact
-        run = run_stage(stage, built_from, getattr(recipe, section))
+        with spreading(spread_on_ray(settings)) if settings.spread_pieces else contextlib.nullcontext():
+            run = run_stage(stage, built_from, getattr(recipe, section))  # int8-auto's sensitivity rows: tasks too
         return Built(run.artifact.key, run.cached, run.seconds, run.rebuilt_because, where())
 
 
@@ -183,11 +152,8 @@ def import_ray(local: bool):
 
 
 class RayExecutor:
-    def __init__(self, ray: Any, settings: TaskSettings, nodes: list[dict[str, Any]], resources: dict[str, float],
-                 address: str) -> None:
-        self.ray, self.settings, self.nodes, self.resources, self.address = ray, settings, nodes, resources, address
-        # a task takes as many of Ray's CPUs as the threads it runs: this machine's cores, at most a node's
-        self.cpus = min(physical_cores(), *(node["Resources"]["CPU"] for node in nodes))
+    def __init__(self, ray: Any, settings: TaskSettings, nodes: list[dict[str, Any]], address: str) -> None:
+        self.ray, self.settings, self.nodes, self.address = ray, settings, nodes, address
 
     @classmethod
     @contextlib.contextmanager
@@ -228,51 +194,39 @@ class RayExecutor:
 
     @classmethod
     def of_cluster(cls, ray: Any, address: str, remote: tuple[str, bool] | None) -> RayExecutor:
-        settings = TaskSettings(cpu_class(), *(remote or (None, False)))
-        nodes, resources = placement(ray.nodes(), settings.cpu_class, address)
+        build_class = cpu_class()
+        nodes, resources = placement(ray.nodes(), build_class, address)
+        # a task takes as many of Ray's CPUs as the threads it runs: this machine's cores, at most a node's
+        cpus = min(physical_cores(), *(node["Resources"]["CPU"] for node in nodes))
+        # a stage spreads its pieces where two tasks fit side by side; on one machine of `cpus` cores
+        # they would only queue behind each other, at Ray's cost
+        room = sum(int(node["Resources"]["CPU"] // cpus) for node in nodes)
+        settings = TaskSettings(build_class, *(remote or (None, False)), cpus=cpus, resources=resources,
+                                spread_pieces=room >= 2)
         if needs_remote_cache(nodes, socket.gethostname()) and settings.remote_url is None:
             hosts = sorted({n.get("NodeManagerHostname") or "?" for n in nodes} | {socket.gethostname()})
             raise UsageError(f"the Ray cluster spans machines ({', '.join(hosts)}): its tasks share stage entries "
                              "through a remote cache; add --remote-cache URL")
-        return cls(ray, settings, nodes, resources, address)
+        return cls(ray, settings, nodes, address)
 
     def summary(self) -> str:
-        placement = (f"tasks on nodes with {next(iter(self.resources))}" if self.resources
+        resources, cpus = self.settings.resources, self.settings.cpus
+        placement = (f"tasks on nodes with {next(iter(resources))}" if resources
                      else f"tasks on any node, each checking it is {self.settings.cpu_class}")
-        return (f"{len(self.nodes)} node{'s' * (len(self.nodes) != 1)} ({self.address}), {self.cpus:g} CPUs a task, "
-                f"{placement}")
+        pieces = ("int8-auto's sensitivity rows as tasks" if self.settings.spread_pieces
+                  else "room for one task at a time")
+        return (f"{len(self.nodes)} node{'s' * (len(self.nodes) != 1)} ({self.address}), {cpus:g} CPUs a task, "
+                f"{placement}, {pieces}")
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "ray", "address": self.address, "nodes": len(self.nodes), "cpus_per_task": self.cpus,
-                "cpu_class": self.settings.cpu_class}
+        return {"kind": "ray", "address": self.address, "nodes": len(self.nodes), "cpus_per_task": self.settings.cpus,
+                "cpu_class": self.settings.cpu_class, "sensitivity_rows_spread": self.settings.spread_pieces}
 
     def remote(self, function: Callable[..., Any], name: str) -> Any:
-        return self.ray.remote(function).options(num_cpus=self.cpus, resources=self.resources,
-                                                 max_retries=RETRIES, retry_exceptions=False, name=name)
+        return self.ray.remote(function).options(**self.settings.options(name))
 
     def results(self, refs: list[Any], done: Callable[[int, Any], None] = lambda index, value: None) -> list[Any]:
-        """Each task's result in `refs`' order, `done` called as each arrives; a task's error raised here as
-        its own (a bertforge error keeps its exit code), a worker that died past its retries as a StageError."""
-        ray = self.ray
-        index_of = {ref: index for index, ref in enumerate(refs)}
-        found: dict[int, Any] = {}
-        pending = list(refs)
-        try:
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                index = index_of[ready[0]]
-                found[index] = ray.get(ready[0])
-                done(index, found[index])
-        except ray.exceptions.RayTaskError as exc:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            cause = exc.cause
-            if isinstance(cause, BertforgeError):
-                raise cause from None
-            raise StageError(one_line("a Ray task", cause)) from None
-        except ray.exceptions.RayError as exc:
-            raise StageError(one_line(f"a Ray task failed {RETRIES + 1} times", exc)) from None
-        return [found[index] for index in range(len(refs))]
+        return gathered(self.ray, refs, done)
 
     def build_stages(self, recipe: Recipe, source: ResolvedSource, progress: Progress) -> dict[str, Built]:
         needed = required_variants(recipe.variants)

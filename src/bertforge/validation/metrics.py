@@ -46,16 +46,23 @@ def kl_to(p: np.ndarray, p_log_p: np.ndarray, variant: np.ndarray) -> np.ndarray
     per step made this 12x slower (1.2 s against 0.1 s for demo's 756 x 30,522 calibration logits,
     equal to 1e-13), and the int8-auto search calls it once per evaluated graph.
 
-    A row's value depends on that row alone, however rows are grouped: np.vecdot sums every row the
-    same way at any row count, where einsum took another path for a block of one row (another last
-    bit, so the search, a batch at a time, disagreed with one pass over every position)."""
+    A row's value depends on that row alone, however rows are grouped and on any thread count (the
+    int8-auto search sums them a calibration batch at a time, in Ray tasks too, and must equal one
+    pass over every position): einsum sums a block of two or more rows row by row the same way, but a
+    lone row another way (its last bit), so a lone row is summed as a block of two; np.vecdot calls
+    BLAS, whose dot product splits long rows across threads."""
     if variant.ndim == 2 and len(variant) > ROW_BLOCK:
         return np.concatenate([kl_to(p[i:i + ROW_BLOCK], p_log_p[i:i + ROW_BLOCK], variant[i:i + ROW_BLOCK])
                                for i in range(0, len(variant), ROW_BLOCK)])
     x = variant.astype(np.float64)
     top = x.max(axis=-1, keepdims=True)
     np.subtract(x, top, out=x)
-    expected = np.vecdot(p, x)
+    rows = x.reshape(-1, x.shape[-1])
+    weights = np.asarray(p).reshape(rows.shape)
+    count = len(rows)
+    if count == 1:  # summed as a block of two rows' first (above)
+        rows, weights = np.repeat(rows, 2, axis=0), np.repeat(weights, 2, axis=0)
+    expected = np.einsum("ij,ij->i", weights, rows)[:count].reshape(x.shape[:-1])
     np.exp(x, out=x)
     return p_log_p - (expected - np.log(x.sum(axis=-1)))
 

@@ -193,6 +193,15 @@ class TableInputs:
     alphas: tuple[float, ...]
     prefix: LayerPrefix | None
     weight_file: WeightFile | None
+    folder: fanout.Folder | None = None  # the search's scratch, holding the three folders above
+
+    def moved_to(self, root: Path) -> None:
+        """Read the files from a copy of `folder` at `root` (a row run on another machine: ray_fanout)."""
+        assert self.folder is not None
+        for holder in (self.reference, self.prefix, self.weight_file):
+            if holder is not None:
+                holder.directory = Path(root) / holder.directory.relative_to(self.folder.root)
+        self.folder = None
 
     def __getstate__(self) -> dict[str, Any]:
         # the graph as bytes (protobuf's own pickling copies it field by field); the weights without their
@@ -240,9 +249,10 @@ def sensitivity_table(model: onnx.ModelProto, groups: list[Group], weights: Quan
                       progress: Callable[[str], None] | None = None,
                       smooth_alphas: tuple[float, ...] | None = None,
                       prefix: LayerPrefix | None = None,
-                      weight_file: WeightFile | None = None) -> list[dict[str, Any]]:
+                      weight_file: WeightFile | None = None, scratch: Path | None = None) -> list[dict[str, Any]]:
     """Each group quantized alone under each int8 scheme: agreement with the fp32 reference. The rows
-    are independent: they run where `fanout.mapper()` puts them, and come back in graph order.
+    are independent: they run where `fanout.mapper()` puts them (`scratch`: the folder that holds the
+    reference's, the prefix's and the weight file's, for rows elsewhere), and come back in graph order.
 
     `skip`: {group: schemes not to measure} (int8-auto skips schemes slower than fp32 for a group).
     `smooth_alphas`: int8-smooth is measured at each, and the group keeps the one of lowest KL (in
@@ -250,7 +260,7 @@ def sensitivity_table(model: onnx.ModelProto, groups: list[Group], weights: Quan
     the tied table's top-1 97.9% at 0.5 against 96.6% at 0.8; layer 0's FFN-up 95.8% at 0.8, 93.1% at
     0.5). Default: `weights.alpha` alone."""
     inputs = TableInputs(model, groups, weights, split, reference, skip or {}, smooth_alphas or (weights.alpha,),
-                         prefix, weight_file)
+                         prefix, weight_file, fanout.Folder.marked(scratch) if scratch is not None else None)
     finished = [0]
 
     def done(index: int) -> None:

@@ -88,7 +88,7 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
                 skip[name].add(scheme)
         table = sensitivity_table(base, groups, weights, table_split, reference, skip=skip,
                                   smooth_alphas=config.smooth_alphas, prefix=prefix, weight_file=weight_file,
-                                  progress=report)
+                                  progress=report, scratch=scratch)
         kl = {row["group"]: {s: row[s]["kl_mean"] for s in allowed if row.get(s) is not None} for row in table}
         group_costs = {name: {s: ms for s, ms in by_scheme.items() if s == "fp32" or s in kl[name]}
                        for name, by_scheme in group_costs.items()}

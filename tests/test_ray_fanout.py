@@ -1,0 +1,100 @@
+"""int8-auto's sensitivity rows as Ray tasks (ray_fanout.py) on the tests' real two-node cluster
+(conftest.ray_cluster): the same table as rows run in order, whether a task reads the search's scratch
+in place or, where it cannot see it, a copy shipped through Ray's object store; a row's worker killed
+mid-build changes nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+
+from conftest import kill_a_task, make_tiny_checkpoint
+from test_smooth_quant import mha_graph
+
+pytest.importorskip("ray")
+
+
+def table_inputs(tiny_variants, scratch):
+    from bertforge.fanout import Folder
+    from bertforge.optimizers.int8_auto.calibration import calibration_split
+    from bertforge.optimizers.int8_auto.groups import quant_groups
+    from bertforge.optimizers.int8_auto.sensitivity import TableInputs, fp32_values
+    from bertforge.optimizers.int8_auto.weight_file import WeightFile
+    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
+
+    model = mha_graph(tiny_variants)
+    groups = quant_groups(model)
+    split = calibration_split(tiny_variants["fp32"], seeds=(7,))
+    weight_file = WeightFile.write(model, scratch / "weights", min_bytes=1)  # every weight read from the file
+    fp32 = fp32_values(model, groups, split, scratch, weight_file)
+    weights = QuantizedWeights(activation_absmax=fp32.absmax, weight_file=weight_file)
+    return TableInputs(weight_file.referencing(model), groups, weights, split, fp32.reference, {}, (0.5, 0.8),
+                       fp32.prefix, weight_file, Folder.marked(scratch))
+
+
+def test_sensitivity_rows_on_ray_equal_the_rows_in_order_read_in_place_or_shipped(
+        ray_cluster, tiny_variants, tmp_path):
+    import ray
+
+    from bertforge.environment import cpu_class
+    from bertforge.fanout import Folder, in_order
+    from bertforge.optimizers.int8_auto.sensitivity import sensitivity_row
+    from bertforge.ray_fanout import spread_on_ray
+    from bertforge.ray_tasks import TaskSettings
+
+    inputs = table_inputs(tiny_variants, tmp_path / "scratch")
+    count = len(inputs.groups)
+    expected = in_order(sensitivity_row, inputs, count, lambda index: None)
+    assert all(row["int8-smooth"]["alpha"] in (0.5, 0.8) for row, _ in expected if row.get("int8-smooth"))
+
+    from bertforge.cache import cache_root
+
+    settings = TaskSettings(cpu_class(), cpus=1, resources={f"cpu_class_{cpu_class()}": 0.001})
+    ray.init(address=ray_cluster.address, log_to_driver=False,
+             runtime_env={"env_vars": {"BERTFORGE_CACHE": str(cache_root())}})  # the tasks' scratch: this test's
+    try:
+        finished: list[int] = []
+        assert spread_on_ray(settings)(sensitivity_row, inputs, count, finished.append) == expected
+        assert sorted(finished) == list(range(count))
+        # a folder no task can see (another machine's disk): each task says so, the files travel once
+        # through the object store, and every row is computed in a copy of them
+        inputs.folder = Folder(inputs.folder.root, "a token no folder holds")
+        assert spread_on_ray(settings)(sensitivity_row, inputs, count, lambda index: None) == expected
+    finally:
+        ray.shutdown()
+    assert not list((cache_root() / "tmp").glob("piece-*")), "each copy is removed after its row"
+
+
+def test_a_ray_build_spreads_int8_autos_rows_and_a_killed_row_changes_nothing(ray_cluster, tmp_path, capsys):
+    from bertforge.cache import cache_root
+    from bertforge.cli import main
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "checkpoint", seed=11)
+    local = tmp_path / "local"
+    args = ["build", "--model", str(checkpoint), "--variants", "int8-auto", "--no-latency", "--max-sentences", "40"]
+    assert main([*args, "--out", str(local), "-q"]) in (0, 1)
+    key = json.loads((local / "int8-auto" / "manifest.json").read_text())["key"]
+    shutil.rmtree(cache_root() / "stages" / f"int8-auto-{key}")  # built again on Ray, from the same kernel costs
+
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_a_task, args=("bertforge-sensitivity-row", killed, stop))
+    killer.start()
+    try:
+        code = main([*args, "--out", str(tmp_path / "ray"), "--executor", "ray", "--ray-address",
+                     ray_cluster.address, "--progress", "plain"])
+    finally:
+        stop.set()
+        killer.join()
+    assert code in (0, 1)
+    assert "int8-auto's sensitivity rows as tasks" in capsys.readouterr().err
+    assert killed, "no sensitivity row was seen running as a Ray task, so none was killed"
+    on_ray = json.loads((tmp_path / "ray" / "int8-auto" / "manifest.json").read_text())
+    assert on_ray["key"] == key
+    built_here = json.loads((local / "int8-auto" / "manifest.json").read_text())
+    for field in ("sensitivity", "plan", "evaluations", "calibration"):
+        assert on_ray["metadata"][field] == built_here["metadata"][field], field
+    assert on_ray["files"] == built_here["files"]
