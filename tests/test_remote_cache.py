@@ -410,3 +410,41 @@ def test_the_demo_checkpoint_is_fetched_not_fitted_again_on_a_fresh_runner(tmp_p
     assert not (second / "manifest.json").exists()
     keys = [source_artifact(ResolvedSource("demo", path, "demo", "")).key for path in (first, second)]
     assert keys[0] == keys[1]
+
+
+def test_ray_tasks_on_another_disk_hand_their_entries_to_the_driver_through_the_remote_cache(
+        ray_cluster, remote, tmp_path, monkeypatch):
+    """The tasks write to another cache than the driver's (as on another machine's disk): every entry a
+    task builds reaches the driver through the store, verified, and the build is the local one's."""
+    pytest.importorskip("ray")
+    import ray
+
+    import bertforge
+    from conftest import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "checkpoint", seed=13)
+    driver_cache, task_cache = tmp_path / "driver-cache", tmp_path / "task-cache"
+    monkeypatch.setenv("BERTFORGE_CACHE", str(driver_cache))
+    env = {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
+    ray.init(address=ray_cluster.address, log_to_driver=False,
+             runtime_env={"env_vars": {**env, "BERTFORGE_CACHE": str(task_cache)}})
+    try:  # the build joins this connection (its tasks' environment) rather than opening its own
+        outcome = bertforge.build(tmp_path / "ray", model=str(checkpoint), variants=VARIANTS, executor="ray",
+                                  ray_address=ray_cluster.address, remote_cache=remote,
+                                  validation={"max_sentences": 20}, bench={"enabled": False})
+    finally:
+        ray.shutdown()
+    assert outcome.exit_code == 0
+    entries = {f"{STAGES[v]}-{outcome.report['variants'][v]['key']}" for v in VARIANTS}
+    built_by_tasks = {path.name for path in (task_cache / "stages").iterdir()}
+    taken_by_driver = {path.name for path in (driver_cache / "stages").iterdir()}
+    assert entries <= built_by_tasks and entries <= taken_by_driver
+    published = {key.removeprefix("stages/").removesuffix(".json") for key in keys_under(remote)}
+    assert entries <= published
+
+    local = build(tmp_path / "local", tmp_path / "local-cache", checkpoint, monkeypatch)
+    assert local.exit_code == 0
+    assert shipped(tmp_path / "ray") == shipped(tmp_path / "local")
+    assert outcome.report["variants"].keys() == local.report["variants"].keys()
+    for name in VARIANTS:
+        assert outcome.report["variants"][name]["metrics"] == local.report["variants"][name]["metrics"], name

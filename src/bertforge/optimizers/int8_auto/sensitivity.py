@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bertforge import fanout
+from bertforge.fanout import Folder, mapper
 from bertforge.optimizers.int8_auto.calibration import (
     CalibrationSplit,
     gathered_head,
@@ -193,7 +193,7 @@ class TableInputs:
     alphas: tuple[float, ...]
     prefix: LayerPrefix | None
     weight_file: WeightFile | None
-    folder: fanout.Folder | None = None  # the search's scratch, holding the three folders above
+    folder: Folder | None = None  # the search's scratch, holding the three folders above
 
     def moved_to(self, root: Path) -> None:
         """Read the files from a copy of `folder` at `root` (a row run on another machine: ray_fanout)."""
@@ -260,7 +260,7 @@ def sensitivity_table(model: onnx.ModelProto, groups: list[Group], weights: Quan
     the tied table's top-1 97.9% at 0.5 against 96.6% at 0.8; layer 0's FFN-up 95.8% at 0.8, 93.1% at
     0.5). Default: `weights.alpha` alone."""
     inputs = TableInputs(model, groups, weights, split, reference, skip or {}, smooth_alphas or (weights.alpha,),
-                         prefix, weight_file, fanout.Folder.marked(scratch) if scratch is not None else None)
+                         prefix, weight_file, Folder.marked(scratch) if scratch is not None else None)
     finished = [0]
 
     def done(index: int) -> None:
@@ -269,7 +269,7 @@ def sensitivity_table(model: onnx.ModelProto, groups: list[Group], weights: Quan
             progress(f"sensitivity: group {finished[0]}/{len(groups)}")
 
     rows = []
-    for row, alpha in fanout.mapper()(sensitivity_row, inputs, len(groups), done):
+    for row, alpha in mapper()(sensitivity_row, inputs, len(groups), done):
         if alpha is not None:
             weights.alphas[row["group"]] = alpha
         rows.append(row)
