@@ -4,7 +4,7 @@
 
 The export is taken from the stage cache (built first where it is not there); then int8-auto's kernel
 costs (cached too) and the search run in a child process, whose wall time, peak RSS and phases are
-printed: the fp32 run (reference, activation ranges, layer inputs), the output-error screen with the
+printed: the fp32 run (reference, activation ranges, layer inputs), the output-error screen, the
 sensitivity rows (the part `--executor ray` spreads over the cluster, one task a row), and the
 bisection over plans. The numbers behind docs/SCALING.md's search paragraph.
 """
@@ -35,12 +35,16 @@ def search(export: Path, key: str, corpus: str) -> dict:
     with tempfile.TemporaryDirectory() as out, reporting(lambda text: marks.append((time.monotonic() - start, text))):
         found = stage.run(export, Path(out), config, inputs)
     wall = time.monotonic() - start
-    rows = [at for at, text in marks if text.startswith("sensitivity:")]
-    table_start = next(at for at, text in marks if text.startswith(("int8 output error", "sensitivity:")))
-    return {"calibration_positions": found["calibration_positions"], "groups": len(rows),
+    def first(prefix: str) -> float:
+        return next(at for at, text in marks if text.startswith(prefix))
+
+    screen = first(("int8 output error", "sensitivity rows"))
+    rows = first("sensitivity rows")
+    done = [at for at, text in marks if text.startswith("sensitivity:")][-1]
+    return {"calibration_positions": found["calibration_positions"], "groups": len(found["sensitivity"]),
             "plans_evaluated": len(found["evaluations"]), "search_s": round(wall, 1),
-            "fp32_run_s": round(table_start, 1), "screen_and_rows_s": round(rows[-1] - table_start, 1),
-            "bisection_s": round(wall - rows[-1], 1),
+            "fp32_run_s": round(screen, 1), "screen_s": round(rows - screen, 1), "rows_s": round(done - rows, 1),
+            "bisection_s": round(wall - done, 1),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
 
 

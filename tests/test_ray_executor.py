@@ -116,3 +116,27 @@ def test_a_ray_address_where_nothing_answers_is_one_line_and_exit_2(tiny_checkpo
                  "--ray-address", f"127.0.0.1:{port}", "-q"]) == 2
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_ray_address_where_something_else_answers_is_one_line_and_exit_2(tiny_checkpoint, tmp_path, capsys):
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Quiet(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # the server's own log would go to the stderr checked below
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Quiet)  # an HTTP/1 server: not a Ray head
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        start = time.monotonic()
+        assert main(["build", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "out"), "--executor", "ray",
+                     "--ray-address", address, "-q"]) == 2
+        assert time.monotonic() - start < 30, "refused at once, not after Ray's minutes of retries"
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert f"what answers at {address} is not a Ray cluster's head" in err and len(err.strip().splitlines()) == 1

@@ -1,4 +1,5 @@
-"""`--executor ray`: a build's stages, validation shards and latency as Ray tasks.
+"""`--executor ray`: a build's stages, int8-auto's sensitivity rows, validation shards and latency as
+Ray tasks.
 
 - Stages: one task a variant, each after its parent's (Ray's own dependency on the parent task's
   result), so the waves after the export run side by side where the cluster has room (fp32 -> fused,
@@ -7,6 +8,8 @@
   its own cache or, across machines, from the remote cache (`--remote-cache`), each file verified.
   Nothing assumes a disk shared between nodes: a cluster of several machines without a remote cache
   is refused before any work.
+- int8-auto's sensitivity rows: where the cluster has room for two tasks, the stage's task starts one
+  task a row (ray_fanout.py), in the same CPU class and with the same retries.
 - Validation: one task a shard (validate.py), each running the reference and every variant over its
   sentences; the driver merges the shards' columns in corpus order, so the report equals the local
   executor's.
@@ -138,6 +141,28 @@ def needs_remote_cache(nodes: list[dict[str, Any]], driver_host: str) -> bool:
     stage entries between them (no disk is assumed shared)."""
     return len({n.get("NodeManagerHostname") for n in nodes} | {driver_host}) > 1
 
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS frame
+
+
+def http2_answer(host: str, port: int, timeout: float = 10.0) -> str | None:
+    """None where the server at host:port speaks HTTP/2 (a Ray head's GCS is a gRPC server: it answers
+    a client's preface with a SETTINGS frame), else what it answered instead, in a few words; OSError
+    where nothing accepts the connection. By hand: Ray's own client retries such an address for minutes,
+    and gRPC's Python package is not one of Ray's core dependencies."""
+    with socket.create_connection((host, port), timeout=timeout) as connection:
+        connection.sendall(HTTP2_PREFACE)
+        try:
+            reply = connection.recv(64)
+        except TimeoutError:
+            return f"no answer in {timeout:g} s"
+    if len(reply) >= 9 and reply[3] == 4:  # a frame header: 3 bytes of length, then the type, 4 = SETTINGS
+        return None
+    if not reply:
+        return "it closed the connection"
+    first = reply.split(b"\r\n", 1)[0].decode("ascii", "replace")
+    return f"it answered {first[:40]!r}"
+
+
 def import_ray(local: bool):
     """Ray, imported; with `local` (a local instance, or a cluster on the loopback) Ray keeps to the
     loopback (its own switch, read at import: otherwise it rewrites 127.0.0.1 to this machine's address)."""
@@ -161,12 +186,16 @@ class RayExecutor:
         address = address or os.environ.get("RAY_ADDRESS") or None
         host, _, port = (address or "").rpartition(":")
         if address is not None and port.isdigit():
-            # Ray retries an address where nothing answers for minutes without raising: ask once first
+            # Ray retries an address where nothing answers, or something else does, for minutes without
+            # raising: ask once first
             try:
-                socket.create_connection((host, int(port)), timeout=10).close()
+                answer = http2_answer(host, int(port))
             except OSError as exc:
                 raise UsageError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); start its head "
                                  "with `ray start --head` or give another --ray-address") from None
+            if answer is not None:
+                raise UsageError(f"what answers at {address} is not a Ray cluster's head ({answer}); give the "
+                                 "address `ray start --head` printed") from None
         ray = import_ray(local=address is None or host in ("127.0.0.1", "localhost"))
         owned = not ray.is_initialized()
         if owned:

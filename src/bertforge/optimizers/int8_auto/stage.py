@@ -86,6 +86,7 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
                         if not skip[name] & {"int8-dynamic", "int8-smooth"}}  # both measurable: the screen decides
             for name, scheme in screened.items():
                 skip[name].add(scheme)
+        report(f"sensitivity rows: {len(groups)} groups")
         table = sensitivity_table(base, groups, weights, table_split, reference, skip=skip,
                                   smooth_alphas=config.smooth_alphas, prefix=prefix, weight_file=weight_file,
                                   progress=report, scratch=scratch)
