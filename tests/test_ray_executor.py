@@ -140,3 +140,4 @@ def test_a_ray_address_where_something_else_answers_is_one_line_and_exit_2(tiny_
         server.server_close()
     err = capsys.readouterr().err
     assert f"what answers at {address} is not a Ray cluster's head" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -37,6 +37,8 @@ def table_inputs(tiny_variants, scratch):
 
 def test_sensitivity_rows_on_ray_equal_the_rows_in_order_read_in_place_or_shipped(
         ray_cluster, tiny_variants, tmp_path):
+    import pickle
+
     import ray
 
     from bertforge.environment import cpu_class
@@ -47,6 +49,12 @@ def test_sensitivity_rows_on_ray_equal_the_rows_in_order_read_in_place_or_shippe
 
     inputs = table_inputs(tiny_variants, tmp_path / "scratch")
     count = len(inputs.groups)
+    # as a task on another machine receives them: moved to a copy, every folder a row reads follows
+    shipped = pickle.loads(pickle.dumps(inputs))
+    shipped.moved_to(tmp_path / "copy")
+    assert shipped.weights.weight_file is shipped.weight_file
+    assert [holder.directory for holder in (shipped.reference, shipped.prefix, shipped.weight_file)] == [
+        tmp_path / "copy" / name for name in ("reference", "prefix", "weights")]
     expected = in_order(sensitivity_row, inputs, count, lambda index: None)
     assert all(row["int8-smooth"]["alpha"] in (0.5, 0.8) for row, _ in expected if row.get("int8-smooth"))
 
@@ -75,7 +83,7 @@ def test_a_ray_build_spreads_int8_autos_rows_and_a_killed_row_changes_nothing(ra
     checkpoint = make_tiny_checkpoint(tmp_path / "checkpoint", seed=11)
     local = tmp_path / "local"
     args = ["build", "--model", str(checkpoint), "--variants", "int8-auto", "--no-latency", "--max-sentences", "40"]
-    assert main([*args, "--out", str(local), "-q"]) in (0, 1)
+    assert main([*args, "--out", str(local), "-q"]) == 0
     key = json.loads((local / "int8-auto" / "manifest.json").read_text())["key"]
     shutil.rmtree(cache_root() / "stages" / f"int8-auto-{key}")  # built again on Ray, from the same kernel costs
 
@@ -89,7 +97,7 @@ def test_a_ray_build_spreads_int8_autos_rows_and_a_killed_row_changes_nothing(ra
     finally:
         stop.set()
         killer.join()
-    assert code in (0, 1)
+    assert code == 0
     assert "int8-auto's sensitivity rows as tasks" in capsys.readouterr().err
     assert killed, "no sensitivity row was seen running as a Ray task, so none was killed"
     on_ray = json.loads((tmp_path / "ray" / "int8-auto" / "manifest.json").read_text())

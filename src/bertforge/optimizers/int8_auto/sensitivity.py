@@ -68,7 +68,7 @@ def plan_agreement(model: onnx.ModelProto, plan: dict[str, str], groups: list[Gr
     columns = [agreement_columns(reference.batch(split.batch_id(index)), logits)
                for index, logits in masked_logit_batches(graph, split, masked_rows_only=rows_only, prefix=reads,
                                                          weight_file=weight_file)]
-    return {key: float(np.mean(np.concatenate([column[key] for column in columns]))) for key in AGREEMENT}
+    return {key: float(np.mean(np.concatenate([column[key] for column in columns]))) for key in columns[0]}
 
 
 @dataclass(frozen=True)
@@ -161,9 +161,6 @@ def fp32_values(model: onnx.ModelProto, groups: list[Group], split: CalibrationS
     return Fp32Values(reference, absmax, prefix)
 
 
-AGREEMENT = ("top1_agreement", "ref_top1_in_top5", "kl_mean")
-
-
 def agreement_columns(reference: Reference, logits: np.ndarray) -> dict[str, np.ndarray]:
     """Per position, the validation metrics a plan is judged by (their one definition,
     validation.metrics), and only those: the search evaluates ~60 graphs, and the rest of validation's
@@ -211,9 +208,8 @@ class TableInputs:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # the weights' weight_file stays this weight_file (one pickle: one object), so moved_to moves both
         self.__dict__.update(state, model=onnx.load_from_string(state["model"]))
-        if self.weights.weight_file is not None and self.weight_file is not None:
-            self.weights.weight_file = self.weight_file  # one object, so relocating it moves both
 
 
 def sensitivity_row(inputs: TableInputs, index: int) -> tuple[dict[str, Any], float | None]:
