@@ -106,3 +106,19 @@ def test_a_ray_build_spreads_int8_autos_rows_and_a_killed_row_changes_nothing(ra
     for field in ("sensitivity", "plan", "evaluations", "calibration"):
         assert on_ray["metadata"][field] == built_here["metadata"][field], field
     assert on_ray["files"] == built_here["files"]
+
+
+def test_a_shipped_folder_unpacks_to_the_same_files_and_nothing_outside_it(tmp_path):
+    import numpy as np
+
+    from bertforge.ray_fanout import packed, unpacked
+
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "a" / "sub" / "x.bin").write_bytes(b"\x00\x01\x02")
+    (tmp_path / "a" / "y.npy").write_bytes(b"y")
+    unpacked(packed(tmp_path / "a"), tmp_path / "b")
+    assert (tmp_path / "b" / "sub" / "x.bin").read_bytes() == b"\x00\x01\x02"
+    assert (tmp_path / "b" / "y.npy").read_bytes() == b"y"
+    with pytest.raises(ValueError, match="not a path inside"):
+        unpacked({"../escaped": np.zeros(1, dtype=np.uint8)}, tmp_path / "c")
+    assert not (tmp_path / "escaped").exists()

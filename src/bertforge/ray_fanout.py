@@ -32,8 +32,12 @@ def packed(root: Path) -> dict[str, np.ndarray]:
 
 
 def unpacked(files: dict[str, np.ndarray], root: Path) -> None:
+    """`packed`'s files written under `root`; a name that would land outside it is refused."""
+    root = Path(root).resolve()
     for relative, data in files.items():
-        path = Path(root) / relative
+        path = (root / relative).resolve()
+        if not path.is_relative_to(root):
+            raise ValueError(f"{relative!r} is not a path inside the folder being copied")
         path.parent.mkdir(parents=True, exist_ok=True)
         data.tofile(path)
 
