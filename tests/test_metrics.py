@@ -9,6 +9,7 @@ from bertforge.validation.config import Gate
 from bertforge.validation.gates import evaluate
 from bertforge.validation.metrics import (
     Accumulator,
+    ReferenceRows,
     ReferenceStats,
     cosine_similarity,
     kl_divergence,
@@ -16,6 +17,7 @@ from bertforge.validation.metrics import (
     relative_l2,
     top_k,
     top_k_overlap,
+    variant_metrics,
 )
 
 
@@ -85,6 +87,26 @@ def test_kl_to_in_row_blocks_is_each_rows_own_kl():
     for start in (1, 7, 33):
         assert np.array_equal(kl_to(p[start:].copy(), p_log_p[start:], variant[start:]), blocked[start:])
     assert (blocked > 0).all()
+
+def test_variant_metrics_equal_the_one_metric_functions_and_each_row_is_its_own():
+    rng = np.random.default_rng(2)
+    reference = (rng.standard_normal((21, 30522)) * 3).astype(np.float32)
+    variant = reference + (rng.standard_normal(reference.shape) * 0.05).astype(np.float32)
+    found = variant_metrics(ReferenceRows.of(reference), variant)
+    r64, v64 = reference.astype(np.float64), variant.astype(np.float64)
+    assert np.array_equal(found["max_abs"], np.abs(v64 - r64).max(axis=-1))
+    np.testing.assert_allclose(found["mean_abs"], np.abs(v64 - r64).mean(axis=-1), rtol=1e-13)
+    np.testing.assert_allclose(found["cosine"], cosine_similarity(r64, v64), rtol=1e-13)
+    np.testing.assert_allclose(found["rel_l2"], relative_l2(r64, v64), rtol=1e-12)
+    np.testing.assert_allclose(found["kl"], kl_divergence(reference, variant), rtol=1e-9)
+    assert (found["kl"] > 1e-4).all()
+    # to the bit, whichever rows share a block or a thread: validation's shards and batches may group
+    # the same positions differently
+    for start, stop in ((0, 1), (5, 6), (3, 20), (20, 21), (1, 21)):
+        part = variant_metrics(ReferenceRows.of(reference[start:stop].copy()), variant[start:stop].copy())
+        for name, values in found.items():
+            assert np.array_equal(part[name], values[start:stop]), (name, start, stop)
+
 
 def test_accumulator_summary_by_hand():
     vocab = 6

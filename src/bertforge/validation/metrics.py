@@ -7,8 +7,13 @@ Pure numpy on arrays of shape [positions, vocab]; `Accumulator` aggregates batch
 from __future__ import annotations
 
 import sys
+import threading
 from array import array
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
+from functools import cache
 
 import numpy as np
 
@@ -20,6 +25,9 @@ DEGENERATE_SHARE = 0.5  # one token as top-1 at half the masked positions or mor
 # calls both once per evaluated graph: 0.30 against 0.16 s for demo's 756 x 30,522 calibration logits,
 # the same results to the bit)
 ROW_BLOCK = 16
+# validation's metrics (variant_metrics) take this many rows at a time per thread: a few [rows x vocab]
+# float64 buffers stay in a core's cache, and a batch's ~40 [MASK] rows split evenly over the threads
+METRIC_BLOCK = 8
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -67,6 +75,113 @@ def kl_to(p: np.ndarray, p_log_p: np.ndarray, variant: np.ndarray) -> np.ndarray
     return p_log_p - (expected - np.log(x.sum(axis=-1)))
 
 
+@dataclass(frozen=True)
+class ReferenceRows:
+    """One batch's reference logits at its [MASK] rows, with what every variant's metrics need of them,
+    computed once however many variants meet them: top_k, and per row its max, log sum exp(x - max)
+    (log_softmax's two shifts), sum p log p and the L2 norm, all float64."""
+
+    logits: np.ndarray  # [rows, vocab]
+    top: np.ndarray
+    peak: np.ndarray
+    log_total: np.ndarray
+    p_log_p: np.ndarray
+    norm: np.ndarray
+
+    @classmethod
+    def of(cls, logits: np.ndarray) -> ReferenceRows:
+        logits = np.ascontiguousarray(logits)
+        found = in_row_blocks(len(logits), lambda block: reference_block(logits[block]))
+        return cls(logits, top_k(logits), found["peak"], found["log_total"], found["p_log_p"], found["norm"])
+
+
+def reference_block(logits: np.ndarray) -> dict[str, np.ndarray]:
+    x = logits.astype(np.float64)
+    found = {"norm": np.sqrt(dot_rows(x, x)), "peak": x.max(axis=-1)}
+    x -= found["peak"][:, None]
+    found["log_total"] = np.log(np.exp(x).sum(axis=-1))
+    x -= found["log_total"][:, None]  # log p, as log_softmax computes it
+    found["p_log_p"] = dot_rows(np.exp(x), x)
+    return found
+
+
+def in_row_blocks(rows: int, compute: Callable[[slice], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """compute(block) for each block of METRIC_BLOCK rows, concatenated per key in row order, spread over
+    the cores' threads (numpy releases the GIL in its loops): a row's values are its own whichever thread
+    or block computes them. 2 threads here: validation's metrics 0.25 against 0.44 ms a row at
+    bert-base's vocabulary."""
+    blocks = [slice(start, start + METRIC_BLOCK) for start in range(0, rows, METRIC_BLOCK)]
+    if not blocks:  # no rows: every key's column is empty
+        return defaultdict(lambda: np.zeros(0))
+    parts = list(metric_threads().map(compute, blocks)) if len(blocks) > 1 else [compute(blocks[0])]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+@cache
+def metric_threads() -> ThreadPoolExecutor:
+    from bertforge.environment import physical_cores
+
+    return ThreadPoolExecutor(physical_cores(), thread_name_prefix="bertforge-metrics")
+
+
+def dot_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sum(a * b) per row in one pass, each row's value its own however rows are grouped: einsum sums a
+    block of two or more rows row by row one way, a lone row another (its last bit), so a lone row is
+    summed as a block of two (see kl_to)."""
+    if len(a) == 1:
+        return np.einsum("ij,ij->i", np.repeat(a, 2, axis=0), np.repeat(b, 2, axis=0))[:1]
+    return np.einsum("ij,ij->i", a, b)
+
+
+def variant_metrics(reference: ReferenceRows, variant: np.ndarray) -> dict[str, np.ndarray]:
+    """max |d|, mean |d|, cosine, KL(reference || variant) and |d| / |reference| per row, d = variant -
+    reference, in float64, a block of METRIC_BLOCK rows at a time (in_row_blocks).
+
+    One pass over a block's logits per quantity, in three [block x vocab] buffers each thread reuses:
+    computing them one function at a time on a batch's whole matrix took 34 s of validation's
+    5,000-sentence run, as every step allocated and wrote a fresh [rows x vocab] float64 array (the
+    reference's softmax once per variant, the reference's norm twice, a product before each sum)."""
+    return in_row_blocks(len(variant), lambda block: variant_block(reference, variant, block))
+
+
+_buffers = threading.local()
+
+
+def block_buffers(vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's three [METRIC_BLOCK (at least 2) x vocab] float64 buffers."""
+    found = getattr(_buffers, "arrays", None)
+    if found is None or found[0].shape != (max(METRIC_BLOCK, 2), vocab):
+        found = _buffers.arrays = tuple(np.empty((max(METRIC_BLOCK, 2), vocab)) for _ in range(3))
+    return found
+
+
+def variant_block(reference: ReferenceRows, variant: np.ndarray, block: slice) -> dict[str, np.ndarray]:
+    count = len(range(len(variant))[block])
+    n = max(count, 2)  # a lone row is computed as two (dot_rows)
+    r, v, d = (buffer[:n] for buffer in block_buffers(variant.shape[-1]))
+    r[:count], v[:count] = reference.logits[block], variant[block]
+    if count == 1:
+        r[1], v[1] = r[0], v[0]
+    of_reference = {name: np.resize(getattr(reference, name)[block], n)
+                    for name in ("peak", "log_total", "p_log_p", "norm")}
+    np.subtract(v, r, out=d)
+    np.abs(d, out=d)
+    found = {"max_abs": d.max(axis=-1), "mean_abs": d.sum(axis=-1) / d.shape[-1]}
+    reference_norm = np.maximum(of_reference["norm"], 1e-30)
+    found["rel_l2"] = np.sqrt(np.einsum("ij,ij->i", d, d)) / reference_norm
+    found["cosine"] = np.einsum("ij,ij->i", r, v) / np.maximum(
+        of_reference["norm"] * np.sqrt(np.einsum("ij,ij->i", v, v)), 1e-30)
+    # KL = sum p log p - (sum p (x - t) - log sum exp(x - t)), x the variant's logits, t their max (kl_to)
+    np.subtract(r, of_reference["peak"][:, None], out=r)
+    np.subtract(r, of_reference["log_total"][:, None], out=r)
+    np.exp(r, out=r)  # p
+    np.subtract(v, v.max(axis=-1, keepdims=True), out=v)
+    expected = np.einsum("ij,ij->i", r, v)
+    np.exp(v, out=v)
+    found["kl"] = of_reference["p_log_p"] - (expected - np.log(v.sum(axis=-1)))
+    return {name: values[:count] for name, values in found.items()}
+
+
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)  # no copy when already float64
     denominator = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
@@ -83,43 +198,55 @@ def relative_l2(reference: np.ndarray, variant: np.ndarray, difference: np.ndarr
 
 
 def kth_largest(rows: np.ndarray, k: int) -> np.ndarray:
-    """Each row's k-th largest value, [rows, 1] (NaN counted largest, as np.partition does).
-
-    torch's topk where torch is already loaded (validation runs the PyTorch reference, so it is):
-    at 40 x 30,522 logits it takes 1.4 ms against np.partition's 6.8 ms (AVX-512 VNNI, 2 threads),
-    and partitioning was most of validation's metric time. The same value either way: only which
-    rows are plain and which candidates they have depend on it, and it is a value of the row."""
-    torch = sys.modules.get("torch")
-    if torch is not None and rows.flags.c_contiguous and rows.dtype in (np.float32, np.float64):
-        return torch.topk(torch.from_numpy(rows), k, dim=-1).values[:, -1:].numpy()
+    """Each row's k-th largest value, [rows, 1] (NaN counted largest, as np.partition does)."""
     return np.partition(rows, -k, axis=-1)[:, [-k]]
 
 
 def top_k(logits: np.ndarray, k: int = TOP_K) -> np.ndarray:
     """Indices of the k largest logits per row, largest first (ties broken by lower index).
 
-    A full sort of 30,522 logits per row cost int8-auto ~80% of its search on demo; a partition finds
-    each row's k-th largest value, then only the entries at or above it are ordered. Rows with a NaN,
-    or more than k entries at or above the k-th value (ties), take the full stable sort."""
+    A full sort of 30,522 logits per row cost int8-auto ~80% of its search on demo; only the entries at
+    or above each row's k-th largest value are ordered. Rows with a NaN, or more than k entries at or
+    above the k-th value (ties), take the full stable sort."""
     rows = logits.reshape(-1, logits.shape[-1])
     if k >= rows.shape[-1]:
         return np.argsort(-logits, axis=-1, kind="stable")[..., :k]
-    # with torch's topk the k-th values come without a partitioned copy: the whole matrix at once costs
-    # fewer calls than blocks (validation's 5,000-sentence run: 7.6 s of top_k in blocks)
-    whole = sys.modules.get("torch") is not None and rows.flags.c_contiguous and len(rows) <= 4096
-    if len(rows) > ROW_BLOCK and not whole:
+    torch = sys.modules.get("torch")
+    if torch is not None and rows.flags.c_contiguous and rows.dtype in (np.float32, np.float64):
+        return top_k_by_torch(torch, rows, k).reshape(*logits.shape[:-1], k)
+    if len(rows) > ROW_BLOCK:  # a partitioned copy of a few rows at a time (see ROW_BLOCK)
         found = np.concatenate([top_k(rows[i:i + ROW_BLOCK], k) for i in range(0, len(rows), ROW_BLOCK)])
         return found.reshape(*logits.shape[:-1], k)
     kth = kth_largest(rows, k)
     above = rows >= kth
     plain = (above.sum(axis=-1) == k) & ~np.isnan(rows).any(axis=-1)
-    found = np.empty((len(rows), k), dtype=np.int64)
     candidates = np.nonzero(above[plain])[1].reshape(-1, k)  # ascending index within each row
-    values = np.take_along_axis(rows[plain], candidates, axis=-1)
+    return in_order(rows, k, plain, candidates, np.take_along_axis(rows[plain], candidates, axis=-1)).reshape(
+        *logits.shape[:-1], k)
+
+
+def top_k_by_torch(torch, rows: np.ndarray, k: int) -> np.ndarray:
+    """top_k through torch's topk where torch is already loaded (validation runs the PyTorch reference,
+    so it is): its k + 1 largest values and their indices, with no [rows x vocab] temporary. A row is
+    plain when the (k+1)-th value is below the k-th and none is NaN (topk ranks NaN above every
+    number). Validation's 5,000-sentence run: 10.7 s of top_k before, when the k-th value came from
+    topk and the candidates from a comparison of every logit with it (np.nonzero alone 4.2 s)."""
+    values, indices = (found.numpy() for found in torch.topk(torch.from_numpy(rows), k + 1, dim=-1))
+    plain = (values[:, k] < values[:, k - 1]) & ~np.isnan(values).any(axis=-1)
+    ascending = np.argsort(indices[plain, :k], axis=-1)  # topk orders ties any way: by index first
+    candidates = np.take_along_axis(indices[plain, :k], ascending, axis=-1)
+    return in_order(rows, k, plain, candidates, np.take_along_axis(values[plain, :k], ascending, axis=-1))
+
+
+def in_order(rows: np.ndarray, k: int, plain: np.ndarray, candidates: np.ndarray,
+             values: np.ndarray) -> np.ndarray:
+    """The plain rows' candidates (ascending index) by value, largest first, a stable sort; the other
+    rows fully sorted."""
+    found = np.empty((len(rows), k), dtype=np.int64)
     found[plain] = np.take_along_axis(candidates, np.argsort(-values, axis=-1, kind="stable"), axis=-1)
     if not plain.all():
         found[~plain] = np.argsort(-rows[~plain], axis=-1, kind="stable")[:, :k]
-    return found.reshape(*logits.shape[:-1], k)
+    return found
 
 
 def top1_agrees(ref_top: np.ndarray, var_top: np.ndarray) -> np.ndarray:
@@ -175,20 +302,16 @@ class Accumulator:
     ref_top1_in_top5: array = field(default_factory=_flags)
     truth_hit: array = field(default_factory=_flags)
 
-    def add(self, reference: np.ndarray, variant: np.ndarray, truth: np.ndarray,
-            ref_top: np.ndarray | None = None) -> None:
-        """reference/variant: [masked positions, vocab]; truth: original ids, -1 where unknown; ref_top:
-        top_k(reference) when the caller has it (one reference meets every variant)."""
-        reference64, variant64 = reference.astype(np.float64), variant.astype(np.float64)  # once, for all below
-        diff = np.abs(variant64 - reference64)
-        _extend(self.max_abs, diff.max(axis=-1))
-        _extend(self.mean_abs, diff.mean(axis=-1))
-        _extend(self.cosine, cosine_similarity(reference64, variant64))
-        _extend(self.kl, kl_divergence(reference, variant))
-        _extend(self.rel_l2, relative_l2(reference64, variant64, diff))
-        ref_top, var_top = top_k(reference) if ref_top is None else ref_top, top_k(variant)
+    def add(self, reference: ReferenceRows | np.ndarray, variant: np.ndarray, truth: np.ndarray) -> None:
+        """reference/variant: [masked positions, vocab] (the reference as ReferenceRows where many variants
+        meet it); truth: original ids, -1 where unknown."""
+        if not isinstance(reference, ReferenceRows):
+            reference = ReferenceRows.of(reference)
+        for name, values in variant_metrics(reference, variant).items():
+            _extend(getattr(self, name), values)
+        ref_top, var_top = reference.top, top_k(variant)
         _extend(self.top1_agree, top1_agrees(ref_top, var_top))
-        _extend(self.top5_overlap, top_k_overlap(reference, variant, ref_k=ref_top, var_k=var_top))
+        _extend(self.top5_overlap, top_k_overlap(reference.logits, variant, ref_k=ref_top, var_k=var_top))
         _extend(self.ref_top1_in_top5, ref_top1_in_top_k(ref_top, var_top))
         known = truth >= 0
         _extend(self.truth_hit, var_top[known, 0] == truth[known])

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bertforge.errors import StageError
 from bertforge.memory import release_freed_memory, reused_large_buffers
 from bertforge.predict import MaskText, Prediction, session_predictions
@@ -39,7 +37,7 @@ from bertforge.validation.corpus import (
     probe_texts,
     validation_examples,
 )
-from bertforge.validation.metrics import Accumulator, ReferenceStats, top_k
+from bertforge.validation.metrics import Accumulator, ReferenceRows, ReferenceStats
 
 
 @dataclass
@@ -165,21 +163,21 @@ def validate_shard(reference: Reference, variants: dict[str, Path], examples: Se
             hidden = reference.model.bert(input_ids=torch.from_numpy(batch.input_ids),
                                           attention_mask=torch.from_numpy(batch.attention_mask),
                                           token_type_ids=torch.from_numpy(batch.token_type_ids))[0]
-            masked_reference.append(reference.model.cls(hidden[torch.from_numpy(rows), torch.from_numpy(cols)]).numpy())
+            masked_reference.append(ReferenceRows.of(  # what each variant's metrics need of it, once
+                reference.model.cls(hidden[torch.from_numpy(rows), torch.from_numpy(cols)]).numpy()))
         del hidden
-        result.reference.add(masked_reference[-1], truth)
+        result.reference.add(masked_reference[-1].logits, truth)
         count(len(batch.examples))
-    reference_tops = [top_k(logits) for logits in masked_reference]  # once, not once per variant
     if last:  # the reference is done: its memory goes before the variants run
         reference.release()
     for name, path in variants.items():
-        answers = variant_on_shard(name, path, shard, masked_reference, reference_tops, result.variants[name],
+        answers = variant_on_shard(name, path, shard, masked_reference, result.variants[name],
                                    reference.masker if first else None, reference.probes)
         if first:
             result.answers[name] = answers
         release_freed_memory()  # the variant's session is closed; the next one starts from a low RSS
         count(len(examples))
-    del masked_reference, reference_tops
+    del masked_reference
     release_freed_memory()
     return result
 
@@ -217,20 +215,20 @@ def compact(predictions: list[list[Prediction]]) -> list[list[list[Any]]]:
     return [[[p.token_str, round(p.score, 6)] for p in found] for found in predictions]
 
 
-def variant_on_shard(name: str, path: Path, shard: list, masked_reference: list[np.ndarray],
-                     reference_tops: list[np.ndarray], accumulator: Accumulator, masker: MaskText | None = None,
+def variant_on_shard(name: str, path: Path, shard: list, masked_reference: list[ReferenceRows],
+                     accumulator: Accumulator, masker: MaskText | None = None,
                      probes: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """One variant over one shard's batches against their stored reference, added to `accumulator`;
     then its answers to `probes` (with `masker`), returned. Its session is released on return."""
     # the only session open while it runs, so its threads may spin between ops (about 10% faster on
-    # bert-base here); no arena, so it does not keep its largest batch's buffers
-    session = open_session(path, spinning=True, arena=False)
+    # bert-base here), but not after a run: the metric threads need the cores then (threads that spun
+    # on made validation's metrics 1.6x slower); no arena, so it keeps no batch's buffers
+    session = open_session(path, spin_only_in_run=True, arena=False)
     for index, batch in enumerate(shard):
         rows, cols, truth = batch.masked_index()
         feeds = feeds_for(session, batch.input_ids, batch.attention_mask, batch.token_type_ids)
         try:  # the masked head's compact rows where it has them (its other logits are zeros)
-            accumulator.add(masked_reference[index], mask_rows(session, feeds, rows, cols), truth,
-                            reference_tops[index])
+            accumulator.add(masked_reference[index], mask_rows(session, feeds, rows, cols), truth)
         except ValueError as error:
             raise StageError(f"{name}: {error}") from None
     answers = {}
