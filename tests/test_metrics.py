@@ -139,6 +139,22 @@ def test_reference_stats_flags_degenerate_reference():
     assert s["median_top1_top2_margin"] == pytest.approx(2.0)
 
 
+def test_reference_stats_from_reference_rows_equal_those_from_the_logits():
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        logits = rng.integers(-3, 4, size=(37, 300)).astype(np.float32)  # ties at the top
+        if trial % 2:
+            logits = logits + rng.standard_normal(logits.shape).astype(np.float32)
+        if trial % 5 == 4:
+            logits[3, 7] = np.nan
+        truth = rng.integers(-1, 300, size=37)
+        plain, rows = ReferenceStats(), ReferenceStats()
+        plain.add(logits, truth)
+        rows.add(ReferenceRows.of(logits), truth)
+        for column in ("top1", "margins", "truth_hit"):
+            assert np.array_equal(getattr(plain, column), getattr(rows, column), equal_nan=column == "margins"), trial
+
+
 def test_gate_evaluation_names_metric_and_threshold():
     results = evaluate("int8-dynamic", {"top1_agreement": 0.9, "top5_overlap": 0.97, "max_abs": 0.2,
                                         "kl_mean": 0.01}, Gate(top1_min=0.95, top5_overlap_min=0.95))

@@ -166,7 +166,7 @@ def validate_shard(reference: Reference, variants: dict[str, Path], examples: Se
             masked_reference.append(ReferenceRows.of(  # what each variant's metrics need of it, once
                 reference.model.cls(hidden[torch.from_numpy(rows), torch.from_numpy(cols)]).numpy()))
         del hidden
-        result.reference.add(masked_reference[-1].logits, truth)
+        result.reference.add(masked_reference[-1], truth)
         count(len(batch.examples))
     if last:  # the reference is done: its memory goes before the variants run
         reference.release()
