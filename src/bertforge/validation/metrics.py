@@ -6,6 +6,7 @@ Pure numpy on arrays of shape [positions, vocab]; `Accumulator` aggregates batch
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from array import array
@@ -137,6 +138,10 @@ def metric_threads() -> ThreadPoolExecutor:
     from bertforge.environment import physical_cores
 
     return ThreadPoolExecutor(physical_cores(), thread_name_prefix="bertforge-metrics")
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of the pool's threads: it makes its own
+    os.register_at_fork(after_in_child=metric_threads.cache_clear)
 
 
 def variant_metrics(reference: ReferenceRows, variant: np.ndarray) -> dict[str, np.ndarray]:
