@@ -5,19 +5,17 @@ import math
 import numpy as np
 import pytest
 
+from bertforge.validation.batch_metrics import ReferenceRows, variant_metrics
+from bertforge.validation.columns import Accumulator, ReferenceStats
 from bertforge.validation.config import Gate
 from bertforge.validation.gates import evaluate
 from bertforge.validation.metrics import (
-    Accumulator,
-    ReferenceRows,
-    ReferenceStats,
     cosine_similarity,
     kl_divergence,
     kl_to,
     relative_l2,
     top_k,
     top_k_overlap,
-    variant_metrics,
 )
 
 

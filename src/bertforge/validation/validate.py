@@ -27,6 +27,8 @@ from bertforge.errors import StageError
 from bertforge.memory import release_freed_memory, reused_large_buffers
 from bertforge.predict import MaskText, Prediction, session_predictions
 from bertforge.runtime import feeds_for, mask_rows, open_session
+from bertforge.validation.batch_metrics import ReferenceRows
+from bertforge.validation.columns import Accumulator, ReferenceStats
 from bertforge.validation.config import ValidationConfig
 from bertforge.validation.corpus import (
     PROBE_TOP_K,
@@ -37,7 +39,6 @@ from bertforge.validation.corpus import (
     probe_texts,
     validation_examples,
 )
-from bertforge.validation.metrics import Accumulator, ReferenceRows, ReferenceStats
 
 
 @dataclass
