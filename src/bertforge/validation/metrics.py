@@ -1,12 +1,14 @@
 """Parity and agreement metrics between a variant's logits and the reference's, row by row.
 
 Pure numpy on arrays of shape [positions, vocab]. Validation computes them a batch at a time through
-`batch_metrics` and collects them per position in `columns`.
+`batch_metrics` and collects them per position in `columns`; kl_divergence, cosine_similarity and
+relative_l2 are the plain definitions batch_metrics is tested against.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import numpy as np
 
@@ -51,16 +53,21 @@ def kl_to(p: np.ndarray, p_log_p: np.ndarray, variant: np.ndarray) -> np.ndarray
     if variant.ndim == 2 and len(variant) > ROW_BLOCK:
         return np.concatenate([kl_to(p[i:i + ROW_BLOCK], p_log_p[i:i + ROW_BLOCK], variant[i:i + ROW_BLOCK])
                                for i in range(0, len(variant), ROW_BLOCK)])
-    x = variant.astype(np.float64)
-    top = x.max(axis=-1, keepdims=True)
-    np.subtract(x, top, out=x)
-    rows = x.reshape(-1, x.shape[-1])
-    weights = np.asarray(p).reshape(rows.shape)
+    rows = variant.astype(np.float64).reshape(-1, variant.shape[-1])
+    weights, weights_p_log_p = np.asarray(p).reshape(rows.shape), np.asarray(p_log_p).reshape(-1)
     count = len(rows)
     if count == 1:  # summed as a block of two rows' first (above)
-        rows, weights = np.repeat(rows, 2, axis=0), np.repeat(weights, 2, axis=0)
-    expected = np.einsum("ij,ij->i", weights, rows)[:count].reshape(x.shape[:-1])
-    np.exp(x, out=x)
+        rows, weights, weights_p_log_p = (np.repeat(a, 2, axis=0) for a in (rows, weights, weights_p_log_p))
+    return kl_in_place(weights, rows, weights_p_log_p)[:count].reshape(variant.shape[:-1])
+
+
+def kl_in_place(p: np.ndarray, x: np.ndarray, p_log_p: np.ndarray, exp: Callable = np.exp) -> np.ndarray:
+    """kl_to's arithmetic on [rows, vocab] float64 arrays of two or more rows, x the variant's logits,
+    overwritten: shifted by each row's max t, then exponentiated in place. `exp(x, out=x)`: validation
+    passes its own (batch_metrics.exp_rows)."""
+    np.subtract(x, x.max(axis=-1, keepdims=True), out=x)
+    expected = np.einsum("ij,ij->i", p, x)
+    exp(x, out=x)
     return p_log_p - (expected - np.log(x.sum(axis=-1)))
 
 
