@@ -12,27 +12,9 @@ import threading
 import pytest
 
 from conftest import kill_a_task, make_tiny_checkpoint
-from test_smooth_quant import mha_graph
+from test_fanout import table_inputs
 
 pytest.importorskip("ray")
-
-
-def table_inputs(tiny_variants, scratch):
-    from bertforge.fanout import Folder
-    from bertforge.optimizers.int8_auto.calibration import calibration_split
-    from bertforge.optimizers.int8_auto.groups import quant_groups
-    from bertforge.optimizers.int8_auto.sensitivity import TableInputs, fp32_values
-    from bertforge.optimizers.int8_auto.weight_file import WeightFile
-    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
-
-    model = mha_graph(tiny_variants)
-    groups = quant_groups(model)
-    split = calibration_split(tiny_variants["fp32"], seeds=(7,))
-    weight_file = WeightFile.write(model, scratch / "weights", min_bytes=1)  # every weight read from the file
-    fp32 = fp32_values(model, groups, split, scratch, weight_file)
-    weights = QuantizedWeights(activation_absmax=fp32.absmax, weight_file=weight_file)
-    return TableInputs(weight_file.referencing(model), groups, weights, split, fp32.reference, {}, (0.5, 0.8),
-                       fp32.prefix, weight_file, Folder.marked(scratch))
 
 
 def test_sensitivity_rows_on_ray_equal_the_rows_in_order_read_in_place_or_shipped(

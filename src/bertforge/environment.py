@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
+from collections.abc import Iterator
+from contextvars import ContextVar
 from importlib import metadata
 from pathlib import Path
 
@@ -139,3 +142,22 @@ def physical_cores() -> int:
     if limit is not None:
         cores = min(cores, max(1, int(limit)))
     return max(1, cores)
+
+
+_cores_share: ContextVar[int | None] = ContextVar("bertforge_cores_share", default=None)
+
+
+def session_threads() -> int:
+    """The threads a session opened here should use: physical_cores(), or the share of them the piece
+    running on this thread was given (fanout.side_by_side runs pieces beside each other)."""
+    return _cores_share.get() or physical_cores()
+
+
+@contextlib.contextmanager
+def sharing_cores(threads: int) -> Iterator[None]:
+    """Sessions opened within (on this thread) use `threads` threads."""
+    token = _cores_share.set(max(1, threads))
+    try:
+        yield
+    finally:
+        _cores_share.reset(token)

@@ -9,7 +9,7 @@ import numpy as np
 
 from bertforge.artifact import MANIFEST, MODEL_FILE, read_manifest
 from bertforge.cpu_target import target_warning
-from bertforge.environment import physical_cores
+from bertforge.environment import session_threads
 from bertforge.errors import ModelFileError
 
 # the masked-head variant's compact output: one logit row per [MASK], row-major (batch, then position)
@@ -33,7 +33,7 @@ def session_options(threads: int | None = None, spinning: bool = True, arena: bo
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     elif spin_only_in_run:
         options.add_session_config_entry("session.force_spinning_stop", "1")
-    options.intra_op_num_threads = threads or physical_cores()
+    options.intra_op_num_threads = threads or session_threads()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
