@@ -5,7 +5,6 @@ the cores' threads."""
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from functools import cache
 
 import numpy as np
 
-from bertforge.validation.metrics import kl_in_place, top_k
+from bertforge.validation.metrics import exp_rows, kl_in_place, top_k
 
 # rows a thread takes at a time: a few [rows x vocab] float64 buffers stay in a core's cache, and a
 # batch's ~40 [MASK] rows split evenly over the threads
@@ -50,32 +49,6 @@ def reference_block(logits: np.ndarray, block: slice) -> dict[str, np.ndarray]:
     x -= found["log_total"][:, None]  # log p, as log_softmax computes it
     found["p_log_p"] = np.einsum("ij,ij->i", exp_rows(x, out=e), x)
     return {name: values[:count] for name, values in found.items()}
-
-
-def exp_rows(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """exp of each row of float64 `x` into `out` (C-contiguous [rows, vocab]). numpy vectorizes float64
-    exp only with AVX-512: elsewhere (AVX2, ARM) it calls libm a value at a time, 263-310 us a row of
-    bert-base's vocabulary against 25-36 us through torch's vectorized exp (measured here with numpy's
-    AVX-512 loops switched off), so there torch computes it where it is loaded (validation runs the
-    PyTorch reference), a row a call, which keeps each call on the calling thread (a row is under
-    torch's parallel grain). With AVX-512, numpy's own: from two threads it was the faster of the two."""
-    torch = sys.modules.get("torch")
-    if torch is None or numpy_vector_exp():
-        return np.exp(x, out=out)
-    for source, target in zip(torch.from_numpy(x), torch.from_numpy(out), strict=True):
-        torch.exp(source, out=target)
-    return out
-
-
-@cache
-def numpy_vector_exp() -> bool:
-    """Whether numpy's float64 exp has a vectorized loop on this CPU (its AVX-512 dispatch target, named
-    X86_V4 since numpy 2.4, AVX512F before)."""
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features
-    except ImportError:  # a numpy without this private table: assume the scalar loop
-        return False
-    return bool(features.get("X86_V4", features.get("AVX512F", False)))
 
 
 def lone_as_two(buffers: tuple[np.ndarray, ...], sources: tuple[np.ndarray, ...], block: slice
@@ -153,5 +126,5 @@ def variant_block(reference: ReferenceRows, variant: np.ndarray, block: slice) -
     np.subtract(r, of_reference["peak"][:, None], out=r)
     np.subtract(r, of_reference["log_total"][:, None], out=r)
     exp_rows(r, out=r)  # p
-    found["kl"] = kl_in_place(r, v, of_reference["p_log_p"], exp=exp_rows)
+    found["kl"] = kl_in_place(r, v, of_reference["p_log_p"])
     return {name: values[:count] for name, values in found.items()}
