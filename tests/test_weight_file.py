@@ -111,3 +111,26 @@ def test_plans_made_from_the_referencing_graph_are_the_plans_made_from_the_base_
             if init.data_location != onnx.TensorProto.EXTERNAL:
                 assert np.array_equal(numpy_helper.to_array(init), numpy_helper.to_array(own[init.name])), (
                     label, init.name)
+
+
+def test_plans_with_an_int8_tied_table_quantize_it_once_per_alpha_and_equal_fresh_ones(tiny_variants):
+    """QuantizedWeights.tied_rows keeps the tied table's int8 rows per int8-smooth alpha: every plan
+    built from the kept rows is the plan built from nothing kept."""
+    from bertforge.optimizers.int8_auto.groups import TIED_GROUP, group_input, input_channels, quant_groups
+    from bertforge.optimizers.int8_auto.plans import apply_plan
+    from bertforge.optimizers.int8_auto.weights import QuantizedWeights
+
+    model = mha_graph(tiny_variants)
+    groups = quant_groups(model)
+    absmax = {group_input(model, g): np.linspace(0.5, 4.0, input_channels(model, g), dtype=np.float32)
+              for g in groups}
+    kept = QuantizedWeights(activation_absmax=absmax)
+    for scheme, alpha in [("int8-dynamic", None), ("int8-smooth", 0.5), ("int8-smooth", 0.8),
+                          ("int8-dynamic", None), ("int8-smooth", 0.5)]:
+        if alpha is not None:
+            kept.alphas[TIED_GROUP] = alpha
+        fresh = QuantizedWeights(activation_absmax=absmax, alphas=dict(kept.alphas))
+        plan = {TIED_GROUP: scheme, "layer.0.qkv": "int8-dynamic"}
+        built = apply_plan(model, plan, groups, kept)
+        assert built.SerializeToString() == apply_plan(model, plan, groups, fresh).SerializeToString(), (scheme, alpha)
+    assert sorted(kept.tied_cache, key=str) == sorted([None, 0.5, 0.8], key=str)

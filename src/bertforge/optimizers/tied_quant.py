@@ -60,7 +60,8 @@ def tied_table(graph: onnx.GraphProto) -> tuple[str, onnx.NodeProto, onnx.NodePr
 
 def share_tied_table(model: onnx.ModelProto, int8_decoder: bool, target: str,
                      smooth: np.ndarray | None = None, fp16_embeddings: bool = False,
-                     read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array) -> dict[str, str]:
+                     read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array,
+                     quantize: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, str]:
     """Store the tied table once as per-row int8; return {table: how the decoder reads it} ({} if untied).
 
     smooth: SmoothQuant factors s [hidden] for the int8 decoder: the table is stored as W * s (each
@@ -74,7 +75,9 @@ def share_tied_table(model: onnx.ModelProto, int8_decoder: bool, target: str,
     top-1 (calibration split, PyTorch with only the embedding table quantized); fp16 ones 0.3.
 
     target: the int8 target (cpu_target.py), which bounds the table's int8 values.
-    read: how the table's values are read (int8_auto.weights.QuantizedWeights.read)."""
+    read: how the table's values are read (int8_auto.weights.QuantizedWeights.read).
+    quantize: the (smoothed) table -> its per-row int8 and scales, where the caller keeps them
+    (QuantizedWeights.tied_rows: int8-auto's plans quantize the same table again and again)."""
     graph = model.graph
     found = tied_table(graph)
     if found is None:
@@ -83,7 +86,10 @@ def share_tied_table(model: onnx.ModelProto, int8_decoder: bool, target: str,
     initializer = next(init for init in graph.initializer if init.name == name)
     original = read(initializer)
     table = original if smooth is None else original * smooth[None, :].astype(np.float32)
-    quantized, scale = symmetric_int8(table, axis=0, target=target)  # one scale per vocabulary row
+    if quantize is None:
+        quantized, scale = symmetric_int8(table, axis=0, target=target)  # one scale per vocabulary row
+    else:
+        quantized, scale = quantize(table)
     q_name, scale_name = f"{name}_q8", f"{name}_scale"
     graph.initializer.remove(initializer)
     graph.initializer.extend([numpy_helper.from_array(quantized, q_name), numpy_helper.from_array(scale, scale_name)])

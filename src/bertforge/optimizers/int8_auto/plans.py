@@ -126,8 +126,10 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
             tied = next(g for g in groups if g.name == TIED_GROUP)
             table = weights.read(initializers[tied_table(graph)[0]])
             smooth = weights.smoothing(group_input(model, tied), [table.T], weights.alpha_of(TIED_GROUP))
+        alpha = weights.alpha_of(TIED_GROUP) if smooth is not None else None
         share_tied_table(result, int8_decoder=True, target=weights.target, smooth=smooth,
-                         fp16_embeddings=weights.fp16_embeddings, read=weights.read)
+                         fp16_embeddings=weights.fp16_embeddings, read=weights.read,
+                         quantize=lambda table: weights.tied_rows(table, alpha))
     if repack:
         repack_fp32_attention(result, read=weights.read, reuse=weights.stored)
         repack_int8_attention(result)

@@ -209,9 +209,9 @@ class TableInputs:
 
     def __getstate__(self) -> dict[str, Any]:
         # the graph as bytes (protobuf's own pickling copies it field by field); the weights without their
-        # cache of quantized initializers (a pure cache: each row fills what it needs)
+        # caches of quantized initializers (pure caches: each row fills what it needs)
         state = dict(self.__dict__, model=self.model.SerializeToString())
-        state["weights"] = replace(self.weights, cache={})
+        state["weights"] = replace(self.weights, cache={}, tied_cache={})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
