@@ -86,6 +86,7 @@ def test_kl_to_in_row_blocks_is_each_rows_own_kl():
         assert np.array_equal(kl_to(p[start:].copy(), p_log_p[start:], variant[start:]), blocked[start:])
     assert (blocked > 0).all()
 
+
 def test_exp_by_torch_equals_numpys_exp_to_the_last_bits_in_place_too():
     """The route exp_rows takes where numpy's float64 exp is not vectorized (AVX2, ARM)."""
     from bertforge.validation.metrics import exp_rows_by_torch

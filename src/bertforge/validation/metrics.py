@@ -28,11 +28,16 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted
 
 
+def softmax_terms(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(softmax p, sum p log p per row) of [rows, vocab] logits, float64: what kl_to reads of a reference."""
+    log_p = log_softmax(logits)
+    p = exp_rows(log_p, out=np.empty_like(log_p))
+    return p, (p * log_p).sum(axis=-1)
+
+
 def kl_divergence(reference: np.ndarray, variant: np.ndarray) -> np.ndarray:
     """KL(softmax(reference) || softmax(variant)) per row, in nats."""
-    log_p = log_softmax(reference)
-    p = np.exp(log_p)
-    return kl_to(p, (p * log_p).sum(axis=-1), variant)
+    return kl_to(*softmax_terms(reference), variant)
 
 
 def kl_to(p: np.ndarray, p_log_p: np.ndarray, variant: np.ndarray) -> np.ndarray:

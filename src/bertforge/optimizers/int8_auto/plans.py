@@ -121,12 +121,12 @@ def apply_plan(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group]
         graph.initializer.remove(initializers[name])
     tied_scheme = plan.get(TIED_GROUP, "fp32")
     if tied_scheme != "fp32":
-        smooth = None
+        smooth, alpha = None, None  # alpha: int8-smooth's, the key of the table's kept int8 rows
         if tied_scheme == "int8-smooth":
             tied = next(g for g in groups if g.name == TIED_GROUP)
             table = weights.read(initializers[tied_table(graph)[0]])
-            smooth = weights.smoothing(group_input(model, tied), [table.T], weights.alpha_of(TIED_GROUP))
-        alpha = weights.alpha_of(TIED_GROUP) if smooth is not None else None
+            alpha = weights.alpha_of(TIED_GROUP)
+            smooth = weights.smoothing(group_input(model, tied), [table.T], alpha)
         share_tied_table(result, int8_decoder=True, target=weights.target, smooth=smooth,
                          fp16_embeddings=weights.fp16_embeddings, read=weights.read,
                          quantize=lambda table: weights.tied_rows(table, alpha))

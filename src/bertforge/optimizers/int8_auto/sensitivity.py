@@ -29,14 +29,7 @@ from bertforge.optimizers.int8_auto.plans import apply_plan
 from bertforge.optimizers.int8_auto.prefix import LayerPrefix
 from bertforge.optimizers.int8_auto.weight_file import WeightFile
 from bertforge.optimizers.int8_auto.weights import QuantizedWeights
-from bertforge.validation.metrics import (
-    exp_rows,
-    kl_to,
-    log_softmax,
-    ref_top1_in_top_k,
-    top1_agrees,
-    top_k,
-)
+from bertforge.validation.metrics import kl_to, ref_top1_in_top_k, softmax_terms, top1_agrees, top_k
 
 
 def plan_graph(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group], weights: QuantizedWeights,
@@ -89,9 +82,7 @@ class Reference:
 
     @classmethod
     def of(cls, logits: np.ndarray) -> Reference:
-        log_p = log_softmax(logits)
-        p = exp_rows(log_p, out=np.empty_like(log_p))
-        return cls(top_k(logits), p, (p * log_p).sum(axis=-1))
+        return cls(top_k(logits), *softmax_terms(logits))
 
 
 @dataclass
