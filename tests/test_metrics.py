@@ -87,21 +87,6 @@ def test_kl_to_in_row_blocks_is_each_rows_own_kl():
     assert (blocked > 0).all()
 
 
-def test_exp_by_torch_equals_numpys_exp_to_the_last_bits_in_place_too():
-    """The route exp_rows takes where numpy's float64 exp is not vectorized (AVX2, ARM)."""
-    from bertforge.validation.metrics import exp_rows_by_torch
-
-    rows = np.random.default_rng(3).normal(0, 6, (9, 30_522))
-    rows -= rows.max(axis=-1, keepdims=True)  # as softmax and KL call it: every value <= 0
-    rows[2, :7] = [-np.inf, -745.2, -708.4, -1e-300, 0.0, -0.5, -30.0]  # underflow, subnormal, exact
-    expected = np.exp(rows)
-    found = exp_rows_by_torch(rows, np.empty_like(rows))
-    np.testing.assert_allclose(found, expected, rtol=5e-16, atol=5e-324)
-    assert found[2, 0] == 0.0 and found[2, 4] == 1.0
-    assert exp_rows_by_torch(rows, rows) is rows
-    np.testing.assert_array_equal(rows, found)
-
-
 def test_variant_metrics_equal_the_one_metric_functions_and_each_row_is_its_own():
     rng = np.random.default_rng(2)
     reference = (rng.standard_normal((21, 30522)) * 3).astype(np.float32)

@@ -126,5 +126,5 @@ def variant_block(reference: ReferenceRows, variant: np.ndarray, block: slice) -
     np.subtract(r, of_reference["peak"][:, None], out=r)
     np.subtract(r, of_reference["log_total"][:, None], out=r)
     exp_rows(r, out=r)  # p
-    found["kl"] = kl_in_place(r, v, of_reference["p_log_p"])
+    found["kl"] = kl_in_place(r, v, of_reference["p_log_p"], exp=exp_rows)
     return {name: values[:count] for name, values in found.items()}
