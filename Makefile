@@ -7,7 +7,7 @@ STAMP := $(VENV)/.bertforge-installed
 OLIVE_VENV := .venv-olive
 OLIVE_STAMP := $(OLIVE_VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test test-avx2 bench lint clean
 
 $(STAMP): pyproject.toml requirements-demo.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The suite as an AVX2-only CPU sees it (no AVX-512, VNNI, AMX), on an x86 machine with CPUID faulting.
+test-avx2: $(STAMP)
+	tools/as-avx2 $(BIN)/python -m pytest
 
 bench: $(STAMP) $(OLIVE_STAMP)
 	$(BIN)/python benchmarks/run.py --olive-python $(OLIVE_VENV)/bin/python
