@@ -7,7 +7,7 @@ STAMP := $(VENV)/.bertforge-installed
 OLIVE_VENV := .venv-olive
 OLIVE_STAMP := $(OLIVE_VENV)/.installed
 
-.PHONY: demo test test-avx2 bench lint clean
+.PHONY: demo test test-avx2 test-avx512 bench lint clean
 
 $(STAMP): pyproject.toml requirements-demo.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,9 +31,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# The suite as an AVX2-only CPU sees it (no AVX-512, VNNI, AMX), on an x86 machine with CPUID faulting.
+# The suite as an AVX2-only CPU sees it (no AVX-512, VNNI, AMX), on an x86 machine with CPUID faulting;
+# test-avx512: as an AVX-512 CPU without VNNI (a Skylake-SP). tools/as-cpu says how.
 test-avx2: $(STAMP)
 	tools/as-avx2 $(BIN)/python -m pytest
+
+test-avx512: $(STAMP)
+	tools/as-cpu avx512 $(BIN)/python -m pytest
 
 bench: $(STAMP) $(OLIVE_STAMP)
 	$(BIN)/python benchmarks/run.py --olive-python $(OLIVE_VENV)/bin/python

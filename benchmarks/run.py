@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.models.split(","):
         results["models"].append(bench_model(spec.strip(), args.repeats, args.olive_python))
     klass = cpu_class()
-    if "(CPUID masked" in results["machine"]["cpu"]:  # tools/as-avx2: this class's kernels on another CPU
+    if "(CPUID masked" in results["machine"]["cpu"]:  # tools/as-cpu: that class's kernels on another CPU
         klass += "-masked"
     (ROOT / "benchmarks" / f"results-{klass}.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     (ROOT / "benchmarks" / f"RESULTS-{klass}.md").write_text(render(results) + "\n")

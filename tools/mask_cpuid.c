@@ -1,11 +1,14 @@
 // LD_PRELOAD library: make this process (and its children) see an x86 CPU without AVX-512, VNNI or
-// AMX through CPUID, using the kernel's CPUID faulting (arch_prctl ARCH_SET_CPUID). Every CPUID then
-// raises SIGSEGV; the handler runs the real CPUID with faulting briefly off, clears the masked bits
-// and steps over the instruction. Other SIGSEGVs go to whatever handler the program installed.
+// AMX through CPUID (BERTFORGE_AS_CPU=avx512: with AVX-512 F/CD/BW/DQ/VL but no VNNI, AMX or later
+// AVX-512 extensions, a Skylake-SP), using the kernel's CPUID faulting (arch_prctl ARCH_SET_CPUID).
+// Every CPUID then raises SIGSEGV; the handler runs the real CPUID with faulting briefly off, clears
+// the masked bits and steps over the instruction. Other SIGSEGVs go to whatever handler the program
+// installed.
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <ucontext.h>
@@ -16,6 +19,7 @@
 
 static struct sigaction chained;  // the program's own SIGSEGV disposition
 static int installed;
+static int keep_avx512;  // BERTFORGE_AS_CPU=avx512: the AVX-512 core set stays
 static int (*real_sigaction)(int, const struct sigaction *, struct sigaction *);
 
 static void real_cpuid(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
@@ -27,8 +31,8 @@ static void real_cpuid(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
 static void mask(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
     if (leaf == 7 && sub == 0) {
         // EBX: AVX512F 16, DQ 17, IFMA 21, PF 26, ER 27, CD 28, BW 30, VL 31
-        r[1] &= ~((1u << 16) | (1u << 17) | (1u << 21) | (1u << 26) | (1u << 27) | (1u << 28) |
-                  (1u << 30) | (1u << 31));
+        uint32_t core = (1u << 16) | (1u << 17) | (1u << 28) | (1u << 30) | (1u << 31);
+        r[1] &= ~((1u << 21) | (1u << 26) | (1u << 27) | (keep_avx512 ? 0u : core));
         // ECX: VBMI 1, VBMI2 6, VNNI 11, BITALG 12, VPOPCNTDQ 14
         r[2] &= ~((1u << 1) | (1u << 6) | (1u << 11) | (1u << 12) | (1u << 14));
         // EDX: 4VNNIW 2, 4FMAPS 3, VP2INTERSECT 8, AMX-BF16 22, AVX512-FP16 23, AMX-TILE 24, AMX-INT8 25
@@ -38,7 +42,8 @@ static void mask(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
         r[0] &= ~((1u << 4) | (1u << 5) | (1u << 23));
         r[3] &= ~((1u << 4) | (1u << 5) | (1u << 19));
     } else if (leaf == 0xd && sub == 0) {
-        r[0] &= ~((1u << 5) | (1u << 6) | (1u << 7) | (1u << 17) | (1u << 18));  // opmask, ZMM, AMX state
+        r[0] &= ~((1u << 17) | (1u << 18));  // AMX tile state
+        if (!keep_avx512) r[0] &= ~((1u << 5) | (1u << 6) | (1u << 7));  // opmask, ZMM state
     }
 }
 
@@ -83,6 +88,8 @@ int sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
 
 __attribute__((constructor)) static void start(void) {
     real_sigaction = dlsym(RTLD_NEXT, "sigaction");
+    const char *as = getenv("BERTFORGE_AS_CPU");
+    keep_avx512 = as != NULL && strcmp(as, "avx512") == 0;
     struct sigaction ours;
     memset(&ours, 0, sizeof ours);
     ours.sa_sigaction = on_segv;

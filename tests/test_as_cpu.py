@@ -1,6 +1,6 @@
-"""tools/as-avx2 really gives a process the AVX2 class's kernels: CI's AVX2 pass (.ci/run) means
-something only if it does. Runs where the tool can (x86 with CPUID faulting, a private mount
-namespace) and this CPU is not AVX2 already."""
+"""tools/as-cpu (tools/as-avx2) really gives a process the lower class's kernels: CI's AVX2 pass
+(.ci/run) means something only if it does. Runs where the tool can (x86 with CPUID faulting, a private
+mount namespace) and this CPU is above the class."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from bertforge.environment import cpu_class, cpu_flags
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "as-avx2"
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 # A u8 x s8 MatMulInteger whose K-adjacent products sum past int16: 4 x 255 x 127 = 129540 exactly;
 # MLAS's AVX2 kernel (vpmaddubsw) saturates each pair at 32767, so 65534 there.
@@ -42,7 +42,7 @@ print(json.dumps({"product": product, "numpy_avx512f": bool(features.get("AVX512
 
 def tool_usable() -> bool:
     flags = cpu_flags()
-    if cpu_class() in ("avx2", "x86-64") or "cpuid_fault" not in flags or shutil.which("unshare") is None:
+    if cpu_class() in ("avx2", "avx512", "x86-64") or "cpuid_fault" not in flags or shutil.which("unshare") is None:
         return False
     return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
 
@@ -55,15 +55,26 @@ def probe(*prefix: str) -> dict:
 
 @pytest.mark.skipif(not tool_usable(), reason="needs an x86 CPU above AVX2 with CPUID faulting, and unshare")
 def test_as_avx2_gives_onnxruntime_numpy_torch_and_bertforge_the_avx2_class():
-    masked = probe(str(TOOL))
+    masked = probe(str(TOOLS / "as-avx2"))
     assert masked["product"] == 65534  # MLAS took its AVX2 u8 x s8 kernel and saturated
     assert masked["numpy_avx512f"] is False
     assert masked["torch"] == "AVX2"
     assert masked["class"] == "avx2"
     assert masked["cpu"].endswith("(CPUID masked to AVX2)")
     plain = probe()  # the same probe unmasked: this CPU's own class
-    assert plain["class"] == cpu_class() and not plain["cpu"].endswith("(CPUID masked to AVX2)")
+    assert plain["class"] == cpu_class() and "(CPUID masked" not in plain["cpu"]
     if "avx512f" in cpu_flags():
         assert plain["torch"] != "AVX2" and plain["numpy_avx512f"] is True
     if plain["class"] in ("avx512-vnni", "avx-vnni", "amx"):
         assert plain["product"] == 129540  # VNNI sums the products exactly
+
+
+@pytest.mark.skipif(not tool_usable() or "avx512bw" not in cpu_flags(),
+                    reason="needs an x86 CPU with AVX-512 and VNNI or AMX, CPUID faulting, and unshare")
+def test_as_cpu_avx512_keeps_avx512_and_takes_vnni_away():
+    masked = probe(str(TOOLS / "as-cpu"), "avx512")
+    assert masked["product"] == 65534  # MLAS's AVX-512 core kernel (no VNNI) saturates too
+    assert masked["numpy_avx512f"] is True
+    assert masked["torch"] == "AVX512"
+    assert masked["class"] == "avx512"
+    assert masked["cpu"].endswith("(CPUID masked to AVX-512 without VNNI)")
