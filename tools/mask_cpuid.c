@@ -14,7 +14,8 @@
 #include <ucontext.h>
 #include <unistd.h>
 
-#define ARCH_GET_CPUID 0x1011
+// CPUID faulting is a per-thread flag that new threads and fork() inherit and execve() clears (the
+// preload sets it again in the new program).
 #define ARCH_SET_CPUID 0x1012
 
 static struct sigaction chained;  // the program's own SIGSEGV disposition
