@@ -79,6 +79,8 @@ static void on_segv(int sig, siginfo_t *info, void *context) {
     real_sigaction(SIGSEGV, &dfl, NULL);  // re-executing the instruction faults again, to the default
 }
 
+// The program's own SIGSEGV handler is kept as `chained` and ours stays installed. glibc's signal()
+// does not come through here; Python, Node (V8) and Ray install theirs with sigaction.
 int sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
     if (!real_sigaction) real_sigaction = dlsym(RTLD_NEXT, "sigaction");
     if (sig != SIGSEGV || !installed) return real_sigaction(sig, act, old);
