@@ -319,11 +319,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def index() -> str:
-    """RESULTS.md: one line per CPU class measured, its machine and libraries, newest file first."""
+    """RESULTS.md: one line per CPU class measured, its machine and libraries, from the lowest class up
+    (a fixed order: a clone's file times say nothing of when a run was made)."""
     lines = ["# Benchmark results, per CPU class", "",
              "Written by `make bench` (benchmarks/run.py); one file per CPU class, since int8 kernels, their speed",
              "and the peers' presets depend on it. Each was measured on one machine of that class, in one run.", ""]
-    found = sorted((ROOT / "benchmarks").glob("results-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    order = ["avx2", "avx512", "avx-vnni", "avx512-vnni", "amx"]
+
+    def rank(path: Path) -> tuple[int, str]:
+        klass = path.stem.removeprefix("results-").removesuffix("-masked")
+        return (order.index(klass) if klass in order else len(order), path.stem)
+
+    found = sorted((ROOT / "benchmarks").glob("results-*.json"), key=rank)
     for path in found:
         klass = path.stem.removeprefix("results-")
         data = json.loads(path.read_text("utf-8"))
