@@ -87,6 +87,20 @@ def test_kl_to_in_row_blocks_is_each_rows_own_kl():
     assert (blocked > 0).all()
 
 
+@pytest.mark.parametrize("by_numpy", [True, False])
+def test_exp_rows_on_either_route_keeps_every_digit_of_numpys_exp(by_numpy, monkeypatch):
+    # validation's and int8-auto's KL exponentiate through exp_rows: numpy's loop with AVX-512, torch's
+    # elsewhere; both within an ulp of the true value, so within two of each other (a route that lost
+    # digits, as torch's AVX-512 route once did in a long process, fails here)
+    from bertforge.validation import metrics
+
+    monkeypatch.setattr(metrics, "numpy_vector_exp", lambda: by_numpy)
+    x = np.random.default_rng(3).uniform(-60.0, 0.0, size=(5, 30522))  # rows shifted by their max
+    out = np.empty_like(x)
+    assert metrics.exp_rows(x, out) is out
+    np.testing.assert_allclose(out, np.exp(x), rtol=4.5e-16, atol=0)
+
+
 def test_variant_metrics_equal_the_one_metric_functions_and_each_row_is_its_own():
     rng = np.random.default_rng(2)
     reference = (rng.standard_normal((21, 30522)) * 3).astype(np.float32)

@@ -70,8 +70,9 @@ def kl_to(p: np.ndarray, p_log_p: np.ndarray, variant: np.ndarray) -> np.ndarray
 def kl_in_place(p: np.ndarray, x: np.ndarray, p_log_p: np.ndarray, exp: Callable = np.exp) -> np.ndarray:
     """kl_to's arithmetic on [rows, vocab] float64 arrays of two or more rows, x the variant's logits,
     overwritten: shifted by each row's max t, then exponentiated in place. `exp(x, out=x)`: validation
-    passes its own (exp_rows). int8-auto's search keeps numpy's: torch's float64 exp was seen to lose
-    digits (3.3e-9 relative) in a process that had run other work first, cause unknown."""
+    passes its own (exp_rows). int8-auto's search keeps numpy's: on bert-base with AVX2 kernels (an Intel
+    Xeon masked to AVX2) the search took 194 s with either, and torch's would load torch into every
+    process that runs a sensitivity row."""
     np.subtract(x, x.max(axis=-1, keepdims=True), out=x)
     expected = np.einsum("ij,ij->i", p, x)
     exp(x, out=x)
@@ -85,8 +86,10 @@ def exp_rows(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     switched off), so there torch computes it, a row a call, which keeps each call on the calling thread
     (a row is under torch's parallel grain). The route depends on the CPU alone, never on what a process
     happened to import. With AVX-512, numpy's own: from two threads it was the faster of the two.
-    Caveat: in one full test-suite process torch's float64 exp differed from numpy's by up to 3.3e-9
-    relative, where alone it was equal to the bit (cause not found; docs/memory.md)."""
+    Where torch's route is taken (CPUID without AVX-512: AMD and Intel tried), torch's exp stayed within
+    an ulp of numpy's after every test of a whole suite process; the digits lost once (3.3e-9 relative)
+    were on an Intel Xeon whose AVX-512 was hidden from numpy and torch by environment variables only,
+    not from the libraries under them: no real CPU is that (docs/memory.md)."""
     return np.exp(x, out=out) if numpy_vector_exp() else exp_rows_by_torch(x, out)
 
 
