@@ -80,19 +80,34 @@ def remote_key() -> str:
 
 def build_demo_checkpoint(target: Path) -> None:
     import torch
-    from transformers import AutoTokenizer, BertForMaskedLM
+    from transformers import AutoTokenizer
 
     from bertforge.artifact import atomic_directory
 
     source = demo_package_dir()
     torch.manual_seed(0)  # the head's placeholder init is overwritten below; seeded anyway
-    model = BertForMaskedLM.from_pretrained(source, attn_implementation="eager").eval()
+    model = headless_masked_lm(source)
     tokenizer = AutoTokenizer.from_pretrained(source)
     fit_head(model, tokenizer)
     model.config.architectures = ["BertForMaskedLM"]
     with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def headless_masked_lm(source: Path):
+    """all-MiniLM-L6-v2 as a masked LM, eval mode, its head still the placeholder fit_head replaces.
+    transformers' warning that the head is "newly initialized" and should be trained is about that
+    placeholder: it is not shown (on the demo's first build it read as a fault in the demo)."""
+    from transformers import BertForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return BertForMaskedLM.from_pretrained(source, attn_implementation="eager").eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def fit_head(model, tokenizer) -> dict[str, float]:
