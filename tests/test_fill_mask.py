@@ -72,3 +72,18 @@ def test_a_text_without_a_mask_is_a_usage_error(tiny_variants, capsys):
 
     assert main(["fill-mask", str(tiny_variants["fp32"]), "No mask here."]) == 2
     assert "no [MASK] in" in capsys.readouterr().err
+
+
+def test_a_build_directory_is_a_usage_error_that_names_its_variants(tmp_path, capsys):
+    from bertforge.cli import main
+
+    for variant in ("int8-dynamic", "fp32"):
+        (tmp_path / variant).mkdir()
+        (tmp_path / variant / "model.onnx").write_bytes(b"")
+    (tmp_path / "report.md").write_text("")
+    assert main(["fill-mask", str(tmp_path), "A [MASK] here."]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is a build directory" in err
+    assert f"e.g. {tmp_path / 'fp32'} (in it: fp32, int8-dynamic)" in err
+    assert main(["fill-mask", str(tmp_path / "fp32"), "A [MASK] here."]) == 2  # no tokenizer.json
+    assert "is not a variant directory" in capsys.readouterr().err

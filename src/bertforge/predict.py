@@ -123,13 +123,25 @@ class MaskFiller:
 
         self.directory = Path(directory)
         if not (self.directory / "model.onnx").is_file() or not (self.directory / TOKENIZER_FILE).is_file():
-            raise UsageError(f"{self.directory} is not a variant directory (needs model.onnx and {TOKENIZER_FILE})")
+            raise UsageError(not_a_variant(self.directory))
         self.text = MaskText.from_directory(self.directory)
         self.session = open_session(self.directory)
 
     def __call__(self, text: str, top_k: int = 5) -> list[list[Prediction]]:
         """The top_k predictions at each [MASK] of `text`, one list per [MASK] in text order."""
         return session_predictions(self.session, self.text, text, top_k)
+
+
+def not_a_variant(directory: Path) -> str:
+    """Why `directory` cannot be read as a variant; for a build directory, the variants inside it."""
+    try:
+        variants = sorted(p.name for p in directory.iterdir() if (p / "model.onnx").is_file())
+    except OSError:  # not a directory, or not readable
+        variants = []
+    if variants:
+        return (f"{directory} is a build directory, not a variant: name one of its variants, e.g. "
+                f"{directory / variants[0]} (in it: {', '.join(variants)})")
+    return f"{directory} is not a variant directory (needs model.onnx and {TOKENIZER_FILE})"
 
 
 def session_predictions(session: Any, masker: MaskText, text: str, top_k: int = 5) -> list[list[Prediction]]:
