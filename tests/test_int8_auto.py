@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 
 from bertforge.errors import UsageError
-from bertforge.optimizers.int8_auto.search import hull, ordered_moves, plan_after
+from bertforge.optimizers.int8_auto.search import hull, ordered_moves, plan_after, search
 from conftest import INT8_LOGIT_ERROR, tiny_feeds
 
 
@@ -22,6 +22,27 @@ def test_hull_drops_dearer_less_accurate_schemes_and_orders_moves():
     assert start == {"a": "int8-dynamic", "b": "int8-dynamic", "c": "fp32"}
     assert [(m.group, m.scheme) for m in moves] == [("b", "fp32"), ("a", "fp32")]
     assert plan_after(start, moves, 1) == {"a": "int8-dynamic", "b": "fp32", "c": "fp32"}
+
+
+def test_the_search_never_runs_the_all_fp32_plan_whose_agreement_is_the_references_own():
+    costs = {"a": {"fp32": 1.0, "int8-dynamic": 0.2}, "b": {"fp32": 1.0, "int8-dynamic": 0.5}}
+    kl = {"a": {"int8-dynamic": 0.01}, "b": {"int8-dynamic": 0.02}}
+    start, moves = ordered_moves(["a", "b"], costs, kl)
+    seen = []
+
+    def evaluate(plan):  # top-1 grows by 10 points a group in fp32
+        seen.append(dict(plan))
+        fp32 = sum(scheme == "fp32" for scheme in plan.values())
+        return {"top1_agreement": 0.8 + 0.1 * fp32, "ref_top1_in_top5": 1.0, "kl_mean": 0.01 * (2 - fp32)}
+
+    found = search(start, moves, evaluate, {"top1_agreement": 0.85, "ref_top1_in_top5": None, "kl_mean": None},
+                   lambda plan: 1.0, None)
+    assert found["plan"] == {"a": "int8-dynamic", "b": "fp32"}
+    assert seen == [{"a": "int8-dynamic", "b": "int8-dynamic"}, {"a": "int8-dynamic", "b": "fp32"}]
+    fp32_entry = next(e for e in found["evaluations"] if e["moves"] == len(moves))
+    assert fp32_entry == {"moves": 2, "latency_ratio": 1.0, "top1_agreement": 1.0, "ref_top1_in_top5": 1.0,
+                          "kl_mean": 0.0, "run": False}
+    assert found["calibration"] == {"top1_agreement": 0.9, "ref_top1_in_top5": 1.0, "kl_mean": 0.01}
 
 
 def fp32_artifact(tiny_variants):

@@ -186,7 +186,8 @@ def plan_table(report: dict[str, Any]) -> tuple[list[list[str]], str] | None:
             + f"). Target {wanted}. "
             f"Chosen plan on the calibration split: top-1 {chosen['top1_agreement']:.1%}, ref top-1 in top-5 "
             f"{chosen['ref_top1_in_top5']:.1%}, KL {chosen['kl_mean']:.1e}; predicted latency "
-            f"{meta['predicted_latency_ratio']:.2f}× the fp32 graph; {len(meta['evaluations'])} plans evaluated, "
+            f"{meta['predicted_latency_ratio']:.2f}× the fp32 graph; "
+            f"{sum(e.get('run', True) for e in meta['evaluations'])} plans evaluated, "
             f"search {meta['search_seconds']:.0f} s. Plans on the way (moves → top-1, latency ratio): "
             + "; ".join(f"{e['moves']} → {e['top1_agreement']:.1%}, {e['latency_ratio']:.2f}×"
                         for e in sorted(meta["evaluations"], key=lambda e: e["moves"])) + ".")
