@@ -29,7 +29,14 @@ import numpy as np
 import bertforge  # noqa: F401  (sets the telemetry switches before onnxruntime loads)
 from bertforge import bench
 from bertforge.api import build
-from bertforge.environment import cpu_class, cpu_flags, library_versions, machine_info, physical_cores
+from bertforge.environment import (
+    X86_CLASSES,
+    cpu_class,
+    cpu_flags,
+    library_versions,
+    machine_info,
+    physical_cores,
+)
 from bertforge.progress import Progress
 from bertforge.recipe import load_recipe
 from bertforge.sources import resolve
@@ -324,7 +331,7 @@ def index() -> str:
     lines = ["# Benchmark results, per CPU class", "",
              "Written by `make bench` (benchmarks/run.py); one file per CPU class, since int8 kernels, their speed",
              "and the peers' presets depend on it. Each was measured on one machine of that class, in one run.", ""]
-    order = ["avx2", "avx512", "avx-vnni", "avx512-vnni", "amx"]
+    order = [name for _, name in reversed(X86_CLASSES)]
 
     def rank(path: Path) -> tuple[int, str]:
         klass = path.stem.removeprefix("results-").removesuffix("-masked")

@@ -89,9 +89,9 @@ def test_kl_to_in_row_blocks_is_each_rows_own_kl():
 
 @pytest.mark.parametrize("by_numpy", [True, False])
 def test_exp_rows_on_either_route_keeps_every_digit_of_numpys_exp(by_numpy, monkeypatch):
-    # validation's and int8-auto's KL exponentiate through exp_rows: numpy's loop with AVX-512, torch's
-    # elsewhere; both within an ulp of the true value, so within two of each other (a route that lost
-    # digits, as torch's AVX-512 route once did in a long process, fails here)
+    # validation exponentiates through exp_rows: numpy's loop with AVX-512, torch's elsewhere; both within
+    # an ulp of the true value, so within two of each other (a route that lost digits, as torch's exp
+    # once did in a long process with AVX-512 hidden by environment variables, fails here)
     from bertforge.validation import metrics
 
     monkeypatch.setattr(metrics, "numpy_vector_exp", lambda: by_numpy)

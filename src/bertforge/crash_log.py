@@ -72,3 +72,18 @@ def library_messages_to(path: Path) -> Iterator[None]:
         logging.captureWarnings(False)
         root.removeHandler(handler)
         handler.close()
+
+
+@contextlib.contextmanager
+def transformers_errors_only() -> Iterator[None]:
+    """transformers' own warnings (its logger writes to stderr itself, past library_messages_to) held
+    back while a checkpoint loads where bertforge reports, or makes, what they are about: a missing MLM
+    head."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)

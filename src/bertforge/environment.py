@@ -68,6 +68,11 @@ def is_x86(machine: str | None = None) -> bool:
     return (machine or platform.machine()).lower() in ("x86_64", "amd64", "i386", "i686")
 
 
+# x86 int8 classes, highest first: (the /proc/cpuinfo flag that marks one, its name)
+X86_CLASSES = (("amx_int8", "amx"), ("avx512_vnni", "avx512-vnni"), ("avx_vnni", "avx-vnni"),
+               ("avx512f", "avx512"), ("avx2", "avx2"))
+
+
 def cpu_class(flags: set[str] | None = None, machine: str | None = None) -> str:
     """This CPU's class for int8 numerics and speed: amx, avx512-vnni, avx-vnni, avx512, avx2, or the
     architecture's name off x86 (arm64 ...). Keys and reports carry it: it names what picks the
@@ -76,8 +81,7 @@ def cpu_class(flags: set[str] | None = None, machine: str | None = None) -> str:
     if not is_x86(machine):
         return {"aarch64": "arm64"}.get(machine.lower(), machine.lower())
     flags = cpu_flags() if flags is None else flags
-    for flag, name in (("amx_int8", "amx"), ("avx512_vnni", "avx512-vnni"), ("avx_vnni", "avx-vnni"),
-                       ("avx512f", "avx512"), ("avx2", "avx2")):
+    for flag, name in X86_CLASSES:
         if flag in flags:
             return name
     return "x86-64"

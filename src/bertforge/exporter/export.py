@@ -42,17 +42,15 @@ def load_reference(checkpoint: Path):
     are a one-line SourceError naming them. The MLM head is the documented exception: a checkpoint
     without one (an encoder) gets the missing head reported as data."""
     from transformers import BertForMaskedLM
-    from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the missing-head warning is reported by us, as data
+    from bertforge.crash_log import transformers_errors_only
+
     try:
-        model, info = BertForMaskedLM.from_pretrained(checkpoint, attn_implementation="eager",
-                                                      output_loading_info=True)
+        with transformers_errors_only():  # the missing-head warning is reported by us, as data
+            model, info = BertForMaskedLM.from_pretrained(checkpoint, attn_implementation="eager",
+                                                          output_loading_info=True)
     except Exception as exc:  # noqa: BLE001 - truncated files, shapes that do not fit config.json, ...
         raise SourceError(f"{checkpoint}: its weights do not load: {' '.join(str(exc).split())[:300]}") from exc
-    finally:
-        hf_logging.set_verbosity(verbosity)
     missing_head = sorted(k for k in info["missing_keys"] if k.startswith("cls."))
     missing = sorted(k for k in info["missing_keys"] if not k.startswith("cls."))
     unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(OTHER_HEADS))

@@ -100,14 +100,11 @@ def headless_masked_lm(source: Path):
     transformers' warning that the head is "newly initialized" and should be trained is about that
     placeholder: it is not shown (on the demo's first build it read as a fault in the demo)."""
     from transformers import BertForMaskedLM
-    from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    from bertforge.crash_log import transformers_errors_only
+
+    with transformers_errors_only():
         return BertForMaskedLM.from_pretrained(source, attn_implementation="eager").eval()
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 def fit_head(model, tokenizer) -> dict[str, float]:
