@@ -35,7 +35,9 @@ def test_a_plan_runs_from_its_first_changed_layer_with_the_logits_of_its_whole_g
 
     for plan, start in (({"layer.1.ffn-down": "int8-dynamic"}, 1), ({"layer.0.qkv": "int8-smooth"}, 0),
                         ({"layer.1.attn-out": "int8-blockwise", "head.transform": "int8-dynamic"}, 1),
-                        ({"head.transform": "int8-blockwise"}, HEAD_START)):
+                        ({"head.transform": "int8-blockwise"}, HEAD_START),
+                        # gathered at the [MASK] rows after the last layer's attention core (masked_rows)
+                        ({"layer.1.ffn-up": "int8-blockwise"}, 1), ({"layer.0.ffn-up": "int8-dynamic"}, 0)):
         assert prefix.start_of_plan(plan) == start
         whole = plan_logits(model, plan, groups, weights, split)
         from_prefix = plan_logits(model, plan, groups, weights, split, prefix)

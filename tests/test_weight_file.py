@@ -9,14 +9,16 @@ from test_smooth_quant import mha_graph
 
 
 def derived_graphs(model, groups, weights):
-    from bertforge.optimizers.int8_auto.calibration import gathered_head
     from bertforge.optimizers.int8_auto.groups import SCHEMES, TIED_GROUP, group_schemes
+    from bertforge.optimizers.int8_auto.masked_rows import gathered_after_last_attention, gathered_head
     from bertforge.optimizers.int8_auto.plans import apply_plan
 
     for scheme in SCHEMES:
         plan = {g.name: scheme for g in groups if scheme in group_schemes(g)}
         yield scheme, apply_plan(model, plan, groups, weights)
         yield f"{scheme} (head at [MASK] rows)", gathered_head(apply_plan(model, plan, groups, weights))
+    yield "last layer at [MASK] rows", gathered_after_last_attention(apply_plan(model, {}, groups, weights), model,
+                                                                     groups)
     yield "tied table only", apply_plan(model, {TIED_GROUP: "int8-dynamic"}, groups, weights)
 
 

@@ -21,9 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bertforge.optimizers.int8_auto.groups import (
-    TIED_GROUP,
-)
+from bertforge.optimizers.int8_auto.masked_rows import GATHER_INDEX
 from bertforge.optimizers.int8_auto.prefix import LayerPrefix
 from bertforge.optimizers.int8_auto.weight_file import WeightFile
 
@@ -90,46 +88,11 @@ def session_for(model: onnx.ModelProto, threads: int | None = None, profile_pref
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-# Schemes whose arithmetic for one row does not depend on the other rows: int8-dynamic, -smooth and -outlier
-# quantize the whole activation tensor with one scale (DynamicQuantizeMatMul), int8-blockwise per row.
-ROW_LOCAL_SCHEMES = frozenset({"fp32", "int8-blockwise"})
-HEAD_GROUPS = frozenset({"head.transform", TIED_GROUP})
-GATHER_INDEX = "calibration_mask_index"
-
-
-def head_reads_masked_rows_only(plan: dict[str, str]) -> bool:
-    """Whether the head may run at the [MASK] rows only with every logit as in the full graph: true when
-    no head group is quantized with one scale per tensor (a scale that the other rows would change)."""
-    return all(plan.get(name, "fp32") in ROW_LOCAL_SCHEMES for name in HEAD_GROUPS)
-
-
-def gathered_head(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph with its MLM head run at the rows of a `calibration_mask_index` input ([n, 2]: batch,
-    position) only. The head's decoder is about half of demo's compute at the calibration batches, and
-    full [batch, seq, vocab] logits are copied out only to keep n rows of them."""
-    import copy
-
-    from onnx import helper
-
-    from bertforge.optimizers.masked_head import gather_before_head
-
-    gathered = copy.deepcopy(model)
-    gathered.graph.input.append(helper.make_tensor_value_info(GATHER_INDEX, onnx.TensorProto.INT64, ["n", 2]))
-    gather_before_head(gathered, GATHER_INDEX)
-    logits = gathered.graph.output[0]
-    vocab = logits.type.tensor_type.shape.dim[-1]
-    del logits.type.tensor_type.shape.dim[:]
-    logits.type.tensor_type.shape.dim.add().dim_param = "n"
-    logits.type.tensor_type.shape.dim.add().CopyFrom(vocab)
-    del gathered.graph.value_info[:]  # the head's shapes changed; ORT infers them at load
-    return gathered
-
-
 def masked_logit_batches(model: onnx.ModelProto, split: CalibrationSplit, masked_rows_only: bool = False,
                          prefix: LayerPrefix | None = None,
                          weight_file: WeightFile | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """(batch index, its logits at its [MASK] positions), batch after batch. `masked_rows_only`: `model`
-    is a gathered_head graph (exact only where head_reads_masked_rows_only holds for the graph's plan).
+    gives the logits at those rows only (masked_rows).
     `prefix`: `model` is a suffix graph reading the prefix's stored values. `weight_file`: the base
     graph's weight file."""
     session = session_for(model, weight_file=weight_file)

@@ -14,8 +14,6 @@ import onnx
 from bertforge.fanout import Folder, mapper
 from bertforge.optimizers.int8_auto.calibration import (
     CalibrationSplit,
-    gathered_head,
-    head_reads_masked_rows_only,
     masked_logit_batches,
     masked_logits,
     session_for,
@@ -25,6 +23,7 @@ from bertforge.optimizers.int8_auto.groups import (
     group_input,
     group_schemes,
 )
+from bertforge.optimizers.int8_auto.masked_rows import GATHER_INDEX, decoder_at_masked_rows, masked_rows_graph
 from bertforge.optimizers.int8_auto.plans import apply_plan
 from bertforge.optimizers.int8_auto.prefix import LayerPrefix
 from bertforge.optimizers.int8_auto.weight_file import WeightFile
@@ -34,28 +33,25 @@ from bertforge.validation.metrics import kl_to, ref_top1_in_top_k, softmax_terms
 
 def plan_graph(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group], weights: QuantizedWeights,
                prefix: LayerPrefix | None = None, weight_file: WeightFile | None = None
-               ) -> tuple[onnx.ModelProto, bool, LayerPrefix | None]:
-    """(the graph a plan's logits are computed with, whether it runs the head at the [MASK] rows only,
-    the prefix it reads or None): the head at those rows only when that changes no logit; with
-    `prefix`, only the graph from the plan's first changed layer; with `weight_file` (written from
-    `model`), the graph's base weights are read from it (`model` may be its `referencing` copy, with
-    `weights.weight_file` that file)."""
+               ) -> tuple[onnx.ModelProto, LayerPrefix | None]:
+    """(the graph a plan's logits at the [MASK] rows are computed with, the prefix it reads or None): the
+    rows gathered as early as changes no logit (masked_rows); with `prefix`, only the graph from the
+    plan's first changed layer; with `weight_file` (written from `model`), the graph's base weights are
+    read from it (`model` may be its `referencing` copy, with `weights.weight_file` that file)."""
     graph = apply_plan(model, plan, groups, weights)
     if weight_file is not None:
         graph = weight_file.referencing(graph)  # the copies below then skip the large weights
-    rows_only = head_reads_masked_rows_only(plan)
-    if rows_only:
-        graph = gathered_head(graph)
+    graph = masked_rows_graph(graph, model, plan, groups)
     suffix = prefix.suffix(graph, plan) if prefix is not None else None
-    return (graph, rows_only, None) if suffix is None else (suffix, rows_only, prefix)
+    return (graph, None) if suffix is None else (suffix, prefix)
 
 
 def plan_logits(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group], weights: QuantizedWeights,
                 split: CalibrationSplit, prefix: LayerPrefix | None = None,
                 weight_file: WeightFile | None = None) -> np.ndarray:
     """The logits of a plan's graph (plan_graph) at the split's [MASK] positions, all batches at once."""
-    graph, rows_only, reads = plan_graph(model, plan, groups, weights, prefix, weight_file)
-    return masked_logits(graph, split, masked_rows_only=rows_only, prefix=reads, weight_file=weight_file)
+    graph, reads = plan_graph(model, plan, groups, weights, prefix, weight_file)
+    return masked_logits(graph, split, masked_rows_only=True, prefix=reads, weight_file=weight_file)
 
 
 def plan_agreement(model: onnx.ModelProto, plan: dict[str, str], groups: list[Group], weights: QuantizedWeights,
@@ -64,9 +60,9 @@ def plan_agreement(model: onnx.ModelProto, plan: dict[str, str], groups: list[Gr
     """A plan's agreement with the reference over the split, a batch at a time: one batch's logits in
     memory, whatever the calibration corpus's size. The per-position values are those of one pass over
     every position at once (each is a function of its own row), and so are their means."""
-    graph, rows_only, reads = plan_graph(model, plan, groups, weights, prefix, weight_file)
+    graph, reads = plan_graph(model, plan, groups, weights, prefix, weight_file)
     columns = [agreement_columns(reference.batch(split.batch_id(index)), logits)
-               for index, logits in masked_logit_batches(graph, split, masked_rows_only=rows_only, prefix=reads,
+               for index, logits in masked_logit_batches(graph, split, masked_rows_only=True, prefix=reads,
                                                          weight_file=weight_file)]
     return {key: float(np.mean(np.concatenate([column[key] for column in columns]))) for key in columns[0]}
 
@@ -130,8 +126,8 @@ def fp32_values(model: onnx.ModelProto, groups: list[Group], split: CalibrationS
     """One run of `apply_plan(model, {})` (the graph every plan's fp32 groups are made of) with every
     group's input and the prefix's tensors as extra outputs, written to `directory` (`prefix/`,
     `reference/`) a batch at a time. absmax is over the real (unpadded) tokens, the tied table's too (so
-    the head runs at every row here). Three runs of it (reference, absmax, prefix) cost bert-base's
-    search ~10 s."""
+    the head's transform runs at every row here; the decoder at the [MASK] rows). Three runs of it
+    (reference, absmax, prefix) cost bert-base's search ~10 s."""
     directory = Path(directory)
     fp32 = apply_plan(model, {}, groups, QuantizedWeights())
     if weight_file is not None:
@@ -140,15 +136,17 @@ def fp32_values(model: onnx.ModelProto, groups: list[Group], split: CalibrationS
     reference = SpilledReference(directory / "reference")
     stored = prefix.tensors(fp32)
     inputs = sorted({group_input(model, group) for group in groups})
-    probe = weight_file.referencing(fp32) if weight_file is not None else fp32
+    # the decoder at the [MASK] rows only (what is stored of it); its input is an extra output at every row
+    probe = decoder_at_masked_rows(weight_file.referencing(fp32) if weight_file is not None else fp32)
     extra = sorted(set(stored) | set(inputs))
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra)  # typed by ORT at load
     session = session_for(probe, weight_file=weight_file)
     names = [probe.graph.output[0].name, *extra]
     absmax: dict[str, np.ndarray] = {}
     for index, (feeds, rows, cols) in enumerate(zip(split.feeds, split.rows, split.cols, strict=True)):
-        found, *values = session.run(names, {i.name: feeds[i.name] for i in session.get_inputs()})
-        reference.store(split.batch_id(index), found[rows, cols])
+        available = {**feeds, GATHER_INDEX: np.stack([rows, cols], axis=1).astype(np.int64)}
+        found, *values = session.run(names, {i.name: available[i.name] for i in session.get_inputs()})
+        reference.store(split.batch_id(index), found)
         real = feeds["attention_mask"].astype(bool)
         for name, value in zip(extra, values, strict=True):
             if name in stored:
