@@ -10,7 +10,8 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["run.py", "passes.py", "family.py"])
+@pytest.mark.parametrize("script", ["run.py", "passes.py", "family.py", "int8_auto_search.py", "executors.py",
+                                    "validation_memory.py"])
 def test_benchmark_script_imports_and_shows_its_usage(script):
     done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                           timeout=120)
