@@ -15,6 +15,7 @@ counted (`Truncation`), never silently.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -39,10 +40,14 @@ HEAD_FIT = "head-fit"
 CALIBRATION = "calibration"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MaskedExample:
+    """One masked sentence. Compact, as validation holds the whole corpus's: the ids in a typed array (4
+    bytes an id, where a tuple of Python ints took ~36) and no per-instance dict, ~0.5 KB a sentence
+    less (~30 MB of a 60,000-sentence corpus)."""
+
     text: str
-    input_ids: tuple[int, ...]
+    input_ids: array  # array("i")
     masked_positions: tuple[int, ...]
     original_ids: tuple[int, ...]  # NO_LABEL where the sentence came with its own [MASK]
 
@@ -179,7 +184,7 @@ def mask_sentences(lines: list[str], tokenizer, *, seed: int = 0, fraction: floa
                 truncation.dropped_mask_lines += 1
             continue  # its [MASK] was cut off: masking other words would not be the line's question
         if own_masks:
-            examples.append(MaskedExample(text, tuple(ids), tuple(own_masks), (NO_LABEL,) * len(own_masks)))
+            examples.append(MaskedExample(text, array("i", ids), tuple(own_masks), (NO_LABEL,) * len(own_masks)))
             continue
         candidates = [i for i, token in enumerate(ids) if token not in special]
         if not candidates:
@@ -191,7 +196,7 @@ def mask_sentences(lines: list[str], tokenizer, *, seed: int = 0, fraction: floa
         masked = list(ids)
         for position in chosen:
             masked[position] = mask_id
-        examples.append(MaskedExample(text, tuple(masked), tuple(chosen), originals))
+        examples.append(MaskedExample(text, array("i", masked), tuple(chosen), originals))
     return examples
 
 
