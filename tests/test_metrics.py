@@ -87,18 +87,19 @@ def test_kl_to_in_row_blocks_is_each_rows_own_kl():
     assert (blocked > 0).all()
 
 
-@pytest.mark.parametrize("by_numpy", [True, False])
-def test_exp_rows_on_either_route_keeps_every_digit_of_numpys_exp(by_numpy, monkeypatch):
-    # validation exponentiates through exp_rows: numpy's loop with AVX-512, torch's elsewhere; both within
-    # an ulp of the true value, so within two of each other (a route that lost digits, as torch's exp
-    # once did in a long process with AVX-512 hidden by environment variables, fails here)
+def test_exp_rows_keeps_every_digit_of_libms_exp_on_the_route_this_cpu_takes():
+    # validation exponentiates through exp_rows: numpy's loop with AVX-512, torch's elsewhere (the AVX2
+    # class: .ci/run runs this file again as one). Both within an ulp of the true value, so within two
+    # of libm's; a route that lost digits fails here: torch's exp did, by 3.3e-9 relative, run on an
+    # AVX-512 CPU after other work in a long process (docs/memory.md), which is why it is not the route there
     from bertforge.validation import metrics
 
-    monkeypatch.setattr(metrics, "numpy_vector_exp", lambda: by_numpy)
     x = np.random.default_rng(3).uniform(-60.0, 0.0, size=(5, 30522))  # rows shifted by their max
     out = np.empty_like(x)
     assert metrics.exp_rows(x, out) is out
-    np.testing.assert_allclose(out, np.exp(x), rtol=4.5e-16, atol=0)
+    sample = np.random.default_rng(4).choice(x.size, 3000, replace=False)
+    expected = np.array([math.exp(value) for value in x.ravel()[sample]])
+    np.testing.assert_allclose(out.ravel()[sample], expected, rtol=4.5e-16, atol=0)
 
 
 def test_variant_metrics_equal_the_one_metric_functions_and_each_row_is_its_own():

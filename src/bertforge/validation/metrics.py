@@ -87,9 +87,10 @@ def exp_rows(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     (a row is under torch's parallel grain). The route depends on the CPU alone, never on what a process
     happened to import. With AVX-512, numpy's own: from two threads it was the faster of the two.
     Where torch's route is taken (CPUID without AVX-512: AMD and Intel tried), torch's exp stayed within
-    an ulp of numpy's after every test of a whole suite process; the digits lost once (3.3e-9 relative)
-    were on an Intel Xeon whose AVX-512 was hidden from numpy and torch by environment variables only,
-    not from the libraries under them: no real CPU is that (docs/memory.md)."""
+    an ulp of numpy's after every test of a whole suite process. On AVX-512 CPUs torch's exp has lost
+    digits (3.3e-9 relative) after other work in a long process, twice: with AVX-512 hidden from numpy
+    and torch by environment variables only, and forced onto that route on an Intel Xeon with AMX; cause
+    not found (docs/memory.md). Those CPUs take numpy's route."""
     return np.exp(x, out=out) if numpy_vector_exp() else exp_rows_by_torch(x, out)
 
 
