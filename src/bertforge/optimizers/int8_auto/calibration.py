@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bertforge.optimizers.int8_auto.masked_rows import GATHER_INDEX
+from bertforge.optimizers.int8_auto.masked_rows import GATHER_INDEX, mask_index
 from bertforge.optimizers.int8_auto.prefix import LayerPrefix
 from bertforge.optimizers.int8_auto.weight_file import WeightFile
 
@@ -98,7 +98,7 @@ def masked_logit_batches(model: onnx.ModelProto, split: CalibrationSplit, masked
     session = session_for(model, weight_file=weight_file)
     wanted = [i.name for i in session.get_inputs()]
     for index, (feeds, rows, cols) in enumerate(zip(split.feeds, split.rows, split.cols, strict=True)):
-        available = {**feeds, GATHER_INDEX: np.stack([rows, cols], axis=1).astype(np.int64)}
+        available = {**feeds, GATHER_INDEX: mask_index(rows, cols)}
         if prefix is not None:
             available.update(prefix.feeds(session, split.batch_id(index)))
         logits = session.run(None, {name: available[name] for name in wanted})[0]

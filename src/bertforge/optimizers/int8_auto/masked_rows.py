@@ -39,6 +39,11 @@ GATHER_INDEX = "calibration_mask_index"
 LAYER = re.compile(r"^layer\.(\d+)\.")
 
 
+def mask_index(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """The `calibration_mask_index` feed of a batch: its [MASK] positions' (row, column) pairs, [n, 2]."""
+    return np.stack([rows, cols], axis=1).astype(np.int64)
+
+
 def head_reads_masked_rows_only(plan: dict[str, str]) -> bool:
     """Whether the head may run at the [MASK] rows only with every logit as in the full graph: true when
     no head group is quantized with one scale per tensor (a scale that the other rows would change)."""
@@ -82,7 +87,6 @@ def gathered_head(model: onnx.ModelProto) -> onnx.ModelProto:
     from bertforge.optimizers.masked_head import gather_before_head
 
     gathered = copy.deepcopy(model)
-    gathered.graph.input.append(helper.make_tensor_value_info(GATHER_INDEX, onnx.TensorProto.INT64, ["n", 2]))
     gather_before_head(gathered, GATHER_INDEX)
     return with_row_logits(gathered)
 
@@ -98,7 +102,6 @@ def decoder_at_masked_rows(model: onnx.ModelProto) -> onnx.ModelProto:
     from bertforge.optimizers.masked_head import decoder_node, gather_at_decoder
 
     gathered = copy.deepcopy(model)
-    gathered.graph.input.append(helper.make_tensor_value_info(GATHER_INDEX, onnx.TensorProto.INT64, ["n", 2]))
     decoder = decoder_node(gathered)
     if decoder.op_type != "DynamicQuantizeMatMul":
         gather_at_decoder(gathered, GATHER_INDEX, [])  # fp32: each row computed alone
@@ -155,12 +158,14 @@ def gathered_after_last_attention(graph: onnx.ModelProto, base: onnx.ModelProto,
     gathered.graph.node.append(helper.make_node("Squeeze", [f"{logits}_3d", "masked_rows/axis0"], [logits],
                                                 name="masked_rows/Squeeze"))
     gathered.graph.initializer.append(numpy_helper.from_array(np.array([0], dtype=np.int64), "masked_rows/axis0"))
-    gathered.graph.input.append(helper.make_tensor_value_info(GATHER_INDEX, onnx.TensorProto.INT64, ["n", 2]))
     return with_row_logits(gathered)
 
 
 def with_row_logits(gathered: onnx.ModelProto) -> onnx.ModelProto:
-    """The logits output declared [n, vocab]; the shapes after the gather left to ORT to infer at load."""
+    """A gathered graph finished: its `calibration_mask_index` input ([n, 2]: batch, position; mask_index)
+    declared, its logits output declared [n, vocab], the shapes after the gather left to ORT to infer at
+    load."""
+    gathered.graph.input.append(helper.make_tensor_value_info(GATHER_INDEX, onnx.TensorProto.INT64, ["n", 2]))
     logits = gathered.graph.output[0]
     vocab = logits.type.tensor_type.shape.dim[-1]
     del logits.type.tensor_type.shape.dim[:]

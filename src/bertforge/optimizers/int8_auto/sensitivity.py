@@ -23,7 +23,12 @@ from bertforge.optimizers.int8_auto.groups import (
     group_input,
     group_schemes,
 )
-from bertforge.optimizers.int8_auto.masked_rows import GATHER_INDEX, decoder_at_masked_rows, masked_rows_graph
+from bertforge.optimizers.int8_auto.masked_rows import (
+    GATHER_INDEX,
+    decoder_at_masked_rows,
+    mask_index,
+    masked_rows_graph,
+)
 from bertforge.optimizers.int8_auto.plans import apply_plan
 from bertforge.optimizers.int8_auto.prefix import LayerPrefix
 from bertforge.optimizers.int8_auto.weight_file import WeightFile
@@ -144,7 +149,7 @@ def fp32_values(model: onnx.ModelProto, groups: list[Group], split: CalibrationS
     names = [probe.graph.output[0].name, *extra]
     absmax: dict[str, np.ndarray] = {}
     for index, (feeds, rows, cols) in enumerate(zip(split.feeds, split.rows, split.cols, strict=True)):
-        available = {**feeds, GATHER_INDEX: np.stack([rows, cols], axis=1).astype(np.int64)}
+        available = {**feeds, GATHER_INDEX: mask_index(rows, cols)}
         found, *values = session.run(names, {i.name: available[i.name] for i in session.get_inputs()})
         reference.store(split.batch_id(index), found)
         real = feeds["attention_mask"].astype(bool)
