@@ -16,19 +16,15 @@ from bertforge.errors import ModelFileError
 MASK_LOGITS = "mask_logits"
 
 
-def session_options(threads: int | None = None, spinning: bool = True, arena: bool = True,
-                    spin_only_in_run: bool = False):
+def session_options(threads: int | None = None, spinning: bool = True, spin_only_in_run: bool = False):
     """CPU session options. spinning=False: idle intra-op threads sleep instead of spinning, which a
     process holding several sessions needs (a session's spinning threads steal the cores the next
     session's run needs; seen here as a 1.6x slower fused demo variant when interleaved).
     spin_only_in_run: they spin between the ops of a run and stop when it returns, for a process that
-    computes on the same cores between runs (validation's metric threads).
-    arena=False: no CPU memory arena, so a session returns its buffers after each run instead of
-    keeping its largest batch's; for processes that hold every variant's session at once (validation)."""
+    computes on the same cores between runs (validation's metric threads)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = arena
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     elif spin_only_in_run:
@@ -62,7 +58,7 @@ def warn_outside_target(directory: Path) -> str | None:
     return warning
 
 
-def open_session(location: Path, threads: int | None = None, spinning: bool = True, arena: bool = True,
+def open_session(location: Path, threads: int | None = None, spinning: bool = True,
                  spin_only_in_run: bool = False):
     """A CPU session over `location`: a variant directory (its model.onnx) or an .onnx file. A variant
     built for an int8 target this CPU is outside of warns first (cpu_target.py)."""
@@ -74,7 +70,7 @@ def open_session(location: Path, threads: int | None = None, spinning: bool = Tr
     if path.is_dir():
         path = path / MODEL_FILE
     try:
-        return ort.InferenceSession(str(path), session_options(threads, spinning, arena, spin_only_in_run),
+        return ort.InferenceSession(str(path), session_options(threads, spinning, spin_only_in_run),
                                     providers=["CPUExecutionProvider"])
     except tuple(_load_failures()) as exc:
         cause = " ".join(str(exc).split())
