@@ -18,21 +18,19 @@ def test_the_metrics_do_not_depend_on_the_shard_size(tiny_checkpoint, tiny_varia
         assert results[size] == whole, size
 
 
-
 def test_each_variant_session_reuses_its_buffers_from_batch_to_batch(tiny_checkpoint, tiny_variants, monkeypatch):
     """Validation's sessions run with ORT's CPU arena and memory pattern, one at a time: without them each
-    batch's intermediates came and went on the C heap and the peak varied by up to 0.2 GB from shard to
+    batch's intermediates came and went on the C heap and the peak varied by up to 0.27 GB from shard to
     shard (variant_on_shard), so a larger corpus peaked higher only by having more shards."""
     import bertforge.validation.validate as validate
 
-    opened = []
+    open_session, opened = validate.open_session, []
 
     def recorded(path, **options):
         session = open_session(path, **options)
         opened.append(session.get_session_options())
         return session
 
-    open_session = validate.open_session
     monkeypatch.setattr(validate, "open_session", recorded)
     run_validation(tiny_checkpoint, {"fp32": tiny_variants["fp32"]}, ValidationConfig(max_sentences=20))
     assert opened, "validation opened no session"

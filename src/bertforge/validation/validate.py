@@ -225,9 +225,9 @@ def variant_on_shard(name: str, path: Path, shard: list, masked_reference: list[
     # bert-base here), but not after a run: the metric threads need the cores then (threads that spun
     # on made validation's metrics 1.6x slower). With ORT's CPU arena, as every session: it keeps the
     # shard's largest batch's buffers until the session closes, one session at a time. Without it,
-    # ORT's intermediates (the logits of every token, 57 MB a batch of a 30,522-word vocabulary) came
-    # and went on the C heap, and the peak varied from shard to shard by up to 0.2 GB with the heap's
-    # layout (docs/memory.md); with it, 1.01-1.07 GB over 28 like shards, rising only with the columns.
+    # ORT's intermediates (the logits of every token, up to 57 MB a batch at bert-base's vocabulary) came
+    # and went on the C heap, and a shard's peak fell anywhere in 1.01-1.28 GB with the heap's layout;
+    # with it, 1.01-1.07 GB over the same 28 shards (docs/memory.md).
     session = open_session(path, spin_only_in_run=True)
     for index, batch in enumerate(shard):
         rows, cols, truth = batch.masked_index()
