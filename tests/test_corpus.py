@@ -42,3 +42,24 @@ def test_masking_is_deterministic_and_bert_like(tiny_checkpoint):
     assert [e.original_ids for e in first[:3]] == [(NO_LABEL,)] * 3
     # appending sentences does not move the earlier sentences' masks
     assert mask_sentences(lines[:30], tokenizer, seed=0) == first[:30]
+
+
+def test_packed_examples_give_back_every_sentences_ids_and_masks_and_batch_alike(tiny_checkpoint):
+    import numpy as np
+
+    from bertforge.validation.corpus import PackedExamples, batches
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    examples = mask_sentences(builtin_lines(BUILTIN)[:90], tokenizer, seed=3)
+    packed = PackedExamples.of(examples)
+    assert len(packed) == len(examples) and packed.masked_positions() == sum(len(e.masked_positions) for e in examples)
+    stripped = [e.__class__("", e.input_ids, e.masked_positions, e.original_ids) for e in examples]
+    assert list(packed) == stripped and packed[-1] == stripped[-1]
+    assert list(packed[17:40]) == stripped[17:40] and list(packed[85:200]) == stripped[85:]
+    assert len(packed[17:40].ids) == sum(len(e.input_ids) for e in examples[17:40])  # a slice holds its own only
+    order = np.argsort([len(e.input_ids) for e in examples], kind="stable")
+    assert list(packed.ordered(order)) == [stripped[i] for i in order]
+    for mine, theirs in zip(batches(packed.ordered(order), 16), batches([examples[i] for i in order], 16), strict=True):
+        assert all(np.array_equal(a, b) for a, b in zip(mine.masked_index(), theirs.masked_index(), strict=True))
+        assert np.array_equal(mine.input_ids, theirs.input_ids)
+        assert np.array_equal(mine.attention_mask, theirs.attention_mask)

@@ -2,7 +2,7 @@
 
 An executor builds the variants' stages (the local one leaves that to the pipeline's own loop),
 validates them shard by shard, and times them. Whatever runs where, the report is the same: stages
-are found by their cache keys, validation shards merge to one pass's columns, and latency is always
+are found by their cache keys, validation shards merge to one pass's tallies, and latency is always
 measured in one process, every variant interleaved, on one machine the report names.
 """
 

@@ -50,6 +50,7 @@ from bertforge.ray_tasks import CLASS_RESOURCE, TaskSettings, gathered, in_task,
 from bertforge.recipe import Recipe
 from bertforge.sources import ResolvedSource
 from bertforge.validation.config import ValidationConfig
+from bertforge.validation.corpus import PackedExamples
 
 # what a task inherits from the driver's environment (the cache's place and settings, the hub's)
 PASSED_ENV = ("BERTFORGE_", "HF_", "TRANSFORMERS_", "AWS_")
@@ -97,7 +98,7 @@ def stage_task(settings: TaskSettings, recipe: Recipe, source: ResolvedSource, v
 
 
 def shard_task(settings: TaskSettings, source: ResolvedSource, variants: dict[str, VariantAt],
-               config: ValidationConfig, examples: list, first: bool):
+               config: ValidationConfig, examples: PackedExamples, first: bool):
     """One validation shard over every variant (validate.validate_shard)."""
     from bertforge.memory import reused_large_buffers
     from bertforge.validation.validate import Reference, validate_shard
@@ -289,7 +290,7 @@ class RayExecutor:
         from bertforge.validation.validate import Corpus, ShardResult
 
         corpus = Corpus.of(source.path, config)
-        shards = corpus.shards()
+        shards = [corpus.shard(index) for index in range(corpus.shard_count())]
         at = self.located(variants)
         refs = [self.remote(shard_task, f"bertforge-validation-shard-{index}").remote(
             self.settings, source, at, config, shard, index == 0) for index, shard in enumerate(shards)]
@@ -301,8 +302,8 @@ class RayExecutor:
             progress(finished[0], total)
 
         merged = ShardResult()
-        for result in self.results(refs, done):  # in corpus order: the columns of one pass
-            merged.extend(result)
+        for result in self.results(refs, done):  # in corpus order: the probes come with the first
+            merged.merge(result)
         return merged.summary(corpus.record(config))
 
     def latency(self, variants: dict[str, Path], sequence: int, warmup: int,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -42,9 +42,8 @@ CALIBRATION = "calibration"
 
 @dataclass(frozen=True, slots=True)
 class MaskedExample:
-    """One masked sentence. Compact, as validation holds the whole corpus's: the ids in a typed array (4
-    bytes an id, where a tuple of Python ints took ~36) and no per-instance dict, ~0.5 KB a sentence
-    less (~30 MB of a 60,000-sentence corpus)."""
+    """One masked sentence: the ids in a typed array (4 bytes an id, where a tuple of Python ints took ~36)
+    and no per-instance dict. Validation holds its whole corpus packed instead (PackedExamples)."""
 
     text: str
     input_ids: array  # array("i")
@@ -168,9 +167,16 @@ def encoded(lines: list[str], tokenizer, max_length: int) -> Iterator[tuple[list
 def mask_sentences(lines: list[str], tokenizer, *, seed: int = 0, fraction: float = MASK_FRACTION,
                    max_length: int = MAX_LENGTH, limit: int | None = None,
                    truncation: Truncation | None = None) -> list[MaskedExample]:
+    return list(masked_examples(lines, tokenizer, seed=seed, fraction=fraction, max_length=max_length, limit=limit,
+                                truncation=truncation))
+
+
+def masked_examples(lines: list[str], tokenizer, *, seed: int = 0, fraction: float = MASK_FRACTION,
+                    max_length: int = MAX_LENGTH, limit: int | None = None,
+                    truncation: Truncation | None = None) -> Iterator[MaskedExample]:
+    """mask_sentences one sentence at a time, for a consumer that keeps less than a MaskedExample."""
     mask_id = tokenizer.mask_token_id
     special = set(tokenizer.all_special_ids)
-    examples = []
     if truncation is not None:
         truncation.max_length = max_length
     chosen_lines = lines[:limit] if limit else lines
@@ -184,7 +190,7 @@ def mask_sentences(lines: list[str], tokenizer, *, seed: int = 0, fraction: floa
                 truncation.dropped_mask_lines += 1
             continue  # its [MASK] was cut off: masking other words would not be the line's question
         if own_masks:
-            examples.append(MaskedExample(text, array("i", ids), tuple(own_masks), (NO_LABEL,) * len(own_masks)))
+            yield MaskedExample(text, array("i", ids), tuple(own_masks), (NO_LABEL,) * len(own_masks))
             continue
         candidates = [i for i, token in enumerate(ids) if token not in special]
         if not candidates:
@@ -196,19 +202,90 @@ def mask_sentences(lines: list[str], tokenizer, *, seed: int = 0, fraction: floa
         masked = list(ids)
         for position in chosen:
             masked[position] = mask_id
-        examples.append(MaskedExample(text, array("i", masked), tuple(chosen), originals))
-    return examples
+        yield MaskedExample(text, array("i", masked), tuple(chosen), originals)
 
 
 def validation_examples(checkpoint: Path, tokenizer, config, truncation: Truncation | None = None
-                        ) -> list[MaskedExample]:
-    """The validation corpus masked as `config` (a ValidationConfig) says, cut to the model's input limit:
-    the positions validation measures and `validate --runtime web` runs again."""
+                        ) -> Iterator[MaskedExample]:
+    """The validation corpus masked as `config` (a ValidationConfig) says, cut to the model's input limit,
+    a sentence at a time: the positions validation measures and `validate --runtime web` runs again."""
     from bertforge.onnx_files import model_config
 
-    return mask_sentences(load_lines(config.corpus), tokenizer, seed=config.seed, fraction=config.mask_fraction,
-                          limit=config.max_sentences, max_length=input_limit(tokenizer, model_config(checkpoint)),
-                          truncation=truncation)
+    return masked_examples(load_lines(config.corpus), tokenizer, seed=config.seed, fraction=config.mask_fraction,
+                           limit=config.max_sentences, max_length=input_limit(tokenizer, model_config(checkpoint)),
+                           truncation=truncation)
+
+
+@dataclass(frozen=True)
+class PackedExamples:
+    """Masked sentences as five flat arrays, the form validation holds its whole corpus in: ~0.12 KB a
+    sentence of 10-20 words, against ~0.55 KB as MaskedExamples (a typed array, two tuples and the text
+    each). The text is not kept: validation reads the ids only. An index gives a MaskedExample (with no
+    text), a slice another PackedExamples of its own sentences only (a shard shipped to a Ray task
+    carries no more), so `batches` takes either form."""
+
+    ids: np.ndarray  # int32: every sentence's ids, one sentence after another
+    id_starts: np.ndarray  # int64 [sentences + 1]: where each sentence's ids start
+    positions: np.ndarray  # int16: the masked positions (below 512), sentence after sentence
+    originals: np.ndarray  # int32: the id each masked position had, NO_LABEL where it came masked
+    position_starts: np.ndarray  # int64 [sentences + 1]
+
+    @classmethod
+    def of(cls, examples: Iterable[MaskedExample]) -> PackedExamples:
+        ids, positions, originals = array("i"), array("h"), array("i")
+        id_starts, position_starts = array("q", [0]), array("q", [0])
+        for example in examples:
+            ids.extend(example.input_ids)
+            positions.extend(example.masked_positions)
+            originals.extend(example.original_ids)
+            id_starts.append(len(ids))
+            position_starts.append(len(positions))
+        return cls(*(np.frombuffer(values, dtype=values.typecode).copy() if values else
+                     np.zeros(0, dtype=values.typecode) for values in (ids, id_starts, positions, originals,
+                                                                         position_starts)))
+
+    def __len__(self) -> int:
+        return len(self.id_starts) - 1
+
+    def masked_positions(self) -> int:
+        return int(self.position_starts[-1])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("packed examples slice with step 1 only")
+            stop = max(start, stop)
+            ids, masked = (slice(starts[start], starts[stop]) for starts in (self.id_starts, self.position_starts))
+            return PackedExamples(self.ids[ids].copy(), self.id_starts[start:stop + 1] - self.id_starts[start],
+                                  self.positions[masked].copy(), self.originals[masked].copy(),
+                                  self.position_starts[start:stop + 1] - self.position_starts[start])
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        ids = self.ids[self.id_starts[index]:self.id_starts[index + 1]]
+        masked = slice(self.position_starts[index], self.position_starts[index + 1])
+        return MaskedExample("", array("i", ids.tobytes()), tuple(self.positions[masked].tolist()),
+                             tuple(self.originals[masked].tolist()))
+
+    def __iter__(self) -> Iterator[MaskedExample]:
+        return (self[index] for index in range(len(self)))
+
+    def ordered(self, order: np.ndarray) -> PackedExamples:
+        """The sentences in `order` (indices), packed again."""
+        id_starts, position_starts = self.id_starts[:-1], self.position_starts[:-1]
+        lengths, counts = np.diff(self.id_starts)[order], np.diff(self.position_starts)[order]
+
+        def gathered(values: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+            if not len(sizes) or not sizes.sum():
+                return values[:0].copy()
+            within = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+            return values[np.repeat(starts[order], sizes) + within]
+
+        return PackedExamples(gathered(self.ids, id_starts, lengths), np.concatenate([[0], np.cumsum(lengths)]),
+                              gathered(self.positions, position_starts, counts),
+                              gathered(self.originals, position_starts, counts),
+                              np.concatenate([[0], np.cumsum(counts)]))
 
 
 def calibration_examples(checkpoint: Path, corpus: str, seeds: tuple[int, ...],

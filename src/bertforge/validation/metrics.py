@@ -1,7 +1,7 @@
 """Parity and agreement metrics between a variant's logits and the reference's, row by row.
 
 Pure numpy on arrays of shape [positions, vocab]. Validation computes them a batch at a time through
-`batch_metrics` and collects them per position in `columns`; kl_divergence, cosine_similarity and
+`batch_metrics` and tallies them over the corpus in `tallies`; kl_divergence, cosine_similarity and
 relative_l2 are the plain definitions batch_metrics is tested against.
 """
 

@@ -7,9 +7,9 @@ session is closed before the next one opens. Nothing of size [corpus tokens x vo
 or on disk.
 
 A shard is a contiguous run of the length-sorted batches (`ValidationConfig.shard_batches`). Its
-result (`ShardResult`: per-position metric columns) merges with the others' by concatenation in shard
-order, so the summaries are the same floats whether the shards ran in this process one after another
-or as separate tasks (the Ray executor, ray_executor.py).
+result (`ShardResult`: counts, exact sums and extremes, tallies.py) merges with the others' exactly, so
+the summaries are the same floats whether the shards ran in this process one after another or as
+separate tasks (the Ray executor, ray_executor.py), and what is kept does not grow with the corpus.
 
 Until an earlier version the reference's logits at every real position were also spilled to the cache
 (1.2 GB for bert-base, 4.7 GB for multilingual) for a max-abs over all positions that no gate, table
@@ -23,29 +23,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bertforge.errors import StageError
 from bertforge.memory import release_freed_memory, reused_large_buffers
 from bertforge.predict import MaskText, Prediction, session_predictions
 from bertforge.runtime import feeds_for, mask_rows, open_session
 from bertforge.validation.batch_metrics import ReferenceRows
-from bertforge.validation.columns import Accumulator, ReferenceStats
 from bertforge.validation.config import ValidationConfig
 from bertforge.validation.corpus import (
     PROBE_TOP_K,
     MaskedExample,
+    PackedExamples,
     Truncation,
     batches,
     corpus_digest,
     probe_texts,
     validation_examples,
 )
+from bertforge.validation.tallies import Accumulator, ReferenceStats
 
 
 @dataclass
 class Corpus:
     """The validation corpus masked and sorted by length (less padding per batch), cut into shards."""
 
-    examples: list[MaskedExample]
+    examples: PackedExamples
     truncation: Truncation
     per_shard: int  # sentences a shard
 
@@ -55,26 +58,30 @@ class Corpus:
 
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         truncation = Truncation()
-        examples = validation_examples(Path(checkpoint), tokenizer, config, truncation)
-        examples.sort(key=lambda e: len(e.input_ids))
-        return cls(examples, truncation, config.batch_size * config.shard_batches)
+        examples = PackedExamples.of(validation_examples(Path(checkpoint), tokenizer, config, truncation))
+        by_length = np.argsort(np.diff(examples.id_starts), kind="stable")  # ties in corpus order
+        return cls(examples.ordered(by_length), truncation, config.batch_size * config.shard_batches)
 
-    def shards(self) -> list[list[MaskedExample]]:
-        return [self.examples[start:start + self.per_shard] for start in range(0, len(self.examples), self.per_shard)]
+    def shard_count(self) -> int:
+        return -(-len(self.examples) // self.per_shard)
+
+    def shard(self, index: int) -> PackedExamples:
+        """The index-th shard's sentences, a copy of their own (only one shard's need exist at a time)."""
+        return self.examples[index * self.per_shard:(index + 1) * self.per_shard]
 
     def record(self, config: ValidationConfig) -> dict[str, Any]:
         """report.json's `corpus`."""
         return {"source": config.corpus, "digest": corpus_digest(config.corpus), "sentences": len(self.examples),
                 "seed": config.seed, "mask_fraction": config.mask_fraction, "max_sentences": config.max_sentences,
                 "batch_size": config.batch_size,
-                "masked_positions": int(sum(len(e.masked_positions) for e in self.examples)),
+                "masked_positions": self.examples.masked_positions(),
                 **self.truncation.as_dict()}
 
 
 @dataclass
 class ShardResult:
-    """One or more shards' per-position columns: the reference's statistics and each variant's metrics,
-    with the probes' answers where the first shard is among them."""
+    """One or more shards' tallies: the reference's statistics and each variant's metrics, with the
+    probes' answers where the first shard is among them."""
 
     reference: ReferenceStats = field(default_factory=ReferenceStats)
     variants: dict[str, Accumulator] = field(default_factory=dict)
@@ -82,11 +89,11 @@ class ShardResult:
     answers: dict[str, dict[str, Any]] = field(default_factory=dict)
     missing_head: list[str] = field(default_factory=list)  # the head weights the checkpoint lacks (load_reference)
 
-    def extend(self, later: ShardResult) -> None:
-        """`later`'s positions after this one's: shards merged in corpus order give one pass's columns."""
-        self.reference.extend(later.reference)
+    def merge(self, later: ShardResult) -> None:
+        """`later`'s positions into this one's tallies: the shards merged give one pass's summaries."""
+        self.reference.merge(later.reference)
         for name, accumulator in later.variants.items():
-            self.variants.setdefault(name, Accumulator()).extend(accumulator)
+            self.variants.setdefault(name, Accumulator()).merge(accumulator)
         self.reference_probes = self.reference_probes or later.reference_probes
         self.missing_head = self.missing_head or later.missing_head
         for name, found in later.answers.items():
@@ -128,7 +135,7 @@ def run_validation(checkpoint: Path, variants: dict[str, Path], config: Validati
     """Every shard in this process, one after another: the reference loaded once."""
     with reused_large_buffers():  # a logits array a batch: reused heap pages, not fresh mappings (memory.py)
         corpus = Corpus.of(checkpoint, config)
-        shards = corpus.shards()
+        shards = corpus.shard_count()
         total = len(corpus.examples) * (1 + len(variants))  # sentence passes: the reference's, then each variant's
         done = [0]
 
@@ -139,13 +146,13 @@ def run_validation(checkpoint: Path, variants: dict[str, Path], config: Validati
 
         reference = Reference(checkpoint, config)
         merged = ShardResult()
-        for index, shard in enumerate(shards):
-            merged.extend(validate_shard(reference, variants, shard, first=index == 0,
-                                         last=index == len(shards) - 1, count=count))
+        for index in range(shards):
+            merged.merge(validate_shard(reference, variants, corpus.shard(index), first=index == 0,
+                                        last=index == shards - 1, count=count))
         return merged.summary(corpus.record(config))
 
 
-def validate_shard(reference: Reference, variants: dict[str, Path], examples: Sequence[MaskedExample],
+def validate_shard(reference: Reference, variants: dict[str, Path], examples: PackedExamples | Sequence[MaskedExample],
                    first: bool, last: bool, count: Callable[[int], None] = lambda n: None) -> ShardResult:
     """The reference's logits at one shard's [MASK] positions, then every variant's against them; with
     `first`, the probes' answers too; with `last`, the reference is released before the variants run.
@@ -156,7 +163,7 @@ def validate_shard(reference: Reference, variants: dict[str, Path], examples: Se
     if first:  # the reference's answers to the probes, once
         result.reference_probes = {text: compact(torch_predictions(reference.model, reference.masker, text))
                                    for text in reference.probes}
-    shard = list(batches(list(examples), reference.batch_size, pad_id=reference.pad_id))
+    shard = list(batches(examples, reference.batch_size, pad_id=reference.pad_id))
     masked_reference = []
     for batch in shard:
         rows, cols, truth = batch.masked_index()
