@@ -6,7 +6,9 @@ import pickle
 from fractions import Fraction
 
 import numpy as np
+import pytest
 
+from bertforge.validation.batch_metrics import ReferenceRows
 from bertforge.validation.running import ExactSum, Running, Share
 from bertforge.validation.tallies import Accumulator
 
@@ -98,3 +100,40 @@ def test_a_variants_tally_does_not_grow_with_the_positions_it_has_seen():
     few, many = tallied(4), tallied(400)
     assert many.summary()["positions"] == 100 * few.summary()["positions"]
     assert len(pickle.dumps(many)) < 1.5 * len(pickle.dumps(few))
+
+
+def test_a_tally_summarizes_as_the_whole_columns_did():
+    """The summaries against numpy over every position's values (what validation kept before): counts,
+    extremes and shares equal, means to one rounding, the most common top-1 the lowest id among ties."""
+    from bertforge.validation.batch_metrics import variant_metrics
+    from bertforge.validation.metrics import top_k
+    from bertforge.validation.tallies import ReferenceStats
+
+    rng = np.random.default_rng(11)
+    accumulator, stats, columns, top1, margins = Accumulator(), ReferenceStats(), {}, [], []
+    for _ in range(9):
+        reference = rng.integers(-2, 3, size=(int(rng.integers(1, 30)), 40)).astype(np.float32)  # near-ties at the top
+        reference += 0.01 * rng.standard_normal(reference.shape).astype(np.float32)
+        variant = reference + 0.3 * rng.standard_normal(reference.shape).astype(np.float32)
+        truth = rng.integers(-1, 40, len(reference))
+        accumulator.add(reference, variant, truth)
+        stats.add(reference, truth)
+        for name, values in variant_metrics(ReferenceRows.of(reference), variant).items():
+            columns.setdefault(name, []).append(values)
+        columns.setdefault("agree", []).append(top_k(reference)[:, 0] == top_k(variant)[:, 0])
+        ordered = np.sort(reference, axis=-1)
+        top1.append(reference.argmax(axis=-1))
+        margins.append(ordered[:, -1] - ordered[:, -2])
+    whole = {name: np.concatenate(parts) for name, parts in columns.items()}
+    found = accumulator.summary()
+    assert found["positions"] == len(whole["kl"])
+    assert found["max_abs"] == whole["max_abs"].max() and found["cosine_min"] == whole["cosine"].min()
+    assert found["kl_max"] == whole["kl"].max() and found["top1_agreement"] == np.mean(whole["agree"])
+    means = {"kl_mean": "kl", "mean_abs": "mean_abs", "cosine_mean": "cosine", "rel_l2_mean": "rel_l2"}
+    for key, name in means.items():
+        assert found[key] == float(sum(map(Fraction, whole[name].tolist())) / len(whole[name])), key
+        assert found[key] == pytest.approx(np.mean(whole[name]), rel=1e-15, abs=0), key
+    ids, counts = np.unique(np.concatenate(top1), return_counts=True)
+    reference = stats.summary()
+    assert reference["distinct_top1"] == len(ids) and reference["most_common_top1_id"] == ids[counts.argmax()]
+    assert reference["median_top1_top2_margin"] == np.median(np.concatenate(margins))

@@ -216,7 +216,7 @@ def validation_examples(checkpoint: Path, tokenizer, config, truncation: Truncat
                            truncation=truncation)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PackedExamples:
     """Masked sentences as five flat arrays, the form validation holds its whole corpus in: ~0.10 KB a
     sentence of 10-20 words, against ~0.55 KB as MaskedExamples (a typed array, two tuples and the text
@@ -271,6 +271,21 @@ class PackedExamples:
     def __iter__(self) -> Iterator[MaskedExample]:
         return (self[index] for index in range(len(self)))
 
+    def padded(self, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input ids, attention mask), int64 [sentences, longest], padded at the end with pad_id."""
+        lengths = np.diff(self.id_starts)
+        mask = np.arange(lengths.max(initial=0))[None, :] < lengths[:, None]
+        ids = np.full(mask.shape, pad_id, dtype=np.int64)
+        ids[mask] = self.ids[self.id_starts[0]:self.id_starts[-1]]
+        return ids, mask.astype(np.int64)
+
+    def masked_index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Batch.masked_index's (row, position, original id) without a MaskedExample per sentence."""
+        counts = np.diff(self.position_starts)
+        every = slice(self.position_starts[0], self.position_starts[-1])
+        return (np.repeat(np.arange(len(self)), counts), self.positions[every].astype(np.int64),
+                self.originals[every].astype(np.int64))
+
     def ordered(self, order: np.ndarray) -> PackedExamples:
         """The sentences in `order` (indices), packed again."""
         id_starts, position_starts = self.id_starts[:-1], self.position_starts[:-1]
@@ -306,22 +321,28 @@ def calibration_examples(checkpoint: Path, corpus: str, seeds: tuple[int, ...],
 
 @dataclass(frozen=True)
 class Batch:
-    examples: list[MaskedExample]
+    examples: list[MaskedExample] | PackedExamples
     input_ids: np.ndarray  # int64 [batch, seq]
     attention_mask: np.ndarray
     token_type_ids: np.ndarray
 
     def masked_index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(row, position, original id or NO_LABEL) of every masked position, row-major."""
+        if isinstance(self.examples, PackedExamples):
+            return self.examples.masked_index()
         rows = np.array([r for r, e in enumerate(self.examples) for _ in e.masked_positions])
         cols = np.array([p for e in self.examples for p in e.masked_positions])
         truth = np.array([t for e in self.examples for t in e.original_ids])
         return rows, cols, truth
 
 
-def batches(examples: list[MaskedExample], batch_size: int, pad_id: int = 0) -> Iterator[Batch]:
+def batches(examples: list[MaskedExample] | PackedExamples, batch_size: int, pad_id: int = 0) -> Iterator[Batch]:
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
+        if isinstance(chunk, PackedExamples):
+            ids, mask = chunk.padded(pad_id)
+            yield Batch(chunk, ids, mask, np.zeros_like(ids))
+            continue
         length = max(len(e.input_ids) for e in chunk)
         ids = np.full((len(chunk), length), pad_id, dtype=np.int64)
         mask = np.zeros((len(chunk), length), dtype=np.int64)

@@ -9,7 +9,8 @@ or on disk.
 A shard is a contiguous run of the length-sorted batches (`ValidationConfig.shard_batches`). Its
 result (`ShardResult`: counts, exact sums and extremes, tallies.py) merges with the others' exactly, so
 the summaries are the same floats whether the shards ran in this process one after another or as
-separate tasks (the Ray executor, ray_executor.py), and what is kept does not grow with the corpus.
+separate tasks (the Ray executor, ray_executor.py); what is kept grows with the corpus only by the
+reference's margins (8 bytes a position) and the packed corpus (~0.1 KB a sentence).
 
 Until an earlier version the reference's logits at every real position were also spilled to the cache
 (1.2 GB for bert-base, 4.7 GB for multilingual) for a max-abs over all positions that no gate, table
