@@ -49,6 +49,12 @@ def release_freed_memory() -> None:
     resident = resident_bytes()
     if resident is None or resident > COLLECT_ABOVE_BYTES:
         gc.collect()
+    return_free_heap()
+
+
+def return_free_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc's malloc_trim), without collecting cycles: for
+    a step whose buffers refcounting has already freed."""
     trim = _libc("malloc_trim")
     if trim is not None:
         trim(0)
