@@ -229,6 +229,7 @@ class PackedExamples:
     positions: np.ndarray  # int16: the masked positions (below 512), sentence after sentence
     originals: np.ndarray  # int32: the id each masked position had, NO_LABEL where it came masked
     position_starts: np.ndarray  # int64 [sentences + 1]
+    # every instance holds its own sentences only: both starts begin at 0 and end at their array's length
 
     @classmethod
     def of(cls, examples: Iterable[MaskedExample]) -> PackedExamples:
@@ -276,15 +277,13 @@ class PackedExamples:
         lengths = np.diff(self.id_starts)
         mask = np.arange(lengths.max(initial=0))[None, :] < lengths[:, None]
         ids = np.full(mask.shape, pad_id, dtype=np.int64)
-        ids[mask] = self.ids[self.id_starts[0]:self.id_starts[-1]]
+        ids[mask] = self.ids
         return ids, mask.astype(np.int64)
 
     def masked_index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Batch.masked_index's (row, position, original id) without a MaskedExample per sentence."""
-        counts = np.diff(self.position_starts)
-        every = slice(self.position_starts[0], self.position_starts[-1])
-        return (np.repeat(np.arange(len(self)), counts), self.positions[every].astype(np.int64),
-                self.originals[every].astype(np.int64))
+        return (np.repeat(np.arange(len(self)), np.diff(self.position_starts)), self.positions.astype(np.int64),
+                self.originals.astype(np.int64))
 
     def ordered(self, order: np.ndarray) -> PackedExamples:
         """The sentences in `order` (indices), packed again."""
