@@ -1,6 +1,7 @@
 """The stage cache: hits skip the stage, keys chain, interrupted writes are never trusted."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -348,23 +349,41 @@ def test_two_builds_on_two_threads_keep_the_temp_directory_each_relies_on(tmp_pa
     assert not list((tmp_path / "a").iterdir()) and not list((tmp_path / "b").iterdir())
 
 
-def test_publishing_swaps_the_old_output_out_without_a_moment_without_one(tmp_path):
-    from bertforge.artifact import atomic_directory, exchange
+def test_publishing_swaps_the_old_output_out_without_a_moment_without_one(tmp_path, monkeypatch):
+    import ctypes
+    import errno
 
+    from bertforge import artifact
+
+    real_exchange = artifact.exchange
+    swaps: list[bool] = []
+
+    def recorded(a: Path, b: Path) -> bool:
+        swaps.append(real_exchange(a, b))
+        return swaps[-1]
+
+    monkeypatch.setattr(artifact, "exchange", recorded)
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with atomic_directory(out) as staging:
+    with artifact.atomic_directory(out) as staging:
         (staging / "new.txt").write_text("new")
         assert (out / "old.txt").exists()  # the old output stays whole until the new one is complete
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    if sys.platform != "linux":
+        return
+    # Linux: one renameat2 call swapped them (the fallback renames the old output aside first)
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
     (a / "x").write_text("a")
-    if exchange(a, b):  # Linux: one renameat2 call swaps them
-        assert (b / "x").read_text() == "a" and not (a / "x").exists()
+    swapped = real_exchange(a, b)
+    if not swapped and ctypes.get_errno() == errno.ENOSYS:
+        pytest.skip("this kernel has no renameat2")
+    assert swapped, f"renameat2(RENAME_EXCHANGE) failed: {errno.errorcode.get(ctypes.get_errno())}"
+    assert (b / "x").read_text() == "a" and not (a / "x").exists()
+    assert swaps == [True]
 
 
 def test_key_covers_every_library_that_shapes_an_artifact():

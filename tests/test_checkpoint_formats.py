@@ -6,7 +6,7 @@ import json
 import pytest
 
 from bertforge.cli import main
-from conftest import make_tiny_checkpoint
+from conftest import make_tiny_checkpoint, tiny_feeds
 
 
 def resave(source, path, **save_options):
@@ -38,6 +38,18 @@ def test_every_checkpoint_layout_builds_the_same_model(plain, tmp_path, capsys, 
     report = json.loads((out / "report.json").read_text())
     assert report["variants"]["fp32"]["metrics"]["top1_agreement"] == 1.0
     assert report["variants"]["fp32"]["metrics"]["max_abs"] < 1e-4
+    # the same model as the original single-file checkpoint: its PyTorch logits, from the export
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from transformers import BertForMaskedLM
+
+    feeds = tiny_feeds()
+    with torch.no_grad():
+        original = BertForMaskedLM.from_pretrained(plain).eval()(
+            **{name: torch.from_numpy(value) for name, value in feeds.items()}).logits.numpy()
+    exported = ort.InferenceSession(str(out / "fp32" / "model.onnx")).run(None, feeds)[0]
+    assert np.abs(exported - original).max() < 1e-4
 
 
 def test_a_missing_shard_is_one_line_before_any_work(plain, tmp_path, capsys):

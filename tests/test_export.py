@@ -54,7 +54,7 @@ def test_every_variant_loads_in_optimum_and_the_pipeline(tiny_variants):
         assert len(answers) == 5 and all("token_str" in a for a in answers), name
 
 
-def test_variants_optimum_has_a_format_for_carry_its_ort_config(tiny_variants):
+def test_variants_optimum_has_a_format_for_carry_its_ort_config(tiny_variants, int8_variants):
     """ort_config.json, read back by optimum's own ORTConfig, says what was done in optimum's terms."""
     from optimum.onnxruntime.configuration import ORTConfig
 
@@ -75,6 +75,6 @@ def test_variants_optimum_has_a_format_for_carry_its_ort_config(tiny_variants):
     assert static["quantization"]["is_static"] is True and static["quantization"]["format"] == "QDQ"
     assert any("/cls/predictions/decoder" in n for n in static["quantization"]["nodes_to_exclude"])
     # no ORTConfig form for these: none is written rather than a wrong one
-    for name in ("fp32", "int8-blockwise", "int8-auto", "int8-dynamic-masked"):
-        if name in tiny_variants:
-            assert not (tiny_variants[name] / "ort_config.json").exists(), name
+    variants = {**tiny_variants, **int8_variants}
+    for name in ("fp32", "int8-blockwise", "int8-weights", "int8-auto", "int8-dynamic-masked", "int8-auto-masked"):
+        assert not (variants[name] / "ort_config.json").exists(), name

@@ -42,18 +42,26 @@ def test_sensitivity_rows_side_by_side_equal_the_rows_in_order(tiny_variants, tm
     assert sorted(finished) == list(range(count))
 
 
-def test_side_by_side_gives_each_piece_its_share_of_the_cores_and_keeps_the_order():
-    from bertforge.environment import physical_cores, session_threads
+@pytest.mark.parametrize("cores", [1, 4])
+def test_side_by_side_gives_each_piece_its_share_of_the_cores_and_keeps_the_order(cores, monkeypatch):
+    """On a machine of 4 cores (as this one is made to report) two pieces run at once on 2 each; on one of
+    a single core they run one after another on it."""
+    from bertforge import environment, fanout
+    from bertforge.environment import session_threads
     from bertforge.fanout import PIECES_AT_ONCE, side_by_side
     from bertforge.runtime import session_options
 
+    monkeypatch.setattr(environment, "physical_cores", lambda: cores)
+    monkeypatch.setattr(fanout, "physical_cores", lambda: cores)
+    assert PIECES_AT_ONCE >= 2
     both_started = threading.Barrier(2, timeout=30)
-    cores = physical_cores()
-    beside = min(PIECES_AT_ONCE, cores) >= 2
+    beside = cores >= 2
+    met: list[int] = []
 
     def piece(offset: int, index: int) -> tuple[int, int, int]:
         if beside and index < 2:
             both_started.wait()  # the first two pieces run at once, or this times out
+            met.append(index)
         return index + offset, session_threads(), session_options().intra_op_num_threads
 
     called: list[int] = []
@@ -61,6 +69,7 @@ def test_side_by_side_gives_each_piece_its_share_of_the_cores_and_keeps_the_orde
     share = cores // 2 if beside else cores
     assert found == [(100 + index, share, share) for index in range(6)]
     assert sorted(called) == list(range(6))
+    assert sorted(met) == ([0, 1] if beside else [])
     # outside a piece a session takes every core again
     assert session_threads() == cores == session_options().intra_op_num_threads
 

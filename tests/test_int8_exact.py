@@ -22,21 +22,6 @@ from int8_reference import check_nodes, check_qdq
 U8S8_OPS = ("DynamicQuantizeMatMul", "MatMulInteger", "QAttention")
 
 
-@pytest.fixture(scope="module")
-def int8_variants(tiny_checkpoint, tiny_variants) -> dict:
-    """The default int8 variants, and the masked heads over them (built through the same cache)."""
-    from bertforge.pipeline import build_variants
-    from bertforge.progress import Progress
-    from bertforge.recipe import Recipe
-    from bertforge.sources import resolve
-
-    recipe = Recipe(model=str(tiny_checkpoint), int8_static={"calibration_samples": 8},
-                    variants=("int8-dynamic-masked", "int8-auto-masked"))
-    state = build_variants(recipe, resolve(recipe.model), Progress("quiet"))
-    masked = {name: run.artifact.path for name, run in state.artifacts.items() if name.endswith("-masked")}
-    return {**{n: p for n, p in tiny_variants.items() if n.startswith("int8")}, **masked}
-
-
 def load(path) -> onnx.ModelProto:
     return onnx.load(str(path / "model.onnx"))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -18,16 +19,21 @@ pytest.importorskip("ray")
 
 
 def test_sensitivity_rows_on_ray_equal_the_rows_in_order_read_in_place_or_shipped(
-        ray_cluster, tiny_variants, tmp_path):
+        ray_cluster, tiny_variants, tmp_path, monkeypatch):
     import pickle
 
     import ray
 
+    from bertforge import ray_fanout
     from bertforge.environment import cpu_class
     from bertforge.fanout import Folder, in_order
     from bertforge.optimizers.int8_auto.sensitivity import sensitivity_row
     from bertforge.ray_fanout import spread_on_ray
     from bertforge.ray_tasks import TaskSettings
+
+    packings: list[Path] = []  # the driver packs a folder's files only for tasks that cannot see it
+    real_packed = ray_fanout.packed
+    monkeypatch.setattr(ray_fanout, "packed", lambda root: packings.append(Path(root)) or real_packed(root))
 
     inputs = table_inputs(tiny_variants, tmp_path / "scratch")
     count = len(inputs.groups)
@@ -47,12 +53,16 @@ def test_sensitivity_rows_on_ray_equal_the_rows_in_order_read_in_place_or_shippe
              runtime_env={"env_vars": {"BERTFORGE_CACHE": str(cache_root())}})  # the tasks' scratch: this test's
     try:
         finished: list[int] = []
+        assert inputs.folder.visible()
         assert spread_on_ray(settings)(sensitivity_row, inputs, count, finished.append) == expected
         assert sorted(finished) == list(range(count))
+        assert packings == []  # every row read the folder in place
         # a folder no task can see (another machine's disk): each task says so, the files travel once
         # through the object store, and every row is computed in a copy of them
         inputs.folder = Folder(inputs.folder.root, "a token no folder holds")
+        assert not inputs.folder.visible()
         assert spread_on_ray(settings)(sensitivity_row, inputs, count, lambda index: None) == expected
+        assert packings == [inputs.folder.root]
     finally:
         ray.shutdown()
     assert not list((cache_root() / "tmp").glob("piece-*")), "each copy is removed after its row"

@@ -58,10 +58,18 @@ def test_two_variants_within_noise_are_a_tie_broken_by_size():
     at_99 = found["targets"][0]
     assert at_99["fastest"] == "fused" and at_99["tied_within_noise"] == ["fp32"]
     assert "tie within noise with fp32" in found["summary"]
-    # the smaller one wins the tie even where its p50 is the slower of the two
+    # the smaller one wins the tie even where its p50 is the slower of the two (19.9 against 19.8 ms)
     variants["fp32"] = timed(1.0, [19.0, 19.8, 19.2, 20.1], 90.0)
-    variants["fused"] = timed(1.0, [19.6, 19.3, 19.9, 19.5], 88.0)
-    assert recommend(variants)["targets"][0]["fastest"] == "fused"
+    variants["fused"] = timed(1.0, [19.9, 19.7, 20.0, 19.6], 88.0)
+    assert variants["fused"]["latency"]["p50_ms"] > variants["fp32"]["latency"]["p50_ms"]
+    at_99 = recommend(variants)["targets"][0]
+    assert at_99["fastest"] == "fused" and at_99["tied_within_noise"] == ["fp32"]
+    # at equal sizes, the more accurate wins the tie, here the slower by p50 (12.1 against 12.0 ms)
+    even = {"fp32": timed(1.0, [20.0, 20.1, 19.9, 20.0], 90.0),
+            "int8-dynamic": timed(0.92, [12.0, 12.1, 11.9, 12.0], 24.0),
+            "int8-static": timed(0.93, [12.2, 11.9, 12.1, 11.8], 24.0)}
+    at_90 = recommend(even)["targets"][2]
+    assert at_90["fastest"] == "int8-static" and at_90["tied_within_noise"] == ["int8-dynamic"]
     # apart beyond the noise: no tie, the faster is named whatever its size
     variants["fused"] = timed(1.0, [17.0, 17.2, 16.9, 17.1], 95.0)
     at_99 = recommend(variants)["targets"][0]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 def write_traceback(where: str, error: BaseException) -> Path | None:
     """The exception's full traceback in <cache>/logs/; None when that cannot be written either."""
-    from bertforge.cache import cache_root
+    from bertforge.cache_dir import cache_root
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = cache_root() / "logs" / f"{where}-{stamp}-{id(error) % 100000}.log"

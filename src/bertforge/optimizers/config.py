@@ -65,7 +65,8 @@ class Int8DynamicConfig(Section):
     cpu_target: Target = "portable"
     weight_type: Literal["qint8", "quint8"] = "qint8"
     per_channel: bool = True
-    # 7-bit weights; cpu_target portable implies them, so this only matters with cpu_target vnni
+    # 7-bit weights ([-64, 64]): exact on every CPU too, but not needed for it (portable makes the weights
+    # pair-safe, int8_weights.make_pair_safe) and it halves every channel's grid
     reduce_range: bool = False
     # ORT's op types to quantize. The word-embedding table is not among them: it is tied to the MLM
     # decoder and stored once as per-row int8 by the stage itself (tied_quant.py).
