@@ -106,9 +106,9 @@ def test_report_html_renders_in_headless_chromium(built, tmp_path):
     import html as html_lib
     import re
 
-    browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run",
-               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1100"]
+    from browser import chromium
+
+    browser = chromium(tmp_path / "profile", "--window-size=1280,1100")
     png = tmp_path / "report.png"
     subprocess.run([*browser, f"--screenshot={png}", (built / "report.html").as_uri()], check=True,
                    capture_output=True, timeout=120)

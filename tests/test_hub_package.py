@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -27,6 +28,38 @@ env.allowRemoteModels = false;
 env.localModelPath = parent + '/';
 const fill = await pipeline('fill-mask', name, dtype ? { dtype } : {});
 console.log(JSON.stringify(await fill(text, { top_k: 5 })));
+"""
+
+# onnxruntime-web in Node (what `bertforge validate --runtime web` runs): the logits at one position
+WEB_LOGITS_JS = """
+import * as ort from "onnxruntime-web";
+import fs from "fs";
+ort.env.wasm.numThreads = 1;
+const [model, ids, at] = process.argv.slice(2), position = Number(at), n = JSON.parse(ids).length;
+const session = await ort.InferenceSession.create(fs.readFileSync(model), { executionProviders: ["wasm"] });
+const tensor = (values) => new ort.Tensor("int64", BigInt64Array.from(values.map(BigInt)), [1, n]);
+const all = { input_ids: tensor(JSON.parse(ids)), attention_mask: tensor(Array(n).fill(1)),
+              token_type_ids: tensor(Array(n).fill(0)) };
+const feeds = {};
+for (const name of session.inputNames) feeds[name] = all[name];
+const logits = (await session.run(feeds, ["logits"])).logits, vocab = logits.dims[2];
+console.log(JSON.stringify(Array.from(logits.data.slice(position * vocab, (position + 1) * vocab))));
+"""
+# The README's snippet as a page runs it offline: transformers.js's browser bundle and onnxruntime-web's
+# wasm files from the page's own server (by default the wasm comes from a CDN), the repository at /models/.
+BROWSER_PAGE = """<!doctype html><meta charset="utf-8"><title>fill-mask</title>
+<script type="module">
+import { pipeline, env } from '/transformers/transformers.min.js';
+const query = new URLSearchParams(location.search);
+env.localModelPath = '/models/'; env.allowLocalModels = true; env.allowRemoteModels = false;
+env.backends.onnx.wasm.wasmPaths = '/ort/';
+let body;
+try {
+  const fill = await pipeline('fill-mask', query.get('model'), { dtype: query.get('dtype') });
+  body = { answers: await fill(query.get('text'), { top_k: 5 }) };
+} catch (error) { body = { error: String(error?.stack ?? error) }; }
+await fetch('/answer', { method: 'POST', body: JSON.stringify(body) });
+</script>
 """
 
 
@@ -48,6 +81,7 @@ def node_modules() -> Path:
         if run.returncode != 0:
             pytest.skip(f"npm could not install {', '.join(NODE_PACKAGES)}: {run.stderr.strip()[-300:]}")
     (folder / "fill_mask.mjs").write_text(FILL_MASK_JS)
+    (folder / "web_logits.mjs").write_text(WEB_LOGITS_JS)
     return folder
 
 
@@ -103,6 +137,51 @@ def test_transformers_js_fills_masks_as_bertforge_does(node_modules, tiny_build,
     assert [a["token_str"] for a in theirs] == [p.token_str for p in ours]
     for answer, prediction in zip(theirs, ours, strict=True):
         assert answer["score"] == pytest.approx(prediction.score, rel=1e-3, abs=1e-6)
+
+
+def bundled_onnxruntime_web(node_modules: Path) -> Path:
+    """The onnxruntime-web whose wasm files transformers.js's browser bundle was built with."""
+    transformers = node_modules / "node_modules" / "@huggingface" / "transformers"
+    wanted = json.loads((transformers / "package.json").read_text())["dependencies"]["onnxruntime-web"]
+    for folder in (transformers / "node_modules", node_modules / "node_modules"):
+        package = folder / "onnxruntime-web" / "package.json"
+        if package.is_file() and json.loads(package.read_text())["version"] == wanted:
+            return package.parent / "dist"
+    raise AssertionError(f"npm installed no onnxruntime-web {wanted} for transformers.js")
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("dtype, file", [("fp32", "model.onnx"), ("fp16", "model_fp16.onnx"),
+                                         ("q8", "model_quantized.onnx")])
+def test_transformers_js_in_a_real_browser_answers_as_onnxruntime_web_does(node_modules, tiny_build, repo, tmp_path,
+                                                                           dtype, file):
+    """Chromium loads the packaged repository with transformers.js's own fill-mask pipeline and answers as
+    onnxruntime-web does in Node (what `validate --runtime web` measures); the float files also as
+    bertforge does natively."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from browser import answer, serving
+
+    routes = {"/transformers/": node_modules / "node_modules" / "@huggingface" / "transformers" / "dist",
+              "/ort/": bundled_onnxruntime_web(node_modules), "/models/": repo.parent}
+    with serving(BROWSER_PAGE, routes) as site:
+        found = answer(site, f"?model={repo.name}&dtype={dtype}&text={quote(TEXT)}", tmp_path / "profile")
+    assert "error" not in found, found.get("error")
+    theirs = found["answers"]
+    ids = Tokenizer.from_file(str(repo / "tokenizer.json")).encode(TEXT).ids
+    run = subprocess.run(["node", "web_logits.mjs", str(repo / "onnx" / file), json.dumps(ids), str(ids.index(103))],
+                         cwd=node_modules, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    logits = np.array(json.loads(run.stdout), dtype=np.float64)
+    scores = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    web = np.argsort(-scores, kind="stable")[:5]
+    assert _top5(theirs) == web.tolist()
+    assert [a["score"] for a in theirs] == pytest.approx(scores[web].tolist(), rel=1e-5)
+    if dtype != "q8":  # int8 activations requantized in wasm round apart from native now and then
+        ours = bertforge.fill_mask(tiny_build / ("fp32" if dtype == "fp32" else "fp16"), TEXT)[0]
+        assert _top5(theirs) == [p.token for p in ours]
+        assert [a["score"] for a in theirs] == pytest.approx([p.score for p in ours], rel=1e-3, abs=1e-6)
 
 
 def test_every_card_is_one_a_hub_reads(tiny_build, repo):

@@ -119,8 +119,9 @@ def repo_card(out: Path, report: dict[str, Any], result: Any) -> str:
         'model = ORTModelForMaskedLM.from_pretrained("THIS_REPO", subfolder="onnx", file_name="model_quantized.onnx")',
         "```",
         "",
-        "Replace THIS_REPO with the hub id once uploaded (`huggingface-cli upload ID .`), or a local path (in "
-        "Node, transformers.js reads a local folder with `env.localModelPath` and `env.allowRemoteModels = false`).",
+        "Replace THIS_REPO with the hub id once uploaded (`huggingface-cli upload ID .`), or a local path "
+        "(transformers.js reads a local folder with `env.localModelPath`, `env.allowLocalModels = true`, off by "
+        "default in the browser, and `env.allowRemoteModels = false`). In the browser the default dtype is 'q8'.",
         "",
         "License: " + (f"`{report['model']['license']}`, as the source's model card declares (check that it "
                        "covers these files before uploading)." if report["model"].get("license")

@@ -77,7 +77,8 @@ def card_text(name: str, entry: dict[str, Any], report: dict[str, Any], manifest
                   f'onnxruntime: `onnxruntime.InferenceSession("{name}/model.onnx")`.']
     lines += ["", "JavaScript (transformers.js; `bertforge package` lays a build out as a hub repository it loads "
               "with no option):", "", "```js", "import { pipeline, env } from '@huggingface/transformers';", "",
-              "env.localModelPath = './';", "env.allowRemoteModels = false;",
+              "env.localModelPath = './';", "env.allowLocalModels = true;  // off by default in the browser",
+              "env.allowRemoteModels = false;",
               f"const fill = await pipeline('fill-mask', '{name}', {{ subfolder: '', dtype: 'fp32' }});",
               "await fill('The capital of France is [MASK].');", "```"]
     return "\n".join(lines) + "\n"
