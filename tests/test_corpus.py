@@ -1,5 +1,6 @@
 """The shipped corpus and the deterministic masking."""
 
+import pytest
 from transformers import AutoTokenizer
 
 from bertforge.validation.corpus import BUILTIN, CALIBRATION, HEAD_FIT, NO_LABEL, builtin_lines, mask_sentences
@@ -63,3 +64,24 @@ def test_packed_examples_give_back_every_sentences_ids_and_masks_and_batch_alike
         assert all(np.array_equal(a, b) for a, b in zip(mine.masked_index(), theirs.masked_index(), strict=True))
         assert np.array_equal(mine.input_ids, theirs.input_ids)
         assert np.array_equal(mine.attention_mask, theirs.attention_mask)
+
+
+def test_a_line_that_loses_any_of_its_own_masks_to_the_cut_is_dropped_and_counted(tiny_checkpoint):
+    from bertforge.validation.corpus import Truncation
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    lines = ["[MASK] is a b c d e f [MASK]", "[MASK] is short [MASK]", "[MASK] is a b c d e f g"]
+    counted = Truncation()
+    examples = mask_sentences(lines, tokenizer, max_length=8, truncation=counted)
+    assert [(e.text, len(e.masked_positions)) for e in examples] == [("[MASK] is short [MASK]", 2),
+                                                                     ("[MASK] is a b c d e f g", 1)]
+    assert (counted.truncated_lines, counted.dropped_mask_lines) == (2, 1)
+
+
+def test_a_negative_seed_is_refused_by_the_recipe():
+    import pydantic
+
+    from bertforge.validation.config import ValidationConfig
+
+    with pytest.raises(pydantic.ValidationError):
+        ValidationConfig(seed=-1)

@@ -170,6 +170,19 @@ def test_reference_stats_from_reference_rows_equal_those_from_the_logits():
         assert plain.truth_hit == rows.truth_hit, trial
 
 
+def test_a_reference_row_with_a_nan_has_the_top1_the_variants_are_compared_with_and_a_nan_margin():
+    logits = np.random.default_rng(4).standard_normal((6, 50)).astype(np.float32)
+    logits[0, 3] = np.nan
+    rows = ReferenceRows.of(logits)
+    for given in (rows, logits):
+        stats = ReferenceStats()
+        stats.add(given, np.full(6, -1))
+        assert np.array_equal(stats.top1.counts, np.bincount(rows.top[:, 0], minlength=stats.top1.counts.size))
+        assert rows.top[0, 0] == np.nanargmax(logits[0]) and rows.top[0, 0] != 3
+        margins = np.asarray(stats.margins.values)
+        assert np.isnan(margins[0]) and not np.isnan(margins[1:]).any()
+
+
 def test_gate_evaluation_names_metric_and_threshold():
     results = evaluate("int8-dynamic", {"top1_agreement": 0.9, "top5_overlap": 0.97, "max_abs": 0.2,
                                         "kl_mean": 0.01}, Gate(top1_min=0.95, top5_overlap_min=0.95))

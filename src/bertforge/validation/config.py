@@ -28,7 +28,7 @@ def default_gates() -> dict[str, Gate]:
 
 class ValidationConfig(Section):
     corpus: str = "builtin"  # or a path to a UTF-8 text file, one sentence a line
-    seed: StrictInt = 0
+    seed: StrictInt = Field(0, ge=0)  # numpy's generators take no negative seed
     mask_fraction: float = Field(0.15, gt=0, le=1)
     max_sentences: StrictInt | None = Field(None, ge=1)
     batch_size: StrictInt = Field(16, ge=1, le=256)

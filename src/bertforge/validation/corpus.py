@@ -57,7 +57,7 @@ class Truncation:
 
     max_length: int = MAX_LENGTH
     truncated_lines: int = 0  # lines longer than max_length word pieces, cut to it
-    dropped_mask_lines: int = 0  # lines whose own [MASK] fell past the cut: nothing left to predict
+    dropped_mask_lines: int = 0  # lines with an own [MASK] past the cut: not the line's question
 
     def as_dict(self) -> dict[str, int]:
         return {"max_length": self.max_length, "truncated_lines": self.truncated_lines,
@@ -185,10 +185,10 @@ def masked_examples(lines: list[str], tokenizer, *, seed: int = 0, fraction: flo
         own_masks = [i for i, token in enumerate(ids) if token == mask_id]
         if len(full) > len(ids) and truncation is not None:
             truncation.truncated_lines += 1
-        if mask_id in full and not own_masks:
+        if full.count(mask_id) > len(own_masks):
             if truncation is not None:
                 truncation.dropped_mask_lines += 1
-            continue  # its [MASK] was cut off: masking other words would not be the line's question
+            continue  # a [MASK] of its own was cut off: what is left, or other words masked, is not its question
         if own_masks:
             yield MaskedExample(text, array("i", ids), tuple(own_masks), (NO_LABEL,) * len(own_masks))
             continue
