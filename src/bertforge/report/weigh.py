@@ -49,7 +49,7 @@ def intervals(metrics: dict[str, Any]) -> dict[str, list[float]]:
 
 
 def few_positions_warnings(variants: dict[str, dict[str, Any]], gates: dict[str, dict[str, Any]]) -> list[str]:
-    """A line per variant whose gated shares rest on too few positions to catch a REGRESSION_POINTS (5-point) regression."""
+    """A line per variant whose gated shares rest on too few positions to catch a 5-point regression."""
     found = []
     for name, entry in variants.items():
         gate = gates.get(name) or {}
