@@ -234,6 +234,43 @@ def test_packaging_never_replaces_files_it_did_not_write(tiny_build, tmp_path):
         bertforge.package(tiny_build, tmp_path / "other", variants=["int8-auto"])
 
 
+def test_packaging_again_keeps_what_you_added_or_edited_in_the_repository(tiny_build, tmp_path, monkeypatch):
+    from bertforge import hub_repo
+    from bertforge.errors import UsageError
+
+    dest = tmp_path / "repo"
+    bertforge.package(tiny_build, dest, variants=["fp32", "int8-dynamic"])
+    (dest / "onnx" / "model_custom.onnx").write_bytes(b"mine")
+    with pytest.raises(UsageError, match=r"did not write \(onnx/model_custom.onnx\)"):
+        bertforge.package(tiny_build, dest)
+    (dest / "onnx" / "model_custom.onnx").unlink()
+    (dest / "README.md").write_text((dest / "README.md").read_text() + "\nMy notes.\n")
+    with pytest.raises(UsageError, match=r"README.md \(edited since bertforge wrote it\)"):
+        bertforge.package(tiny_build, dest)
+    assert (dest / "README.md").read_text().endswith("My notes.\n")
+    link = tmp_path / "link"
+    link.symlink_to(dest, target_is_directory=True)
+    with pytest.raises(UsageError, match="is a symbolic link"):
+        bertforge.package(tiny_build, link)
+    monkeypatch.chdir(dest)
+    with pytest.raises(UsageError, match="is the current directory or holds it"):
+        bertforge.package(tiny_build, Path("."))
+    monkeypatch.chdir(tmp_path)
+    # a file added while packaging runs keeps the previous repository whole beside the new one
+    fresh = tmp_path / "fresh"
+    bertforge.package(tiny_build, fresh, variants=["fp32"])
+    copy = hub_repo.copy_model
+
+    def added_meanwhile(variant_dir, target):
+        (fresh / "notes.txt").write_text("mine")
+        copy(variant_dir, target)
+
+    monkeypatch.setattr(hub_repo, "copy_model", added_meanwhile)
+    result = bertforge.package(tiny_build, fresh, variants=["fp32"])
+    assert result.kept_previous is not None and (result.kept_previous / "notes.txt").read_text() == "mine"
+    assert (result.kept_previous / "onnx" / "model.onnx").is_file() and not (fresh / "notes.txt").exists()
+
+
 def test_a_variant_answering_differently_on_the_web_is_not_packaged_as_model_quantized():
     from bertforge.hub_repo import choose_quantized
 
@@ -253,6 +290,8 @@ def test_validate_on_the_web_runtime_measures_agreement_and_package_reads_it(nod
                                                                             monkeypatch):
     """onnxruntime-web (wasm, in Node) against native onnxruntime on every validation position."""
     monkeypatch.setenv("BERTFORGE_ONNXRUNTIME_WEB_DIR", str(node_modules))
+    (node_modules / "top1.mjs").unlink(missing_ok=True)  # bertforge writes nothing into a folder of yours
+    before = sorted(p.name for p in node_modules.iterdir())
     build = tmp_path / "build"
     shutil.copytree(tiny_build, build)
     outcome = bertforge.validate(build, runtime="web")
@@ -265,6 +304,7 @@ def test_validate_on_the_web_runtime_measures_agreement_and_package_reads_it(nod
         assert web["differ"] == round((1 - web["top1_vs_native"]) * positions)
         assert f"{web['top1_vs_native']:.2%} of {positions} positions" in (build / variant / "README.md").read_text()
     assert report["variants"]["fp32"]["web"]["top1_vs_native"] == 1.0
+    assert sorted(p.name for p in node_modules.iterdir()) == before
     dest = tmp_path / "repo"
     result = bertforge.package(build, dest)
     assert ("onnxruntime-web" in result.quantized_because) and result.quantized is not None

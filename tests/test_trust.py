@@ -30,6 +30,39 @@ def build(recipe, out, *extra) -> int:
     return main(["build", "--recipe", str(recipe), "--out", str(out), "--quiet", *extra])
 
 
+def test_validate_writes_through_no_variant_link_when_build_json_lists_none(small_recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert build(small_recipe, out) == 0
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(out / "fp32", elsewhere)
+    (out / "fp32").symlink_to(elsewhere, target_is_directory=True)
+    marker = json.loads((out / "build.json").read_text())
+    marker["variants"] = []
+    (out / "build.json").write_text(json.dumps(marker))
+    before = {p.name: p.read_bytes() for p in elsewhere.iterdir()}
+    capsys.readouterr()
+    assert main(["validate", str(out), "--quiet"]) == 2
+    assert f"{out / 'fp32'} is a symbolic link or lies outside {out}" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in elsewhere.iterdir()} == before
+
+
+def test_verify_opens_no_file_a_manifest_names_outside_its_directory(tmp_path):
+    from bertforge.artifact import verify_directory
+
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"x")
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not bertforge's")
+    manifest = {"files": {"model.onnx": {"size": 1, "sha256": "0" * 64}, "../secret.txt": {"size": 15, "sha256": ""},
+                          str(outside): {"size": 15, "sha256": ""}}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    problems = verify_directory(folder)
+    assert f"../secret.txt: not a plain file name inside {folder}" in problems
+    assert f"{outside}: not a plain file name inside {folder}" in problems
+    assert "model.onnx: sha256 differs from the manifest" in problems and len(problems) == 3
+
+
 def test_validate_never_follows_a_variant_name_out_of_the_build(small_recipe, tmp_path, capsys):
     out = tmp_path / "out"
     assert build(small_recipe, out) == 0
@@ -119,11 +152,52 @@ def test_files_a_user_put_in_out_stop_the_rebuild_before_any_work(small_recipe, 
     out = tmp_path / "out"
     assert build(small_recipe, out) == 0
     (out / "notes.md").write_text("mine")
-    (out / "fp32" / "extra.txt").write_text("mine too")  # inside a variant: verify's business, not lost either
+    (out / "fp32" / "extra.txt").write_text("mine too")  # inside a variant: replaced with it as well
     capsys.readouterr()
     assert build(small_recipe, out) == 2
-    assert "holds files bertforge did not write (notes.md)" in capsys.readouterr().err
-    assert (out / "notes.md").read_text() == "mine"
+    assert "holds files bertforge did not write (notes.md, fp32/extra.txt)" in capsys.readouterr().err
+    (out / "notes.md").unlink()
+    assert build(small_recipe, out) == 2
+    assert "holds files bertforge did not write (fp32/extra.txt)" in capsys.readouterr().err
+    assert (out / "fp32" / "extra.txt").read_text() == "mine too"
+
+
+def test_files_added_to_out_during_a_rebuild_keep_the_previous_build_whole(small_recipe, tmp_path, capsys,
+                                                                          monkeypatch):
+    from bertforge import api
+
+    out = tmp_path / "out"
+    assert build(small_recipe, out) == 0
+    before = (out / "report.json").read_bytes()
+    validate = api.validate_and_report
+
+    def added_meanwhile(*args, **kwargs):  # after the checks, before the new build takes out's place
+        (out / "late.txt").write_text("mine")
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(api, "validate_and_report", added_meanwhile)
+    capsys.readouterr()
+    assert build(small_recipe, out) == 0
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("out.previous-")]
+    assert len(kept) == 1 and (kept[0] / "late.txt").read_text() == "mine"
+    assert (kept[0] / "report.json").read_bytes() == before and (kept[0] / "fp32" / "model.onnx").is_file()
+    assert f"kept whole in {kept[0]}" in capsys.readouterr().err
+    assert (out / "report.json").is_file() and not (out / "late.txt").exists()
+    # with nothing added, the previous build is replaced and nothing is kept
+    monkeypatch.setattr(api, "validate_and_report", validate)
+    assert build(small_recipe, out) == 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out.")] == [kept[0].name]
+
+
+def test_a_symbolic_link_as_out_is_refused(small_recipe, tmp_path, capsys):
+    real = tmp_path / "real"
+    assert build(small_recipe, real) == 0
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    capsys.readouterr()
+    assert build(small_recipe, link) == 2
+    assert f"{link} is a symbolic link; name the directory it points to ({real})" in capsys.readouterr().err
+    assert link.is_symlink() and (real / "report.json").is_file()
 
 
 def test_out_as_the_current_directory_is_refused(small_recipe, tmp_path, monkeypatch, capsys):
@@ -358,6 +432,13 @@ def test_a_foreign_directory_where_a_failing_rebuild_would_go_is_refused_before_
     assert build(small_recipe, out) == 2
     assert f"{foreign} exists and is not a bertforge output directory" in capsys.readouterr().err
     assert (foreign / "mine.txt").read_text() == "mine"
+    # a rejected build there with a file of yours added is refused too
+    shutil.rmtree(foreign)
+    shutil.copytree(out, foreign)
+    (foreign / "fp32" / "analysis.txt").write_text("mine")
+    assert build(small_recipe, out) == 2
+    assert "holds files bertforge did not write (fp32/analysis.txt)" in capsys.readouterr().err
+    assert (foreign / "fp32" / "analysis.txt").read_text() == "mine"
 
 
 def test_a_damaged_variant_is_bad_input_named_by_its_file(small_recipe, tmp_path, capsys):

@@ -15,7 +15,7 @@ import shutil
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,25 +107,63 @@ def exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def publish(tmp: Path, final: Path) -> None:
+def publish(tmp: Path, final: Path, foreign: Callable[[Path], list[str]] | None = None) -> Path | None:
     """Put the finished directory `tmp` at `final`. An existing `final` is swapped out in one step where
-    the system can (else renamed aside first, never deleted before the new one is in place), then removed."""
+    the system can (else renamed aside first, and put back if the new one cannot take its place), then
+    removed; unless `foreign` finds files in it that bertforge did not write (added while the command
+    ran, after its checks): then the old directory is kept whole beside `final`, and its path returned."""
     if not final.exists():
         os.replace(tmp, final)
-        return
+        return None
     if exchange(tmp, final):
-        shutil.rmtree(tmp, ignore_errors=True)  # now the old contents
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-old-", dir=final.parent))
-    os.replace(final, aside / final.name)
-    os.replace(tmp, final)
-    shutil.rmtree(aside, ignore_errors=True)
+        old = tmp  # now the old contents
+    else:
+        # no owner mark: were this process killed between the two renames, the previous build in it is
+        # the user's to recover, not a leftover for the next build to remove
+        aside = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-old-", dir=final.parent))
+        old = aside / final.name
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            os.replace(old, final)  # the previous one back where it was
+            shutil.rmtree(aside, ignore_errors=True)
+            raise
+    try:
+        holds_foreign = foreign is not None and bool(foreign(old))
+    except Exception:  # noqa: BLE001 - an old directory that cannot be read is kept, not deleted
+        holds_foreign = True
+    kept = None
+    if holds_foreign:
+        kept = unique_beside(final, "previous")
+        os.replace(old, kept)
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+    if old.parent != final.parent:  # the folder it was renamed aside into
+        shutil.rmtree(old.parent, ignore_errors=True)
+    return kept
+
+
+def unique_beside(final: Path, what: str) -> Path:
+    """`final`'s sibling named <name>.<what>-<time>, -2, -3... where taken."""
+    import time
+
+    base = final.with_name(f"{final.name}.{what}-{time.strftime('%Y%m%d-%H%M%S')}")
+    candidate, n = base, 1
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
 
 
 @contextlib.contextmanager
-def atomic_directory(final: Path, destination: Callable[[], Path] | None = None) -> Iterator[Path]:
+def atomic_directory(final: Path, destination: Callable[[], Path] | None = None,
+                     foreign: Callable[[Path], list[str]] | None = None,
+                     kept: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary directory that becomes `final` only if the block completes (or, with
     `destination`, the path it returns then: a build whose gates failed goes beside a good one).
+    `foreign` and `kept`: as publish's; `kept` is told where an old directory holding files bertforge
+    did not write was kept.
 
     It carries this process's owner mark, so a later build can tell a killed build's leftover (its
     process gone) from a running build's staging, and removes the leftovers it finds beside `final`."""
@@ -139,7 +177,9 @@ def atomic_directory(final: Path, destination: Callable[[], Path] | None = None)
     try:
         yield tmp
         (tmp / OWNER_FILE).unlink()
-        publish(tmp, Path(destination()) if destination is not None else final)
+        old_kept = publish(tmp, Path(destination()) if destination is not None else final, foreign)
+        if old_kept is not None and kept is not None:
+            kept(old_kept)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -308,24 +348,47 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return read_json(Path(directory) / MANIFEST)
 
 
+def safe_relative(name: str) -> bool:
+    """Whether a file name read from a manifest is a plain relative path inside its directory: names read
+    back never become paths outside it (no absolute path, no '..', no manifest.json)."""
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and "\\" not in name and all(
+        part not in ("", ".", "..") for part in parts) and parts[0] != MANIFEST
+
+
+def unlisted_files(directory: Path, listed: Iterable[str] | None = None) -> list[str]:
+    """The files under `directory` its manifest does not list (manifest.json itself aside), by name only:
+    no file is read, so it is cheap on a build of large models."""
+    directory = Path(directory)
+    if listed is None:
+        listed = read_manifest(directory)["files"]
+    actual = {p.relative_to(directory).as_posix() for p in directory.rglob("*")
+              if (p.is_file() or p.is_symlink()) and p.relative_to(directory).as_posix() != MANIFEST}
+    return sorted(actual - set(listed))
+
+
 def verify_directory(directory: Path) -> list[str]:
-    """Return one line per problem: a missing, resized or altered file, or an unlisted one."""
+    """Return one line per problem: a missing, resized or altered file, an unlisted one, or a listed name
+    that is no plain path inside the directory (never opened)."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         return [f"{manifest_path}: no manifest (not a bertforge artifact directory)"]
     listed = read_manifest(directory)["files"]
+    if not isinstance(listed, dict):
+        return [f"{manifest_path}: 'files' is not a mapping of file names"]
     problems = []
-    actual = {p.relative_to(directory).as_posix() for p in directory.rglob("*")
-              if p.is_file() and p.name != MANIFEST}
     for rel, facts in sorted(listed.items()):
         path = directory / rel
+        if not safe_relative(rel) or not isinstance(facts, dict):
+            problems.append(f"{rel}: not a plain file name inside {directory}")
+            continue
         if not path.is_file():
             problems.append(f"{rel}: missing")
         elif path.stat().st_size != facts["size"]:
             problems.append(f"{rel}: size {path.stat().st_size} != {facts['size']}")
         elif sha256_file(path) != facts["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest")
-    for rel in sorted(actual - set(listed)):
+    for rel in unlisted_files(directory, listed):
         problems.append(f"{rel}: not listed in the manifest")
     return problems

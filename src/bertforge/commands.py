@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,9 @@ def cmd_package(args: argparse.Namespace) -> int:
           else f"no model_quantized.onnx: {result.quantized_because}")
     print(f"wrote {result.dest}/ (README.md, quantize_config.json); upload it with `huggingface-cli upload ID "
           f"{result.dest}`")
+    if result.kept_previous is not None:
+        print(f"files bertforge did not write were added to {result.dest} meanwhile: the previous package and "
+              f"those files are kept whole in {result.kept_previous}", file=sys.stderr)
     return EXIT_OK
 
 

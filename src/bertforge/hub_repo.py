@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bertforge.artifact import atomic_directory, write_json_atomic, write_text_atomic
+from bertforge.artifact import atomic_directory, sha256_file, write_json_atomic, write_text_atomic
 from bertforge.errors import UsageError
 from bertforge.json_files import read_json
 from bertforge.onnx_files import LOADER_FILES, MODEL_DATA_FILE, uses_external_data
@@ -44,6 +44,7 @@ class Packaged:
     files: dict[str, str] = field(default_factory=dict)  # onnx/<file> -> variant
     quantized: str | None = None
     quantized_because: str = ""
+    kept_previous: Path | None = None  # where a previous package holding files of yours was kept whole
 
 
 def file_name(variant: str, quantized: str | None) -> str:
@@ -92,18 +93,40 @@ def choose_quantized(report: dict[str, Any], variants: list[str], top1_min: floa
                      "(bertforge validate --runtime web)"))
 
 
+def foreign_in_package(dest: Path) -> list[str]:
+    """The files in a package directory bertforge did not write: beside its own at the top, in onnx/ any
+    its quantize_config.json does not list (with their external data), and a README.md edited since."""
+    if not (dest / MARKER).is_file():
+        return sorted(p.name for p in dest.iterdir()) if dest.is_dir() else []
+    config = read_json(dest / MARKER)
+    listed = {Path(path).name for path in config.get("files", {})}
+    ours = {MARKER, REPORT_COPY, "README.md", "onnx", *LOADER_FILES}
+    theirs = sorted(p.name for p in dest.iterdir() if p.name not in ours)
+    onnx_dir = dest / "onnx"
+    if onnx_dir.is_dir():
+        theirs += sorted(f"onnx/{p.name}" for p in onnx_dir.iterdir()
+                         if p.name not in listed and p.name.removesuffix("_data") not in listed)
+    card = dest / "README.md"
+    if card.is_file() and config.get("card_sha256") not in (None, sha256_file(card)):
+        theirs.append("README.md (edited since bertforge wrote it)")
+    return theirs
+
+
 def check_destination(dest: Path, out: Path) -> None:
+    if dest.is_symlink():
+        raise UsageError(f"package destination {dest} is a symbolic link; name the directory it points to "
+                         f"({dest.resolve()})")
     if dest.resolve() == out.resolve() or dest.resolve().is_relative_to(out.resolve()):
         raise UsageError(f"package destination {dest} is inside the build {out}; choose a folder outside it")
+    if Path.cwd().resolve().is_relative_to(dest.resolve()):
+        raise UsageError(f"package destination {dest} is the current directory or holds it; choose another")
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / MARKER).is_file())):
         raise UsageError(f"package destination {dest} exists and is not a bertforge package; choose another or "
                          "remove it")
-    if dest.is_dir() and (dest / MARKER).is_file():
-        ours = {MARKER, REPORT_COPY, "README.md", "onnx", *LOADER_FILES}
-        theirs = sorted(p.name for p in dest.iterdir() if p.name not in ours)
-        if theirs:
-            raise UsageError(f"package destination {dest} holds files bertforge did not write ({', '.join(theirs[:3])}"
-                             "); packaging again would replace them: move them or choose another destination")
+    theirs = foreign_in_package(dest) if dest.is_dir() else []
+    if theirs:
+        raise UsageError(f"package destination {dest} holds files bertforge did not write ({', '.join(theirs[:3])}"
+                         "); packaging again would replace them: move them or choose another destination")
 
 
 def package(out: Path, dest: Path, variants: list[str] | None = None, top1_min: float = 0.95) -> Packaged:
@@ -124,7 +147,10 @@ def package(out: Path, dest: Path, variants: list[str] | None = None, top1_min: 
     report = read_json(out / "report.json")
     quantized, because = choose_quantized(report, chosen, top1_min)
     result = Packaged(dest, quantized=quantized, quantized_because=because)
-    with atomic_directory(dest) as staging:
+    def kept(old: Path) -> None:
+        result.kept_previous = old
+
+    with atomic_directory(dest, foreign=foreign_in_package, kept=kept) as staging:
         source = out / ("fp32" if "fp32" in chosen else chosen[0])
         for name in LOADER_FILES:
             if (source / name).is_file():
@@ -135,8 +161,10 @@ def package(out: Path, dest: Path, variants: list[str] | None = None, top1_min: 
             copy_model(out / variant, staging / "onnx" / name)
             result.files[f"onnx/{name}"] = variant
         shutil.copyfile(out / "report.json", staging / REPORT_COPY)
-        write_json_atomic(staging / MARKER, quantize_config(out, report, result))
         write_text_atomic(staging / "README.md", repo_card(out, report, result))
+        # the card's hash: packaging again refuses to replace a README.md edited since
+        write_json_atomic(staging / MARKER, {**quantize_config(out, report, result),
+                                             "card_sha256": sha256_file(staging / "README.md")})
     return result
 
 

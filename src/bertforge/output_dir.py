@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bertforge.cache import cache_root, exclusive_or_fail
 from bertforge.errors import UsageError
-from bertforge.pipeline import OUTPUT_MARKER
+from bertforge.pipeline import check_output_dir
 
 
 def output_lock(out: Path):
@@ -21,12 +21,11 @@ def output_lock(out: Path):
 
 
 def rejected_path(out: Path) -> Path:
-    """Where a rebuild whose gates failed goes, beside the build in `out` it leaves as it was; refused
-    when something that is not a bertforge build already stands there."""
+    """Where a rebuild whose gates failed goes, beside the build in `out` it leaves as it was; refused,
+    as --out is, when what stands there is not a bertforge build alone (files of yours in it, a link,
+    the directory you are in)."""
     rejected = out.with_name(f"{out.name}.rejected")
-    if rejected.exists() and not (rejected / OUTPUT_MARKER).is_file():
-        raise UsageError(f"{rejected} exists and is not a bertforge output directory; remove it (a rebuild "
-                         f"of {out} whose gates fail is written there)")
+    check_output_dir(rejected, f"{rejected.name} (where a rebuild of {out} whose gates fail goes):")
     return rejected
 
 

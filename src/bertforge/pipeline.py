@@ -26,6 +26,7 @@ from bertforge.artifact import (
     owned_scratch,
     read_manifest,
     sha256_file,
+    unlisted_files,
     verify_directory,
     write_json_atomic,
     write_manifest,
@@ -319,19 +320,38 @@ def recorded_recipe(out: Path) -> dict[str, Any] | None:
         raise UsageError(f"{marker}: not a bertforge build.json ({type(exc).__name__}: {exc})") from None
 
 
-def check_output_dir(out: Path) -> None:
+def foreign_files(out: Path) -> list[str]:
+    """The files in a build directory bertforge did not write: beside its own at the top, and inside each
+    variant directory those its manifest does not list (a rebuild replaces the whole tree)."""
+    if not (out / OUTPUT_MARKER).is_file():
+        return sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    variants = listed_variants(out)
+    ours = {OUTPUT_MARKER, *REPORT_FILES, *variants}
+    theirs = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    for name in variants:
+        folder = out / name
+        if folder.is_dir() and (folder / MANIFEST).is_file():
+            theirs += [f"{name}/{rel}" for rel in unlisted_files(folder)]
+        elif folder.exists():
+            theirs.append(f"{name}/ (no manifest.json)")
+    return theirs
+
+
+def check_output_dir(out: Path, what: str = "output") -> None:
     """Refuse to replace a directory bertforge did not write, or one holding files it did not write
-    (they would be lost with the old build), or the directory the command runs in."""
+    (they would be lost with the old build, its variant directories included), a symbolic link (the
+    link would be replaced, not what it points to), or the directory the command runs in."""
+    if out.is_symlink():
+        raise UsageError(f"{what} {out} is a symbolic link; name the directory it points to ({out.resolve()})")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / OUTPUT_MARKER).is_file())):
-        raise UsageError(f"output {out} exists and is not a bertforge output directory; choose another --out "
+        raise UsageError(f"{what} {out} exists and is not a bertforge output directory; choose another --out "
                          "or remove it")
     if Path.cwd().resolve().is_relative_to(out.resolve()):
-        raise UsageError(f"output {out} is the current directory or holds it; choose another --out")
+        raise UsageError(f"{what} {out} is the current directory or holds it; choose another --out")
     if out.is_dir() and (out / OUTPUT_MARKER).is_file():
-        ours = {OUTPUT_MARKER, *REPORT_FILES, *listed_variants(out)}
-        theirs = sorted(p.name for p in out.iterdir() if p.name not in ours)
+        theirs = foreign_files(out)
         if theirs:
-            raise UsageError(f"output {out} holds files bertforge did not write ({', '.join(theirs[:3])}"
+            raise UsageError(f"{what} {out} holds files bertforge did not write ({', '.join(theirs[:3])}"
                              f"{', ...' if len(theirs) > 3 else ''}); a rebuild would replace them: move them or "
                              "choose another --out")
 

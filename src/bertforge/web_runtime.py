@@ -68,12 +68,15 @@ def native_top1(model: Path, examples: list[dict[str, Any]]) -> list[int]:
 
 def web_top1(models: list[Path], examples: list[dict[str, Any]], version: str | None = None) -> dict[str, Any]:
     directory = node_dir(version)
-    shutil.copyfile(Path(str(resources.files("bertforge.web").joinpath(SCRIPT))), directory / SCRIPT)
     (cache_root() / "tmp").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_root() / "tmp") as work:
+        # the script runs from this scratch folder, never written into the node folder (it may be yours):
+        # `import "onnxruntime-web"` resolves through a node_modules link to that folder's
+        shutil.copyfile(Path(str(resources.files("bertforge.web").joinpath(SCRIPT))), Path(work) / SCRIPT)
+        (Path(work) / "node_modules").symlink_to((directory / "node_modules").resolve(), target_is_directory=True)
         inputs, output = Path(work) / "inputs.json", Path(work) / "top1.json"
         inputs.write_text(json.dumps(examples))
-        run = subprocess.run(["node", SCRIPT, str(inputs), str(output), *(str(m) for m in models)], cwd=directory,
+        run = subprocess.run(["node", SCRIPT, str(inputs), str(output), *(str(m) for m in models)], cwd=work,
                              capture_output=True, text=True)
         if run.returncode != 0:
             tail = (run.stderr.strip().splitlines() or ["no message"])[-1]

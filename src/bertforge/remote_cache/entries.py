@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bertforge.artifact import MANIFEST, file_inventory, read_manifest
+from bertforge.artifact import MANIFEST, file_inventory, read_manifest, safe_relative
 from bertforge.cache import canonical_json
 from bertforge.remote_cache.store import BlobMismatch, RemoteStore
 
@@ -50,12 +50,6 @@ class DamagedEntry(Exception):
     def __init__(self, message: str, bad_blobs: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.bad_blobs = bad_blobs
-
-
-def safe_relative(name: str) -> bool:
-    parts = name.split("/")
-    return bool(name) and not name.startswith("/") and "\\" not in name and all(
-        part not in ("", ".", "..") for part in parts) and parts[0] != MANIFEST
 
 
 def parse_manifest(data: bytes, stage: str, key: str) -> dict[str, Any]:
