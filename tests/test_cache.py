@@ -266,7 +266,7 @@ def test_a_killed_builds_staging_and_scratch_are_removed_by_the_next_build(tmp_p
     import tempfile
     import time
 
-    from bertforge.artifact import OWNER_FILE, STALE_AFTER_S, atomic_directory, owned_scratch, pid_namespace
+    from bertforge.artifact import OWNER_FILE, STALE_AFTER_S, atomic_directory, boot_id, owned_scratch, pid_namespace
 
     def owned_by(path, pid):
         (path / OWNER_FILE).write_text(json.dumps({"tool": "bertforge staging", "pid": pid}))
@@ -276,16 +276,21 @@ def test_a_killed_builds_staging_and_scratch_are_removed_by_the_next_build(tmp_p
     stale = tmp_path / f".tmp-fused-abc-{gone}-x1y2"
     recent = tmp_path / f".tmp-fused-abc-{gone}-r3s4"  # its process is gone, but it may be another container's
     recent_here = tmp_path / f".tmp-fused-abc-{gone}-h5j6"  # gone, and its pid is this namespace's: at once
+    # the same namespace name on another machine sharing the cache (the first namespace is named alike on
+    # every host): its pid is not this machine's to judge
+    other_host = tmp_path / f".tmp-fused-abc-{gone}-m7n8"
     running = tmp_path / f".tmp-fp32-def-{os.getppid()}-q5w6"  # a live process (pytest's parent)
     unmarked = tmp_path / ".tmp-fp16-u7v8"  # no owner mark: not ours to judge
     users = tmp_path / f".tmp-thesis-{gone}-final"  # a user's folder whose name fits the old pattern
-    for path in (stale, recent, recent_here, running, unmarked, users):
+    for path in (stale, recent, recent_here, other_host, running, unmarked, users):
         path.mkdir()
         (path / "model.onnx").write_bytes(b"partial")
     for path, pid in ((stale, gone), (recent, gone), (running, os.getppid())):
         owned_by(path, pid)
     (recent_here / OWNER_FILE).write_text(json.dumps({"tool": "bertforge staging", "pid": gone,
-                                                      "pid_namespace": pid_namespace()}))
+                                                      "pid_namespace": pid_namespace(), "boot_id": boot_id()}))
+    (other_host / OWNER_FILE).write_text(json.dumps({"tool": "bertforge staging", "pid": gone,
+                                                     "pid_namespace": pid_namespace(), "boot_id": "another-boot"}))
     for path in (stale, running, unmarked, users):
         os.utime(path, (old, old))
     with atomic_directory(tmp_path / "int8-dynamic-key") as staging:
@@ -293,7 +298,7 @@ def test_a_killed_builds_staging_and_scratch_are_removed_by_the_next_build(tmp_p
         (staging / "model.onnx").write_bytes(b"done")
     assert not stale.exists()
     assert not recent_here.exists() or pid_namespace() is None  # no hour's wait where the pid is ours to judge
-    assert recent.exists() and running.exists() and unmarked.exists() and users.exists()
+    assert recent.exists() and other_host.exists() and running.exists() and unmarked.exists() and users.exists()
     assert (users / "model.onnx").read_bytes() == b"partial"
     assert sorted(p.name for p in (tmp_path / "int8-dynamic-key").iterdir()) == ["model.onnx"]  # no mark left
     assert (tmp_path / "int8-dynamic-key" / "model.onnx").read_bytes() == b"done"

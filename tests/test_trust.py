@@ -189,6 +189,21 @@ def test_files_added_to_out_during_a_rebuild_keep_the_previous_build_whole(small
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out.")] == [kept[0].name]
 
 
+def test_an_out_inside_the_cache_is_refused(small_recipe, own_cache, capsys):
+    out = own_cache / "stages" / "my-build"
+    assert build(small_recipe, out) == 2
+    assert f"--out {out} is inside the cache" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_results_key_is_written_whole_and_leaves_no_draft(own_cache):
+    from bertforge.results_cache import _secret
+
+    key = _secret()
+    assert len(key) == 32 and (own_cache / "results.key").read_bytes() == key == _secret()
+    assert [p.name for p in own_cache.iterdir() if p.name.startswith(".results.key")] == []
+
+
 def test_a_symbolic_link_as_out_is_refused(small_recipe, tmp_path, capsys):
     real = tmp_path / "real"
     assert build(small_recipe, real) == 0

@@ -76,9 +76,18 @@ def pid_namespace() -> str | None:
         return None
 
 
+def boot_id() -> str | None:
+    """This machine's boot (Linux): the first pid namespace has the same name on every host, so a pid is
+    this machine's to judge only where the boot is this one too (a cache on a shared filesystem)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
 def claim(directory: Path) -> None:
     """Mark `directory` as this process's, for remove_stale."""
-    mark = {"tool": OWNER_TAG, "pid": os.getpid(), "pid_namespace": pid_namespace()}
+    mark = {"tool": OWNER_TAG, "pid": os.getpid(), "pid_namespace": pid_namespace(), "boot_id": boot_id()}
     (Path(directory) / OWNER_FILE).write_text(json.dumps(mark), "utf-8")
 
 
@@ -201,21 +210,23 @@ STALE_AFTER_S = 3600.0
 
 def remove_stale(directory: Path, prefix: str, older_than_s: float = STALE_AFTER_S) -> list[Path]:
     """Remove the directories in `directory` named `prefix...` that carry bertforge's owner mark and whose
-    process is gone (a killed build's staging or scratch): at once where the mark's pid namespace is this
-    process's (its pid is then this machine's to judge), else only once older than `older_than_s` (a
-    build in another container sharing the cache has pids of its own). Nothing without the mark is
+    process is gone (a killed build's staging or scratch): at once where the mark's pid namespace and
+    boot are this process's (its pid is then this machine's to judge), else only once older than
+    `older_than_s` (a build in another container, or on another machine sharing the cache, has pids of
+    its own). Nothing without the mark is
     touched, whatever its name."""
     import time
 
     removed = []
-    here = pid_namespace()
+    here, boot = pid_namespace(), boot_id()
     for entry in Path(directory).glob(f"{prefix}*"):
         if entry.is_symlink() or not entry.is_dir():
             continue
         mark = owner_mark(entry)
         if mark is None or mark["pid"] == os.getpid() or process_alive(mark["pid"]):
             continue
-        same_namespace = here is not None and mark.get("pid_namespace") == here
+        same_namespace = (here is not None and mark.get("pid_namespace") == here
+                          and boot is not None and mark.get("boot_id") == boot)
         with contextlib.suppress(FileNotFoundError):
             if not same_namespace and time.time() - entry.stat().st_mtime < older_than_s:
                 continue

@@ -38,6 +38,9 @@ def check_writable(out: Path) -> None:
     if root == out.resolve() or out.resolve() in root.parents:
         raise UsageError(f"the cache ({root}, $BERTFORGE_CACHE) is inside --out {out}: each build replaces "
                          "--out and would delete it; choose a cache or an --out outside the other")
+    if out.resolve().is_relative_to(root):
+        raise UsageError(f"--out {out} is inside the cache ({root}, $BERTFORGE_CACHE), whose clean-up and "
+                         "`cache prune` manage what is there; choose an --out outside it")
     parent = out.resolve().parent  # created if missing, as the build would
     for place, what in ((parent, f"--out's parent directory {parent}"), (root, f"the cache {root}")):
         try:

@@ -62,14 +62,19 @@ def _secret() -> bytes:
     results anyway, so they share the key; others cannot read it."""
     path = cache_root() / "results.key"
     if not path.is_file():
+        # written whole under another name, then linked into place: a process reading it meanwhile, or a
+        # kill mid-write, never finds an empty key; the link fails where another process made it first
         path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f".results.key-{os.getpid()}-{secrets.token_hex(4)}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640 & ~current_umask())
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640 & ~current_umask())
-        except FileExistsError:
-            pass  # another process made it first
-        else:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(secrets.token_bytes(32))
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink(missing_ok=True)
     secret = path.read_bytes()
     if len(secret) != 32:
         raise BertforgeError(f"{path}: not a bertforge results key (remove it; every cached result is then "
