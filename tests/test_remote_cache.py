@@ -375,6 +375,9 @@ def test_a_remote_manifest_naming_a_path_outside_its_entry_is_refused(tmp_path):
             parse_manifest(json.dumps({**good, "files": files}).encode(), "fusion", "k1")
     with pytest.raises(DamagedEntry, match="not the one for this stage and key"):
         parse_manifest(json.dumps(good).encode(), "fusion", "other-key")
+    blob = {"sha256": "a" * 64, "size": 3}  # a file and a file inside it: a damaged entry, not a crash
+    with pytest.raises(DamagedEntry, match="'a/b' inside another file it lists"):
+        parse_manifest(json.dumps({**good, "files": {"a": blob, "a/b": blob}}).encode(), "fusion", "k1")
 
 
 def test_a_url_is_shown_without_its_credentials():

@@ -69,6 +69,9 @@ def parse_manifest(data: bytes, stage: str, key: str) -> dict[str, Any]:
         if not (isinstance(facts, dict) and isinstance(facts.get("sha256"), str) and SHA256.fullmatch(facts["sha256"])
                 and isinstance(facts.get("size"), int) and facts["size"] >= 0):
             raise DamagedEntry(f"its manifest's entry for {name} has no sha256 and size")
+        parts = name.split("/")
+        if any("/".join(parts[:i]) in files for i in range(1, len(parts))):  # 'a' and 'a/b' cannot both be files
+            raise DamagedEntry(f"its manifest names {name!r} inside another file it lists")
     return manifest
 
 
