@@ -141,3 +141,24 @@ def test_a_ray_address_where_something_else_answers_is_one_line_and_exit_2(tiny_
     err = capsys.readouterr().err
     assert f"what answers at {address} is not a Ray cluster's head" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_task_keeps_the_cache_entries_it_reads_from_cache_prune(tiny_variants, tmp_path):
+    """A shard or latency task takes a variant's entry by key: its use lock is held while the task runs
+    (prune skips the entry), and released after."""
+    import contextlib
+
+    from bertforge.artifact import read_manifest
+    from bertforge.cache import exclusive_or_fail, use_lock_path
+    from bertforge.errors import UsageError
+    from bertforge.ray_executor import VariantAt, variant_here
+
+    manifest = read_manifest(tiny_variants["fused"])
+    at = VariantAt(path=str(tmp_path / "not-on-this-node"), stage=manifest["stage"], key=manifest["key"])
+    lock = use_lock_path(f"{manifest['stage']}-{manifest['key']}")
+    with contextlib.ExitStack() as hold:
+        assert variant_here(at, hold) == tiny_variants["fused"]
+        with pytest.raises(UsageError, match="in use"), exclusive_or_fail(lock, "in use"):
+            pass  # what cache prune takes before it removes an entry
+    with exclusive_or_fail(lock, "in use"):
+        pass

@@ -77,23 +77,26 @@ def local_source(source: ResolvedSource) -> ResolvedSource:
     return resolve(source.spec)
 
 
-def variant_here(variant: VariantAt) -> Path:
+def variant_here(variant: VariantAt, hold: contextlib.ExitStack) -> Path:
+    """The variant's directory; a cache entry's use lock is kept on `hold` (the task's lifetime), so
+    `cache prune` on this machine skips it meanwhile."""
     if (Path(variant.path) / "model.onnx").is_file():
         return Path(variant.path)
-    return built_elsewhere(variant.stage, variant.key, None).artifact.path
+    return built_elsewhere(variant.stage, variant.key, None, hold).artifact.path
 
 
 def stage_task(settings: TaskSettings, recipe: Recipe, source: ResolvedSource, variant: str, *parent: Built) -> Built:
     """`variant` into this node's cache, from the source checkpoint or from its parent's entry, taken by
     the key the parent's task returned (verified, fetched from the remote cache where this node lacks it)."""
-    with in_task(settings):
+    with in_task(settings), contextlib.ExitStack() as hold:  # the entries it reads and writes: kept from prune
         stage, parent_variant, section = VARIANT_PLAN[variant]
         if parent_variant is None:
             built_from = source_artifact(local_source(source))
         else:
-            built_from = built_elsewhere(VARIANT_PLAN[parent_variant][0], parent[0].key, None).artifact
+            built_from = built_elsewhere(VARIANT_PLAN[parent_variant][0], parent[0].key, None, hold).artifact
         with spreading(spread_on_ray(settings)) if settings.spread_pieces else contextlib.nullcontext():
-            run = run_stage(stage, built_from, getattr(recipe, section))  # int8-auto's sensitivity rows: tasks too
+            # int8-auto's sensitivity rows: tasks too
+            run = run_stage(stage, built_from, getattr(recipe, section), hold)
         return Built(run.artifact.key, run.cached, run.seconds, run.rebuilt_because, where())
 
 
@@ -103,8 +106,8 @@ def shard_task(settings: TaskSettings, source: ResolvedSource, variants: dict[st
     from bertforge.memory import reused_large_buffers
     from bertforge.validation.validate import Reference, validate_shard
 
-    with in_task(settings), reused_large_buffers():
-        paths = {name: variant_here(at) for name, at in variants.items()}
+    with in_task(settings), reused_large_buffers(), contextlib.ExitStack() as hold:
+        paths = {name: variant_here(at, hold) for name, at in variants.items()}
         return validate_shard(Reference(local_source(source).path, config), paths, examples, first=first, last=True)
 
 
@@ -112,8 +115,8 @@ def latency_task(settings: TaskSettings, variants: dict[str, VariantAt], sequenc
                  repeats: int) -> tuple[dict[str, dict], dict[str, Any]]:
     import bertforge.bench as bench
 
-    with in_task(settings):
-        paths = {name: variant_here(at) for name, at in variants.items()}
+    with in_task(settings), contextlib.ExitStack() as hold:
+        paths = {name: variant_here(at, hold) for name, at in variants.items()}
         return bench.latency(paths, 1, sequence, warmup, repeats), {**this_machine(), "executor": "ray"}
 
 
