@@ -213,8 +213,7 @@ def remove_stale(directory: Path, prefix: str, older_than_s: float = STALE_AFTER
     process is gone (a killed build's staging or scratch): at once where the mark's pid namespace and
     boot are this process's (its pid is then this machine's to judge), else only once older than
     `older_than_s` (a build in another container, or on another machine sharing the cache, has pids of
-    its own). Nothing without the mark is
-    touched, whatever its name."""
+    its own). Nothing without the mark is touched, whatever its name."""
     import time
 
     removed = []
