@@ -147,6 +147,7 @@ def package(out: Path, dest: Path, variants: list[str] | None = None, top1_min: 
     report = read_json(out / "report.json")
     quantized, because = choose_quantized(report, chosen, top1_min)
     result = Packaged(dest, quantized=quantized, quantized_because=because)
+
     def kept(old: Path) -> None:
         result.kept_previous = old
 
