@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,12 @@ pytest.importorskip("ray")
 
 
 def test_a_ray_build_builds_its_stages_on_the_workers_and_reports_the_local_executors_metrics(
-        ray_cluster, tmp_path, capsys):
+        ray_cluster, tmp_path, capsys, monkeypatch):
+    from bertforge import ray_executor
+
+    held: list[str] = []  # the entries the driver takes against cache prune as each stage task reports
+    real_lock = ray_executor.shared_lock
+    monkeypatch.setattr(ray_executor, "shared_lock", lambda path: held.append(Path(path).stem) or real_lock(path))
     checkpoint = make_tiny_checkpoint(tmp_path / "checkpoint", seed=5)  # its stages are in no cache yet
     out = tmp_path / "out"
     code = main(["build", "--model", str(checkpoint), "--out", str(out),
@@ -27,6 +33,10 @@ def test_a_ray_build_builds_its_stages_on_the_workers_and_reports_the_local_exec
     printed = capsys.readouterr().err
     assert "executor: ray, 2 nodes" in printed and "stages on ray" in printed
     assert "5 built, 0 cached" in printed  # fp32, fused, fp16, int8-dynamic, int8-auto: every stage ran in a task
+    from bertforge.artifact import read_manifest
+
+    manifests = [read_manifest(out / v) for v in ("fp32", "fp16", "int8-dynamic", "int8-auto")]
+    assert {f"{m['stage']}-{m['key']}" for m in manifests} < set(held) and len(held) == 5
     report = json.loads((out / "report.json").read_text())
     assert report["executor"]["kind"] == "ray" and report["executor"]["nodes"] == 2
     assert report["executor"]["latency_measured_on"]["cpu_class"] == report["machine"]["cpu_class"]

@@ -273,7 +273,7 @@ def _build(recipe: Recipe, out: Path, progress: Progress, executor: Executor) ->
     # every cache entry the build uses stays locked against `cache prune` until the build is written
     with contextlib.ExitStack() as hold:
         state = build_variants(recipe, source, progress, hold,
-                               lambda: executor.build_stages(recipe, source, progress))
+                               lambda: executor.build_stages(recipe, source, progress, hold))
         def kept(old: Path) -> None:
             progress.alert(f"files bertforge did not write were added to {destination['path']} during the build; "
                            f"the previous build and those files are kept whole in {old}")

@@ -27,7 +27,8 @@ EXECUTORS = ("local", "ray")
 
 
 class Executor(Protocol):
-    def build_stages(self, recipe: Recipe, source: ResolvedSource, progress: Progress) -> dict[str, Built]: ...
+    def build_stages(self, recipe: Recipe, source: ResolvedSource, progress: Progress,
+                     hold: contextlib.ExitStack | None = None) -> dict[str, Built]: ...
 
     def validate(self, source: ResolvedSource, variants: dict[str, Path], config: ValidationConfig,
                  progress: Callable[[int, int], None]) -> dict[str, Any]: ...
@@ -41,8 +42,9 @@ class Executor(Protocol):
 class LocalExecutor:
     """Everything in this process, one step after another."""
 
-    def build_stages(self, recipe: Recipe, source: ResolvedSource, progress: Progress) -> dict[str, Built]:
-        return {}  # pipeline.build_variants builds them in its own loop
+    def build_stages(self, recipe: Recipe, source: ResolvedSource, progress: Progress,
+                     hold: contextlib.ExitStack | None = None) -> dict[str, Built]:
+        return {}  # pipeline.build_variants builds them in its own loop (holding each entry on `hold`)
 
     def validate(self, source: ResolvedSource, variants: dict[str, Path], config: ValidationConfig,
                  progress: Callable[[int, int], None]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bertforge.artifact import read_manifest
+from bertforge.cache import shared_lock, use_lock_path
 from bertforge.crash_log import one_line
 from bertforge.environment import cpu_class, physical_cores, this_machine
 from bertforge.errors import UsageError
@@ -261,7 +262,10 @@ class RayExecutor:
     def results(self, refs: list[Any], done: Callable[[int, Any], None] = lambda index, value: None) -> list[Any]:
         return gathered(self.ray, refs, done)
 
-    def build_stages(self, recipe: Recipe, source: ResolvedSource, progress: Progress) -> dict[str, Built]:
+    def build_stages(self, recipe: Recipe, source: ResolvedSource, progress: Progress,
+                     hold: contextlib.ExitStack | None = None) -> dict[str, Built]:
+        """Each variant's stage as a task; with `hold`, the driver takes each entry's use lock on this
+        machine as its task reports (the task held it while it ran), so `cache prune` skips it."""
         needed = required_variants(recipe.variants)
         refs: dict[str, Any] = {}
         for variant in needed:
@@ -271,6 +275,8 @@ class RayExecutor:
         built: dict[str, Built] = {}
 
         def done(index: int, result: Built) -> None:
+            if hold is not None:
+                hold.enter_context(shared_lock(use_lock_path(f"{VARIANT_PLAN[needed[index]][0]}-{result.key}")))
             built[needed[index]] = result
             progress.update(f"{len(built)}/{len(needed)}: {needed[index]} "
                             f"{'cached' if result.cached else f'built in {result.seconds:.1f} s'} on {result.where}")
