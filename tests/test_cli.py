@@ -743,3 +743,34 @@ def test_every_card_carries_metadata_a_model_hub_reads(built):
         assert results["task"]["type"] == "fill-mask"
         assert card.text.lstrip().startswith(f"# {name}:")
     assert main(["verify", str(built)]) == 0  # the cards are what the manifests list
+
+
+def test_a_variant_with_nan_logits_fails_and_every_report_form_says_n_a(built):
+    """NaN metrics are null in report.json: the cards, report.md, report.html and the gates table show
+    n/a instead of failing to format, and non-finite logits fail the variant whatever its gates."""
+    import copy
+
+    from bertforge.artifact import read_manifest
+    from bertforge.report import html as html_report
+    from bertforge.report import markdown as md_report
+    from bertforge.report.model_card import card_text
+    from bertforge.report.weigh import gate_rows
+    from bertforge.validation.config import Gate
+    from bertforge.validation.gates import FINITE_LOGITS, evaluate
+
+    nan = float("nan")
+    results = evaluate("fp16", {"top1_agreement": 1.0, "top5_overlap": 1.0, "ref_top1_in_top5": 1.0, "max_abs": nan,
+                                "kl_mean": nan}, Gate(top1_min=0.99))
+    assert [(r.metric, r.threshold, r.passed) for r in results] == [("top1_agreement", 0.99, True),
+                                                                    ("max_abs", FINITE_LOGITS, False)]
+    report = copy.deepcopy(json.loads((built / "report.json").read_text()))
+    entry = report["variants"]["fp16"]
+    for metric in ("max_abs", "kl_mean", "mean_abs", "cosine_mean"):
+        entry["metrics"][metric] = None  # as report.json stores NaN
+    entry["gates"] = [{**r.as_dict(), "value": None if r.value != r.value else r.value} for r in results]
+    entry["passed"] = report["gates_passed"] = False
+    assert "| KL mean | n/a |" in card_text("fp16", entry, report, read_manifest(built / "fp16"))
+    assert "- fp16: max_abs = n/a, gate <= 3.40282e+38" in md_report.render(report)
+    assert "max_abs n/a (gate &lt;= 3.40282e+38)" in html_report.render(report)
+    assert ["fp16", "max_abs", "n/a", "<= 3.40282e+38", "FAIL"] in gate_rows(report["variants"])
+    assert ["fp16", "top1_agreement", "100.00%", ">= 99%", "pass"] in gate_rows(report["variants"])

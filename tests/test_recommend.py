@@ -104,3 +104,24 @@ def test_a_variant_slower_than_fp32_is_never_recommended_even_where_it_is_smalle
     # within noise of fp32 it stays a candidate
     variants["int8-blockwise"] = timed(0.95, [19.0, 20.5, 20.2, 19.7], 26.0)
     assert recommend(variants)["slower_than_fp32"] == []
+
+
+def test_a_latency_reused_from_the_cache_makes_a_variant_slower_only_where_every_round_is():
+    def cached(entry: dict) -> dict:
+        return {**entry, "latency": {**entry["latency"], "this_run": False}}
+
+    variants = {"fp32": cached(timed(1.0, [9.9, 10.0, 10.1, 10.0], 90.0)),
+                "int8-weights": timed(0.96, [10.0, 10.05, 9.98, 10.02], 26.0)}  # p50 10.02 against 10.0
+    found = recommend(variants)
+    assert found["slower_than_fp32"] == [] and found["targets"][1]["smallest"] == "int8-weights"
+    variants["int8-weights"] = timed(0.96, [10.2, 10.3, 10.25, 10.4], 26.0)  # every round above fp32's
+    assert recommend(variants)["slower_than_fp32"] == ["int8-weights"]
+
+
+def test_the_summary_says_latency_was_measured_even_where_every_variant_failed_its_gates():
+    variants = {"fp32": timed(1.0, [20.0, 20.1, 19.9, 20.0], 90.0),
+                "int8-dynamic": timed(0.5, [12.0, 12.1, 11.9, 12.0], 24.0)}
+    for entry in variants.values():
+        entry["passed"] = False
+    text = recommend(variants)["summary"]
+    assert "not measured" not in text and "every variant timed in this build's run" in text

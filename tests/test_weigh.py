@@ -37,3 +37,26 @@ def test_an_int8_auto_plan_that_misses_its_target_on_validation_is_reported_with
     assert line.startswith("int8-auto: top-1 94.09% on the validation corpus, 0.91 points under the 95%")
     assert "95.23% on 378 positions" in line
     assert plan_miss_warnings({"int8-auto": auto(0.9552)}) == []
+
+
+def test_the_gates_table_shows_thresholds_as_given_and_n_a_for_a_missing_value():
+    from bertforge.report.weigh import gate_rows
+
+    gates = [{"metric": "top1_agreement", "value": 0.9849, "op": ">=", "threshold": 0.985, "passed": False},
+             {"metric": "kl_mean", "value": None, "op": "<=", "threshold": 0.01, "passed": False}]
+    assert gate_rows({"v": {"gates": gates}}) == [["v", "top1_agreement", "98.49%", ">= 98.5%", "FAIL"],
+                                                  ["v", "kl_mean", "n/a", "<= 0.01", "FAIL"]]
+
+
+def test_compare_calls_a_metric_b_lost_a_regression():
+    from bertforge.comparison import compare_reports
+
+    def report(metrics: dict) -> dict:
+        return {"schema_version": 1, "model": {"source_key": "k"}, "corpus": {"digest": "d", "seed": 0},
+                "variants": {"fp16": {"size_bytes": 10, "latency": {}, "metrics": metrics}}}
+
+    a = report({"top1_agreement": 0.99, "kl_mean": 1e-5, "max_abs": 0.01})
+    b = report({"top1_agreement": 0.99, "kl_mean": None, "max_abs": 0.01})
+    assert compare_reports(a, b)["regressions"] == [
+        "fp16 kl_mean: 1e-05 -> n/a (B has no number: NaN logits, or not measured)"]
+    assert compare_reports(a, a)["regressions"] == []

@@ -90,7 +90,10 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any], tol: Tolerances = Tole
             rows.append({"variant": variant, "metric": metric, "a": x, "b": y, "delta": _delta(x, y)})
         for metric, bigger_is_better in COMPARED.items():
             x, y = facts[metric]
-            if x is None or y is None:
+            if x is None or (isinstance(x, float) and math.isnan(x)):
+                continue  # nothing in A to regress from
+            if y is None or (isinstance(y, float) and math.isnan(y)):
+                regressions.append(f"{variant} {metric}: {x:.4g} -> n/a (B has no number: NaN logits, or not measured)")
                 continue
             if bigger_is_better and y < x - tol.agreement:
                 regressions.append(f"{variant} {metric}: {x:.4g} -> {y:.4g} (drop > {tol.agreement:g})")

@@ -8,6 +8,7 @@ from typing import Any
 
 from bertforge.environment import library_versions, machine_info
 from bertforge.report.recommend import recommend
+from bertforge.report.weigh import fmt
 from bertforge.version import __version__
 
 SCHEMA_VERSION = 1  # keys added since (recommendation) are optional: readers of 1 still read it
@@ -36,12 +37,6 @@ def columns(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         return COLUMNS
     batch, sequence = shapes.pop()
     return [(k, f"p50 ms b{batch}×s{sequence}" if k == "latency_p50_ms" else t, p) for k, t, p in COLUMNS]
-
-
-def fmt(value: Any, pattern: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return pattern.format(value)
 
 
 def variant_row(entry: dict[str, Any]) -> dict[str, Any]:

@@ -114,7 +114,8 @@ def table(report: dict[str, Any]) -> str:
         cells = "".join(f"<td>{html.escape(text)}</td>" for text in texts)
         failed = [g for g in entry["gates"] if not g["passed"]]
         if failed:
-            text = "; ".join(f"{g['metric']} {g['value']:.4g} (gate {g['op']} {g['threshold']:g})" for g in failed)
+            text = "; ".join(f"{g['metric']} {fmt(g['value'], '{:.4g}')} (gate {g['op']} {g['threshold']:g})"
+                             for g in failed)
             gate_cell = f'<td class="fail">FAIL: {html.escape(text)}</td>'
         else:
             gate_cell = '<td class="pass">pass</td>'

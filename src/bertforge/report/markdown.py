@@ -83,7 +83,7 @@ def render(report: dict[str, Any]) -> str:
     ]
     failures = [g for entry in report["variants"].values() for g in entry["gates"] if not g["passed"]]
     for gate in failures:
-        parts.append(f"- {gate['variant']}: {gate['metric']} = {gate['value']:.6g}, gate {gate['op']} "
+        parts.append(f"- {gate['variant']}: {gate['metric']} = {fmt(gate['value'], '{:.6g}')}, gate {gate['op']} "
                      f"{gate['threshold']:g}")
     plan = plan_table(report)
     if plan is not None:
@@ -100,6 +100,8 @@ def render(report: dict[str, Any]) -> str:
     if report["warnings"]:
         parts += ["", "Warnings:"] + [f"- {w}" for w in report["warnings"]]
     parts += ["", "## Metrics", ""] + [f"- **{name}**: {meaning}" for name, meaning in METRIC_DEFINITIONS]
-    parts += ["", provenance(report) + " Latency: batch 1 × sequence 128, onnxruntime CPU with its default "
-              "(spinning) thread pools, the variants timed in turns of 2 untimed and 5 timed calls."]
+    timed = next((e["latency"] for e in report["variants"].values() if e.get("latency")), {})
+    parts += ["", provenance(report) + f" Latency: batch {timed.get('batch', 1)} × sequence "
+              f"{timed.get('sequence', 128)}, onnxruntime CPU with its default (spinning) thread pools, the "
+              "variants timed in turns of 2 untimed and 5 timed calls."]
     return "\n".join(parts) + "\n"

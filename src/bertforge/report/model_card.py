@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bertforge.artifact import MANIFEST, read_manifest, sha256_file, write_json_atomic, write_text_atomic
+from bertforge.report.weigh import fmt
 from bertforge.stages import BY_NAME
 
 CARD = "README.md"
@@ -39,17 +40,18 @@ def card_text(name: str, entry: dict[str, Any], report: dict[str, Any], manifest
         "",
         "| metric | value |",
         "|---|---|",
-        f"| top-1 agreement | {metrics.get('top1_agreement', float('nan')):.2%}"
+        f"| top-1 agreement | {fmt(metrics.get('top1_agreement'), '{:.2%}')}"
         + (f" (95% interval {span[0]:.1%}–{span[1]:.1%})" if span else "") + " |",
-        f"| PyTorch's top-1 in this variant's top-5 | {metrics.get('ref_top1_in_top5', float('nan')):.2%} |",
-        f"| top-5 overlap | {metrics.get('top5_overlap', float('nan')):.2%} |",
-        f"| KL mean | {metrics.get('kl_mean', float('nan')):.2e} |",
-        f"| max abs logit difference | {metrics.get('max_abs', float('nan')):.2e} |",
+        f"| PyTorch's top-1 in this variant's top-5 | {fmt(metrics.get('ref_top1_in_top5'), '{:.2%}')} |",
+        f"| top-5 overlap | {fmt(metrics.get('top5_overlap'), '{:.2%}')} |",
+        f"| KL mean | {fmt(metrics.get('kl_mean'), '{:.2e}')} |",
+        f"| max abs logit difference | {fmt(metrics.get('max_abs'), '{:.2e}')} |",
         f"| size | {entry['size_bytes'] / 1e6:.1f} MB |",
     ]
     if latency:
+        when = "this build's run" if latency.get("this_run", True) else "an earlier build's run on this machine"
         lines.append(f"| latency b{latency.get('batch', 1)}×s{latency.get('sequence', 128)} | p50 "
-                     f"{latency['p50_ms']:.1f} ms, p90 {latency['p90_ms']:.1f} ms (this build's run) |")
+                     f"{latency['p50_ms']:.1f} ms, p90 {latency['p90_ms']:.1f} ms ({when}) |")
     lines += ["", f"Gates: {gates}.", ""]
     lines += runtimes(name, entry, report, manifest)
     lines += where_it_holds(manifest.get("metadata", {}).get("int8_target"), report["machine"])

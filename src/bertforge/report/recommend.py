@@ -66,20 +66,25 @@ def fastest_of(candidates: dict[str, dict[str, Any]]) -> tuple[str, list[str]]:
     return chosen, sorted(n for n in group if n != chosen)
 
 
+def clearly_slower(f: dict[str, Any], base: dict[str, Any]) -> bool:
+    """Whether `f` is slower than `base` beyond noise: every round slower where their rounds pair up
+    (timed together in this run); where they were timed in different runs (one reused from the cache),
+    every round of `f` slower than every round of `base`; without rounds (no noise to judge by), by p50."""
+    interval = ratio_interval(f, base)
+    if interval is not None:
+        return interval[0] > 1.0
+    if f.get("rounds") and base.get("rounds"):
+        return min(f["rounds"]) > max(base["rounds"])
+    return f["ms"] > base["ms"]
+
+
 def slower_than_fp32(facts: dict[str, dict[str, Any]]) -> list[str]:
-    """Variants slower than the plain export on this CPU, beyond noise (every round slower where their
-    rounds pair up, else by p50): never worth shipping here, whatever their size (int8-blockwise on AVX2)."""
+    """Variants slower than the plain export on this CPU beyond noise (clearly_slower): never worth
+    shipping here, whatever their size (int8-blockwise on AVX2)."""
     base = facts.get("fp32")
     if base is None or base["ms"] is None:
         return []
-    slower = []
-    for name, f in facts.items():
-        if name == "fp32" or f["ms"] is None:
-            continue
-        interval = ratio_interval(f, base)
-        if (interval[0] > 1.0) if interval is not None else f["ms"] > base["ms"]:
-            slower.append(name)
-    return slower
+    return [name for name, f in facts.items() if name != "fp32" and f["ms"] is not None and clearly_slower(f, base)]
 
 
 def recommend(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -131,8 +136,9 @@ def summary(targets: list[dict[str, Any]], facts: dict[str, dict[str, Any]], fas
     for name in extras:
         parts.append(f"{_describe(name, facts)} is for fill-mask only: its logits are zeros except at the [MASK] "
                      "positions.")
-    mixed = timed and len({f.get("this_run") for f in facts.values() if f["ms"] is not None}) > 1
-    timing = ("Latency was not measured in this build (--no-latency), so only the smallest is named." if not timed
+    measured = any(f["ms"] is not None for f in facts.values())
+    mixed = measured and len({f.get("this_run") for f in facts.values() if f["ms"] is not None}) > 1
+    timing = ("Latency was not measured in this build (--no-latency), so only the smallest is named." if not measured
               else "Latency: p50 at batch 1 on this machine; some of it from an earlier build's run (marked *), so "
                    "compare them with `bertforge bench OUT` before choosing on speed." if mixed
               else "Latency: p50 at batch 1, every variant timed in this build's run, on this machine.")

@@ -14,6 +14,15 @@ from typing import Any
 
 Z95 = 1.959964
 REGRESSION_POINTS = 0.05  # a gate that cannot catch a 5-point regression means little
+
+
+def fmt(value: Any, pattern: str) -> str:
+    """`value` in `pattern`, or n/a where it is None or NaN (report.json stores NaN as null)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return pattern.format(value)
+
+
 PROPORTIONS = ("top1_agreement", "ref_top1_in_top5")
 GATED_PROPORTIONS = {"top1_min": "top1_agreement", "ref_top1_in_top5_min": "ref_top1_in_top5"}
 
@@ -70,10 +79,10 @@ def gate_rows(variants: dict[str, dict[str, Any]]) -> list[list[str]]:
     rows = []
     for name, entry in variants.items():
         for gate in entry.get("gates", []):
-            value = gate["value"]
-            shown = f"{value:.2%}" if gate["metric"] in (*PROPORTIONS, "top5_overlap") else f"{value:.3g}"
-            threshold = (f"{gate['threshold']:.0%}" if gate["metric"] in (*PROPORTIONS, "top5_overlap")
-                         else f"{gate['threshold']:g}")
+            share = gate["metric"] in (*PROPORTIONS, "top5_overlap")
+            shown = fmt(gate["value"], "{:.2%}" if share else "{:.3g}")
+            # a threshold shown as given (98.5%, not a rounded 98%), so the verdict beside it reads true
+            threshold = f"{gate['threshold'] * 100:g}%" if share else f"{gate['threshold']:g}"
             verdict = "pass" if gate["passed"] else "FAIL"
             rows.append([name, gate["metric"], shown, f"{gate['op']} {threshold}", verdict])
     return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from bertforge.validation.config import Gate
@@ -33,15 +34,21 @@ class GateResult:
         return asdict(self)
 
 
+# the largest finite float32: a variant whose logits hold a NaN or an infinity (fp16 overflow) fails this
+# bound on max_abs whatever its recipe gates (a top-1 gate alone would not see it: NaN ranks last)
+FINITE_LOGITS = 3.4028234663852886e38
+
+
 def evaluate(variant: str, metrics: dict[str, float], gate: Gate | None) -> list[GateResult]:
     results = []
-    if gate is None:
-        return results
     for field_name, (metric, op) in GATE_METRICS.items():
-        threshold = getattr(gate, field_name)
+        threshold = getattr(gate, field_name) if gate is not None else None
         if threshold is None:
             continue
         value = float(metrics[metric])
         passed = value <= threshold if op == "<=" else value >= threshold
         results.append(GateResult(variant, metric, value, op, threshold, passed))
+    worst = metrics.get("max_abs")
+    if worst is not None and not math.isfinite(float(worst)) and not any(r.metric == "max_abs" for r in results):
+        results.append(GateResult(variant, "max_abs", float(worst), "<=", FINITE_LOGITS, False))
     return results
