@@ -158,3 +158,49 @@ def test_the_search_bisects_to_a_mixed_plan_when_the_target_needs_one(tiny_varia
     assert mixed["calibration"]["kl_mean"] <= all_int8_kl / 2
     assert len(mixed["evaluations"]) >= 3  # the cheapest plan, the most accurate, then bisection steps
     assert 0 < mixed["moves_applied"] < mixed["evaluations"][1]["moves"]  # neither all int8 nor all fp32
+
+
+def test_fp32_stays_on_a_groups_hull_when_an_int8_scheme_measures_a_kl_of_zero_or_below():
+    """KL of equal logits comes out as +-2e-14: fp32 must still be the last, most accurate point."""
+    for noise in (0.0, -1e-14):
+        start, moves = ordered_moves(["a"], {"a": {"int8-dynamic": 1.0, "fp32": 2.0}}, {"a": {"int8-dynamic": noise}})
+        assert start == {"a": "int8-dynamic"} and [(m.group, m.scheme) for m in moves] == [("a", "fp32")]
+
+
+def test_a_plan_within_the_latency_bound_that_meets_the_target_is_chosen_over_an_error():
+    """Agreement on a finite split is not monotonic in the prefix: the bisection settles on the all-fp32
+    plan (over the bound) while a plan within the bound already meets the target."""
+    groups = ["g0", "g1", "g2", "g3"]
+    costs = {g: {"int8-dynamic": 1.0, "fp32": 2.0} for g in groups}
+    start, moves = ordered_moves(groups, costs, {g: {"int8-dynamic": 0.1 * (4 - i)} for i, g in enumerate(groups)})
+    by_moves = {0: 0.90, 1: 0.96, 2: 0.94, 3: 0.94}
+    runs: list[int] = []
+
+    def evaluate(plan: dict[str, str]) -> dict[str, float]:
+        count = sum(scheme == "fp32" for scheme in plan.values())
+        runs.append(count)
+        return {"top1_agreement": by_moves[count], "ref_top1_in_top5": 1.0, "kl_mean": 0.01}
+
+    def latency_of(plan: dict[str, str]) -> float:
+        return sum(costs[g][s] for g, s in plan.items()) / 8
+
+    found = search(start, moves, evaluate, {"top1_agreement": 0.95}, latency_of, max_latency_ratio=0.7)
+    assert found["moves_applied"] == 1 and found["calibration"]["top1_agreement"] == 0.96
+    assert found["predicted_latency_ratio"] == 0.625 and sorted(runs) == sorted(set(runs))  # none run twice
+    with pytest.raises(UsageError, match="within it the best plan reaches top-1 90.00%"):
+        search(start, moves, evaluate, {"top1_agreement": 0.95}, latency_of, max_latency_ratio=0.55)
+
+
+def test_kernel_costs_are_measured_and_keyed_with_the_recipes_outlier_channels(tiny_variants, monkeypatch):
+    import bertforge.results_cache as results_cache
+    from bertforge.optimizers.int8_auto import costs
+
+    keyed, timed = [], []
+    monkeypatch.setattr(results_cache, "load", lambda kind, key: None)
+    monkeypatch.setattr(results_cache, "store", lambda kind, key, value: None)
+    real_key = results_cache.key_for
+    monkeypatch.setattr(results_cache, "key_for", lambda kind, data: keyed.append(data) or real_key(kind, data))
+    monkeypatch.setattr(costs, "scheme_costs", lambda model, groups, weights, spec, weight_file: timed.append(
+        weights.outlier_channels) or {"ms": {}, "model_ms": {}, "sequence": 0})
+    costs.machine_costs(fp32_artifact(tiny_variants), 16, 32)
+    assert keyed[-1]["outlier_channels"] == 32 and timed == [32]

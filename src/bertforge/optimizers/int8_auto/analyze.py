@@ -44,8 +44,11 @@ def analyze(export_dir: Path, config: Int8AutoConfig | None = None,
         weight_file = WeightFile.write(model, scratch / "weights")
         fp32 = fp32_values(model, groups, split, scratch, weight_file)
         reference = fp32.reference
+        # the quantization int8-auto builds for this section: its outlier channels, tied table and target
         weights = QuantizedWeights(block_size=block_size, alpha=alphas[-1], activation_absmax=fp32.absmax,
-                                   weight_file=weight_file)
+                                   outlier_channels=config.outlier_channels,
+                                   fp16_embeddings=config.embedding_table == "fp16", weight_file=weight_file,
+                                   target=config.cpu_target)
         costs = scheme_costs(model, groups, weights, InputSpec.of(export_dir), weight_file=weight_file)
         table = sensitivity_table(weight_file.referencing(model), groups, weights, split, reference,
                                   progress=progress, smooth_alphas=alphas, prefix=fp32.prefix, weight_file=weight_file)

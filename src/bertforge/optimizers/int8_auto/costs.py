@@ -18,6 +18,7 @@ from bertforge.optimizers.int8_auto.calibration import (
     session_for,
 )
 from bertforge.optimizers.int8_auto.groups import (
+    OUTLIER_CHANNELS,
     SCHEMES,
     TIED_GROUP,
     Group,
@@ -83,9 +84,10 @@ def scheme_costs(model: onnx.ModelProto, groups: list[Group], weights: Quantized
     return {"ms": per_scheme, "model_ms": totals, "sequence": sequence}
 
 
-def machine_costs(export: Artifact, block_size: int) -> dict[str, Any]:
+def machine_costs(export: Artifact, block_size: int, outlier_channels: int = OUTLIER_CHANNELS) -> dict[str, Any]:
     """scheme_costs for an fp32 export on this machine, measured once and then read from the results
-    cache (keyed by the export, the block size, this module's code, the libraries, CPU and threads)."""
+    cache (keyed by the export, the block size, int8-outlier's fp32 channels, this module's code, the
+    libraries, CPU and threads)."""
     import bertforge.results_cache as results_cache
     from bertforge.artifact import MODEL_FILE, owned_scratch
     from bertforge.cache import cache_root, file_lock
@@ -95,7 +97,7 @@ def machine_costs(export: Artifact, block_size: int) -> dict[str, Any]:
     from bertforge.progress import report
 
     key = results_cache.key_for("int8-costs", {"export": export.key, "block_size": block_size,
-                                               "code": code_digest(__name__)})
+                                               "outlier_channels": outlier_channels, "code": code_digest(__name__)})
     with file_lock(cache_root() / "locks" / f"int8-costs-{key}.lock"):  # two builds measure once
         found = results_cache.load("int8-costs", key)
         if found is not None:
@@ -104,7 +106,8 @@ def machine_costs(export: Artifact, block_size: int) -> dict[str, Any]:
         hf = model_config(export.path)
         model, _ = mha_fused(export.path / MODEL_FILE, hf, "int8-auto")
         with owned_scratch(cache_root() / "tmp", "int8-costs-") as scratch:
-            costs = scheme_costs(model, quant_groups(model), QuantizedWeights(block_size=block_size),
+            costs = scheme_costs(model, quant_groups(model),
+                                 QuantizedWeights(block_size=block_size, outlier_channels=outlier_channels),
                                  InputSpec.of(export.path), weight_file=WeightFile.write(model, scratch))
         results_cache.store("int8-costs", key, costs)
         return costs

@@ -46,7 +46,7 @@ def key_inputs(parent: Artifact, config: Int8AutoConfig) -> dict[str, Any]:
     from bertforge.validation.corpus import corpus_digest
 
     return {"calibration_corpus": corpus_digest(config.calibration_corpus),
-            "costs": machine_costs(parent, config.block_size)}
+            "costs": machine_costs(parent, config.block_size, config.outlier_channels)}
 
 
 def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) -> dict[str, Any]:
