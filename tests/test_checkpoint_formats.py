@@ -62,3 +62,22 @@ def test_a_missing_shard_is_one_line_before_any_work(plain, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "shards and 1 are missing" in err[0] and lost in err[0]
     assert not out.exists()
+
+
+def test_a_malformed_config_or_weights_index_is_one_line_naming_what_is_wrong(plain, tmp_path):
+    import shutil
+
+    from bertforge.errors import SourceError
+    from bertforge.sources.checkpoint import check_checkpoint
+
+    checkpoint = tmp_path / "c"
+    shutil.copytree(plain, checkpoint)
+    config = (checkpoint / "config.json").read_text()
+    for text, said in (("[1, 2]", "is not a JSON object"), ('{"hidden_size": 8}', "has no model_type")):
+        (checkpoint / "config.json").write_text(text)
+        with pytest.raises(SourceError, match=said):
+            check_checkpoint(checkpoint)
+    (checkpoint / "config.json").write_text(config)
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": 5}}))
+    with pytest.raises(SourceError, match="is not a weights index: its weight_map names something that is no file"):
+        check_checkpoint(checkpoint)

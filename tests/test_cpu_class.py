@@ -58,3 +58,15 @@ def test_the_recipe_target_sets_every_int8_section_unless_a_section_says_otherwi
     assert recipe.int8_static.calibration_samples == 8
     args = parser().parse_args(["build", "--out", str(tmp_path / "o"), "--target", "vnni"])
     assert load_recipe(None, _overrides(args)).int8_auto.cpu_target == "vnni"
+
+
+def test_a_masked_head_over_a_vnni_variant_is_warned_about_on_a_cpu_without_vnni(monkeypatch):
+    from bertforge import preflight
+    from bertforge.recipe import parse_recipe
+
+    monkeypatch.setattr(preflight, "exact_here", lambda target: target != "vnni")  # as on an AVX2 CPU
+    for variant, section in (("int8-dynamic-masked", "int8_dynamic"), ("int8-auto-masked", "int8_auto")):
+        recipe = parse_recipe({"variants": [variant], section: {"cpu_target": "vnni"}})
+        found = preflight.warnings_for(recipe)
+        assert any(line.startswith(f"{variant}: int8 target vnni on a CPU without VNNI") for line in found), found
+        assert preflight.warnings_for(parse_recipe({"variants": [variant]})) == []

@@ -87,3 +87,30 @@ def test_a_build_directory_is_a_usage_error_that_names_its_variants(tmp_path, ca
     assert f"e.g. {tmp_path / 'fp32'} (in it: fp32, int8-dynamic)" in err
     assert main(["fill-mask", str(tmp_path / "fp32"), "A [MASK] here."]) == 2  # no tokenizer.json
     assert "is not a variant directory" in capsys.readouterr().err
+
+
+def test_a_text_longer_than_the_model_takes_and_a_model_that_is_no_masked_lm_are_usage_errors(tiny_variants,
+                                                                                                 tmp_path, capsys):
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from bertforge.cli import main
+
+    variant = tiny_variants["fp32"]
+    limit = json.loads((variant / "config.json").read_text())["max_position_embeddings"]
+    assert main(["fill-mask", str(variant), "word " * limit + "[MASK]."]) == 2
+    assert f"word pieces; the model takes {limit} at most" in capsys.readouterr().err
+    # an encoder without the MLM head: its first output is hidden states, not logits
+    encoder = tmp_path / "encoder"
+    shutil.copytree(variant, encoder)
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, None])
+    hidden = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, [1, None, 1])
+    graph = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["as_float"], to=TensorProto.FLOAT),
+                               helper.make_node("Unsqueeze", ["as_float", "axes"], ["last_hidden_state"])],
+                              "encoder", [ids], [hidden], [helper.make_tensor("axes", TensorProto.INT64, [1], [2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(encoder / "model.onnx"))
+    (encoder / "model.onnx_data").unlink(missing_ok=True)
+    assert main(["fill-mask", str(encoder), "A [MASK] here."]) == 2
+    assert "is not a masked-LM variant (inputs: input_ids; outputs: last_hidden_state" in capsys.readouterr().err

@@ -556,3 +556,59 @@ def test_config_json_is_read_once_into_checked_fields(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**fields, "hidden_size": "64"}))
     with pytest.raises(UsageError, match=r"config.json: hidden_size is '64', not a positive integer"):
         model_config(tmp_path)
+
+
+def test_a_hub_model_cached_without_its_weights_is_completed_from_the_hub(tiny_checkpoint, tmp_path, monkeypatch):
+    """AutoTokenizer leaves a snapshot of config and vocabulary only: resolving the model asks the hub for
+    the rest (its client stands in here: the hub is unreachable from the tests) rather than stopping at
+    'has no weights'; with the hub unreachable, the line says both. The model card comes too (its license)."""
+    import huggingface_hub
+
+    from bertforge.errors import SourceError
+    from bertforge.sources.hub import resolve_hub
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("config.json", "vocab.txt"):
+        shutil.copyfile(tiny_checkpoint / name, partial / name)
+    asked: list[tuple[bool, tuple[str, ...]]] = []
+
+    def snapshot_download(repo_id, allow_patterns, local_files_only):
+        asked.append((local_files_only, tuple(allow_patterns)))
+        if local_files_only:
+            return str(partial)
+        if hub_reachable:
+            return str(tiny_checkpoint)
+        raise OSError("no route to the hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    hub_reachable = True
+    assert resolve_hub("someone/some-bert") == tiny_checkpoint
+    assert [local for local, _ in asked] == [True, True, False] and all("README.md" in p for _, p in asked)
+    hub_reachable = False
+    with pytest.raises(SourceError, match="has no weights .*; the Hugging Face hub, which could complete it"):
+        resolve_hub("someone/some-bert")
+
+
+def test_validate_finds_a_relative_model_path_from_any_directory(tiny_checkpoint, tmp_path, monkeypatch):
+    local = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_checkpoint, local)
+    monkeypatch.chdir(tmp_path / "models")
+    out = tmp_path / "out"
+    assert main(["build", "--model", "./tiny", "--variants", "fp32", "--out", str(out), "--quiet", "--no-latency",
+                 "--max-sentences", "20"]) == 0
+    assert json.loads((out / "build.json").read_text())["recipe"]["model"] == str(local)
+    monkeypatch.chdir(tmp_path)  # where ./tiny is nothing
+    assert main(["validate", str(out), "--quiet", "--no-latency"]) == 0
+
+
+def test_verify_names_a_manifest_that_is_not_bertforges_instead_of_crashing(tmp_path, capsys):
+    folder = tmp_path / "v"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"x")
+    for manifest, said in (({"nofiles": 1}, "not a bertforge manifest (no 'files' mapping)"),
+                           ({"files": {"model.onnx": {}}}, "model.onnx: the manifest gives no size and sha256"),
+                           ({"files": {"model.onnx": {"size": "1", "sha256": ""}}}, "gives no size and sha256")):
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        assert main(["verify", str(folder)]) == 1
+        assert said in capsys.readouterr().out

@@ -366,12 +366,19 @@ def safe_relative(name: str) -> bool:
         part not in ("", ".", "..") for part in parts) and parts[0] != MANIFEST
 
 
+def manifest_files(directory: Path) -> dict[str, Any] | None:
+    """The manifest's file list, or None where manifest.json is no bertforge manifest (no such mapping)."""
+    manifest = read_manifest(directory)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    return files if isinstance(files, dict) else None
+
+
 def unlisted_files(directory: Path, listed: Iterable[str] | None = None) -> list[str]:
     """The files under `directory` its manifest does not list (manifest.json itself aside), by name only:
     no file is read, so it is cheap on a build of large models."""
     directory = Path(directory)
     if listed is None:
-        listed = read_manifest(directory)["files"]
+        listed = manifest_files(directory) or {}
     actual = {p.relative_to(directory).as_posix() for p in directory.rglob("*")
               if (p.is_file() or p.is_symlink()) and p.relative_to(directory).as_posix() != MANIFEST}
     return sorted(actual - set(listed))
@@ -384,14 +391,17 @@ def verify_directory(directory: Path) -> list[str]:
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         return [f"{manifest_path}: no manifest (not a bertforge artifact directory)"]
-    listed = read_manifest(directory)["files"]
-    if not isinstance(listed, dict):
-        return [f"{manifest_path}: 'files' is not a mapping of file names"]
+    listed = manifest_files(directory)
+    if listed is None:
+        return [f"{manifest_path}: not a bertforge manifest (no 'files' mapping)"]
     problems = []
     for rel, facts in sorted(listed.items()):
         path = directory / rel
-        if not safe_relative(rel) or not isinstance(facts, dict):
+        if not safe_relative(rel):
             problems.append(f"{rel}: not a plain file name inside {directory}")
+            continue
+        if not (isinstance(facts, dict) and type(facts.get("size")) is int and isinstance(facts.get("sha256"), str)):
+            problems.append(f"{rel}: the manifest gives no size and sha256 for it")
             continue
         if not path.is_file():
             problems.append(f"{rel}: missing")

@@ -369,6 +369,9 @@ def assemble_variant(run: StageRun, dest: Path, recipe: Recipe) -> dict[str, int
 
 
 def write_marker(out: Path, recipe: Recipe, source: ResolvedSource, variants: list[str]) -> None:
+    recorded = recipe.model_dump(mode="json")
+    if source.kind == "local":  # `validate` reads the model from here, from whatever directory it runs in
+        recorded["model"] = str(Path(source.path).resolve())
     write_json_atomic(out / OUTPUT_MARKER, {"tool": "bertforge", "model": source.spec,
                                             "checkpoint": str(source.path), "variants": variants,
-                                            "recipe": recipe.model_dump(mode="json")})
+                                            "recipe": recorded})

@@ -53,6 +53,7 @@ class MaskText:
     mask_id: int
     pad_id: int | None
     clean_up: bool
+    max_length: int | None = None  # the model's positions (config.json), where known: a longer text is refused
 
     @classmethod
     def from_directory(cls, directory: Path) -> MaskText:
@@ -73,8 +74,11 @@ class MaskText:
         mask_id = tokenizer.token_to_id(mask)
         if mask_id is None:
             raise UsageError(f"{directory}: its tokenizer has no {mask} token")
+        model = directory / "config.json"
+        positions = read_json(model).get("max_position_embeddings") if model.is_file() else None
         return cls(tokenizer, mask, mask_id, tokenizer.token_to_id(content(config.get("pad_token"), "[PAD]")),
-                   bool(config.get("clean_up_tokenization_spaces", False)))
+                   bool(config.get("clean_up_tokenization_spaces", False)),
+                   positions if isinstance(positions, int) and positions > 0 else None)
 
     @classmethod
     def from_transformers(cls, tokenizer: Any) -> MaskText:
@@ -93,6 +97,8 @@ class MaskText:
         positions = np.flatnonzero(ids[0] == self.mask_id)
         if not len(positions):
             raise UsageError(f"no {self.mask_token} in {text!r}")
+        if self.max_length is not None and ids.shape[1] > self.max_length:
+            raise UsageError(f"the text is {ids.shape[1]} word pieces; the model takes {self.max_length} at most")
         return ids, np.array([encoding.type_ids], dtype=np.int64), positions
 
     def predictions(self, ids: np.ndarray, positions: np.ndarray, rows: np.ndarray,
@@ -115,17 +121,26 @@ class MaskText:
         return answers
 
 
+FEEDS = {"input_ids", "attention_mask", "token_type_ids"}
+
+
 class MaskFiller:
     """One variant directory's session and tokenizer, for many texts."""
 
     def __init__(self, directory: Path | str) -> None:
-        from bertforge.runtime import open_session
+        from bertforge.runtime import MASK_LOGITS, open_session
 
         self.directory = Path(directory)
         if not (self.directory / "model.onnx").is_file() or not (self.directory / TOKENIZER_FILE).is_file():
             raise UsageError(not_a_variant(self.directory))
         self.text = MaskText.from_directory(self.directory)
         self.session = open_session(self.directory)
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if not {"logits", MASK_LOGITS} & set(outputs) or not set(inputs) <= FEEDS:
+            raise UsageError(f"{self.directory / 'model.onnx'} is not a masked-LM variant (inputs: "
+                             f"{', '.join(inputs)}; outputs: {', '.join(outputs)}; a variant's are "
+                             f"{', '.join(sorted(FEEDS))} and logits)")
 
     def __call__(self, text: str, top_k: int = 5) -> list[list[Prediction]]:
         """The top_k predictions at each [MASK] of `text`, one list per [MASK] in text order."""

@@ -15,8 +15,7 @@ def warnings_for(recipe: Recipe) -> list[str]:
     if "fp16" in recipe.variants:
         found.append("fp16 targets the CPU execution provider here: with fp32 kept around LayerNorm/Softmax it adds "
                      "Casts and is often slower than fp32 on CPUs; the report measures both")
-    vnni_int8 = [v for v in recipe.variants if v.startswith("int8")
-                 and getattr(getattr(recipe, BY_NAME[v].section), "cpu_target", recipe.target) == "vnni"]
+    vnni_int8 = [v for v in recipe.variants if v.startswith("int8") and int8_target(recipe, v) == "vnni"]
     if vnni_int8 and not exact_here("vnni"):
         found.append(f"{', '.join(vnni_int8)}: int8 target vnni on a CPU without VNNI/AMX ({cpu_class()}): their "
                      "u8 x s8 sums saturate here, so this build validates numbers a VNNI CPU will not compute; "
@@ -24,3 +23,14 @@ def warnings_for(recipe: Recipe) -> list[str]:
     if recipe.export.opset in OPSETS_WITH_FUSION_BUGS:
         found.append(f"export.opset {recipe.export.opset}: {OPSETS_WITH_FUSION_BUGS[recipe.export.opset]}")
     return found
+
+
+def int8_target(recipe: Recipe, variant: str) -> str:
+    """The int8 target a variant computes with: its own section's, or, for a masked head (whose section
+    has none), the target of the variant it is built from."""
+    while variant is not None:
+        target = getattr(getattr(recipe, BY_NAME[variant].section), "cpu_target", None)
+        if target is not None:
+            return target
+        variant = BY_NAME[variant].parent
+    return recipe.target

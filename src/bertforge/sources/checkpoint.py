@@ -26,9 +26,14 @@ def check_checkpoint(path: Path) -> Path:
     if not config_path.is_file():
         raise SourceError(f"{path} is not a Hugging Face checkpoint: no config.json")
     try:
-        model_type = json.loads(config_path.read_text("utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        config = json.loads(config_path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SourceError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise SourceError(f"{config_path} is not a JSON object (a model's config.json is one)")
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise SourceError(f"{config_path} has no model_type; bertforge exports BERT (model_type 'bert')")
     if model_type != "bert":
         raise SourceError(f"{path} holds a '{model_type}' model; bertforge exports BERT (model_type 'bert')")
     if not has_weights(path):
@@ -52,6 +57,8 @@ def check_shards(path: Path) -> None:
             continue
         try:
             shards = sorted(set(json.loads((path / index).read_text("utf-8"))["weight_map"].values()))
+            if not all(isinstance(shard, str) and shard for shard in shards):
+                raise TypeError("its weight_map names something that is no file name")
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError) as exc:
             raise SourceError(f"{path / index} is not a weights index: {exc}") from exc
         missing = [shard for shard in shards if not (path / shard).is_file()]

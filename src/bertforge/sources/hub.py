@@ -10,7 +10,9 @@ from typing import Any
 from bertforge.errors import SourceError
 from bertforge.sources.checkpoint import ALTERNATIVES, check_checkpoint, has_weights
 
-HUB_FILES = ["config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+# README.md: the model card, whose declared license reaches the report and every card (spec.declared_license)
+HUB_FILES = ["config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "README.md"]
 # what is fetched from the hub, safetensors first; pytorch_model.bin only for a repo without them
 # (bert-base-uncased has both, and the .bin would be 440 MB more)
 HUB_WEIGHTS = (["model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"],
@@ -29,17 +31,24 @@ def resolve_hub(repo_id: str) -> Path:
                 break
         return path
 
+    cached_problem: SourceError | None = None
     try:
         return check_checkpoint(download(local_only=True))
     except HFValidationError as exc:
         raise SourceError(f"'{repo_id}' is neither an existing directory nor a valid hub id ({ALTERNATIVES})") from exc
     except (OSError, ValueError):
         pass  # not cached: try the hub
+    except SourceError as exc:
+        # cached in part (AutoTokenizer leaves config and vocabulary, no weights): the hub may complete it
+        cached_problem = exc
     try:
         return check_checkpoint(within_deadline(lambda: download(local_only=False), hub_timeout(), repo_id))
     except SourceError:
         raise
     except Exception as exc:  # noqa: BLE001 - any hub failure reduces to one actionable line
+        if cached_problem is not None:
+            raise SourceError(f"{cached_problem}; the Hugging Face hub, which could complete it, is unreachable "
+                              f"({ALTERNATIVES})") from exc
         raise SourceError(f"cannot load '{repo_id}': the Hugging Face hub is unreachable or has no such model, "
                           f"and it is not in the local cache; {ALTERNATIVES}") from exc
 
@@ -51,8 +60,8 @@ def hub_timeout() -> float:
         value = float(raw)
     except ValueError:
         raise SourceError(f"BERTFORGE_HUB_TIMEOUT={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise SourceError(f"BERTFORGE_HUB_TIMEOUT={raw!r} must be more than 0 seconds")
+    if not value > 0 or value == float("inf"):  # NaN fails the first test
+        raise SourceError(f"BERTFORGE_HUB_TIMEOUT={raw!r} must be a finite number of seconds above 0")
     return value
 
 
