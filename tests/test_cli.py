@@ -205,9 +205,12 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path, tiny_checkpoint, capsy
 
 def test_max_sentences_zero_is_an_error_not_no_limit(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["build", "--model", str(tiny_checkpoint), "--variants", "fp32", "--max-sentences", "0",
-                 "--out", str(out), "--quiet"]) == 2
-    assert "max_sentences': Input should be greater than or equal to 1" in capsys.readouterr().err
+    for argv, said in ((["build", "--model", str(tiny_checkpoint), "--variants", "fp32", "--max-sentences", "0",
+                         "--out", str(out), "--quiet"], "argument --max-sentences: must be at least 1, got 0"),
+                       (["fill-mask", str(out), "A [MASK].", "--top-k", "0"], "argument --top-k: must be at least 1")):
+        with pytest.raises(SystemExit) as usage:  # argparse's one line and exit 2 (main_entry passes it on)
+            main(argv)
+        assert usage.value.code == 2 and said in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -33,6 +33,17 @@ from bertforge.version import __version__
 EPILOG = "exit codes: 0 ok, 1 a gate failed / regression / verify mismatch, 2 usage or config error, 3 build failed"
 
 
+def at_least_one(text: str) -> int:
+    """A count flag's value: an integer of 1 or more (argparse names the flag in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="bertforge", description="Turn a BERT masked-LM into validated ONNX "
                                   "artifacts: export, fusion, fp16, int8; parity and top-k agreement at [MASK] "
@@ -45,14 +56,15 @@ def parser() -> argparse.ArgumentParser:
                        help="live status (bar), one line per step (plain), JSON lines for CI logs (jsonl)")
         p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors and gate failures")
 
-    def recipe_flags(p: argparse.ArgumentParser) -> None:
+    def recipe_flags(p: argparse.ArgumentParser, variants: bool = True) -> None:
         p.add_argument("--recipe", help="YAML recipe (configs/*.yaml); flags below override its fields")
         p.add_argument("--model", help="model spec: a hub id (default bert-base-uncased), a local checkpoint "
                        "directory, 'demo' (offline real weights) or 'synthetic:bert-base-uncased'")
-        p.add_argument("--variants", help="comma-separated subset of " + ",".join(VARIANTS) + "; extra: "
-                       + ", ".join(f"{s.name} ({s.summary})" for s in SPECS if s.extra))
+        if variants:  # validate checks every variant its build lists
+            p.add_argument("--variants", help="comma-separated subset of " + ",".join(VARIANTS) + "; extra: "
+                           + ", ".join(f"{s.name} ({s.summary})" for s in SPECS if s.extra))
         p.add_argument("--corpus", help="validation sentences: 'builtin' or a UTF-8 text file, one a line")
-        p.add_argument("--max-sentences", type=int, help="validate on the first N sentences only")
+        p.add_argument("--max-sentences", type=at_least_one, help="validate on the first N sentences only")
         p.add_argument("--no-latency", action="store_true", help="skip the latency measurement in the report")
 
     def remote_flags(p: argparse.ArgumentParser) -> None:
@@ -94,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
                           help="web: also run every variant on onnxruntime-web (wasm, in Node; installed with npm "
                           "into the cache on first use) and report where its top-1 differs from native "
                           "onnxruntime's (report.json's `web`, each card; `bertforge package` reads it)")
-    recipe_flags(validate)
+    recipe_flags(validate, variants=False)
     remote_flags(validate)
     executor_flags(validate)
     progress_flags(validate)
@@ -179,7 +191,7 @@ def parser() -> argparse.ArgumentParser:
                          "gives them. Any variant, int8-dynamic-masked included.")
     fil.add_argument("dir", help="a variant directory, e.g. out/demo/int8-dynamic")
     fil.add_argument("text", help="a sentence with one or more [MASK]")
-    fil.add_argument("--top-k", type=int, default=5, help="predictions per [MASK] (default 5)")
+    fil.add_argument("--top-k", type=at_least_one, default=5, help="predictions per [MASK] (default 5)")
     fil.add_argument("--json", action="store_true", help="a JSON list per [MASK], the pipeline's fields")
     fil.set_defaults(func=cmd_fill_mask)
 

@@ -66,8 +66,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from bertforge.api import validate_existing
     from bertforge.pipeline import recorded_recipe
 
-    if args.variants is not None:
-        raise UsageError("validate checks every variant its build directory lists; --variants is for build")
     recipe = _recipe(args, recorded_recipe(Path(args.dir)))
     return validate_existing(Path(args.dir), recipe, _progress(args), args.model, args.remote_cache,
                              args.remote_cache_readonly, args.runtime, args.executor, args.ray_address).exit_code
