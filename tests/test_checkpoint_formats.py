@@ -73,7 +73,7 @@ def test_a_malformed_config_or_weights_index_is_one_line_naming_what_is_wrong(pl
     checkpoint = tmp_path / "c"
     shutil.copytree(plain, checkpoint)
     config = (checkpoint / "config.json").read_text()
-    for text, said in (("[1, 2]", "is not a JSON object"), ('{"hidden_size": 8}', "has no model_type")):
+    for text, said in (("[1, 2]", "config.json: not a JSON object"), ('{"hidden_size": 8}', "has no model_type")):
         (checkpoint / "config.json").write_text(text)
         with pytest.raises(SourceError, match=said):
             check_checkpoint(checkpoint)

@@ -30,6 +30,7 @@ from bertforge.pipeline import (
     assemble_variant,
     build_variants,
     check_output_dir,
+    check_own_directories,
     foreign_files,
     listed_variants,
     required_variants,
@@ -274,6 +275,7 @@ def _build(recipe: Recipe, out: Path, progress: Progress, executor: Executor) ->
     with contextlib.ExitStack() as hold:
         state = build_variants(recipe, source, progress, hold,
                                lambda: executor.build_stages(recipe, source, progress, hold))
+
         def kept(old: Path) -> None:
             progress.alert(f"files bertforge did not write were added to {destination['path']} during the build; "
                            f"the previous build and those files are kept whole in {old}")
@@ -329,10 +331,7 @@ def validate_existing(out: Path, recipe: Recipe, progress: Progress | None = Non
 def _validate_existing(out: Path, recipe: Recipe, progress: Progress, model_spec: str | None, executor: Executor,
                        web: bool = False) -> Outcome:
     listed = listed_variants(out) or list(VARIANTS + EXTRA_VARIANTS)
-    for name in listed:  # validate rewrites each variant's card and manifest: only inside the build
-        if (out / name).is_symlink() or not (out / name).resolve().is_relative_to(out.resolve()):
-            raise UsageError(f"{out / name} is a symbolic link or lies outside {out}; a build's variant "
-                             "directories are its own")
+    check_own_directories(out, listed)  # listed_variants checks its own names; the fallback's too
     variants = [v for v in listed if (out / v / "model.onnx").is_file()]
     if not variants:
         raise UsageError(f"{out} holds no variant directories")

@@ -368,8 +368,7 @@ def safe_relative(name: str) -> bool:
 
 def manifest_files(directory: Path) -> dict[str, Any] | None:
     """The manifest's file list, or None where manifest.json is no bertforge manifest (no such mapping)."""
-    manifest = read_manifest(directory)
-    files = manifest.get("files") if isinstance(manifest, dict) else None
+    files = read_manifest(directory).get("files")  # read_json: an object, or bad input named
     return files if isinstance(files, dict) else None
 
 

@@ -69,6 +69,11 @@ def basis_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             if get(a, path) != get(b, path)]
 
 
+def absent(value: Any) -> bool:
+    """No number: report.json stores a NaN metric as null."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def compare_reports(a: dict[str, Any], b: dict[str, Any], tol: Tolerances = Tolerances(),
                     allow_different: bool = False) -> dict[str, Any]:
     """Regressions of B against A. A variant of A that B lacks is a regression; reports of different
@@ -90,9 +95,9 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any], tol: Tolerances = Tole
             rows.append({"variant": variant, "metric": metric, "a": x, "b": y, "delta": _delta(x, y)})
         for metric, bigger_is_better in COMPARED.items():
             x, y = facts[metric]
-            if x is None or (isinstance(x, float) and math.isnan(x)):
+            if absent(x):
                 continue  # nothing in A to regress from
-            if y is None or (isinstance(y, float) and math.isnan(y)):
+            if absent(y):
                 regressions.append(f"{variant} {metric}: {x:.4g} -> n/a (B has no number: NaN logits, or not measured)")
                 continue
             if bigger_is_better and y < x - tol.agreement:

@@ -99,7 +99,8 @@ def foreign_in_package(dest: Path) -> list[str]:
     if not (dest / MARKER).is_file():
         return sorted(p.name for p in dest.iterdir()) if dest.is_dir() else []
     config = read_json(dest / MARKER)
-    listed = {Path(path).name for path in config.get("files", {})}
+    files = config.get("files")
+    listed = {Path(path).name for path in files} if isinstance(files, dict) else set()
     ours = {MARKER, REPORT_COPY, "README.md", "onnx", *LOADER_FILES}
     theirs = sorted(p.name for p in dest.iterdir() if p.name not in ours)
     onnx_dir = dest / "onnx"

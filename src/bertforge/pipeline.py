@@ -303,10 +303,17 @@ def listed_variants(out: Path) -> list[str]:
     if strange:
         raise UsageError(f"{out / OUTPUT_MARKER} lists {strange[0]!r}, which is no bertforge variant; "
                          "the file was edited or is not bertforge's")
-    for name in listed:
-        if (out / name).is_symlink():
-            raise UsageError(f"{out / name} is a symbolic link; a build's variant directories are its own")
+    check_own_directories(out, listed)
     return listed
+
+
+def check_own_directories(out: Path, names: list[str]) -> None:
+    """Each variant directory named in `out` is the build's own: no link, nothing resolving outside it
+    (validate rewrites their cards and manifests)."""
+    for name in names:
+        if (out / name).is_symlink() or not (out / name).resolve().is_relative_to(out.resolve()):
+            raise UsageError(f"{out / name} is a symbolic link or lies outside {out}; a build's variant "
+                             "directories are its own")
 
 
 def recorded_recipe(out: Path) -> dict[str, Any] | None:
@@ -371,7 +378,7 @@ def assemble_variant(run: StageRun, dest: Path, recipe: Recipe) -> dict[str, int
 def write_marker(out: Path, recipe: Recipe, source: ResolvedSource, variants: list[str]) -> None:
     recorded = recipe.model_dump(mode="json")
     if source.kind == "local":  # `validate` reads the model from here, from whatever directory it runs in
-        recorded["model"] = str(Path(source.path).resolve())
+        recorded["model"] = str(source.path)  # resolved by check_checkpoint
     write_json_atomic(out / OUTPUT_MARKER, {"tool": "bertforge", "model": source.spec,
                                             "checkpoint": str(source.path), "variants": variants,
                                             "recipe": recorded})

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bertforge.errors import SourceError
+from bertforge.errors import SourceError, UsageError
+from bertforge.json_files import read_json
 
 # one weights file, or an index naming its shards (transformers' save_pretrained with max_shard_size)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -26,11 +27,9 @@ def check_checkpoint(path: Path) -> Path:
     if not config_path.is_file():
         raise SourceError(f"{path} is not a Hugging Face checkpoint: no config.json")
     try:
-        config = json.loads(config_path.read_text("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{config_path} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise SourceError(f"{config_path} is not a JSON object (a model's config.json is one)")
+        config = read_json(config_path)  # a JSON object, or bad input naming the file
+    except UsageError as exc:
+        raise SourceError(str(exc)) from None  # a source that does not resolve (hub.py tries the hub then)
     model_type = config.get("model_type")
     if model_type is None:
         raise SourceError(f"{config_path} has no model_type; bertforge exports BERT (model_type 'bert')")

@@ -145,7 +145,8 @@ def search(start: dict[str, str], moves: list[Move], evaluate: Callable[[dict[st
                              f"reaches {describe(best)}")
         # agreement on a finite split is not quite monotonic in the prefix: the bisection can settle past a
         # plan within the bound that already meets the target; that plan is the answer
-        high, plan, ratio = within, plan_after(start, moves, within), latency_of(plan_after(start, moves, within))
+        high, plan = within, plan_after(start, moves, within)
+        ratio = latency_of(plan)
         chosen = next(e for e in reversed(evaluations) if e["moves"] == high)
     return {"plan": plan, "moves_applied": high, "calibration": {k: chosen[k] for k in chosen
                                                                  if k not in ("moves", "latency_ratio", "run")},
