@@ -569,3 +569,22 @@ def _two_users_share(tmp_path: Path, checkpoint: Path) -> None:
             assert "fp32                 cached" in runs[1].stderr and "validate" not in runs[1].stderr
         else:
             assert "may not write" in runs[1].stderr and "umask 002" in runs[1].stderr
+
+
+def test_an_entry_a_ray_task_built_that_is_gone_when_the_driver_takes_it_is_built_here(tiny_variants, tiny_checkpoint):
+    import io
+
+    from bertforge.pipeline import Built, build_variants
+    from bertforge.progress import Progress
+    from bertforge.recipe import Recipe
+    from bertforge.sources import resolve
+
+    recipe = Recipe(model=str(tiny_checkpoint), variants=["fp32", "fused"])
+    log = io.StringIO()
+    # the task reported fp32 under a key whose entry is gone (pruned between the task's end and the driver's lock)
+    state = build_variants(recipe, resolve(recipe.model), Progress("plain", stream=log),
+                           elsewhere=lambda: {"fp32": Built(key="0" * 16, cached=False, seconds=1.0, where="node-2")})
+    assert state.artifacts["fp32"].artifact.path == tiny_variants["fp32"]  # taken from this machine's cache
+    assert state.artifacts["fused"].artifact.path == tiny_variants["fused"]
+    assert "warning: fp32: stage export: the entry export-" + "0" * 16 in log.getvalue()
+    assert "building it in this process" in log.getvalue()

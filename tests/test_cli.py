@@ -290,6 +290,25 @@ def test_output_variants_are_read_only_hard_links_into_the_cache(built, tiny_rec
     assert sha256_file(target) == good
 
 
+def test_inspect_reads_a_sequence_input_and_initializers_kept_in_typed_fields(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from bertforge.inspect_model import inspect_model, render
+
+    weights = helper.make_tensor("w", TensorProto.FLOAT, [2, 3], [0.5] * 6)  # float_data, not raw_data
+    graph = helper.make_graph(
+        [helper.make_node("SequenceAt", ["seq", "zero"], ["x"]), helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g", [helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None),
+              helper.make_tensor_value_info("zero", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weights])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "model.onnx"))
+    info = inspect_model(tmp_path)
+    assert info["inputs"] == {"seq": "sequence of float32", "zero": "int64"}
+    assert info["initializers"] == {"float32": {"count": 1, "bytes": 24, "share": 1.0}}
+    assert "seq sequence of float32" in render(info)
+
+
 def test_inspect_verify_and_validate(built, tmp_path, capsys):
     assert main(["inspect", str(built / "int8-dynamic"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -670,6 +689,17 @@ def test_the_report_shows_each_variants_answers_to_the_probes_beside_pytorchs(bu
     assert "## Probes" in markdown and "`Paris is the [MASK] of France.`" in markdown
     first = reference[texts[0]][0][0]
     assert f"| 1 | {first[0]} {first[1]:.3f} |" in markdown
+
+
+def test_a_token_holding_a_pipe_stays_in_its_own_markdown_cell():
+    import re
+
+    from bertforge.report.markdown import table_lines
+
+    lines = table_lines(["rank", "PyTorch", "fp32"], [["1", "| 0.412", "a\nb 0.100"]])
+    for line in lines:  # a Markdown reader splits a row at each '|' not escaped by a backslash
+        assert len(re.split(r"(?<!\\)\|", line.strip()[1:-1])) == 3, line
+    assert "\n" not in "".join(lines[2:]) and "\\| 0.412" in lines[2]
 
 
 def test_a_probe_without_a_mask_is_refused_before_any_work(tiny_checkpoint, tmp_path, capsys):

@@ -103,3 +103,18 @@ def test_synthetic_family_members_have_their_published_shapes_and_usable_vocabul
     assert main(["resolve", "--list"]) == 0
     listed = capsys.readouterr().out
     assert all(f"synthetic:{name}:" in listed for name in published)
+
+
+def test_a_synthetic_checkpoint_missing_its_weights_is_made_again(tmp_path, monkeypatch):
+    from bertforge.sources import synthetic
+
+    monkeypatch.setenv("BERTFORGE_CACHE", str(tmp_path / "cache"))
+    # a member this small builds in a second; ensure() treats it as any family member
+    monkeypatch.setitem(synthetic.FAMILY, "bert-test-2x32", synthetic.Member(2, 32, 2, 64, 30522, cased=False))
+    made = synthetic.ensure("bert-test-2x32")
+    weights = (made / "model.safetensors").read_bytes()
+    (made / "model.safetensors").unlink()  # deleted by hand: the entry's config.json is still there
+    again = synthetic.ensure("bert-test-2x32")
+    assert again == made and (again / "model.safetensors").read_bytes() == weights  # seeded: the same weights
+    (again / "tokenizer.json").unlink()
+    assert (synthetic.ensure("bert-test-2x32") / "tokenizer.json").is_file()

@@ -204,3 +204,12 @@ def test_kernel_costs_are_measured_and_keyed_with_the_recipes_outlier_channels(t
         weights.outlier_channels) or {"ms": {}, "model_ms": {}, "sequence": 0})
     costs.machine_costs(fp32_artifact(tiny_variants), 16, 32)
     assert keyed[-1]["outlier_channels"] == 32 and timed == [32]
+
+
+def test_a_small_models_groups_are_planned_by_their_costs_however_small():
+    # a tiny model's groups cost microseconds: int8 still starts where it is the cheaper scheme
+    costs = {"a": {"fp32": 0.004, "int8-dynamic": 0.001}, "b": {"fp32": 0.003, "int8-dynamic": 0.002}}
+    kl = {"a": {"int8-dynamic": 0.01}, "b": {"int8-dynamic": 0.03}}
+    start, moves = ordered_moves(["a", "b"], costs, kl)
+    assert start == {"a": "int8-dynamic", "b": "int8-dynamic"}
+    assert [(m.group, m.scheme) for m in moves] == [("b", "fp32"), ("a", "fp32")]

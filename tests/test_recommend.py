@@ -33,6 +33,8 @@ def test_each_target_gets_its_fastest_and_smallest_variant_and_extras_are_named_
 def test_a_variant_whose_gate_failed_is_never_recommended_and_no_latency_names_only_the_smallest():
     failed = {**VARIANTS, "int8-auto": entry(0.967, 12.5, 52.0, passed=False)}
     assert [t["fastest"] for t in recommend(failed)["targets"]] == ["fused", "fused", "int8-blockwise"]
+    # nor on the frontier the plots draw: int8-blockwise takes its place there
+    assert recommend(failed)["pareto_frontier"] == ["int8-dynamic", "int8-blockwise", "fused"]
     untimed = {name: {**e, "latency": {}} for name, e in VARIANTS.items()}
     found = recommend(untimed)
     assert all(t["fastest"] is None for t in found["targets"]) and found["fastest"] is None

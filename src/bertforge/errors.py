@@ -29,3 +29,7 @@ class ModelFileError(UsageError):
 
 class StageError(BertforgeError):
     """A stage ran but its output is not what the pipeline needs (e.g. fusion incomplete)."""
+
+
+class EntryGone(StageError):
+    """A cache entry another process built is not in this machine's cache nor in a remote one."""

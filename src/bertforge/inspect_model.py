@@ -16,6 +16,40 @@ FUSED_OPS = {"Attention", "MultiHeadAttention", "QAttention", "EmbedLayerNormali
              "BiasGelu", "FastGelu", "Gelu", "LayerNormalization", "MatMulInteger", "DynamicQuantizeLinear"}
 
 
+def dtype_name(elem_type: int) -> str:
+    """numpy's name for an ONNX element type, else ONNX's own (string, an undefined 0, a newer type)."""
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
+    except (KeyError, ValueError):
+        return onnx.TensorProto.DataType.Name(elem_type) if elem_type in onnx.TensorProto.DataType.values() \
+            else f"type {elem_type}"
+
+
+def value_type(info: onnx.ValueInfoProto) -> str:
+    """A graph input's or output's type: a tensor's element type, else what kind of value it is."""
+    kind = info.type.WhichOneof("value")
+    if kind == "tensor_type":
+        return dtype_name(info.type.tensor_type.elem_type)
+    if kind == "sequence_type":
+        inner = info.type.sequence_type.elem_type
+        return f"sequence of {dtype_name(inner.tensor_type.elem_type)}" if inner.HasField("tensor_type") \
+            else "sequence"
+    return kind or "untyped"
+
+
+def initializer_bytes(init: onnx.TensorProto) -> int:
+    """Bytes of an initializer's values, however they are stored (raw, typed fields, loaded external data)."""
+    if init.HasField("raw_data"):
+        return len(init.raw_data)
+    count = 1
+    for dim in init.dims:
+        count *= dim
+    try:
+        return count * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+    except (KeyError, ValueError):
+        return 0
+
+
 def inspect_model(directory: Path) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / "model.onnx" if directory.is_dir() else directory
@@ -32,9 +66,9 @@ def inspect_model(directory: Path) -> dict[str, Any]:
     dtype_count: Counter[str] = Counter()
     dtype_bytes: Counter[str] = Counter()
     for init in model.graph.initializer:
-        name = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
+        name = dtype_name(init.data_type)
         dtype_count[name] += 1
-        dtype_bytes[name] += len(init.raw_data) if init.HasField("raw_data") else 0
+        dtype_bytes[name] += initializer_bytes(init)
     total = sum(dtype_bytes.values()) or 1
     from bertforge.runtime_floor import runtime_floor
 
@@ -49,10 +83,8 @@ def inspect_model(directory: Path) -> dict[str, Any]:
         "fused_ops": {op: n for op, n in sorted(ops.items()) if op in FUSED_OPS},
         "initializers": {name: {"count": dtype_count[name], "bytes": dtype_bytes[name],
                                 "share": round(dtype_bytes[name] / total, 4)} for name in sorted(dtype_count)},
-        "inputs": {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name
-                   for i in model.graph.input},
-        "outputs": {o.name: onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type).name
-                    for o in model.graph.output},
+        "inputs": {i.name: value_type(i) for i in model.graph.input},
+        "outputs": {o.name: value_type(o) for o in model.graph.output},
     }
 
 

@@ -35,7 +35,7 @@ from bertforge.cache import cache_root, file_lock, shared_lock, stage_key, use_l
 from bertforge.code_digest import code_digest
 from bertforge.crash_log import one_line
 from bertforge.environment import cpu_class
-from bertforge.errors import BertforgeError, ModelFileError, StageError, UsageError
+from bertforge.errors import BertforgeError, EntryGone, ModelFileError, StageError, UsageError
 from bertforge.exporter import export
 from bertforge.json_files import read_json
 from bertforge.memory import release_freed_memory
@@ -218,7 +218,7 @@ def built_elsewhere(stage: str, key: str, parent: Artifact | None,
     with entry_lock(stage, key, hold):
         found = cached_entry(artifact)
     if not isinstance(found, StageRun):
-        raise StageError(f"stage {stage}: the entry {stage}-{key} a Ray task built is neither in this machine's "
+        raise EntryGone(f"stage {stage}: the entry {stage}-{key} a Ray task built is neither in this machine's "
                          "cache nor in a remote cache" + (f" ({found})" if found else "") +
                          "; nodes on other machines share entries through --remote-cache")
     return found
@@ -256,11 +256,18 @@ def build_variants(recipe: Recipe, source: ResolvedSource, progress: Progress,
         stage, parent_variant, section = VARIANT_PLAN[variant]
         parent = root if parent_variant is None else state.artifacts[parent_variant].artifact
         with progress.step(variant) as info, reporting(progress.update):
+            run = None
             if variant in built:
                 done = built[variant]
-                run = built_elsewhere(stage, done.key, parent, hold)
-                run = StageRun(run.artifact, done.cached, done.seconds, done.rebuilt_because, run.fetched)
-            else:
+                try:
+                    found = built_elsewhere(stage, done.key, parent, hold)
+                    run = StageRun(found.artifact, done.cached, done.seconds, done.rebuilt_because, found.fetched)
+                except EntryGone as gone:
+                    # between the task's end (it held the entry) and this process taking the entry's use
+                    # lock, a `cache prune` may have removed it: build it here rather than fail the build
+                    progress.message(f"warning: {variant}: {gone}; building it in this process")
+                    del built[variant]
+            if run is None:
                 run = run_stage(stage, parent, getattr(recipe, section), hold)
             info["cached"] = run.cached
             size = model_bytes(run.artifact.path) / 1e6

@@ -24,10 +24,16 @@ from bertforge.report.content import (
 from bertforge.report.weigh import METRIC_DEFINITIONS
 
 
+def table_cell(text: str) -> str:
+    """A cell's text as Markdown table syntax reads it back: a '|' (a probe's token can be one) escaped,
+    a line break as a space."""
+    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
 def table_lines(header: list[str], rows: list[list[str]]) -> list[str]:
     """A Markdown table: the header, its rule, one line per row."""
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(cells) + " |" for cells in rows]
+    return ["| " + " | ".join(map(table_cell, header)) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(map(table_cell, cells)) + " |" for cells in rows]
 
 
 def gate_verdict(entry: dict[str, Any]) -> str:

@@ -89,8 +89,17 @@ def derived_vocabulary(uncased: list[str], size: int, cased: bool) -> list[str]:
     return vocabulary
 
 
+# what save_pretrained writes that a build reads: an entry missing one (a file deleted by hand) is made again
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
+
+
+def complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in CHECKPOINT_FILES)
+
+
 def ensure(name: str) -> Path:
-    """The member's checkpoint directory under the cache, made once (atomically) and then reused."""
+    """The member's checkpoint directory under the cache, made once (atomically) and then reused; made
+    again if a file a build reads has gone from it."""
     from bertforge.sources.demo import demo_package_dir
 
     if name not in FAMILY:
@@ -100,7 +109,7 @@ def ensure(name: str) -> Path:
     suffix = "" if name == "bert-base-uncased" else "-v1"  # bert-base-uncased's entry predates the family
     target = cache_root() / "sources" / f"synthetic-{name}-seed{SEED}{suffix}"
     with file_lock(cache_root() / "locks" / "synthetic.lock"):
-        if (target / "config.json").is_file():
+        if complete(target):
             return target
         import torch
         from transformers import BertForMaskedLM, BertTokenizerFast

@@ -14,8 +14,9 @@ the measured cost of each group in each scheme:
    reference's own graph and is not run.
 
 Deterministic: KL comes from deterministic sessions, and the costs it is given are already rounded
-(costs.modelled_costs: a per-scheme rate, 2 significant digits) and rounded to 0.01 ms here,
-so profiler noise does not reorder the moves.
+(costs.modelled_costs: a per-scheme rate, 2 significant digits), so profiler noise does not reorder
+the moves; here they are only cut to 6 significant digits against float residue. (They used to be
+rounded to 0.01 ms, which made every scheme of a small model's group cost 0 and left it all fp32.)
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def ordered_moves(groups: list[str], costs: dict[str, dict[str, float]],
     for order, group in enumerate(groups):
         # an int8 scheme's KL is never below KL_FLOOR: KL of equal logits comes out as +-2e-14, and one at or
         # under fp32's 0 dropped fp32 off the hull, so the last prefix was no longer the most accurate plan
-        options = [(scheme, round(ms, 2), 0.0 if scheme == "fp32" else max(kl[group].get(scheme, 0.0), KL_FLOOR))
+        options = [(scheme, float(f"{ms:.6g}"), 0.0 if scheme == "fp32" else max(kl[group].get(scheme, 0.0), KL_FLOOR))
                    for scheme, ms in costs[group].items()]
         chain = hull(options)
         start[group] = chain[0][0]
