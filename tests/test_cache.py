@@ -174,6 +174,11 @@ def _flip_a_byte(path):
     path.write_bytes(bytes(data))
 
 
+def _rewrite(path, edit):
+    path.chmod(0o644)  # entries are read-only
+    path.write_text(edit(path.read_text()))
+
+
 def test_a_damaged_cache_entry_is_rebuilt_never_shipped(tiny_variants):
     """A hit is verified against its manifest; a corrupt, partial or stripped entry is rebuilt."""
     from bertforge.artifact import sha256_file
@@ -186,6 +191,9 @@ def test_a_damaged_cache_entry_is_rebuilt_never_shipped(tiny_variants):
         "model.onnx: missing": lambda: (entry / "model.onnx").unlink(),
         "tokenizer.json: missing": lambda: (entry / "tokenizer.json").unlink(),
         "no manifest": lambda: (entry / MANIFEST).unlink(),
+        "not readable JSON": lambda: _rewrite(entry / MANIFEST, lambda text: text[: len(text) // 2]),
+        "its manifest names the entry int8-dynamic-0": lambda: _rewrite(
+            entry / MANIFEST, lambda text: text.replace(entry.name.split("-", 2)[2], "0" * 16)),
     }
     for expected, do in damage.items():
         do()
@@ -588,3 +596,14 @@ def test_an_entry_a_ray_task_built_that_is_gone_when_the_driver_takes_it_is_buil
     assert state.artifacts["fused"].artifact.path == tiny_variants["fused"]
     assert "warning: fp32: stage export: the entry export-" + "0" * 16 in log.getvalue()
     assert "building it in this process" in log.getvalue()
+
+
+def test_a_measurement_is_keyed_by_the_machine_that_made_it():
+    from bertforge import results_cache
+    from bertforge.environment import this_machine
+
+    parts = {"variant": "0" * 16, "sequence_length": 128}
+    here = this_machine()
+    assert results_cache.key_for("latency", parts, here) == results_cache.key_for("latency", parts)
+    for change in ({"cpu": "Some Other CPU"}, {"threads": here["threads"] + 30}, {"cpu_class": "arm64"}):
+        assert results_cache.key_for("latency", parts, {**here, **change}) != results_cache.key_for("latency", parts)

@@ -23,6 +23,9 @@ def test_a_ray_build_builds_its_stages_on_the_workers_and_reports_the_local_exec
     held: list[str] = []  # the entries the driver takes against cache prune as each stage task reports
     real_lock = ray_executor.shared_lock
     monkeypatch.setattr(ray_executor, "shared_lock", lambda path: held.append(Path(path).stem) or real_lock(path))
+    # a tiny model's rounds spread wide on a shared machine, and a "busy" latency is not cached; this test
+    # checks where a cached latency is kept, so every one counts as quiet
+    monkeypatch.setattr("bertforge.bench.busy", lambda stats: False)
     checkpoint = make_tiny_checkpoint(tmp_path / "checkpoint", seed=5)  # its stages are in no cache yet
     out = tmp_path / "out"
     code = main(["build", "--model", str(checkpoint), "--out", str(out),
@@ -41,6 +44,16 @@ def test_a_ray_build_builds_its_stages_on_the_workers_and_reports_the_local_exec
     assert report["executor"]["kind"] == "ray" and report["executor"]["nodes"] == 2
     assert report["executor"]["latency_measured_on"]["cpu_class"] == report["machine"]["cpu_class"]
     assert "timed on" in (out / "report.md").read_text()
+    # the latencies are kept under the machine (and threads) that timed them, the worker, not the driver
+    from bertforge import results_cache
+    from bertforge.recipe import Recipe
+
+    timed_on = report["executor"]["latency_measured_on"]
+    bench_parts = Recipe().bench.model_dump(mode="json")
+    for manifest, variant in zip(manifests, ("fp32", "fp16", "int8-dynamic", "int8-auto"), strict=True):
+        stored = results_cache.load("latency", results_cache.key_for(
+            "latency", {**bench_parts, "variant": manifest["key"]}, timed_on))
+        assert stored is not None and stored["p50_ms"] == report["variants"][variant]["latency"]["p50_ms"], variant
     from_ray = report_metrics(out)
     local = tmp_path / "local"
     shutil.copytree(out, local)

@@ -95,10 +95,15 @@ def evaluate_variants(dirs: dict[str, Path], source: ResolvedSource, source_key:
     measured_on = None
     if recipe.bench.enabled:
         bench_parts = recipe.bench.model_dump(mode="json")
-        latency_keys = {n: results_cache.key_for("latency", {**bench_parts, "variant": k}) for n, k in keys.items()}
-        if use_cache:
-            latencies = {n: v for n, k in latency_keys.items()
-                         if (v := results_cache.load("latency", k)) and not bench.busy(v)}
+
+        def latency_key(name: str, machine: dict[str, Any] | None = None) -> str:
+            return results_cache.key_for("latency", {**bench_parts, "variant": keys[name]}, machine)
+
+        # latencies are kept under the machine that timed them; a cached one is reused only where the
+        # variants are timed in this process (a Ray build times them on a worker it does not choose)
+        if use_cache and executor.describe()["kind"] == "local":
+            latencies = {n: v for n in keys if (v := results_cache.load("latency", latency_key(n)))
+                         and not bench.busy(v)}
         to_time = {n: dirs[n] for n in dirs if n not in latencies}
         if to_time:
             with progress.step("latency") as info:
@@ -109,7 +114,7 @@ def evaluate_variants(dirs: dict[str, Path], source: ResolvedSource, source_key:
                     if bench.busy(stats):  # measured on a busy machine: a later build measures it again
                         noisy.append(name)
                     else:
-                        results_cache.store("latency", latency_keys[name], stats)
+                        results_cache.store("latency", latency_key(name, measured_on), stats)
                 latencies.update(timed)
                 info["note"] = f"timed {', '.join(to_time)} on {measured_on['host']}" + (
                     f"; busy machine (rounds spread > {bench.BUSY_SPREAD}x), not cached: {', '.join(noisy)}"

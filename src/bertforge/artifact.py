@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bertforge.environment import library_versions, machine_info
+from bertforge.errors import UsageError
 from bertforge.json_files import read_json
 
 MANIFEST = "manifest.json"
@@ -390,7 +391,10 @@ def verify_directory(directory: Path) -> list[str]:
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         return [f"{manifest_path}: no manifest (not a bertforge artifact directory)"]
-    listed = manifest_files(directory)
+    try:
+        listed = manifest_files(directory)
+    except UsageError as exc:  # not readable JSON, or no object: damage to report, not a reason to stop
+        return [str(exc)]
     if listed is None:
         return [f"{manifest_path}: not a bertforge manifest (no 'files' mapping)"]
     problems = []

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -87,11 +88,12 @@ def cpu_class(flags: set[str] | None = None, machine: str | None = None) -> str:
     return "x86-64"
 
 
-def this_machine() -> dict[str, str]:
-    """The machine a measurement ran on, as the report names it (a Ray build's latency node, too)."""
+def this_machine() -> dict[str, Any]:
+    """The machine a measurement ran on, as the report names it (a Ray build's latency node, too) and as
+    a cached measurement's key needs it: its CPU, class and the threads a session uses there."""
     import socket
 
-    return {"host": socket.gethostname(), "cpu_class": cpu_class()}
+    return {"host": socket.gethostname(), "cpu": cpu_model(), "cpu_class": cpu_class(), "threads": physical_cores()}
 
 
 def machine_info() -> dict[str, object]:

@@ -193,6 +193,10 @@ def cached_entry(artifact: Artifact) -> StageRun | str | None:
     damaged = None
     if target.exists():
         problems = verify_directory(target)
+        if not problems:  # its files are as listed: the listing must also be this entry's own
+            named = read_manifest(target)
+            if (named.get("stage"), named.get("key")) != (stage, key):
+                problems = [f"its manifest names the entry {named.get('stage')}-{named.get('key')}"]
         if not problems:
             with contextlib.suppress(PermissionError):  # another user's entry in a shared cache
                 os.utime(target)  # its last use, for `bertforge cache prune` (cache_admin.py)

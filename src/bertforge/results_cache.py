@@ -43,11 +43,14 @@ RESULT_CODE = {"reference": "bertforge.validation.validate", "validation": "bert
                "latency": "bertforge.bench"}
 
 
-def key_for(kind: str, parts: dict[str, Any]) -> str:
+def key_for(kind: str, parts: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
+    """The result's key; `machine`: environment.this_machine() of the machine that measured it, where
+    that is not this one (a Ray worker timed the variants)."""
     if kind in MACHINE_KINDS:
-        parts = {**parts, "cpu": cpu_model(), "threads": physical_cores()}
+        parts = {**parts, **({"cpu": machine["cpu"], "threads": machine["threads"]} if machine
+                             else {"cpu": cpu_model(), "threads": physical_cores()})}
     if kind in CPU_CLASS_KINDS:
-        parts = {**parts, "cpu_class": cpu_class()}
+        parts = {**parts, "cpu_class": machine["cpu_class"] if machine else cpu_class()}
     if kind in RESULT_CODE:
         from bertforge.code_digest import code_digest
 
