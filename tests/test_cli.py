@@ -314,6 +314,9 @@ def test_inspect_verify_and_validate(built, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["fused_ops"]["QAttention"] == 2 and info["initializers"]["int8"]["count"] > 0
     assert info["opsets"]["ai.onnx"] == 17
+    assert main(["inspect", str(built / "fp32"), "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)  # the export: standard ops only, LayerNormalization among them
+    assert plain["fused_ops"] == {} and plain["op_types"]["LayerNormalization"] > 0
     assert main(["verify", str(built)]) == 0
     copy = tmp_path / "copy"
     shutil.copytree(built, copy)
@@ -366,8 +369,10 @@ def test_bench_says_what_it_is_timing_while_it_runs(built, capsys):
     captured = capsys.readouterr()
     steps = [line.split()[:2] for line in captured.err.splitlines() if line.startswith("  time ")]
     assert steps == [["time", "b1xs128"], ["time", "b1xs32"], ["time", "b8xs128"], ["time", "b8xs32"]]
-    assert all("5 variants x 3 repeats; fastest" in line for line in captured.err.splitlines()
+    # --repeats 3 times one whole block of 5 calls: the count said is the count timed
+    assert all("5 variants x 5 repeats; fastest" in line for line in captured.err.splitlines()
                if line.startswith("  time "))
+    assert "over 5 repeats (--repeats 3, rounded up to whole blocks)" in captured.out
     assert "b8xs32:" in captured.out and "fp32" in captured.out
     assert main(["bench", str(built / "fp32"), "--repeats", "3", "--warmup", "1", "--json", "--quiet"]) == 0
     captured = capsys.readouterr()

@@ -118,3 +118,24 @@ def test_a_synthetic_checkpoint_missing_its_weights_is_made_again(tmp_path, monk
     assert again == made and (again / "model.safetensors").read_bytes() == weights  # seeded: the same weights
     (again / "tokenizer.json").unlink()
     assert (synthetic.ensure("bert-test-2x32") / "tokenizer.json").is_file()
+
+
+def test_bench_times_a_32_position_model_once_per_batch_under_the_sequence_it_ran(family_build, capsys):
+    _, out, _ = family_build
+    assert main(["bench", str(out / "fp32"), "--repeats", "1", "--warmup", "0", "--no-memory", "--json",
+                 "--quiet"]) == 0
+    shapes = json.loads(capsys.readouterr().out)["shapes"]
+    assert list(shapes) == ["b1xs32", "b8xs32"]  # 128 and 32 asked: both are 32 on this model
+    assert all(row["sequence"] == 32 for table in shapes.values() for row in table.values())
+
+
+def test_bench_names_a_tokenizer_file_that_does_not_parse(family_build, tmp_path, capsys):
+    import shutil
+
+    _, out, _ = family_build
+    variant = tmp_path / "fp32"
+    shutil.copytree(out / "fp32", variant)
+    (variant / "tokenizer.json").chmod(0o644)
+    (variant / "tokenizer.json").write_text("{bad")
+    assert main(["bench", str(variant), "--repeats", "1", "--no-memory", "--quiet"]) == 2
+    assert f"{variant / 'tokenizer.json'}: the tokenizer does not load" in capsys.readouterr().err

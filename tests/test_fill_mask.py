@@ -28,6 +28,34 @@ def test_the_answers_are_optimums_fill_mask_pipelines(tiny_variants, variant):
             assert [p.score for p in mine] == pytest.approx([r["score"] for r in reference], rel=1e-4)
 
 
+def test_padding_and_truncation_saved_in_tokenizer_json_change_no_answer(tiny_variants, tmp_path):
+    """all-MiniLM's tokenizer.json pads to 128 and cuts at 128, and save_pretrained carries both into every
+    variant; transformers turns them off on each call, so the answers must not depend on them."""
+    import shutil
+
+    from optimum.pipelines import pipeline
+
+    from bertforge.predict import fill_mask
+
+    path = tmp_path / "fp32"
+    shutil.copytree(tiny_variants["fp32"], path)
+    tokenizer_file = path / "tokenizer.json"
+    tokenizer_file.chmod(0o644)
+    saved = json.loads(tokenizer_file.read_text())
+    saved["padding"] = {"strategy": {"Fixed": 32}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                        "pad_type_id": 0, "pad_token": "[PAD]"}
+    saved["truncation"] = {"direction": "Right", "max_length": 5, "strategy": "LongestFirst", "stride": 0}
+    tokenizer_file.write_text(json.dumps(saved))
+    theirs_of = pipeline("fill-mask", model=str(path), accelerator="ort")
+    for text in TEXTS:  # the second text's second [MASK] is the 7th word piece: past the saved cut
+        theirs = theirs_of(text, top_k=3)
+        theirs = [theirs] if isinstance(theirs[0], dict) else theirs
+        ours = fill_mask(path, text, top_k=3)
+        assert [[(p.token, p.sequence) for p in mine] for mine in ours] == [
+            [(r["token"], r["sequence"]) for r in reference] for reference in theirs], text
+        assert ours == fill_mask(tiny_variants["fp32"], text, top_k=3)
+
+
 def test_the_masked_head_variant_answers_like_the_graph_it_came_from(tiny_variants, tmp_path):
     from bertforge.optimizers import masked_head
     from bertforge.optimizers.config import MaskedHeadConfig

@@ -60,3 +60,26 @@ def test_compare_calls_a_metric_b_lost_a_regression():
     assert compare_reports(a, b)["regressions"] == [
         "fp16 kl_mean: 1e-05 -> n/a (B has no number: NaN logits, or not measured)"]
     assert compare_reports(a, a)["regressions"] == []
+
+
+def test_compare_judges_latency_only_between_reports_timed_on_the_same_kind_of_machine():
+    from bertforge.comparison import compare_reports, render
+
+    def report(ms: float, machine: dict) -> dict:
+        return {"schema_version": 1, "model": {"source_key": "k"}, "corpus": {"digest": "d", "seed": 0},
+                "machine": machine, "variants": {"fp16": {"size_bytes": 10, "latency": {"p50_ms": ms},
+                                                          "metrics": {"top1_agreement": 0.99}}}}
+
+    here = {"cpu": "AMD EPYC 7B13", "cpu_class": "avx2", "physical_cores": 2}
+    slower = report(30.0, here)
+    assert compare_reports(report(20.0, here), slower)["regressions"] == [
+        "fp16 latency p50: 20.0 -> 30.0 ms (> +25%)"]
+    there = report(20.0, {"cpu": "Intel Xeon", "cpu_class": "amx", "physical_cores": 2})
+    found = compare_reports(there, slower)
+    assert found["regressions"] == []  # another CPU: its speed says nothing about a regression
+    assert "latency not judged: A was timed on Intel Xeon (amx, 2 threads), B on AMD EPYC 7B13" in render(found)
+    # a Ray build's latencies were timed on the worker its report names
+    on_worker = {**report(20.0, {"cpu": "Intel Xeon", "cpu_class": "amx", "physical_cores": 2}),
+                 "executor": {"latency_measured_on": {"host": "w1", "cpu": "AMD EPYC 7B13", "cpu_class": "avx2",
+                                                      "threads": 2}}}
+    assert compare_reports(on_worker, slower)["regressions"] == ["fp16 latency p50: 20.0 -> 30.0 ms (> +25%)"]

@@ -1,7 +1,8 @@
 """Latency, throughput and memory of artifact directories, measured side by side.
 
-Variants are interleaved repetition by repetition, so drift of a shared, noisy machine hits them
-alike; medians and p90s are reported, never single times.
+Variants take turns in blocks (a few untimed calls, then five timed ones, round after round:
+time_runners), so drift of a shared, noisy machine hits them alike; medians and p90s are reported,
+never single times.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from bertforge.environment import physical_cores
+from bertforge.errors import UsageError
 from bertforge.onnx_files import model_bytes, model_config
 from bertforge.runtime import feeds_for, open_session
 
@@ -41,7 +43,11 @@ class InputSpec:
         from bertforge.validation.corpus import position_limit
 
         config = model_config(Path(directory))
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        except Exception as exc:  # noqa: BLE001 - tokenizers' parse errors name no file
+            raise UsageError(f"{Path(directory) / 'tokenizer.json'}: the tokenizer does not load "
+                             f"({' '.join(str(exc).split())[:200]})") from None
         return cls(config.vocab_size, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id,
                    position_limit(tokenizer, config))
 
@@ -170,12 +176,16 @@ def bench_directories(variants: dict[str, Path], shapes: list[tuple[int, int]], 
 
     threads = physical_cores()
     results: dict[str, Any] = {"threads": threads, "shapes": {}, "memory_mb": {}, "size_bytes": {}}
-    for batch, sequence in shapes:
+    spec = InputSpec.of(next(iter(variants.values())))
+    # each shape named by the sequence it is timed at: a model taking fewer positions is timed once at its
+    # limit, not once per asked length under a label it was not timed at
+    measured = list(dict.fromkeys((batch, spec.sequence(sequence)) for batch, sequence in shapes))
+    for batch, sequence in measured:
         with step(f"time b{batch}xs{sequence}") as info:
             timed = latency(variants, batch, sequence, warmup, repeats, threads)
             results["shapes"][f"b{batch}xs{sequence}"] = timed
             fastest = min(timed, key=lambda name: timed[name]["p50_ms"])
-            info["note"] = (f"{len(variants)} variants x {repeats} repeats; fastest {fastest} "
+            info["note"] = (f"{len(variants)} variants x {timed[fastest]['repeats']} repeats; fastest {fastest} "
                             f"{timed[fastest]['p50_ms']:.1f} ms")
     for name, path in variants.items():
         results["size_bytes"][name] = model_bytes(Path(path))

@@ -259,7 +259,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(dump(results))
         return EXIT_OK
-    print(f"threads {results['threads']}; p50 / p90 ms over {args.repeats} repeats, variants in turns of blocks")
+    timed = {row["repeats"] for table in results["shapes"].values() for row in table.values()}
+    print(f"threads {results['threads']}; p50 / p90 ms over {'/'.join(map(str, sorted(timed)))} repeats "
+          f"(--repeats {args.repeats}, rounded up to whole blocks), variants in turns of blocks")
     for shape, table in results["shapes"].items():
         print(f"{shape}:")
         for name, row in table.items():

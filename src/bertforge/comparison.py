@@ -69,6 +69,26 @@ def basis_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             if get(a, path) != get(b, path)]
 
 
+def timing_machine(report: dict[str, Any]) -> dict[str, Any]:
+    """The CPU, its class and the threads the report's latencies were timed with: a Ray build's worker
+    where the report names one, else the machine of the build."""
+    on = (report.get("executor") or {}).get("latency_measured_on") or {}
+    if "cpu" in on:
+        return {"cpu": on["cpu"], "cpu_class": on.get("cpu_class"), "threads": on.get("threads")}
+    machine = report.get("machine") or {}
+    return {"cpu": machine.get("cpu"), "cpu_class": machine.get("cpu_class"), "threads": machine.get("physical_cores")}
+
+
+def latency_basis(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """Why A's and B's latencies are no measure of a regression (None when they were timed alike)."""
+    on_a, on_b = timing_machine(a), timing_machine(b)
+    if on_a == on_b:
+        return None
+    def named(on: dict[str, Any]) -> str:
+        return f"{on['cpu']} ({on['cpu_class']}, {on['threads']} threads)"
+    return f"A was timed on {named(on_a)}, B on {named(on_b)}"
+
+
 def absent(value: Any) -> bool:
     """No number: report.json stores a NaN metric as null."""
     return value is None or (isinstance(value, float) and math.isnan(value))
@@ -83,6 +103,7 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any], tol: Tolerances = Tole
         raise UsageError("the two reports measure different things (" + "; ".join(differences)
                          + "); compare builds of one model on one corpus, or pass --allow-different")
     rows = []
+    other_machine = latency_basis(a, b)
     regressions = [f"{variant}: in A, missing from B" for variant in a["variants"] if variant not in b["variants"]]
     for variant in [v for v in a["variants"] if v in b["variants"]]:
         va, vb = a["variants"][variant], b["variants"][variant]
@@ -108,13 +129,14 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any], tol: Tolerances = Tole
         if size_b > size_a * (1 + tol.size):
             regressions.append(f"{variant} size: {size_a / 1e6:.1f} -> {size_b / 1e6:.1f} MB")
         lat_a, lat_b = facts["latency_p50_ms"]
-        if lat_a and lat_b and lat_b > lat_a * (1 + tol.latency):
+        if lat_a and lat_b and lat_b > lat_a * (1 + tol.latency) and other_machine is None:
             regressions.append(f"{variant} latency p50: {lat_a:.1f} -> {lat_b:.1f} ms (> +{tol.latency:.0%})")
         if va.get("passed", True) and not vb.get("passed", True):
             regressions.append(f"{variant}: gates passed in A and fail in B")
     only = sorted(set(a["variants"]) ^ set(b["variants"]))
     return {"rows": rows, "regressions": regressions, "variants_in_one_run_only": only,
-            "basis_differences": differences, "tolerances": tol.__dict__}
+            "basis_differences": differences, "tolerances": tol.__dict__,
+            "latency_not_compared": other_machine}
 
 
 SHARES = ("top1_agreement", "top5_overlap", "ref_top1_in_top5")
@@ -146,6 +168,8 @@ def render(result: dict[str, Any]) -> str:
         lines.append("in one run only: " + ", ".join(result["variants_in_one_run_only"]))
     if result.get("basis_differences"):
         lines.append("compared although they differ (--allow-different): " + "; ".join(result["basis_differences"]))
+    if result.get("latency_not_compared"):
+        lines.append(f"latency not judged: {result['latency_not_compared']}")
     if result["regressions"]:
         lines.append("REGRESSIONS:")
         lines += [f"  {r}" for r in result["regressions"]]

@@ -69,7 +69,7 @@ def choose_quantized(report: dict[str, Any], variants: list[str], top1_min: floa
         if not entry.get("passed"):
             refused.append(f"{name}: gates failed")
         elif top1 < top1_min:
-            refused.append(f"{name}: top-1 {top1:.1%} < {top1_min:.0%}")
+            refused.append(f"{name}: top-1 {top1:.1%} < {top1_min:.1%}")
         elif web is not None and web < WEB_AGREEMENT_MIN:
             refused.append(f"{name}: answers as native onnxruntime on only {web:.1%} of positions on onnxruntime-web")
         else:
@@ -87,7 +87,7 @@ def choose_quantized(report: dict[str, Any], variants: list[str], top1_min: floa
            else "the smallest (no latency measured)")
     web = entry.get("web", {}).get("top1_vs_native")
     return best, (f"{best}: {how} int8 variant whose gates passed with top-1 agreement "
-                  f"{entry['metrics']['top1_agreement']:.1%} >= {top1_min:.0%}"
+                  f"{entry['metrics']['top1_agreement']:.1%} >= {top1_min:.1%}"
                   + (f", answering as native onnxruntime on {web:.1%} of positions on onnxruntime-web" if web
                      is not None else "; its agreement on onnxruntime-web was not measured "
                      "(bertforge validate --runtime web)"))

@@ -12,8 +12,9 @@ from bertforge.artifact import MODEL_FILE
 from bertforge.errors import UsageError
 from bertforge.onnx_files import model_bytes
 
-FUSED_OPS = {"Attention", "MultiHeadAttention", "QAttention", "EmbedLayerNormalization", "SkipLayerNormalization",
-             "BiasGelu", "FastGelu", "Gelu", "LayerNormalization", "MatMulInteger", "DynamicQuantizeLinear"}
+# fused ops are onnxruntime's own kernels (its com.microsoft domain: Attention, SkipLayerNormalization,
+# DynamicQuantizeMatMul, MatMulNBits ...), never standard ONNX ops such as LayerNormalization or MatMulInteger
+FUSED_DOMAIN = "com.microsoft"
 
 
 def dtype_name(elem_type: int) -> str:
@@ -63,6 +64,7 @@ def inspect_model(directory: Path) -> dict[str, Any]:
         raise UsageError(f"{path} is not an ONNX model (ir_version {model.ir_version}, {len(model.graph.node)} "
                          "nodes): an empty or foreign file")
     ops = Counter(node.op_type for node in model.graph.node)
+    fused = Counter(node.op_type for node in model.graph.node if node.domain == FUSED_DOMAIN)
     dtype_count: Counter[str] = Counter()
     dtype_bytes: Counter[str] = Counter()
     for init in model.graph.initializer:
@@ -80,7 +82,7 @@ def inspect_model(directory: Path) -> dict[str, Any]:
         "ir_version": model.ir_version,
         "nodes": len(model.graph.node),
         "op_types": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "fused_ops": {op: n for op, n in sorted(ops.items()) if op in FUSED_OPS},
+        "fused_ops": dict(sorted(fused.items())),
         "initializers": {name: {"count": dtype_count[name], "bytes": dtype_bytes[name],
                                 "share": round(dtype_bytes[name] / total, 4)} for name in sorted(dtype_count)},
         "inputs": {i.name: value_type(i) for i in model.graph.input},

@@ -44,6 +44,16 @@ def clean_up_tokenization(text: str) -> str:
     return text
 
 
+def unpadded(tokenizer: Any) -> Any:
+    """The tokenizer with the padding and truncation a tokenizer.json can carry turned off, as transformers
+    turns them off on every call: all-MiniLM's file pads to 128, and its ids fed with an attention mask of
+    ones made the model attend to the padding (other answers than the fill-mask pipeline's); a text longer
+    than the model takes is refused by length, never cut."""
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
 @dataclass
 class MaskText:
     """A tokenizer's side of fill-mask: encode a text, turn logit rows at its [MASK]s into predictions."""
@@ -66,6 +76,7 @@ class MaskText:
             raise UsageError(f"{directory / TOKENIZER_FILE}: not a tokenizer file "
                              f"({' '.join(str(exc).split())[:200]})") from None
         config = read_json(config_path) if config_path.is_file() else {}
+        unpadded(tokenizer)
 
         def content(token: Any, default: str) -> str:
             return token.get("content", default) if isinstance(token, dict) else (token or default)
@@ -83,7 +94,10 @@ class MaskText:
     @classmethod
     def from_transformers(cls, tokenizer: Any) -> MaskText:
         """From a transformers fast tokenizer (its backend is a tokenizers.Tokenizer)."""
-        return cls(tokenizer.backend_tokenizer, tokenizer.mask_token, tokenizer.mask_token_id, tokenizer.pad_token_id,
+        from tokenizers import Tokenizer
+
+        backend = unpadded(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()))  # a copy: theirs stays as it is
+        return cls(backend, tokenizer.mask_token, tokenizer.mask_token_id, tokenizer.pad_token_id,
                    bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)))
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:

@@ -98,4 +98,4 @@ def mask_rows(session, feeds: dict[str, np.ndarray], rows: np.ndarray, cols: np.
         if found.shape[0] != len(rows):
             raise ValueError(f"{found.shape[0]} {MASK_LOGITS} rows for {len(rows)} [MASK] positions")
         return found
-    return session.run(None, feeds)[0][rows, cols]
+    return session.run(["logits"], feeds)[0][rows, cols]  # by name: a graph may list other outputs first
