@@ -58,6 +58,14 @@ def test_the_recipe_target_sets_every_int8_section_unless_a_section_says_otherwi
     assert recipe.int8_static.calibration_samples == 8
     args = parser().parse_args(["build", "--out", str(tmp_path / "o"), "--target", "vnni"])
     assert load_recipe(None, _overrides(args)).int8_auto.cpu_target == "vnni"
+    # the Python API over a Recipe object: a new target reaches the sections the old one had set, both ways
+    from bertforge.recipe import Recipe, overridden
+
+    for old, new in (("vnni", "portable"), ("portable", "vnni")):
+        moved = overridden(Recipe(target=old, int8_static={"calibration_samples": 8}), {"target": new})
+        assert moved.target == new and moved.int8_static.calibration_samples == 8
+        assert [getattr(moved, s).cpu_target for s in INT8_SECTIONS] == [new] * 5
+    assert overridden(Recipe(target="vnni"), {"model": "x"}).int8_auto.cpu_target == "vnni"
 
 
 def test_a_masked_head_over_a_vnni_variant_is_warned_about_on_a_cpu_without_vnni(monkeypatch):

@@ -118,7 +118,31 @@ def test_vnni_target_keeps_full_range_weights(vnni_int8_dynamic):
     weights = int8_weights_of_u8s8_kernels(load(vnni_int8_dynamic))
     assert sum(saturating_pairs(w, axis) for w, axis in weights.values()) > 0
     manifest = json.loads((vnni_int8_dynamic / "manifest.json").read_text())
-    assert manifest["metadata"]["int8_target"] == "vnni" and manifest["metadata"]["int8_weights"] == "s8 in [-127, 127]"
+    assert manifest["metadata"]["int8_target"] == "vnni" and "int8_target_asked" not in manifest["metadata"]
+    assert manifest["metadata"]["int8_weights"] == (
+        f"s8 in [-127, 127]; {sum(saturating_pairs(w, axis) for w, axis in weights.values())} same-sign "
+        "K-adjacent pairs sum past 128")
+
+
+@pytest.mark.parametrize("weights", [{"reduce_range": True}, {"weight_type": "quint8"}])
+def test_a_vnni_build_whose_weights_cannot_saturate_is_recorded_portable_and_never_warns(
+        tiny_checkpoint, tiny_variants, weights, avx2_only, capsys):
+    """Asked for vnni, int8-dynamic with [-64, 64] s8 weights or u8 weights, and the tied table kept fp32
+    (which would otherwise be full-range s8 at vnni: the decoder's pairs saturate), computes the same
+    integers everywhere: the manifest says so (and what was asked), and an AVX2 CPU gets no warning."""
+    weights = {**weights, "exclude_presets": ["embeddings"]}
+    from bertforge.cli import main
+    from bertforge.pipeline import build_variants
+    from bertforge.progress import Progress
+    from bertforge.recipe import Recipe
+    from bertforge.sources import resolve
+
+    recipe = Recipe(model=str(tiny_checkpoint), target="vnni", variants=("int8-dynamic",), int8_dynamic=weights)
+    built = build_variants(recipe, resolve(recipe.model), Progress("quiet")).artifacts["int8-dynamic"].artifact.path
+    metadata = json.loads((built / "manifest.json").read_text())["metadata"]
+    assert (metadata["int8_target"], metadata["int8_target_asked"]) == ("portable", "vnni")
+    assert main(["fill-mask", str(built), "The capital of France is [MASK]."]) == 0
+    assert "warning:" not in capsys.readouterr().err
 
 
 @pytest.fixture

@@ -236,3 +236,29 @@ def test_masked_head_matches_the_full_head_at_mask_positions(tiny_checkpoint, ti
     elsewhere = np.ones(logits.shape[:2], dtype=bool)
     elsewhere[positions[:, 0], positions[:, 1]] = False
     assert not logits[elsewhere].any()
+
+
+@pytest.mark.parametrize("presets", [("mlm-decoder",), ("mlm-head",)])
+def test_a_masked_head_builds_over_an_int8_parent_whose_decoder_stayed_fp32(tiny_variants, tmp_path, presets):
+    """Excluding the decoder keeps the shared int8 table, dequantized at load: the decoder's Transpose reads
+    a node output, and the masked head found no tied decoder ('no tied MLM decoder found')."""
+    from bertforge import pipeline
+    from bertforge.artifact import Artifact
+    from bertforge.optimizers import masked_head
+    from bertforge.optimizers.config import Int8DynamicConfig, MaskedHeadConfig
+
+    fused = Artifact(tiny_variants["fused"], tiny_variants["fused"].name.split("-", 1)[1], "fusion", None)
+    parent = pipeline.run_stage("int8-dynamic", fused, Int8DynamicConfig(exclude_presets=presets)).artifact.path
+    out = tmp_path / "masked"
+    out.mkdir()
+    meta = masked_head.run(parent, out, MaskedHeadConfig())
+    from bertforge.artifact import read_manifest
+
+    parent_meta = read_manifest(parent)["metadata"]  # the same int8 weights: the parent's int8 record
+    assert {k: meta[k] for k in ("int8_target", "int8_weights", "built_on")} == {
+        k: parent_meta[k] for k in ("int8_target", "int8_weights", "built_on")}
+    feeds = tiny_feeds()
+    full = ort.InferenceSession(str(parent / "model.onnx")).run(None, feeds)[0]
+    _, masked, positions = ort.InferenceSession(str(out / "model.onnx")).run(None, feeds)
+    at_masks = full[positions[:, 0], positions[:, 1]]
+    assert len(positions) == 2 and np.abs(at_masks - masked).max() <= 1e-5 * np.abs(at_masks).max()

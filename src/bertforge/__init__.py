@@ -38,12 +38,12 @@ def build(out, recipe=None, *, model: str | None = None, variants: list[str] | N
 
     from bertforge import api
     from bertforge.progress import Progress
-    from bertforge.recipe import Recipe, load_recipe, merged, parse_recipe
+    from bertforge.recipe import Recipe, load_recipe, overridden
 
     overrides = {"model": model, "variants": variants, **sections}
     if isinstance(recipe, Recipe):
         given = {key: value for key, value in overrides.items() if value is not None}
-        recipe = parse_recipe(merged(recipe.model_dump(mode="json", exclude_unset=True), given)) if given else recipe
+        recipe = overridden(recipe, given) if given else recipe
     else:
         recipe = load_recipe(recipe, overrides)
     return api.build(recipe, Path(out), Progress(progress), remote_cache, remote_cache_readonly, executor,

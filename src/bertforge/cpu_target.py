@@ -51,8 +51,18 @@ def target_warning(target: str | None, where: str, flags: set[str] | None = None
             "from the validated ones; rebuild with target: portable to run it here")
 
 
-def int8_target_record(target: str) -> dict[str, object]:
-    """What an int8 stage's manifest metadata says of its target, and the CPU class it was built on."""
-    rule = ("s8 in [-127, 127], same-sign K-adjacent pairs summing to at most 128" if target == "portable"
-            else "s8 in [-127, 127]")
-    return {"int8_target": target, "int8_weights": rule, "built_on": cpu_class()}
+def int8_target_record(target: str, saturating_pairs: int) -> dict[str, object]:
+    """What an int8 stage's manifest metadata says of where its integers hold, from the graph it wrote:
+    `saturating_pairs` (int8_weights.saturating_pairs_in) counts the same-sign K-adjacent s8 weight pairs
+    of its u8 x s8 GEMMs past 128. None means the artifact computes the same integers on every class,
+    whatever target was asked (u8 weights, reduce_range, an int8-auto plan of no such GEMM): it is
+    recorded `portable`, with the target asked beside it; otherwise `vnni`, which a portable build
+    never writes (the stage checks). And the CPU class it was built on."""
+    if target == "portable" and saturating_pairs:
+        raise AssertionError(f"target portable wrote {saturating_pairs} s8 weight pairs that can saturate")
+    if saturating_pairs:
+        recorded, rule = "vnni", f"s8 in [-127, 127]; {saturating_pairs} same-sign K-adjacent pairs sum past 128"
+    else:
+        recorded, rule = "portable", "u8 x s8 GEMMs with same-sign K-adjacent s8 pairs summing to at most 128"
+    return {"int8_target": recorded, "int8_weights": rule, "built_on": cpu_class(),
+            **({"int8_target_asked": target} if target != recorded else {})}

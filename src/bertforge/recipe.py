@@ -132,6 +132,18 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
     return parse_recipe(merged(data, {k: v for k, v in (overrides or {}).items() if v is not None}), origin)
 
 
+def overridden(recipe: Recipe, given: dict[str, Any]) -> Recipe:
+    """`recipe` with the fields in `given` laid on it (merged), as a YAML file's keys under its overrides.
+    Each int8 section's cpu_target that holds the recipe's `target` came from it (or said the same): a new
+    `target` in `given` replaces it, as it would have in the YAML."""
+    base = recipe.model_dump(mode="json", exclude_unset=True)
+    if "target" in given:
+        for section in INT8_SECTIONS:
+            if isinstance(base.get(section), dict) and base[section].get("cpu_target") == recipe.target:
+                base[section] = {k: v for k, v in base[section].items() if k != "cpu_target"}
+    return parse_recipe(merged(base, given))
+
+
 def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """`over` laid on `base` key by key, mappings merged all the way down (one field given for a section
     keeps the section's other fields), anything else replaced."""

@@ -22,6 +22,7 @@ from bertforge.optimizers.config import Int8BlockwiseConfig
 from bertforge.optimizers.graph.exclusions import excluded_nodes
 from bertforge.optimizers.graph.op_counts import op_histogram, require_quantized
 from bertforge.optimizers.graph.ort_fusion import mha_fused
+from bertforge.optimizers.int8_weights import saturating_pairs_in
 from bertforge.optimizers.tied_quant import share_tied_table_per_presets
 
 NAME = "int8-blockwise"
@@ -48,4 +49,5 @@ def run(src: Path, out: Path, config: Int8BlockwiseConfig) -> dict[str, Any]:
     copy_loader_files(src, out)
     return {"fused_operators": stats, "excluded_nodes": exclude, "tied_table": shared, "bits": 8,
             "block_size": config.block_size, "symmetric": config.symmetric,
-            "accuracy_level": config.accuracy_level, "op_types": histogram, **int8_target_record(config.cpu_target)}
+            "accuracy_level": config.accuracy_level, "op_types": histogram,
+            **int8_target_record(config.cpu_target, saturating_pairs_in(model))}

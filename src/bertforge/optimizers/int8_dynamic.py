@@ -23,7 +23,7 @@ from bertforge.optimizers import ort_config
 from bertforge.optimizers.config import Int8DynamicConfig
 from bertforge.optimizers.graph.exclusions import excluded_nodes, graph_only
 from bertforge.optimizers.graph.op_counts import op_histogram, require_quantized
-from bertforge.optimizers.int8_weights import make_pair_safe
+from bertforge.optimizers.int8_weights import make_pair_safe, saturating_pairs_in
 from bertforge.optimizers.tied_quant import share_tied_table_per_presets
 
 # what quantize_dynamic writes for MatMul (before ORT fuses it at load) and for Attention
@@ -66,4 +66,5 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
     return {"excluded_nodes": exclude, "tied_table": shared,
             "op_types": histogram, "weight_type": config.weight_type,
             "per_channel": config.per_channel, "reduce_range": config.reduce_range,
-            "pair_safe_weights": len(pair_safe), **int8_target_record(config.cpu_target)}
+            "pair_safe_weights": len(pair_safe),
+            **int8_target_record(config.cpu_target, saturating_pairs_in(quantized))}

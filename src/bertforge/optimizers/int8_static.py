@@ -24,7 +24,7 @@ from bertforge.optimizers import ort_config
 from bertforge.optimizers.config import Int8StaticConfig
 from bertforge.optimizers.graph.exclusions import excluded_nodes, graph_only
 from bertforge.optimizers.graph.op_counts import op_histogram, require_quantized
-from bertforge.optimizers.int8_weights import make_pair_safe
+from bertforge.optimizers.int8_weights import make_pair_safe, saturating_pairs_in
 
 NAME = "int8-static"
 VERSION = "2"
@@ -106,4 +106,5 @@ def run(src: Path, out: Path, config: Int8StaticConfig, inputs: dict[str, Any]) 
     return {"excluded_nodes": exclude, "op_types": histogram,
             "calibration_method": config.calibration_method, "calibration_samples": len(feeds),
             "per_channel": config.per_channel, "reduce_range": config.reduce_range,
-            "pair_safe_weights": len(pair_safe), **int8_target_record(config.cpu_target)}
+            "pair_safe_weights": len(pair_safe),
+            **int8_target_record(config.cpu_target, saturating_pairs_in(quantized))}

@@ -62,6 +62,36 @@ def saturating_pairs(q: np.ndarray, axis: int) -> int:
     return int((_same_sign_pair_sums(np.moveaxis(q, axis, 0)) > PAIR_SUM_MAX).sum())
 
 
+# the u8 x s8 GEMMs MLAS runs through vpmaddubsw on x86 without VNNI (their B, input 1, the s8 weight)
+U8S8_KERNELS = ("DynamicQuantizeMatMul", "MatMulInteger", "QAttention")
+
+
+def u8s8_weights(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, int]]:
+    """{name: (s8 weight, the axis its scales vary over; K is the other)} of every u8 x s8 GEMM in the
+    graph: the B of U8S8_KERNELS, an s8 weight a DequantizeLinear reads (QDQ MatMuls, fused into
+    QLinearMatMul at load) and the tied int8 table read through a Transpose (its rows; K is hidden).
+    u8 weights (weight_type quint8) run u8 x u8 kernels, which do not saturate, and are not listed."""
+    initializers = {i.name: i for i in model.graph.initializer}
+    transposed = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Transpose"}
+    found = {}
+    for node in model.graph.node:
+        names = list(node.input[1:2]) if node.op_type in U8S8_KERNELS else []
+        if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
+            names = list(node.input[:1])
+        for name in names:
+            table = transposed.get(name)
+            name = table or name
+            if name in initializers and initializers[name].data_type == TensorProto.INT8:
+                found[name] = (numpy_helper.to_array(initializers[name]), 0 if table else 1)
+    return found
+
+
+def saturating_pairs_in(model: onnx.ModelProto) -> int:
+    """How many same-sign K-adjacent s8 weight pairs of the graph's u8 x s8 GEMMs sum past PAIR_SUM_MAX:
+    0 means the graph computes the same integers on every CPU class."""
+    return sum(saturating_pairs(weight, axis) for weight, axis in u8s8_weights(model).values())
+
+
 def requantize_pair_safe(model: onnx.ModelProto, originals: dict[str, np.ndarray]) -> list[str]:
     """Rewrite, in place, every 2-D int8 weight onnxruntime's quantizers wrote (`X_quantized`, its
     `X_scale`, symmetric: zero point 0) as symmetric_int8(X, portable) from X's float values, one scale

@@ -41,7 +41,7 @@ from bertforge.errors import StageError
 from bertforge.onnx_files import copy_loader_files, model_config, save_model
 from bertforge.optimizers.config import MaskedHeadConfig
 from bertforge.optimizers.graph.edit import insert_at, position, remove
-from bertforge.optimizers.tied_quant import DECODER_NODE, tied_table
+from bertforge.optimizers.tied_quant import DECODER_NODE, dequantized_table_decoder, tied_table
 from bertforge.runtime import MASK_LOGITS
 
 NAME = "masked-head"
@@ -92,12 +92,15 @@ def gather_before_head(model: onnx.ModelProto, index: str, nodes_before: list[on
 
 
 def decoder_node(model: onnx.ModelProto) -> onnx.NodeProto:
-    """The tied decoder: tied_quant's int8 DynamicQuantizeMatMul, or the exporter's MatMul over the
-    transposed table."""
+    """The tied decoder: tied_quant's int8 DynamicQuantizeMatMul, the exporter's MatMul over the
+    transposed table, or that MatMul over the int8 table dequantized at load (the decoder excluded from
+    int8: exclude_presets mlm-decoder or mlm-head)."""
     found = next((n for n in model.graph.node if n.name == DECODER_NODE), None)
     if found is not None:
         return found
     tied = tied_table(model.graph)
+    if tied is None and (over_dequantized := dequantized_table_decoder(model.graph)) is not None:
+        return over_dequantized
     if tied is None:
         raise StageError("masked-head: no tied MLM decoder found (MatMul over the transposed word embeddings)")
     return tied[2]
@@ -199,7 +202,9 @@ def run(src: Path, out: Path, config: MaskedHeadConfig) -> dict[str, Any]:
     save_model(model, out)
     onnx.checker.check_model(str(out / MODEL_FILE))  # by path: a model with external data
     copy_loader_files(src, out)
-    # the int8 parent's target: the same weights, so the same CPUs compute them exactly
+    # the int8 parent's target and the class it was built on: the same weights, so the same CPUs compute them
     parent_metadata = read_manifest(src).get("metadata", {})
-    inherited = {key: parent_metadata[key] for key in ("int8_target", "int8_weights") if key in parent_metadata}
+    inherited = {key: parent_metadata[key] for key in ("int8_target", "int8_weights", "built_on",
+                                                             "int8_target_asked")
+                 if key in parent_metadata}
     return {"mask_token_id": mask_id, "decoder_input": hidden, "parent_stage_dir": src.name, **inherited}

@@ -58,6 +58,17 @@ def tied_table(graph: onnx.GraphProto) -> tuple[str, onnx.NodeProto, onnx.NodePr
     return None
 
 
+def dequantized_table_decoder(graph: onnx.GraphProto) -> onnx.NodeProto | None:
+    """The fp32 decoder MatMul over a tied table that share_tied_table stored as int8 and the graph
+    dequantizes at load (int8_decoder off: the Transpose reads that node output, not an initializer)."""
+    initializers = {init.name for init in graph.initializer}
+    for transpose in (n for n in graph.node if n.op_type == "Transpose" and f"{n.input[0]}_q8" in initializers):
+        readers = _consumers(graph, transpose.output[0])
+        if len(readers) == 1 and readers[0].op_type == "MatMul" and readers[0].input[1] == transpose.output[0]:
+            return readers[0]
+    return None
+
+
 def share_tied_table(model: onnx.ModelProto, int8_decoder: bool, target: str,
                      smooth: np.ndarray | None = None, fp16_embeddings: bool = False,
                      read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array,

@@ -35,6 +35,7 @@ from bertforge.optimizers.int8_auto.search import ordered_moves, search
 from bertforge.optimizers.int8_auto.sensitivity import fp32_values, plan_agreement, sensitivity_table
 from bertforge.optimizers.int8_auto.weight_file import WeightFile
 from bertforge.optimizers.int8_auto.weights import QuantizedWeights
+from bertforge.optimizers.int8_weights import saturating_pairs_in
 from bertforge.progress import report
 
 NAME = "int8-auto"
@@ -127,4 +128,5 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
             "outlier_channels": config.outlier_channels, "embedding_table": config.embedding_table,
             "fused_operators": stats,
             "op_types": op_histogram(chosen),
-            "search_seconds": round(time.monotonic() - started, 1), **int8_target_record(config.cpu_target)}
+            "search_seconds": round(time.monotonic() - started, 1),
+            **int8_target_record(config.cpu_target, saturating_pairs_in(chosen))}
