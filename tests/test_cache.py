@@ -607,3 +607,60 @@ def test_a_measurement_is_keyed_by_the_machine_that_made_it():
     assert results_cache.key_for("latency", parts, here) == results_cache.key_for("latency", parts)
     for change in ({"cpu": "Some Other CPU"}, {"threads": here["threads"] + 30}, {"cpu_class": "arm64"}):
         assert results_cache.key_for("latency", parts, {**here, **change}) != results_cache.key_for("latency", parts)
+
+
+def test_keys_of_stages_whose_files_fit_the_cpu_carry_its_class(tiny_variants, monkeypatch):
+    """int8 stages, and fusion at opt_level 99 (onnxruntime's layout optimizations fit the saving CPU),
+    are not reused on another class; a portable fusion is."""
+    fp32 = Artifact(tiny_variants["fp32"], tiny_variants["fp32"].name.split("-", 1)[1], "export", None)
+    fused = Artifact(tiny_variants["fused"], tiny_variants["fused"].name.split("-", 1)[1], "fusion", None)
+    cases = {("fusion", FusionConfig(opt_level=99), fp32): True, ("fusion", FusionConfig(opt_level=1), fp32): False,
+             ("int8-dynamic", Int8DynamicConfig(), fused): True}
+    here = {case: pipeline.key_of_stage(case[0], case[2], case[1], {}) for case in cases}
+    monkeypatch.setattr(pipeline, "cpu_class", lambda: "arm64")
+    for case, by_class in cases.items():
+        assert (pipeline.key_of_stage(case[0], case[2], case[1], {}) != here[case]) == by_class, case[:2]
+
+
+HOLD_AS_ANOTHER_HOST = """
+import fcntl, json, os, sys, time
+directory = sys.argv[1]
+path = os.path.join(directory, "{owner}")
+with open(path, "w") as handle:  # a live build on another machine: a pid and namespace not this one's
+    json.dump({{"tool": "bertforge staging", "pid": 2 ** 22 + 7, "pid_namespace": "pid:[1]",
+               "boot_id": "another-machine"}}, handle)
+fd = os.open(path, os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_live_builds_staging_on_another_machine_is_kept_however_old_it_looks(tmp_path):
+    """A build on another host sharing the cache (NFS): its pid says nothing here, and its staging's mtime
+    stops moving while a long stage (int8-auto's search) works in its own scratch; the lock it holds on
+    its owner mark keeps the next build from deleting it under it. Once the lock is gone, it is stale."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from bertforge.artifact import OWNER_FILE, STALE_AFTER_S, atomic_directory
+
+    staging = tmp_path / ".tmp-int8-auto-abc-4194311-x1y2"
+    staging.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AS_ANOTHER_HOST.format(owner=OWNER_FILE), str(staging)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        old = time.time() - STALE_AFTER_S - 60
+        os.utime(staging, (old, old))
+        with atomic_directory(tmp_path / "fused-key") as own:
+            (own / "model.onnx").write_bytes(b"done")
+        assert staging.exists(), "a live build's staging was deleted"
+    finally:
+        holder.communicate("")  # it exits: its lock goes with it
+    os.utime(staging, (old, old))
+    with atomic_directory(tmp_path / "fused-key-2") as own:
+        (own / "model.onnx").write_bytes(b"done")
+    assert not staging.exists()

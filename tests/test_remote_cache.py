@@ -451,3 +451,28 @@ def test_ray_tasks_on_another_disk_hand_their_entries_to_the_driver_through_the_
     assert outcome.report["variants"].keys() == local.report["variants"].keys()
     for name in VARIANTS:
         assert outcome.report["variants"][name]["metrics"] == local.report["variants"][name]["metrics"], name
+
+
+def test_a_listing_reads_each_stores_own_modification_time_and_never_dates_a_file_to_1970():
+    """fsspec stores name the time differently (memory: `created`, gcsfs: an ISO `updated`); a time read
+    as 0 made `cache prune --older-than` take every file, uploads in flight among them, as decades old."""
+    import datetime
+
+    from bertforge.remote_cache.store import RemoteStore
+
+    store = RemoteStore("memory://bertforge-listing-test/cache")
+    store.fs.pipe("/bertforge-listing-test/cache/stages/a", b"123")
+    (listed,) = store.listing("stages")
+    assert listed.path == "stages/a" and abs(time.time() - listed.modified) < 600
+    original = store.fs.info
+
+    def gcs_like(path, **kwargs):  # the same file as gcsfs describes one: no mtime, an ISO string
+        info = {k: v for k, v in original(path, **kwargs).items() if k != "created"}
+        return {**info, "updated": "2026-01-02T03:04:05.000Z"}
+
+    store.fs.info = gcs_like
+    found = store.fs.find
+    store.fs.find = lambda path, detail=False, **kw: {k: gcs_like(k) for k in found(path)} if detail else found(path)
+    (listed,) = store.listing("stages")
+    assert listed.modified == datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc).timestamp()
+    store.fs.rm("/bertforge-listing-test", recursive=True)

@@ -86,10 +86,53 @@ def boot_id() -> str | None:
         return None
 
 
+# owner file -> the descriptor holding its lock while this process owns the directory
+_owner_locks: dict[str, int] = {}
+
+
 def claim(directory: Path) -> None:
-    """Mark `directory` as this process's, for remove_stale."""
+    """Mark `directory` as this process's, for remove_stale, and hold the mark's lock until release():
+    a build on another machine sharing the cache cannot judge this process's pid, and a directory's
+    mtime stops moving while a long stage works elsewhere, but a held lock says the owner lives."""
+    import fcntl
+
     mark = {"tool": OWNER_TAG, "pid": os.getpid(), "pid_namespace": pid_namespace(), "boot_id": boot_id()}
-    (Path(directory) / OWNER_FILE).write_text(json.dumps(mark), "utf-8")
+    path = Path(directory) / OWNER_FILE
+    path.write_text(json.dumps(mark), "utf-8")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a filesystem without locks: remove_stale's age rule alone
+        os.close(fd)
+        return
+    _owner_locks[str(path)] = fd
+
+
+def release(directory: Path) -> None:
+    """Drop the owner lock claim() took on `directory` (before its mark goes, or the directory does)."""
+    fd = _owner_locks.pop(str(Path(directory) / OWNER_FILE), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def owner_holds(directory: Path) -> bool:
+    """Whether a live process holds `directory`'s owner lock (False where none does, or the file system
+    keeps no locks)."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(directory) / OWNER_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # and with it the lock just taken
+    return False
 
 
 def owner_mark(directory: Path) -> dict[str, Any] | None:
@@ -186,11 +229,13 @@ def atomic_directory(final: Path, destination: Callable[[], Path] | None = None,
     claim(tmp)
     try:
         yield tmp
+        release(tmp)
         (tmp / OWNER_FILE).unlink()
         old_kept = publish(tmp, Path(destination()) if destination is not None else final, foreign)
         if old_kept is not None and kept is not None:
             kept(old_kept)
     finally:
+        release(tmp)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -214,7 +259,9 @@ def remove_stale(directory: Path, prefix: str, older_than_s: float = STALE_AFTER
     process is gone (a killed build's staging or scratch): at once where the mark's pid namespace and
     boot are this process's (its pid is then this machine's to judge), else only once older than
     `older_than_s` (a build in another container, or on another machine sharing the cache, has pids of
-    its own). Nothing without the mark is touched, whatever its name."""
+    its own), and never while a process holds the mark's lock (claim: the owner lives, wherever it runs,
+    however long its stage has left the directory untouched). Nothing without the mark is touched,
+    whatever its name."""
     import time
 
     removed = []
@@ -223,7 +270,7 @@ def remove_stale(directory: Path, prefix: str, older_than_s: float = STALE_AFTER
         if entry.is_symlink() or not entry.is_dir():
             continue
         mark = owner_mark(entry)
-        if mark is None or mark["pid"] == os.getpid() or process_alive(mark["pid"]):
+        if mark is None or mark["pid"] == os.getpid() or process_alive(mark["pid"]) or owner_holds(entry):
             continue
         same_namespace = (here is not None and mark.get("pid_namespace") == here
                           and boot is not None and mark.get("boot_id") == boot)
@@ -268,8 +315,10 @@ def owned_scratch(base: Path, prefix: str) -> Iterator[Path]:
             _process_scratch["users"] -= 1
             if _process_scratch["users"] == 0:
                 tempfile.tempdir = _process_scratch["previous"]
+                release(_process_scratch["dir"])
                 shutil.rmtree(_process_scratch["dir"], ignore_errors=True)
                 _process_scratch.update(dir=None, previous=None)
+        release(scratch)
         shutil.rmtree(scratch, ignore_errors=True)
 
 

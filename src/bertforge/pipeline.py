@@ -124,10 +124,11 @@ def stage_inputs(stage: str, parent: Artifact, config: Any) -> dict[str, Any]:
 def key_of_stage(stage: str, parent: Artifact, config: Any, inputs: dict[str, Any]) -> str:
     """Parent key, stage@VERSION, config, library versions (stage_key), the digest of the stage's code
     and every bertforge module it imports, and the inputs it declares; an int8 stage adds the CPU class
-    (its plan, calibration and record of where it was built are this class's)."""
+    (its plan, calibration and record of where it was built are this class's), and so does fusion at
+    opt_level 99, whose layout optimizations onnxruntime fits to the CPU that saved the file."""
     module = STAGES[stage]
     extra = {"code": code_digest(module.__name__), "inputs": inputs, "external_data_above": external_data_above()}
-    if module.NAME.startswith("int8"):
+    if module.NAME.startswith("int8") or getattr(config, "opt_level", None) == 99:
         extra["cpu_class"] = cpu_class()
     return stage_key(parent.key, module.NAME, module.VERSION, config.model_dump(mode="json"), extra=extra)
 

@@ -13,9 +13,11 @@ fails when the name exists. Other protocols fall back to fsspec's check-then-wri
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -226,9 +228,15 @@ class RemoteStore:
         for full, info in found.items():
             if info.get("type") == "directory":
                 continue
-            modified = info.get("LastModified") or info.get("mtime") or info.get("updated") or 0.0
+            # s3fs LastModified, local mtime, gcsfs updated, adlfs last_modified / creation_time, memory
+            # created; a store that says none reads as written now: as 0 (1970) prune took every entry as old
+            modified = (info.get("LastModified") or info.get("mtime") or info.get("updated")
+                        or info.get("last_modified") or info.get("creation_time") or info.get("created")
+                        or time.time())
             if hasattr(modified, "timestamp"):
                 modified = modified.timestamp()
+            elif isinstance(modified, str):  # gcsfs gives an ISO string
+                modified = datetime.datetime.fromisoformat(modified.replace("Z", "+00:00")).timestamp()
             listed.append(Listed(full[len(self.root) + 1:] if full.startswith(self.root + "/") else full,
                                  int(info.get("size") or 0), float(modified)))
         return sorted(listed, key=lambda item: item.path)
