@@ -157,14 +157,29 @@ def test_source_keys_differ_for_checkpoints_kept_under_a_dot_cache_folder(tiny_c
     assert key(first) == plain != key(second)
 
 
-def test_cached_validation_follows_the_corpus_text(tmp_path):
+def test_cached_validation_follows_the_corpus_text(tiny_checkpoint, tmp_path):
+    """A validation result is reused for the same corpus text, and measured again once the file at the
+    same path says something else."""
+    import json
+
+    import bertforge
     from bertforge.validation.corpus import corpus_digest
 
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("The cat sat on the mat.\n")
+    corpus.write_text("The cat sat on the mat.\nThe dog ran in the park today.\nA bird sang in the tall tree.\n")
     before = corpus_digest(str(corpus))
-    corpus.write_text("The cat sat on the mat.\nA second sentence.\n")
+    out = tmp_path / "out"
+
+    def cached_again() -> bool:  # a build reuses cached results (validate always measures)
+        assert bertforge.build(out, model=str(tiny_checkpoint), variants=["fp32"], bench={"enabled": False},
+                               validation={"corpus": str(corpus), "seed": 3}).exit_code == 0
+        return json.loads((out / "report.json").read_text())["variants"]["fp32"]["evaluation_cached"]
+
+    cached_again()
+    assert cached_again()
+    corpus.write_text("The cat sat on the mat.\nThe dog ran in the park today.\nA fish swam in the cold lake.\n")
     assert corpus_digest(str(corpus)) != before
+    assert not cached_again()
     assert corpus_digest("builtin") != corpus_digest("head-fit")
 
 

@@ -476,3 +476,89 @@ def test_a_listing_reads_each_stores_own_modification_time_and_never_dates_a_fil
     (listed,) = store.listing("stages")
     assert listed.modified == datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc).timestamp()
     store.fs.rm("/bertforge-listing-test", recursive=True)
+
+
+def test_a_blob_a_new_entry_reuses_survives_a_prune_that_listed_the_manifests_before_it(tmp_path, monkeypatch):
+    """After an upgrade, a new entry's tokenizer.json is byte for byte an old, unnamed blob's. Prune lists
+    the manifests, a writer finds the old blob and creates its manifest, prune removes the blobs it saw
+    unnamed: the new entry would name a removed blob. The writer uploads such an old blob anew instead."""
+    import os
+
+    from bertforge.artifact import write_manifest
+    from bertforge.remote_cache import admin
+    from bertforge.remote_cache.entries import blob_path, fetch_entry, publish_entry
+    from bertforge.remote_cache.store import RemoteStore
+
+    store = RemoteStore(f"file://{tmp_path}/shared")
+
+    def entry(key: str) -> Path:
+        directory = tmp_path / key
+        directory.mkdir()
+        (directory / "tokenizer.json").write_text('{"same": "bytes"}')
+        (directory / "model.onnx").write_bytes(key.encode())
+        write_manifest(directory, key=key, stage="fusion", stage_version="1", parent=None, config={}, lineage=[],
+                       metadata={}, seconds=0.0)
+        return directory
+
+    assert publish_entry(store, entry("old0"))
+    store.remove("stages/fusion-old0.json")  # pruned long ago; its blobs are unnamed now
+    shared = tmp_path / "shared" / blob_path(json.loads((tmp_path / "old0" / "manifest.json").read_text())[
+        "files"]["tokenizer.json"]["sha256"])
+    two_hours_ago = time.time() - 7200
+    for blob in (tmp_path / "shared" / "blobs").rglob("*"):
+        os.utime(blob, (two_hours_ago, two_hours_ago))
+    listed_before = admin._manifests(store)  # what prune read before the writer's manifest appeared
+    assert publish_entry(store, entry("new1"))
+    monkeypatch.setattr(admin, "_manifests", lambda store: listed_before)
+    _, removed = admin.prune(store, 3650, None)  # no entry that old: only unnamed blobs go
+    assert removed == 1  # old0's model.onnx; the shared tokenizer.json was uploaded again and stays
+    assert shared.is_file()
+    assert fetch_entry(store, "fusion", "new1", tmp_path / "fetched") is not None
+    assert (tmp_path / "fetched" / "tokenizer.json").read_text() == '{"same": "bytes"}'
+
+
+def test_an_s3_store_creates_an_entry_once_among_many_writers(remote):
+    """S3: create-if-absent is a conditional PUT (If-None-Match: *); 8 threads race for one manifest and
+    exactly one writes it, the others are told it is there (moto answers as S3 does)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bertforge.remote_cache.store import RemoteStore
+
+    store = RemoteStore(remote)
+    for round_ in range(3):
+        path = f"stages/x{round_}.json"
+        with ThreadPoolExecutor(8) as pool:
+            won = list(pool.map(lambda i, path=path: store.create(path, f"writer {i}".encode()), range(8)))
+        assert won.count(True) == 1, won
+        assert store.read(path) == f"writer {won.index(True)}".encode()
+
+
+def test_an_s3_write_conflict_is_retried_not_taken_for_a_dead_store(remote):
+    """S3 may answer a conditional PUT that races another with 409 ConditionalRequestConflict, which s3fs
+    passes on as a plain OSError: retried, it writes the entry or finds it there, and the remote cache
+    stays on."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    from bertforge.remote_cache.store import RemoteStore, conflicting_write
+
+    conflict = translate_boto_error(ClientError(
+        {"Error": {"Code": "ConditionalRequestConflict", "Message": "A conflicting operation is in progress"}},
+        "PutObject"))
+    assert type(conflict) is OSError and conflicting_write(conflict)
+    store = RemoteStore(remote)
+    real = store.fs.pipe_file
+    calls = []
+
+    def conflicts_once(path, data, **kwargs):  # moto's S3 API, with the first answer S3's 409
+        calls.append(path)
+        if len(calls) == 1:
+            raise conflict
+        return real(path, data, **kwargs)
+
+    store.fs.pipe_file = conflicts_once
+    assert store.create("stages/y.json", b"mine") and len(calls) == 2
+    assert store.read("stages/y.json") == b"mine"
+    calls.clear()
+    assert not store.create("stages/y.json", b"theirs")  # there already: told so, nothing overwritten
+    assert store.read("stages/y.json") == b"mine"

@@ -15,6 +15,7 @@ import time
 
 from bertforge.cache_admin import Entry, to_prune
 from bertforge.remote_cache.entries import (
+    BLOB_GRACE_S,
     SHA256,
     DamagedEntry,
     blob_path,
@@ -24,8 +25,6 @@ from bertforge.remote_cache.entries import (
     used_path,
 )
 from bertforge.remote_cache.store import RemoteStore
-
-BLOB_GRACE_S = 3600.0
 
 
 def _manifests(store: RemoteStore) -> dict[str, tuple[float, bytes | None]]:
@@ -71,10 +70,14 @@ def prune(store: RemoteStore, older_than_days: float | None, max_size_gb: float 
         except DamagedEntry:
             continue
     removed = 0
-    now = time.time()
     for item in store.listing("blobs/sha256"):
         sha = item.path.rsplit("/", 1)[1]
-        if sha not in named and now - item.modified > BLOB_GRACE_S:
+        if sha in named or time.time() - item.modified <= BLOB_GRACE_S:
+            continue
+        # looked at again just before it goes: a writer reusing it meanwhile uploaded it anew
+        # (publish_entry), and its manifest then names it
+        now = store.stat(item.path)
+        if now is not None and time.time() - now.modified > BLOB_GRACE_S:
             store.remove(item.path)
             removed += 1
     return chosen, removed

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,10 @@ def directory_manifest(directory: Path, stage: str, key: str) -> bytes:
     return canonical_json({"schema": 1, "key": key, "stage": stage, "files": file_inventory(directory)}).encode()
 
 
+# how long prune leaves a blob no manifest names: a writer uploads its blobs before its manifest
+BLOB_GRACE_S = 3600.0
+
+
 def publish_entry(store: RemoteStore, directory: Path, damaged: DamagedEntry | None = None,
                   manifest_bytes: bytes | None = None) -> bool:
     """Upload a complete local entry: each blob the store lacks (or holds at another size), then its
@@ -135,7 +140,11 @@ def publish_entry(store: RemoteStore, directory: Path, damaged: DamagedEntry | N
     repair = damaged.bad_blobs if damaged is not None else ()
     for relative, facts in sorted(manifest["files"].items()):
         blob = blob_path(facts["sha256"])
-        if facts["sha256"] in repair or store.size(blob) != facts["size"]:
+        there = store.stat(blob)
+        # a blob another entry uploaded long ago may be one `cache prune` is about to remove as unnamed:
+        # uploaded again, it is new, and prune leaves a new blob alone for BLOB_GRACE_S
+        if (facts["sha256"] in repair or there is None or there.size != facts["size"]
+                or time.time() - there.modified > BLOB_GRACE_S / 2):
             store.put_file(directory / relative, blob)
     body = manifest_bytes if manifest_bytes is not None else (directory / MANIFEST).read_bytes()
     if damaged is not None:

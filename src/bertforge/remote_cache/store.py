@@ -67,7 +67,27 @@ def describe(error: BaseException) -> str:
 class Listed:
     path: str  # relative to the store's root
     size: int
-    modified: float  # seconds since the epoch; 0.0 when the store does not say
+    modified: float  # seconds since the epoch (modified_time)
+
+
+def modified_time(info: dict[str, Any]) -> float:
+    """A file's modification time from an fsspec info dict: s3fs LastModified, local mtime, gcsfs updated
+    (an ISO string), adlfs last_modified / creation_time, memory created. A store that says none reads
+    as written now: read as 0 (1970), prune took every file of it as old."""
+    modified = (info.get("LastModified") or info.get("mtime") or info.get("updated") or info.get("last_modified")
+                or info.get("creation_time") or info.get("created") or time.time())
+    if hasattr(modified, "timestamp"):
+        return float(modified.timestamp())
+    if isinstance(modified, str):
+        return datetime.datetime.fromisoformat(modified.replace("Z", "+00:00")).timestamp()
+    return float(modified)
+
+
+def conflicting_write(exc: OSError) -> bool:
+    """Whether an object store refused a write because another one to the same key was in flight."""
+    import errno
+
+    return exc.errno == errno.EBUSY or "ConditionalRequestConflict" in str(exc)
 
 
 class RemoteStore:
@@ -123,11 +143,17 @@ class RemoteStore:
             return self.fs.exists(self._full(path))
 
     def size(self, path: str) -> int | None:
+        found = self.stat(path)
+        return found.size if found is not None else None
+
+    def stat(self, path: str) -> Listed | None:
+        """The file's size and modification time; None where there is none."""
         with self._failing_as(f"looking up {path}"):
             try:
-                return int(self.fs.info(self._full(path))["size"])
+                info = self.fs.info(self._full(path))
             except FileNotFoundError:
                 return None
+        return Listed(path, int(info.get("size") or 0), modified_time(info))
 
     def create(self, path: str, data: bytes) -> bool:
         """Write `data` at `path` only if nothing is there; False (nothing written) when something is."""
@@ -144,11 +170,21 @@ class RemoteStore:
                 finally:
                     staged.unlink()
                 return True
-            try:
-                self.fs.pipe_file(full, data, mode="create")
-            except FileExistsError:
-                return False
-            return True
+            for attempt in range(5):
+                try:
+                    self.fs.pipe_file(full, data, mode="create")
+                    return True
+                except FileExistsError:
+                    return False
+                except OSError as exc:
+                    # S3 answers a conditional PUT racing another with 409 ConditionalRequestConflict
+                    # ("retry the upload"); s3fs passes it on as a plain OSError
+                    if not conflicting_write(exc) or attempt == 4:
+                        raise
+                    if self.fs.exists(full):
+                        return False
+                    time.sleep(0.05 * (attempt + 1))
+            return False
 
     def overwrite(self, path: str, data: bytes) -> None:
         with self._failing_as(f"writing {path}"):
@@ -228,17 +264,8 @@ class RemoteStore:
         for full, info in found.items():
             if info.get("type") == "directory":
                 continue
-            # s3fs LastModified, local mtime, gcsfs updated, adlfs last_modified / creation_time, memory
-            # created; a store that says none reads as written now: as 0 (1970) prune took every entry as old
-            modified = (info.get("LastModified") or info.get("mtime") or info.get("updated")
-                        or info.get("last_modified") or info.get("creation_time") or info.get("created")
-                        or time.time())
-            if hasattr(modified, "timestamp"):
-                modified = modified.timestamp()
-            elif isinstance(modified, str):  # gcsfs gives an ISO string
-                modified = datetime.datetime.fromisoformat(modified.replace("Z", "+00:00")).timestamp()
             listed.append(Listed(full[len(self.root) + 1:] if full.startswith(self.root + "/") else full,
-                                 int(info.get("size") or 0), float(modified)))
+                                 int(info.get("size") or 0), modified_time(info)))
         return sorted(listed, key=lambda item: item.path)
 
     def remove(self, path: str) -> None:
