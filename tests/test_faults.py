@@ -161,3 +161,21 @@ def test_an_int8_op_type_onnxruntime_does_not_quantize_is_refused_when_the_recip
     recipe.write_text("int8_dynamic: {op_types: [NotAnOp]}\n")
     assert build(["--recipe", str(recipe)], tmp_path / "out") == 2
     assert "int8_dynamic.op_types.0" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("section, setting", [
+    ("int8_dynamic", "exclude_nodes: ['/bert/encoder/layer.0/attention/self/qeury/MatMul']"),
+    ("fp16", "node_block_list: ['/cls/predictions/decodr/MatMul']"),
+])
+def test_a_node_name_that_matches_nothing_is_refused_not_ignored(section, setting, tiny_checkpoint, tmp_path,
+                                                                  capsys):
+    """Misspelt, an exclusion kept nothing fp32, and the build said nothing about it."""
+    variant = section.replace("_", "-")
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text(f"model: {tiny_checkpoint}\nvariants: [{variant}]\n{section}: {{{setting}}}\n")
+    out = tmp_path / "out"
+    assert build(["--recipe", str(recipe)], out) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("bertforge: error: ") and f"{section}." in err and ("matches no node" in err
+                                                                           or "no node named" in err), err
+    assert not out.exists()

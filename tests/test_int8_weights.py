@@ -35,3 +35,31 @@ def test_a_channel_with_no_same_sign_big_pair_keeps_the_full_grid():
     q, scale = symmetric_int8(weight, 1, "portable")
     assert q[0, 0] == 127 and scale[0] == pytest.approx(1 / 127)
     assert abs(int(q[0, 1])) + abs(int(q[1, 1])) <= PAIR_SUM_MAX and scale[1] > 1 / 127
+
+
+@pytest.mark.parametrize("axis, refused", [(1, False), (0, True)])
+def test_a_square_qdq_weight_is_rewritten_only_along_the_axis_its_scales_run(axis, refused):
+    """A 4 x 4 weight's 4 scales fit either axis: the rewrite reads DequantizeLinear's axis, and refuses
+    rather than widen the wrong channels."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bertforge.optimizers.int8_weights import requantize_pair_safe
+
+    weight = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
+    scale = np.abs(weight).max(axis=1 - axis) / 127
+    quantized = np.rint(weight / (scale[None, :] if axis == 1 else scale[:, None])).astype(np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w_quantized", "w_scale", "w_zero_point"], ["w"], axis=axis),
+         helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(quantized, "w_quantized"), numpy_helper.from_array(scale, "w_scale"),
+         numpy_helper.from_array(np.zeros(4, np.int8), "w_zero_point")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if refused:
+        with pytest.raises(ValueError, match="axis 0"):
+            requantize_pair_safe(model, {"w": weight})
+    else:
+        assert requantize_pair_safe(model, {"w": weight}) == ["w"]
+        onnx.checker.check_model(model)

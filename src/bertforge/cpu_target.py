@@ -16,7 +16,9 @@ Targets:
   ARM64); elsewhere the artifact still runs, with a warning, and computes saturated sums.
 
 MatMulNBits (int8-blockwise) quantizes activations to s8 itself and multiplies s8 x s8 through sign
-transfers, whose pair sums stay under 2 * 127 * 127: it is exact at either target.
+transfers; its symmetric 8-bit blocks reach -128, so a pair sums to at most 2 * 127 * 128 = 32512, under
+32767: exact at either target. That holds for `int8_blockwise.symmetric: true` (the default), the case
+the exact-integer test checks; blocks with zero points (`symmetric: false`) are not checked there.
 """
 
 from __future__ import annotations

@@ -75,8 +75,10 @@ class reused_large_buffers:  # noqa: N801 - used as a context manager, named for
     (2-layer BERT with bert-base's vocabulary) 7.7 M page faults and 18 s of system time in a 46 s run.
     With the mapping off the same run took 37 s, 0.66 M faults, 3 s of system time, and 12% more peak
     RSS (the heap holds the largest batch's buffers, as an arena would). release_freed_memory still
-    returns the heap's free pages between steps (malloc_trim ignores the trim threshold). On exit the
-    parameters go back to glibc's defaults. Not glibc: nothing changes."""
+    returns the heap's free pages between steps (malloc_trim ignores the trim threshold). On exit both
+    parameters get glibc's default values back, but not its sliding mmap threshold: any mallopt of them
+    turns that off for the rest of the process, so later allocations over 128 kB are mapped each time,
+    as at a process's start (a cost in page faults only). Not glibc: nothing changes."""
 
     def __enter__(self) -> reused_large_buffers:
         mallopt = _libc("mallopt")

@@ -15,6 +15,7 @@ from typing import Any
 import onnx
 
 from bertforge.artifact import MODEL_FILE
+from bertforge.errors import UsageError
 from bertforge.onnx_files import copy_loader_files, save_model
 from bertforge.optimizers import ort_config
 from bertforge.optimizers.config import Fp16Config
@@ -28,6 +29,10 @@ def run(src: Path, out: Path, config: Fp16Config) -> dict[str, Any]:
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = OnnxModel(onnx.load(str(src / MODEL_FILE)))
+    names = {node.name for node in model.model.graph.node}
+    unknown = [name for name in config.node_block_list if name not in names]
+    if unknown:  # misspelt, a name blocked nothing
+        raise UsageError(f"fp16.node_block_list: no node named {unknown[0]!r} in the graph")
     blocked_nodes = list(config.node_block_list)
     if config.keep_mlm_head_fp32:
         blocked_nodes += excluded_nodes(model.model, ("mlm-head",), ())  # the head, by structure

@@ -34,7 +34,7 @@ def run(src: Path, out: Path, config: Int8BlockwiseConfig) -> dict[str, Any]:
 
     hf = model_config(src)
     model, stats = mha_fused(src / MODEL_FILE, hf, NAME)
-    exclude = excluded_nodes(model, config.exclude_presets, config.exclude_nodes)
+    exclude = excluded_nodes(model, config.exclude_presets, config.exclude_nodes, "int8_blockwise.exclude_nodes")
     quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=config.block_size, is_symmetric=config.symmetric,
                                      accuracy_level=config.accuracy_level, op_types_to_quantize=("MatMul",),
                                      nodes_to_exclude=exclude)

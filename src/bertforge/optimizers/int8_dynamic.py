@@ -36,7 +36,7 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = graph_only(src / MODEL_FILE)  # parsed once: the bert-base graph is ~440 MB
-    exclude = excluded_nodes(graph, config.exclude_presets, config.exclude_nodes)
+    exclude = excluded_nodes(graph, config.exclude_presets, config.exclude_nodes, "int8_dynamic.exclude_nodes")
     # The embeddings and the tied decoder are never ORT's: share_tied_table quantizes their table.
     keep_for_ort = excluded_nodes(graph, ("embeddings", "mlm-decoder"), ())
     del graph

@@ -76,7 +76,8 @@ def run(src: Path, out: Path, config: Int8StaticConfig, inputs: dict[str, Any]) 
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.calibration_method]
-    exclude = excluded_nodes(graph_only(src / MODEL_FILE), config.exclude_presets, config.exclude_nodes)
+    exclude = excluded_nodes(graph_only(src / MODEL_FILE), config.exclude_presets, config.exclude_nodes,
+                             "int8_static.exclude_nodes")
 
     with tempfile.TemporaryDirectory(prefix="bertforge-calib-", dir=out) as scratch:
         prepared = Path(scratch) / "prepared.onnx"

@@ -98,10 +98,17 @@ def requantize_pair_safe(model: onnx.ModelProto, originals: dict[str, np.ndarray
     per output column (their per-channel axis for MatMul, QAttention and QDQ weights) or one per tensor
     where they wrote one. Returns the weights rewritten."""
     initializers = {init.name: init for init in model.graph.initializer}
+    # QDQ weights name their per-channel axis; MatMulInteger's and DynamicQuantizeMatMul's B scales are
+    # per column by definition. A square weight's scale fits either axis, so the axis is read, not guessed.
+    qdq_axis = {node.input[0]: next((a.i for a in node.attribute if a.name == "axis"), 1)
+                for node in model.graph.node if node.op_type == "DequantizeLinear"}
     rewritten = []
     for name, init in list(initializers.items()):
         if init.data_type != TensorProto.INT8 or not name.endswith("_quantized") or len(init.dims) != 2:
             continue
+        if qdq_axis.get(name, 1) not in (1, -1):
+            raise ValueError(f"int8 weight {name}: its scales run along axis {qdq_axis[name]}, not the output "
+                             "columns this rewrite assumes")
         base = name[: -len("_quantized")]
         scale_init, zero_init = initializers.get(f"{base}_scale"), initializers.get(f"{base}_zero_point")
         if base not in originals or scale_init is None:

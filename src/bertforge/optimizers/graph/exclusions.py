@@ -8,6 +8,8 @@ from pathlib import Path
 
 import onnx
 
+from bertforge.errors import UsageError
+
 GELU_OPS = frozenset({"Gelu", "BiasGelu", "FastGelu"})
 
 
@@ -80,8 +82,15 @@ def preset_nodes(model: onnx.ModelProto, preset: str) -> set[str]:
     raise ValueError(f"unknown exclusion preset {preset!r}")
 
 
-def excluded_nodes(model: onnx.ModelProto, presets: tuple[str, ...], patterns: tuple[str, ...]) -> list[str]:
-    """In graph order, the nodes the presets name and those whose names the user's regular expressions match."""
+def excluded_nodes(model: onnx.ModelProto, presets: tuple[str, ...], patterns: tuple[str, ...],
+                   setting: str = "exclude_nodes") -> list[str]:
+    """In graph order, the nodes the presets name and those whose names the user's regular expressions
+    match. A pattern that matches no node is refused, naming `setting`: misspelt, it excluded nothing."""
     named = set().union(*(preset_nodes(model, preset) for preset in presets)) if presets else set()
     compiled = [re.compile(p) for p in patterns]
+    for pattern in compiled:
+        if not any(pattern.search(n.name) for n in model.graph.node):
+            example = next((n.name for n in model.graph.node if n.op_type == "MatMul"), model.graph.node[0].name)
+            raise UsageError(f"{setting}: {pattern.pattern!r} matches no node of the graph (names look like "
+                             f"{example!r}; `bertforge inspect` lists the op types)")
     return [n.name for n in model.graph.node if n.name in named or any(p.search(n.name) for p in compiled)]
