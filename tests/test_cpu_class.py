@@ -24,6 +24,15 @@ def test_cpu_class_and_where_each_target_is_exact(flags, machine, expected):
     assert target_warning(None, "v", flags, machine) is None
 
 
+def test_a_cpu_whose_flags_cannot_be_read_is_not_said_to_lack_vnni():
+    """Without /proc/cpuinfo (Windows, macOS) the flags are unknown, not absent: the warning says so."""
+    from bertforge.cpu_target import target_warning
+
+    warning = target_warning("vnni", "int8-dynamic", set(), "x86_64")
+    assert "cannot read this CPU's flags" in warning and "this CPU (" not in warning
+    assert "has no avx512_vnni" in target_warning("vnni", "int8-dynamic", {"avx2"}, "x86_64")
+
+
 def test_threads_follow_the_cpu_affinity():
     """onnxruntime counts every core of the machine; a process pinned to one CPU gets one thread."""
     script = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "

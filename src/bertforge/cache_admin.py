@@ -77,9 +77,11 @@ def prune(older_than_days: float | None, max_size_gb: float | None, dry_run: boo
             # a live build holds the use lock of every entry it has used, shared, until it ends
             with exclusive_or_fail(use_lock_path(f"{entry.stage}-{entry.key}"), "in use"), \
                     exclusive_or_fail(cache_root() / "locks" / f"{entry.stage}-{entry.key}.lock", "busy"):
+                if Path(entry.path).stat().st_mtime != entry.last_used:
+                    continue  # a build used it since it was listed (and has ended): no longer what was chosen
                 shutil.rmtree(Path(entry.path))
-        except UsageError:
-            continue  # a build holds it now
+        except (UsageError, FileNotFoundError):
+            continue  # a build holds it now, or it is gone already
         removed.append(entry)
     return removed
 

@@ -115,7 +115,7 @@ def cmd_package(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from bertforge.artifact import MANIFEST, verify_directory
     from bertforge.cpu_target import exact_here
-    from bertforge.environment import cpu_class
+    from bertforge.environment import cpu_class, cpu_flags
     from bertforge.pipeline import OUTPUT_MARKER, listed_variants
     from bertforge.runtime import int8_target_of
 
@@ -140,7 +140,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             problems, int8_target = [str(exc)], None
         failures += bool(problems)
         where = "" if int8_target is None else f"  (int8 target {int8_target}: " + (
-            "exact on this CPU)" if exact_here(int8_target) else f"NOT exact on this CPU, {cpu_class()})")
+            "exact on this CPU)" if exact_here(int8_target)
+            else f"NOT exact on this CPU, {cpu_class()})" if cpu_flags()
+            else "exact on this CPU only if it has VNNI or AMX: its flags cannot be read here)")
         print(f"{target}: {'ok' if not problems else 'CHANGED'}{where}")
         for problem in problems:
             print(f"  {problem}")

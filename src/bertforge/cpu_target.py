@@ -48,6 +48,10 @@ def target_warning(target: str | None, where: str, flags: set[str] | None = None
     """The one line to print when `where` (a variant) runs on a CPU outside its target, else None."""
     if target is None or exact_here(target, flags, machine):
         return None
+    if not (environment.cpu_flags() if flags is None else flags):  # no /proc/cpuinfo (Windows, macOS)
+        return (f"warning: {where} was built for int8 target '{target}' and bertforge cannot read this CPU's "
+                f"flags here: where it has none of {' / '.join(EXACT_INT8_FLAGS)}, its u8 x s8 sums saturate and "
+                "its answers can differ from the validated ones; target: portable is exact on every CPU")
     return (f"warning: {where} was built for int8 target '{target}' and this CPU ({cpu_class(flags, machine)}) "
             f"has no {' / '.join(EXACT_INT8_FLAGS)}: its u8 x s8 sums saturate here, so its answers can differ "
             "from the validated ones; rebuild with target: portable to run it here")

@@ -49,7 +49,8 @@ def ensure_demo_checkpoint() -> Path:
     target = cache_root() / "sources" / f"demo-minilm-l6-fitted-head-v{DEMO_HEAD_VERSION}"
     remote = remote_session.current()
     with file_lock(cache_root() / "locks" / "demo.lock"):
-        present = (target / "config.json").is_file()
+        # every file a build reads: one deleted by hand means fitting (or fetching) it again
+        present = all((target / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
         key = remote_key() if remote is not None else ""
         if not present and remote is not None and remote.fetch_stage(REMOTE_NAME, key, target, keep_manifest=False):
             return target
@@ -66,16 +67,18 @@ REMOTE_NAME = "source-demo"
 
 
 def remote_key() -> str:
-    """What the fitted checkpoint is made from: the package's files, this module's code (its fit), the
-    libraries that compute it. Its bits may differ between CPUs; every build that fetches it then uses
-    the same checkpoint, and every key below follows its files' hash."""
+    """What the fitted checkpoint is made from: the package's files, the head-fit sentences' text, this
+    module's code (its fit), the libraries that compute it. Its bits may differ between CPUs; every build
+    that fetches it then uses the same checkpoint, and every key below follows its files' hash."""
     from bertforge.artifact import sha256_file
     from bertforge.cache import stage_key
     from bertforge.code_digest import code_digest
 
     package = demo_package_dir()
     files = {p.relative_to(package).as_posix(): sha256_file(p) for p in sorted(package.rglob("*")) if p.is_file()}
-    return stage_key(None, REMOTE_NAME, DEMO_HEAD_VERSION, {"package": files}, extra={"code": code_digest(__name__)})
+    fit_text = Path(str(resources.files("bertforge.validation").joinpath("data", "head_fit_sentences.txt")))
+    return stage_key(None, REMOTE_NAME, DEMO_HEAD_VERSION, {"package": files, "head_fit": sha256_file(fit_text)},
+                     extra={"code": code_digest(__name__)})
 
 
 def build_demo_checkpoint(target: Path) -> None:
