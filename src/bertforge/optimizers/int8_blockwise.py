@@ -45,9 +45,11 @@ def run(src: Path, out: Path, config: Int8BlockwiseConfig) -> dict[str, Any]:
     require_quantized(NAME, histogram, ("MatMulNBits",),
                       f"int8_blockwise.exclude_presets {list(config.exclude_presets)} and exclude_nodes "
                       f"{list(config.exclude_nodes)}", bool(shared))
+    # read before saving: a model saved with external data keeps references, not the weights
+    record = int8_target_record(config.cpu_target, saturating_pairs_in(model))
     save_model(model, out)
     copy_loader_files(src, out)
     return {"fused_operators": stats, "excluded_nodes": exclude, "tied_table": shared, "bits": 8,
             "block_size": config.block_size, "symmetric": config.symmetric,
             "accuracy_level": config.accuracy_level, "op_types": histogram,
-            **int8_target_record(config.cpu_target, saturating_pairs_in(model))}
+            **record}

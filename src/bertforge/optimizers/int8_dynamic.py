@@ -58,6 +58,8 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
     require_quantized(NAME, histogram, INT8_COMPUTE_OPS,
                       f"int8_dynamic.op_types {list(config.op_types)}, exclude_presets {list(config.exclude_presets)} "
                       f"and exclude_nodes {list(config.exclude_nodes)}", bool(shared))
+    # read before saving: a model saved with external data keeps references, not the weights
+    record = int8_target_record(config.cpu_target, saturating_pairs_in(quantized))
     save_model(quantized, out)
     ort_config.write(out, quantized, parent=src, quantizer=ort_config.quantization(
         static=False, per_channel=config.per_channel, reduce_range=config.reduce_range,
@@ -67,4 +69,4 @@ def run(src: Path, out: Path, config: Int8DynamicConfig) -> dict[str, Any]:
             "op_types": histogram, "weight_type": config.weight_type,
             "per_channel": config.per_channel, "reduce_range": config.reduce_range,
             "pair_safe_weights": len(pair_safe),
-            **int8_target_record(config.cpu_target, saturating_pairs_in(quantized))}
+            **record}

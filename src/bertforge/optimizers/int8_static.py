@@ -95,6 +95,8 @@ def run(src: Path, out: Path, config: Int8StaticConfig, inputs: dict[str, Any]) 
         quantized = onnx.load(str(written))
     pair_safe = make_pair_safe(quantized, src, config)
     histogram = op_histogram(quantized)
+    # read before saving: a model saved with external data keeps references, not the weights
+    record = int8_target_record(config.cpu_target, saturating_pairs_in(quantized))
     save_model(quantized, out)
     ort_config.write(out, quantized, parent=src, quantizer=ort_config.quantization(
         static=True, per_channel=config.per_channel, reduce_range=config.reduce_range, weight_type="qint8",
@@ -108,4 +110,4 @@ def run(src: Path, out: Path, config: Int8StaticConfig, inputs: dict[str, Any]) 
             "calibration_method": config.calibration_method, "calibration_samples": len(feeds),
             "per_channel": config.per_channel, "reduce_range": config.reduce_range,
             "pair_safe_weights": len(pair_safe),
-            **int8_target_record(config.cpu_target, saturating_pairs_in(quantized))}
+            **record}

@@ -109,6 +109,8 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
                   "kl_mean": config.target.kl_mean_max}
         found = search(start, moves, evaluate, target, latency_ratio, config.max_latency_ratio)
     chosen = apply_plan(model, found["plan"], groups, weights)
+    # read before saving: a model saved with external data keeps references, not the weights
+    record = int8_target_record(config.cpu_target, saturating_pairs_in(chosen))
     save_model(chosen, out)
     copy_loader_files(src, out)
     return {**found, "target": config.target.model_dump(), "max_latency_ratio": config.max_latency_ratio,
@@ -129,4 +131,4 @@ def run(src: Path, out: Path, config: Int8AutoConfig, inputs: dict[str, Any]) ->
             "fused_operators": stats,
             "op_types": op_histogram(chosen),
             "search_seconds": round(time.monotonic() - started, 1),
-            **int8_target_record(config.cpu_target, saturating_pairs_in(chosen))}
+            **record}
