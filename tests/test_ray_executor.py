@@ -97,11 +97,59 @@ def test_a_task_on_a_node_of_another_cpu_class_refuses_to_run():
         pass
 
 
-def test_a_cluster_across_machines_needs_a_remote_cache():
-    from bertforge.ray_executor import needs_remote_cache
+def test_a_cluster_across_machines_needs_a_remote_cache_its_tasks_can_write():
+    from bertforge.errors import UsageError
+    from bertforge.ray_executor import RayExecutor, needs_remote_cache
 
     assert not needs_remote_cache([{"NodeManagerHostname": "here"}], "here")
     assert needs_remote_cache([{"NodeManagerHostname": "here"}, {"NodeManagerHostname": "there"}], "here")
+
+    class TwoMachines:  # what ray.nodes() says of a cluster on another host than the driver's
+        @staticmethod
+        def nodes():
+            return [{"Alive": True, "NodeManagerHostname": "there", "Resources": {"CPU": 2.0}}]
+
+    with pytest.raises(UsageError, match="add --remote-cache URL"):
+        RayExecutor.of_cluster(TwoMachines, "there:6379", None)
+    with pytest.raises(UsageError, match="read-only"):
+        RayExecutor.of_cluster(TwoMachines, "there:6379", ("s3://bucket/cache", True))
+    assert RayExecutor.of_cluster(TwoMachines, "there:6379", ("s3://bucket/cache", False)).settings.remote_url
+
+
+def test_a_task_refuses_a_checkpoint_that_is_not_the_drivers(tiny_checkpoint, tmp_path):
+    """Another folder at the driver's path on a worker's machine (or another revision of a hub model
+    resolved there) would build and validate another model under the driver's name."""
+    import shutil
+
+    from bertforge.errors import SourceError
+    from bertforge.ray_executor import local_source, source_key
+    from bertforge.sources import resolve
+
+    source = resolve(str(tiny_checkpoint))
+    expected = source_key(source)
+    assert local_source(source, expected) == source
+    other = tmp_path / "same-path-elsewhere"
+    shutil.copytree(tiny_checkpoint, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 1e-5}))
+    with pytest.raises(SourceError, match="is not the same on .* as on the driver"):
+        local_source(resolve(str(other)), expected)
+
+
+def test_a_task_takes_the_drivers_variant_folder_only_if_it_holds_that_entry(tiny_variants, tmp_path):
+    import contextlib
+    import shutil
+
+    from bertforge.artifact import read_manifest
+    from bertforge.ray_executor import VariantAt, variant_here
+
+    manifest = read_manifest(tiny_variants["fused"])
+    older = tmp_path / "older-build-at-that-path"
+    shutil.copytree(tiny_variants["fp32"], older)  # a variant folder, but another entry
+    with contextlib.ExitStack() as hold:
+        assert variant_here(VariantAt(str(tiny_variants["fused"]), "fusion", manifest["key"]), hold) == \
+            tiny_variants["fused"]
+        assert variant_here(VariantAt(str(older), "fusion", manifest["key"]), hold) == tiny_variants["fused"]
 
 
 def test_a_ray_address_without_the_ray_executor_is_refused(tmp_path, capsys):

@@ -224,7 +224,7 @@ def build(recipe: Recipe, out: Path, progress: Progress | None = None, remote_ca
         log = cache_root() / "logs" / f"build-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-libraries.log"
         remote = remote_session.from_settings(remote_cache, remote_cache_readonly, progress.message)
         with library_messages_to(log), remote_session.using(remote), \
-                started(executor, ray_address, progress, remote and remote.settings()) as runner:
+                started(executor, ray_address, progress, usable_settings(remote)) as runner:
             outcome = _build(recipe, out, progress, runner)
         if log.is_file():
             progress.message(f"library warnings: {log}")
@@ -304,6 +304,12 @@ def _build(recipe: Recipe, out: Path, progress: Progress, executor: Executor) ->
     return Outcome(EXIT_OK if report["gates_passed"] else EXIT_GATE_FAILED, report, written)
 
 
+def usable_settings(remote: Any) -> tuple[str, bool] | None:
+    """The remote cache as Ray tasks open it (URL, read-only); None where there is none, or the store
+    failed its first check (the run goes on without it, and so must its tasks)."""
+    return remote.settings() if remote is not None and remote.usable() else None
+
+
 def placement_note(placed: dict[str, int]) -> str:
     """How the variant files reached the output: hard links into the cache, or copies."""
     if not placed["copied"]:
@@ -326,7 +332,7 @@ def validate_existing(out: Path, recipe: Recipe, progress: Progress | None = Non
     with output_lock(out):
         remote = remote_session.from_settings(remote_cache, remote_cache_readonly, progress.message)
         with remote_session.using(remote), started(executor, ray_address, progress,
-                                                   remote and remote.settings()) as runner:
+                                                   usable_settings(remote)) as runner:
             outcome = _validate_existing(out, recipe, progress, model_spec, runner, runtime == "web")
         if remote is not None:
             progress.message(remote.summary())

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bertforge.artifact import read_manifest
+from bertforge.artifact import MANIFEST, read_manifest
 from bertforge.cache import shared_lock, use_lock_path
 from bertforge.crash_log import one_line
 from bertforge.environment import cpu_class, physical_cores, this_machine
-from bertforge.errors import UsageError
+from bertforge.errors import SourceError, UsageError
 from bertforge.fanout import spreading
 from bertforge.pipeline import VARIANT_PLAN, Built, built_elsewhere, required_variants, run_stage, source_artifact
 from bertforge.progress import Progress
@@ -69,30 +69,58 @@ class VariantAt:
 
 # ---- in the task (a Ray worker process) ----
 
-def local_source(source: ResolvedSource) -> ResolvedSource:
-    """The checkpoint on this node: the driver's path where it exists here, else the spec resolved here."""
-    if source.path.is_dir():
-        return source
-    from bertforge.sources import resolve
+# checkpoint path and its files' (name, size, mtime) -> its key: a worker process hashes a checkpoint once
+_source_keys: dict[tuple[Any, ...], str] = {}
 
-    return resolve(source.spec)
+
+def source_key(source: ResolvedSource) -> str:
+    """pipeline.source_artifact's key of the checkpoint, hashed once per process while its files stay
+    as they are (every validation shard checks it)."""
+    files = sorted(p for p in source.path.rglob("*") if p.is_file())
+    stamp = (str(source.path), *((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if stamp not in _source_keys:
+        _source_keys[stamp] = source_artifact(source).key
+    return _source_keys[stamp]
+
+
+def local_source(source: ResolvedSource, expected_key: str) -> ResolvedSource:
+    """The checkpoint on this node: the driver's path where it exists here, else the spec resolved here;
+    refused unless its files are the driver's (another folder at that path, or another revision of a hub
+    model resolved here, would build and validate another model under the driver's name)."""
+    here = source
+    if not source.path.is_dir():
+        from bertforge.sources import resolve
+
+        here = resolve(source.spec)
+    found = source_key(here)
+    if found != expected_key:
+        raise SourceError(f"the checkpoint {source.spec} is not the same on {where()} ({here.path}: files hash "
+                          f"{found}) as on the driver ({expected_key}); give every node the same checkpoint")
+    return here
 
 
 def variant_here(variant: VariantAt, hold: contextlib.ExitStack) -> Path:
-    """The variant's directory; a cache entry's use lock is kept on `hold` (the task's lifetime), so
-    `cache prune` on this machine skips it meanwhile."""
-    if (Path(variant.path) / "model.onnx").is_file():
-        return Path(variant.path)
+    """The variant's directory: the driver's where this node sees it, holding that very entry (stage and
+    key: an older build at the same path on another machine is not it), else the cache entry; a cache
+    entry's use lock is kept on `hold` (the task's lifetime), so `cache prune` here skips it meanwhile."""
+    at = Path(variant.path)
+    if (at / "model.onnx").is_file() and (at / MANIFEST).is_file():
+        with contextlib.suppress(UsageError):
+            named = read_manifest(at)
+            if (named.get("stage"), named.get("key")) == (variant.stage, variant.key):
+                return at
     return built_elsewhere(variant.stage, variant.key, None, hold).artifact.path
 
 
-def stage_task(settings: TaskSettings, recipe: Recipe, source: ResolvedSource, variant: str, *parent: Built) -> Built:
-    """`variant` into this node's cache, from the source checkpoint or from its parent's entry, taken by
-    the key the parent's task returned (verified, fetched from the remote cache where this node lacks it)."""
+def stage_task(settings: TaskSettings, recipe: Recipe, source: ResolvedSource, expected_key: str, variant: str,
+               *parent: Built) -> Built:
+    """`variant` into this node's cache, from the source checkpoint (the driver's: `expected_key`) or from
+    its parent's entry, taken by the key the parent's task returned (verified, fetched from the remote
+    cache where this node lacks it)."""
     with in_task(settings), contextlib.ExitStack() as hold:  # the entries it reads and writes: kept from prune
         stage, parent_variant, section = VARIANT_PLAN[variant]
         if parent_variant is None:
-            built_from = source_artifact(local_source(source))
+            built_from = source_artifact(local_source(source, expected_key))
         else:
             built_from = built_elsewhere(VARIANT_PLAN[parent_variant][0], parent[0].key, None, hold).artifact
         with spreading(spread_on_ray(settings)) if settings.spread_pieces else contextlib.nullcontext():
@@ -101,15 +129,16 @@ def stage_task(settings: TaskSettings, recipe: Recipe, source: ResolvedSource, v
         return Built(run.artifact.key, run.cached, run.seconds, run.rebuilt_because, where())
 
 
-def shard_task(settings: TaskSettings, source: ResolvedSource, variants: dict[str, VariantAt],
+def shard_task(settings: TaskSettings, source: ResolvedSource, expected_key: str, variants: dict[str, VariantAt],
                config: ValidationConfig, examples: PackedExamples, first: bool):
-    """One validation shard over every variant (validate.validate_shard)."""
+    """One validation shard over every variant (validate.validate_shard), against the driver's checkpoint."""
     from bertforge.memory import reused_large_buffers
     from bertforge.validation.validate import Reference, validate_shard
 
     with in_task(settings), reused_large_buffers(), contextlib.ExitStack() as hold:
         paths = {name: variant_here(at, hold) for name, at in variants.items()}
-        return validate_shard(Reference(local_source(source).path, config), paths, examples, first=first, last=True)
+        reference = Reference(local_source(source, expected_key).path, config)
+        return validate_shard(reference, paths, examples, first=first, last=True)
 
 
 def latency_task(settings: TaskSettings, variants: dict[str, VariantAt], sequence: int, warmup: int,
@@ -237,10 +266,13 @@ class RayExecutor:
         room = sum(int(node["Resources"]["CPU"] // cpus) for node in nodes)
         settings = TaskSettings(build_class, *(remote or (None, False)), cpus=cpus, resources=resources,
                                 spread_pieces=room >= 2)
-        if needs_remote_cache(nodes, socket.gethostname()) and settings.remote_url is None:
+        if needs_remote_cache(nodes, socket.gethostname()) and (settings.remote_url is None
+                                                                 or settings.remote_readonly):
             hosts = sorted({n.get("NodeManagerHostname") or "?" for n in nodes} | {socket.gethostname()})
             raise UsageError(f"the Ray cluster spans machines ({', '.join(hosts)}): its tasks share stage entries "
-                             "through a remote cache; add --remote-cache URL")
+                             "through a remote cache they write to; " + (
+                                 "this one is read-only (--remote-cache-readonly)" if settings.remote_url
+                                 else "add --remote-cache URL (a store that failed its check is not used)"))
         return cls(ray, settings, nodes, address)
 
     def summary(self) -> str:
@@ -267,11 +299,12 @@ class RayExecutor:
         """Each variant's stage as a task; with `hold`, the driver takes each entry's use lock on this
         machine as its task reports (the task held it while it ran), so `cache prune` skips it."""
         needed = required_variants(recipe.variants)
+        expected = source_key(source)
         refs: dict[str, Any] = {}
         for variant in needed:
             parent = VARIANT_PLAN[variant][1]
             refs[variant] = self.remote(stage_task, f"bertforge-stage-{variant}").remote(
-                self.settings, recipe, source, variant, *([refs[parent]] if parent else []))
+                self.settings, recipe, source, expected, variant, *([refs[parent]] if parent else []))
         built: dict[str, Built] = {}
 
         def done(index: int, result: Built) -> None:
@@ -301,8 +334,9 @@ class RayExecutor:
         corpus = Corpus.of(source.path, config)
         shards = [corpus.shard(index) for index in range(corpus.shard_count())]
         at = self.located(variants)
+        expected = source_key(source)
         refs = [self.remote(shard_task, f"bertforge-validation-shard-{index}").remote(
-            self.settings, source, at, config, shard, index == 0) for index, shard in enumerate(shards)]
+            self.settings, source, expected, at, config, shard, index == 0) for index, shard in enumerate(shards)]
         total = len(corpus.examples) * (1 + len(variants))
         finished = [0]
 
