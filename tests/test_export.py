@@ -78,3 +78,33 @@ def test_variants_optimum_has_a_format_for_carry_its_ort_config(tiny_variants, i
     variants = {**tiny_variants, **int8_variants}
     for name in ("fp32", "int8-blockwise", "int8-weights", "int8-auto", "int8-dynamic-masked", "int8-auto-masked"):
         assert not (variants[name] / "ort_config.json").exists(), name
+
+
+def test_an_encoder_without_an_mlm_head_exports_and_validates_against_the_same_head(tiny_checkpoint, tmp_path):
+    """A checkpoint of BertModel alone: transformers draws the missing head at random on every load, and
+    the export and each validation reference are separate loads. The head is seeded, so fp32 meets its
+    parity gate and the report says the head was not in the checkpoint."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import BertForMaskedLM
+
+    import bertforge
+    from bertforge.exporter.export import load_reference
+
+    encoder = tmp_path / "encoder"
+    BertForMaskedLM.from_pretrained(tiny_checkpoint).bert.save_pretrained(encoder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy2(tiny_checkpoint / name, encoder / name)
+    first, missing = load_reference(encoder)
+    second, _ = load_reference(encoder)
+    assert "cls.predictions.transform.dense.weight" in missing
+    ids = torch.tensor([[101, 2054, 103, 102]])
+    assert torch.equal(first(input_ids=ids).logits, second(input_ids=ids).logits)
+    outcome = bertforge.build(tmp_path / "out", model=str(encoder), variants=["fp32", "fused"],
+                              validation={"max_sentences": 20}, bench={"enabled": False})
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert outcome.exit_code == 0, [g for v in report["variants"].values() for g in v["gates"] if not g["passed"]]
+    assert report["variants"]["fp32"]["metrics"]["top1_agreement"] == 1.0
+    assert "cls.predictions.transform.dense.weight" in report["reference"]["mlm_head_missing_from_checkpoint"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bertforge.crash_log import one_line
-from bertforge.environment import cpu_class, physical_cores
+from bertforge.environment import cpu_class, physical_cores, sharing_cores
 from bertforge.errors import BertforgeError, StageError, UsageError
 
 CLASS_RESOURCE = "cpu_class_"  # + a class (environment.cpu_class): a custom resource naming a node's CPU class
@@ -49,9 +49,13 @@ def in_task(settings: TaskSettings) -> Iterator[None]:
                          f"{CLASS_RESOURCE}<class> so tasks go to their class")
     import torch
 
-    torch.set_num_threads(physical_cores())  # Ray sets OMP_NUM_THREADS to the task's CPUs; a local run uses the cores
+    # as many threads as the CPUs the task took from Ray (the driver's cores, at most a node's): a node with
+    # more cores runs several tasks side by side, and each must not take them all (kernel costs measured
+    # under that load would steer int8-auto's plan)
+    threads = max(1, min(physical_cores(), int(settings.cpus)))
+    torch.set_num_threads(threads)
     remote = RemoteCache(settings.remote_url, settings.remote_readonly) if settings.remote_url else None
-    with remote_session.using(remote):
+    with remote_session.using(remote), sharing_cores(threads):
         yield
 
 

@@ -40,7 +40,7 @@ def load_reference(checkpoint: Path):
     Weights config.json's model needs but the checkpoint lacks (transformers would initialise them at
     random and say so only in a log line), weights it has no place for, and weights that do not load
     are a one-line SourceError naming them. The MLM head is the documented exception: a checkpoint
-    without one (an encoder) gets the missing head reported as data."""
+    without one (an encoder) gets the missing head reported as data, and seeded (seeded_head)."""
     from transformers import BertForMaskedLM
 
     from bertforge.crash_log import transformers_errors_only
@@ -60,7 +60,33 @@ def load_reference(checkpoint: Path):
     if unexpected:
         raise SourceError(f"{checkpoint}: {len(unexpected)} weights in the checkpoint have no place in config.json's "
                           f"model: {_some(unexpected)}")
+    if missing_head:
+        seeded_head(model, missing_head)
     return model.eval(), missing_head
+
+
+def seeded_head(model: Any, missing: list[str]) -> None:
+    """Give the head weights the checkpoint lacks seeded values. transformers draws them at random on
+    every load, and the weights check, the export and each validation reference are separate loads: the
+    exported head and the reference's differed, and fp32 failed its parity gate on an encoder that had
+    exported exactly. Linear weights ~ N(0, initializer_range), LayerNorm weights 1, biases 0, as
+    BERT's own initialisation; the word embeddings the decoder shares are never touched."""
+    import torch
+
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    shared = model.get_input_embeddings().weight
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        for name in missing:
+            parameter = parameters.get(name)
+            if parameter is None or parameter is shared:
+                continue
+            if name.endswith("LayerNorm.weight"):
+                parameter.fill_(1.0)
+            elif name.endswith("bias"):
+                parameter.zero_()
+            else:
+                parameter.normal_(0.0, model.config.initializer_range)
 
 
 def _some(names: list[str], shown: int = 3) -> str:
