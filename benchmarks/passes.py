@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import bertforge  # noqa: F401
-from bertforge.pipeline import VARIANT_PLAN, build_variants
+from bertforge.pipeline import VARIANT_PLAN, build_variants, source_artifact
 from bertforge.progress import Progress
 from bertforge.recipe import VARIANTS, Recipe
 from bertforge.sources import resolve
@@ -28,12 +28,19 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 from bertforge.environment import peak_rss_mb
-from bertforge.pipeline import STAGES
+from bertforge.artifact import Artifact
+from bertforge.pipeline import STAGES, stage_inputs
 from bertforge.recipe import Recipe
-stage, section, src, out, recipe = sys.argv[1:6]
+stage, section, src, parent_key, parent_stage, out, recipe = sys.argv[1:8]
 config = getattr(Recipe.model_validate(json.loads(recipe)), section)
+module = STAGES[stage]
+# as pipeline.run_stage calls it: a stage that declares inputs (int8-static's calibration text,
+# int8-auto's kernel costs) gets them, measured outside the timing as a warm cache would have them
+extra = ()
+if hasattr(module, "key_inputs"):
+    extra = (stage_inputs(stage, Artifact(Path(src), parent_key, parent_stage, None), config),)
 start = time.perf_counter()
-STAGES[stage].run(Path(src), Path(out), config)
+module.run(Path(src), Path(out), config, *extra)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(),
                   "size_mb": (Path(out) / "model.onnx").stat().st_size / 1e6}))
@@ -50,10 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for variant in VARIANTS:
         stage, parent, section = VARIANT_PLAN[variant]
-        src = source.path if parent is None else state.artifacts[parent].artifact.path
+        built_from = source_artifact(source) if parent is None else state.artifacts[parent].artifact
         with tempfile.TemporaryDirectory(prefix="bertforge-pass-") as out:
-            done = subprocess.run([sys.executable, "-c", CHILD, stage, section, str(src), out,
-                                   recipe.model_dump_json()], capture_output=True, text=True, check=True)
+            done = subprocess.run([sys.executable, "-c", CHILD, stage, section, str(built_from.path), built_from.key,
+                                   built_from.stage, out, recipe.model_dump_json()],
+                                  capture_output=True, text=True, check=True)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append((variant, stage, result))
         print(f"{variant:<14} {result['seconds']:7.1f} s  peak RSS {result['peak_rss_mb']:7.0f} MB  "

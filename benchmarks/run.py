@@ -69,9 +69,18 @@ def optimum_path(checkpoint: Path, out: Path, preset: str) -> dict[str, Path]:
     what `optimum-cli onnxruntime quantize --avx512_vnni` does on an exported directory (per_channel
     False is that command's default too).
     """
+    import shutil
+
     from optimum.onnxruntime import ORTModelForMaskedLM, ORTOptimizer, ORTQuantizer
     from optimum.onnxruntime.configuration import AutoOptimizationConfig, AutoQuantizationConfig
 
+    # files an earlier run made are reused only if the same libraries made them
+    stamp = out / "made-with.json"
+    versions = json.dumps(library_versions(), sort_keys=True)
+    if out.is_dir() and (not stamp.is_file() or stamp.read_text() != versions):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(versions)
     int8_label = f"optimum-int8 ({preset})"
     files = {"optimum-fp32": out / "export" / "model.onnx", "optimum-O2": out / "o2" / "model_optimized.onnx",
              int8_label: out / f"int8-{preset}" / "model_quantized.onnx"}
@@ -169,7 +178,10 @@ def bench_model(spec: str, repeats: int, olive_python: str | None) -> dict:
     recipe = load_recipe(None, {"model": spec, "bench": {"enabled": False},
                                 "variants": list(VARIANTS + EXTRA_VARIANTS)})
     log(f"{spec}: bertforge build")
-    report = build(recipe, OUT / name, Progress("plain")).report
+    outcome = build(recipe, OUT / name, Progress("plain"))
+    # a rebuild whose gates fail goes beside the last one (OUT/name.rejected): time this build's files,
+    # where they are, beside this build's numbers; the gates are the report's to say
+    report, built = outcome.report, outcome.out
     source = resolve(spec)
     preset = optimum_preset()
     log(f"{spec}: optimum's documented path, {preset} preset")
@@ -181,7 +193,7 @@ def bench_model(spec: str, repeats: int, olive_python: str | None) -> dict:
         peer_files.update(olive_files)
     log(f"{spec}: agreement of the peers' outputs on the validation corpus")
     peer_validation = run_validation(source.path, peer_files, ValidationConfig())["variants"]
-    candidates = {f"bertforge {v}": OUT / name / v for v in report["variants"]}
+    candidates = {f"bertforge {v}": built / v for v in report["variants"]}
     candidates.update(peer_files)
     config = json.loads((source.path / "config.json").read_text())
     rows: dict[str, dict] = {}

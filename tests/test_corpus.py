@@ -85,3 +85,16 @@ def test_a_negative_seed_is_refused_by_the_recipe():
 
     with pytest.raises(pydantic.ValidationError):
         ValidationConfig(seed=-1)
+
+
+def test_the_cut_warning_names_whose_limit_cut_the_sentences():
+    """bert-base takes 512 word pieces; validation reads 128 of any sentence: the warning said the model
+    takes 128."""
+    from bertforge.api import input_limit_warnings
+    from bertforge.recipe import Recipe
+
+    recipe = Recipe()
+    (cap,) = input_limit_warnings({"max_length": 128, "truncated_lines": 3}, {}, recipe)
+    assert "longer than validation reads (128 word pieces, its cap whatever the model takes)" in cap
+    (model,) = input_limit_warnings({"max_length": 32, "truncated_lines": 3}, {}, recipe)
+    assert "longer than the model takes (32 word pieces)" in model

@@ -129,8 +129,11 @@ def input_limit_warnings(corpus: dict[str, Any], latencies: dict[str, dict], rec
     found = []
     limit = corpus.get("max_length")
     if corpus.get("truncated_lines"):
-        found.append(f"{corpus['truncated_lines']} validation sentences were longer than the model takes ({limit} "
-                     "word pieces) and were cut to it")
+        from bertforge.validation.corpus import MAX_LENGTH
+
+        cap = (f"the model takes ({limit} word pieces)" if limit is not None and limit < MAX_LENGTH
+               else f"validation reads ({limit} word pieces, its cap whatever the model takes)")
+        found.append(f"{corpus['truncated_lines']} validation sentences were longer than {cap} and were cut to it")
     if corpus.get("dropped_mask_lines"):
         found.append(f"{corpus['dropped_mask_lines']} validation sentences lost their own [MASK] to that cut and "
                      "were left out")

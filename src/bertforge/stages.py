@@ -8,7 +8,7 @@ default gates, the pipeline's stage table and build order, and the CLI's help al
 The stage is named by module path, not imported: the registry is read by every command and stays
 light, and a stage module pulls in onnx and onnxruntime's tools.
 
-The default gates were set from measurements on `demo` (README, "How the gate defaults were set"):
+The default gates were set from measurements on `demo` (docs/gates-and-int8-auto.md):
 431 sentences, 1405 masked positions, a fresh clone's `make demo` on an AMD EPYC (VNNI). fp32/fused
 max abs 1.4e-4, top-1 100%; fp16 top-1 99.9%; int8-dynamic top-1 73.6%, top-5 overlap 77.3%,
 reference top-1 inside its top-5 90.5% (the fast, lossy choice: activations quantized per tensor);

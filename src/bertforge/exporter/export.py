@@ -1,6 +1,6 @@
 """Export stage: a Hugging Face BERT checkpoint directory -> model.onnx + config + tokenizer.
 
-Through optimum's exporter (task fill-mask, dynamic batch and sequence axes). Two traps handled:
+Through optimum's exporter (task fill-mask, dynamic batch and sequence axes). Three traps handled:
 - attention is loaded as eager: SDPA exports a graph ORT's attention fusion skips (ORT PR #22629);
 - the MLM decoder is tied to the word embeddings: optimum stores it once (Gather + Transpose->MatMul)
   when accelerate is installed (it is a dependency); we check that it did;
@@ -165,6 +165,10 @@ def run(checkpoint: Path, out: Path, config: ExportConfig) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     model, missing_head = load_reference(checkpoint)
+    if not getattr(model.config, "tie_word_embeddings", True):
+        raise SourceError(f"{checkpoint}: its MLM decoder is not tied to the word embeddings (config.json: "
+                          "tie_word_embeddings false); bertforge builds tied BERT masked LMs, as every checkpoint "
+                          "on bert-base-uncased's card is (its int8 stages share one table)")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     logging.getLogger("optimum").setLevel(logging.ERROR)
     onnx_export_from_model(model, out, task="fill-mask", opset=config.opset, do_validation=False,
