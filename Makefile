@@ -12,8 +12,9 @@ OLIVE_STAMP := $(OLIVE_VENV)/.installed
 $(STAMP): pyproject.toml requirements-demo.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first and pinned: it must be the CPU build.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	# torch first and pinned: it must be the CPU build (TORCH_INDEX: a CPU-only wheel index, where pip's
+	# own index would serve the CUDA build)
+	$(BIN)/python -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements-demo.txt
 	touch $(STAMP)
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml requirements-demo.txt
 $(OLIVE_STAMP): benchmarks/requirements-olive.txt
 	test -x $(OLIVE_VENV)/bin/python || $(PY) -m venv $(OLIVE_VENV)
 	$(OLIVE_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(OLIVE_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(OLIVE_VENV)/bin/python -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(OLIVE_VENV)/bin/python -m pip install --quiet -r benchmarks/requirements-olive.txt
 	touch $(OLIVE_STAMP)
 
