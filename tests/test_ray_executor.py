@@ -152,6 +152,12 @@ def test_a_task_takes_the_drivers_variant_folder_only_if_it_holds_that_entry(tin
         assert variant_here(VariantAt(str(older), "fusion", manifest["key"]), hold) == tiny_variants["fused"]
 
 
+def test_a_ray_client_address_is_refused_for_what_it_is(tmp_path, capsys):
+    assert main(["build", "--model", "demo", "--out", str(tmp_path / "o"), "--executor", "ray",
+                 "--ray-address", "ray://head:10001"]) == 2
+    assert "is a Ray Client address" in capsys.readouterr().err
+
+
 def test_a_ray_address_without_the_ray_executor_is_refused(tmp_path, capsys):
     assert main(["build", "--model", "demo", "--out", str(tmp_path / "o"), "--ray-address", "127.0.0.1:1"]) == 2
     assert "--ray-address is for --executor ray" in capsys.readouterr().err

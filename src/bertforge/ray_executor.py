@@ -218,6 +218,9 @@ class RayExecutor:
     @contextlib.contextmanager
     def joined(cls, address: str | None, progress: Progress, remote: tuple[str, bool] | None) -> Iterator[RayExecutor]:
         address = address or os.environ.get("RAY_ADDRESS") or None
+        if address is not None and address.startswith("ray://"):
+            raise UsageError(f"{address} is a Ray Client address; --ray-address takes the cluster's GCS address "
+                             "(HEAD:6379, what `ray start --head` printed): the build joins it as a driver")
         host, _, port = (address or "").rpartition(":")
         if address is not None and port.isdigit():
             # Ray retries an address where nothing answers, or something else does, for minutes without
@@ -245,8 +248,12 @@ class RayExecutor:
                 else:
                     ray.init(address=address, **options)
             except (ConnectionError, ValueError, RuntimeError) as exc:
+                ray.shutdown()  # whatever init had started before it failed
                 raise UsageError(one_line(f"cannot join the Ray cluster at {address or 'a local instance'}",
                                           exc)) from None
+        elif address is not None:
+            progress.message(f"warning: Ray is already initialised in this process; --ray-address {address} is "
+                             "not joined, the tasks run where that Ray instance is")
         try:
             executor = cls.of_cluster(ray, address or "local", remote)
             progress.message(f"executor: ray, {executor.summary()}")
@@ -291,8 +298,9 @@ class RayExecutor:
     def remote(self, function: Callable[..., Any], name: str) -> Any:
         return self.ray.remote(function).options(**self.settings.options(name))
 
-    def results(self, refs: list[Any], done: Callable[[int, Any], None] = lambda index, value: None) -> list[Any]:
-        return gathered(self.ray, refs, done)
+    def results(self, refs: list[Any], done: Callable[[int, Any], None] = lambda index, value: None,
+                keep: bool = True) -> list[Any]:
+        return gathered(self.ray, refs, done, keep=keep)
 
     def build_stages(self, recipe: Recipe, source: ResolvedSource, progress: Progress,
                      hold: contextlib.ExitStack | None = None) -> dict[str, Built]:
@@ -339,14 +347,16 @@ class RayExecutor:
             self.settings, source, expected, at, config, shard, index == 0) for index, shard in enumerate(shards)]
         total = len(corpus.examples) * (1 + len(variants))
         finished = [0]
+        merged = ShardResult()
 
         def done(index: int, result: Any) -> None:
+            # merged as each arrives, in any order (exact sums and counts; the probes come with the first
+            # shard only), and then dropped: the driver holds one result, not one per shard
+            merged.merge(result)
             finished[0] += len(shards[index]) * (1 + len(variants))
             progress(finished[0], total)
 
-        merged = ShardResult()
-        for result in self.results(refs, done):  # in corpus order: the probes come with the first
-            merged.merge(result)
+        self.results(refs, done, keep=False)
         return merged.summary(corpus.record(config))
 
     def latency(self, variants: dict[str, Path], sequence: int, warmup: int,

@@ -64,11 +64,12 @@ def where() -> str:
 
 
 def gathered(ray: Any, refs: list[Any], done: Callable[[int, Any], bool | None] = lambda index, value: None,
-             resubmit: Callable[[int], Any] | None = None) -> list[Any]:
+             resubmit: Callable[[int], Any] | None = None, keep: bool = True) -> list[Any]:
     """Each task's result in `refs`' order, `done` called as each arrives (where it returns False and
     `resubmit` is given, the task is submitted again by `resubmit(index)` and its next result counts); a
     task's error raised here as its own (a bertforge error keeps its exit code), a worker that died past
-    its retries as a StageError."""
+    its retries as a StageError. Without `keep`, a result is dropped once `done` has seen it (None in its
+    place): the driver's memory then does not grow with the number of tasks."""
     index_of = {ref: index for index, ref in enumerate(refs)}
     found: dict[int, Any] = {}
     try:
@@ -79,7 +80,7 @@ def gathered(ray: Any, refs: list[Any], done: Callable[[int, Any], bool | None] 
             if done(index, value) is False and resubmit is not None:
                 index_of[resubmit(index)] = index
                 continue
-            found[index] = value
+            found[index] = value if keep else None
     except ray.exceptions.RayTaskError as exc:
         for ref in index_of:
             ray.cancel(ref, force=True)
@@ -87,6 +88,9 @@ def gathered(ray: Any, refs: list[Any], done: Callable[[int, Any], bool | None] 
         if isinstance(cause, BertforgeError):
             raise cause from None
         raise StageError(one_line("a Ray task", cause)) from None
-    except ray.exceptions.RayError as exc:
-        raise StageError(one_line(f"a Ray task failed {RETRIES + 1} times", exc)) from None
+    except ray.exceptions.RayError as exc:  # a worker or node lost past the retries, an object store full...
+        for ref in index_of:
+            ray.cancel(ref, force=True)
+        raise StageError(one_line(f"a Ray task did not complete ({type(exc).__name__}; a lost worker is retried "
+                                  f"{RETRIES} times)", exc)) from None
     return [found[index] for index in range(len(refs))]
