@@ -23,11 +23,11 @@ import json, sys
 import numpy as np
 import onnxruntime as ort
 out = {}
-for variant in sys.argv[2:]:
+ids = np.array([json.loads(sys.argv[2])], dtype=np.int64)
+for variant in sys.argv[3:]:
     path = f"{sys.argv[1]}/{variant}/model.onnx"
     try:
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        ids = np.array([[101, 1996, 3007, 1997, 2605, 2003, 103, 1012, 102]], dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
         session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
         out[variant] = "ok"
@@ -41,6 +41,16 @@ def version_of(spec: str) -> str:
     return Path(spec).name.split("-")[1] if spec.endswith(".whl") else spec
 
 
+def probe_ids(out: Path, variant: str) -> list[int]:
+    """The probe sentence as the build's own tokenizer encodes it (its vocabulary's ids, not bert-base's)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(out / variant / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer.encode("The capital of France is [MASK].").ids
+
+
 def probe(out: Path, variants: list[str], spec: str, work: Path) -> dict:
     env_dir = work / f"ort-{version_of(spec)}"
     venv.create(env_dir, with_pip=True)
@@ -48,7 +58,8 @@ def probe(out: Path, variants: list[str], spec: str, work: Path) -> dict:
     old = tuple(int(x) for x in version_of(spec).split(".")[:2]) < (1, 19)
     packages = [spec if spec.endswith(".whl") else f"onnxruntime=={spec}", "numpy<2" if old else "numpy"]
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", *packages], check=True)
-    run = subprocess.run([str(python), "-c", PROBE, str(out), *variants], capture_output=True, text=True, check=True)
+    run = subprocess.run([str(python), "-c", PROBE, str(out), json.dumps(probe_ids(out, variants[0])), *variants],
+                         capture_output=True, text=True, check=True)
     return json.loads(run.stdout)
 
 
