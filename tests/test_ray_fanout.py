@@ -33,7 +33,15 @@ def test_sensitivity_rows_on_ray_equal_the_rows_in_order_read_in_place_or_shippe
 
     packings: list[Path] = []  # the driver packs a folder's files only for tasks that cannot see it
     real_packed = ray_fanout.packed
-    monkeypatch.setattr(ray_fanout, "packed", lambda root: packings.append(Path(root)) or real_packed(root))
+    hidden = tmp_path / "scratch-moved-away"
+
+    def packed_then_gone(root):  # once packed, the folder is out of every task's reach, as on another disk
+        packings.append(Path(root))
+        files = real_packed(root)
+        Path(root).rename(hidden)
+        return files
+
+    monkeypatch.setattr(ray_fanout, "packed", packed_then_gone)
 
     inputs = table_inputs(tiny_variants, tmp_path / "scratch")
     count = len(inputs.groups)
@@ -62,7 +70,8 @@ def test_sensitivity_rows_on_ray_equal_the_rows_in_order_read_in_place_or_shippe
         inputs.folder = Folder(inputs.folder.root, "a token no folder holds")
         assert not inputs.folder.visible()
         assert spread_on_ray(settings)(sensitivity_row, inputs, count, lambda index: None) == expected
-        assert packings == [inputs.folder.root]
+        assert packings == [inputs.folder.root] and not inputs.folder.root.exists()  # every row read its copy
+        hidden.rename(inputs.folder.root)
     finally:
         ray.shutdown()
     assert not list((cache_root() / "tmp").glob("piece-*")), "each copy is removed after its row"
