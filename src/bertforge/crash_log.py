@@ -39,8 +39,10 @@ def disk_full(error: BaseException) -> OSError | None:
     return None
 
 
-def one_line(where: str, error: BaseException) -> str:
-    """`where failed: Type: first line of the message (traceback: path)`."""
+def one_line(where: str, error: BaseException, logged: BaseException | None = None) -> str:
+    """`where failed: Type: first line of the message (traceback: path)`; the log holds `logged`'s
+    traceback where given (a Ray task's error, whose text carries the task's name and its remote
+    traceback, which the deserialized `error` lacks)."""
     full = disk_full(error)
     if full is not None:  # what to free, not a library's echo of a half-written file
         written = f" writing {full.filename2 or full.filename}" if (full.filename2 or full.filename) else ""
@@ -48,7 +50,7 @@ def one_line(where: str, error: BaseException) -> str:
                 "(`bertforge cache prune`) and run it again")
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     cause = f"{type(error).__name__}: {first}" if first else type(error).__name__
-    log = write_traceback(where, error)
+    log = write_traceback(where, logged or error)
     return f"{where} failed: {cause}" + (f" (traceback: {log})" if log else "")
 
 

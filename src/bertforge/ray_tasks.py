@@ -87,7 +87,7 @@ def gathered(ray: Any, refs: list[Any], done: Callable[[int, Any], bool | None] 
         cause = exc.cause
         if isinstance(cause, BertforgeError):
             raise cause from None
-        raise StageError(one_line("a Ray task", cause)) from None
+        raise StageError(one_line("a Ray task", cause, logged=exc)) from None
     except ray.exceptions.RayError as exc:  # a worker or node lost past the retries, an object store full...
         for ref in index_of:
             ray.cancel(ref, force=True)
