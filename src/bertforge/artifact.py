@@ -267,7 +267,10 @@ def remove_stale(directory: Path, prefix: str, older_than_s: float = STALE_AFTER
     removed = []
     here, boot = pid_namespace(), boot_id()
     for entry in Path(directory).glob(f"{prefix}*"):
-        if entry.is_symlink() or not entry.is_dir():
+        if entry.is_symlink() or not entry.is_dir() or f"-{os.getpid()}-" in entry.name:
+            # named with this process's id: perhaps its own, whose owner file it must not open (on NFS,
+            # closing any descriptor of a file drops this process's lock on it); at worst another
+            # machine's leftover of the same pid is kept
             continue
         mark = owner_mark(entry)
         if mark is None or mark["pid"] == os.getpid() or process_alive(mark["pid"]) or owner_holds(entry):

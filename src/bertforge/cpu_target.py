@@ -27,6 +27,7 @@ from typing import Literal, get_args
 
 import bertforge.environment as environment
 from bertforge.environment import cpu_class, is_x86
+from bertforge.errors import StageError
 
 Target = Literal["portable", "vnni"]
 TARGETS: tuple[str, ...] = get_args(Target)
@@ -65,7 +66,8 @@ def int8_target_record(target: str, saturating_pairs: int) -> dict[str, object]:
     recorded `portable`, with the target asked beside it; otherwise `vnni`, which a portable build
     never writes (the stage checks). And the CPU class it was built on."""
     if target == "portable" and saturating_pairs:
-        raise AssertionError(f"target portable wrote {saturating_pairs} s8 weight pairs that can saturate")
+        raise StageError(f"target portable wrote {saturating_pairs} s8 weight pairs that can saturate on a CPU "
+                         "without VNNI (a bertforge defect: please report it with the recipe)")
     if saturating_pairs:
         recorded, rule = "vnni", f"s8 in [-127, 127]; {saturating_pairs} same-sign K-adjacent pairs sum past 128"
     else:
