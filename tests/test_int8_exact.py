@@ -64,7 +64,11 @@ def test_every_int8_auto_scheme_equals_its_exact_integer_reference(tiny_variants
 
 
 def int8_weights_of_u8s8_kernels(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, int]]:
-    """{name: (int8 weight, the axis its scales vary over; K is the other)} of every u8 x s8 kernel."""
+    """{name: (int8 weight, the axis its scales vary over; K is the other)} of every u8 x s8 kernel.
+
+    The same walk as int8_weights.u8s8_weights, kept here on purpose: the tests check the files, and
+    the manifest's count, against their own reading of the graph, so a kernel that function missed
+    would not be missed by the check too."""
     initializers = {i.name: i for i in model.graph.initializer}
     # the tied decoder reads its int8 table [vocab, hidden] through a Transpose, folded at load: K is hidden
     transposed = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Transpose"}

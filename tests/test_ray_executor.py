@@ -122,11 +122,12 @@ def test_a_task_refuses_a_checkpoint_that_is_not_the_drivers(tiny_checkpoint, tm
     import shutil
 
     from bertforge.errors import SourceError
-    from bertforge.ray_executor import local_source, source_key
+    from bertforge.pipeline import source_artifact
+    from bertforge.ray_executor import local_source
     from bertforge.sources import resolve
 
     source = resolve(str(tiny_checkpoint))
-    expected = source_key(source)
+    expected = source_artifact(source).key
     assert local_source(source, expected) == source
     other = tmp_path / "same-path-elsewhere"
     shutil.copytree(tiny_checkpoint, other)

@@ -136,10 +136,12 @@ def onnx_runner(session, inputs: dict[str, np.ndarray]) -> Callable[[], object]:
 
 
 def latency(variants: dict[str, Path], batch: int = 1, sequence: int = 128, warmup: int = 3,
-            repeats: int = 20, threads: int | None = None) -> dict[str, dict[str, float]]:
+            repeats: int = 20, threads: int | None = None,
+            spec: InputSpec | None = None) -> dict[str, dict[str, float]]:
     """p50/p90 per variant at batch x sequence, in turns of blocks (time_runners), the sequence cut to
-    what the model takes (each result says the sequence it was measured at)."""
-    spec = InputSpec.of(next(iter(variants.values())))  # variants of one build share config and tokenizer
+    what the model takes (each result says the sequence it was measured at); `spec`: the variants'
+    InputSpec where the caller has it already (read from the first variant otherwise)."""
+    spec = spec or InputSpec.of(next(iter(variants.values())))  # variants of one build share config and tokenizer
     sequence = spec.sequence(sequence)
     inputs = synthetic_inputs(batch, sequence, spec)
     runners = {name: onnx_runner(open_session(path, threads), inputs) for name, path in variants.items()}
@@ -182,7 +184,7 @@ def bench_directories(variants: dict[str, Path], shapes: list[tuple[int, int]], 
     measured = list(dict.fromkeys((batch, spec.sequence(sequence)) for batch, sequence in shapes))
     for batch, sequence in measured:
         with step(f"time b{batch}xs{sequence}") as info:
-            timed = latency(variants, batch, sequence, warmup, repeats, threads)
+            timed = latency(variants, batch, sequence, warmup, repeats, threads, spec)
             results["shapes"][f"b{batch}xs{sequence}"] = timed
             fastest = min(timed, key=lambda name: timed[name]["p50_ms"])
             info["note"] = (f"{len(variants)} variants x {timed[fastest]['repeats']} repeats; fastest {fastest} "

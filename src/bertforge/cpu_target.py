@@ -58,6 +58,10 @@ def target_warning(target: str | None, where: str, flags: set[str] | None = None
             "from the validated ones; rebuild with target: portable to run it here")
 
 
+# what int8_target_record writes into a manifest's metadata (a masked head carries its parent's over)
+INT8_RECORD_KEYS = ("int8_target", "int8_weights", "built_on", "int8_target_asked")
+
+
 def int8_target_record(target: str, saturating_pairs: int) -> dict[str, object]:
     """What an int8 stage's manifest metadata says of where its integers hold, from the graph it wrote:
     `saturating_pairs` (int8_weights.saturating_pairs_in) counts the same-sign K-adjacent s8 weight pairs

@@ -87,25 +87,29 @@ class BuildState:
     artifacts: dict[str, StageRun] = field(default_factory=dict)
 
 
+# checkpoint path and its files' (name, size, mtime) -> its key: a process hashes a checkpoint once while
+# its files stay as they are (a Ray worker checks it for every validation shard it runs)
+_source_keys: dict[tuple[Any, ...], str] = {}
+
+
 def source_artifact(source: ResolvedSource) -> Artifact:
     """The checkpoint as the root of the lineage; its key is the hash of its files' contents.
 
     Only the path inside the checkpoint is checked for a `.cache` folder (huggingface_hub's download
     metadata): the checkpoint itself usually lives under ~/.cache.
     """
-    digest = hashlib.sha256()
-    files = sorted(p for p in source.path.rglob("*") if p.is_file())
-    hashed = 0
-    for path in files:
-        relative = path.relative_to(source.path)
-        if ".cache" in relative.parts:
-            continue
-        digest.update(relative.as_posix().encode())
-        digest.update(sha256_file(path).encode())
-        hashed += 1
-    if not hashed:
+    files = [p for p in sorted(source.path.rglob("*"))
+             if p.is_file() and ".cache" not in p.relative_to(source.path).parts]
+    if not files:
         raise UsageError(f"{source.path} holds no files to build from")
-    return Artifact(path=source.path, key=digest.hexdigest()[:20], stage="source", parent=None)
+    stamp = (str(source.path), *((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if stamp not in _source_keys:
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.relative_to(source.path).as_posix().encode())
+            digest.update(sha256_file(path).encode())
+        _source_keys[stamp] = digest.hexdigest()[:20]
+    return Artifact(path=source.path, key=_source_keys[stamp], stage="source", parent=None)
 
 
 def lineage_of(artifact: Artifact) -> list[dict[str, str]]:

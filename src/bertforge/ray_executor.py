@@ -69,20 +69,6 @@ class VariantAt:
 
 # ---- in the task (a Ray worker process) ----
 
-# checkpoint path and its files' (name, size, mtime) -> its key: a worker process hashes a checkpoint once
-_source_keys: dict[tuple[Any, ...], str] = {}
-
-
-def source_key(source: ResolvedSource) -> str:
-    """pipeline.source_artifact's key of the checkpoint, hashed once per process while its files stay
-    as they are (every validation shard checks it)."""
-    files = sorted(p for p in source.path.rglob("*") if p.is_file())
-    stamp = (str(source.path), *((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
-    if stamp not in _source_keys:
-        _source_keys[stamp] = source_artifact(source).key
-    return _source_keys[stamp]
-
-
 def local_source(source: ResolvedSource, expected_key: str) -> ResolvedSource:
     """The checkpoint on this node: the driver's path where it exists here, else the spec resolved here;
     refused unless its files are the driver's (another folder at that path, or another revision of a hub
@@ -92,7 +78,7 @@ def local_source(source: ResolvedSource, expected_key: str) -> ResolvedSource:
         from bertforge.sources import resolve
 
         here = resolve(source.spec)
-    found = source_key(here)
+    found = source_artifact(here).key
     if found != expected_key:
         raise SourceError(f"the checkpoint {source.spec} is not the same on {where()} ({here.path}: files hash "
                           f"{found}) as on the driver ({expected_key}); give every node the same checkpoint")
@@ -307,7 +293,7 @@ class RayExecutor:
         """Each variant's stage as a task; with `hold`, the driver takes each entry's use lock on this
         machine as its task reports (the task held it while it ran), so `cache prune` skips it."""
         needed = required_variants(recipe.variants)
-        expected = source_key(source)
+        expected = source_artifact(source).key
         refs: dict[str, Any] = {}
         for variant in needed:
             parent = VARIANT_PLAN[variant][1]
@@ -342,7 +328,7 @@ class RayExecutor:
         corpus = Corpus.of(source.path, config)
         shards = [corpus.shard(index) for index in range(corpus.shard_count())]
         at = self.located(variants)
-        expected = source_key(source)
+        expected = source_artifact(source).key
         refs = [self.remote(shard_task, f"bertforge-validation-shard-{index}").remote(
             self.settings, source, expected, at, config, shard, index == 0) for index, shard in enumerate(shards)]
         total = len(corpus.examples) * (1 + len(variants))

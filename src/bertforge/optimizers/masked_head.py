@@ -37,6 +37,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from bertforge.artifact import MODEL_FILE, read_manifest
+from bertforge.cpu_target import INT8_RECORD_KEYS
 from bertforge.errors import StageError
 from bertforge.onnx_files import copy_loader_files, model_config, save_model
 from bertforge.optimizers.config import MaskedHeadConfig
@@ -99,11 +100,10 @@ def decoder_node(model: onnx.ModelProto) -> onnx.NodeProto:
     if found is not None:
         return found
     tied = tied_table(model.graph)
-    if tied is None and (over_dequantized := dequantized_table_decoder(model.graph)) is not None:
-        return over_dequantized
-    if tied is None:
+    decoder = tied[2] if tied is not None else dequantized_table_decoder(model.graph)
+    if decoder is None:
         raise StageError("masked-head: no tied MLM decoder found (MatMul over the transposed word embeddings)")
-    return tied[2]
+    return decoder
 
 
 def gather_at_decoder(model: onnx.ModelProto, index: str, nodes_before: list[onnx.NodeProto]) -> str:
@@ -204,7 +204,5 @@ def run(src: Path, out: Path, config: MaskedHeadConfig) -> dict[str, Any]:
     copy_loader_files(src, out)
     # the int8 parent's target and the class it was built on: the same weights, so the same CPUs compute them
     parent_metadata = read_manifest(src).get("metadata", {})
-    inherited = {key: parent_metadata[key] for key in ("int8_target", "int8_weights", "built_on",
-                                                             "int8_target_asked")
-                 if key in parent_metadata}
+    inherited = {key: parent_metadata[key] for key in INT8_RECORD_KEYS if key in parent_metadata}
     return {"mask_token_id": mask_id, "decoder_input": hidden, "parent_stage_dir": src.name, **inherited}

@@ -17,6 +17,16 @@ ALTERNATIVES = ("use --model demo (real weights, offline), synthetic:bert-base-u
                 "`bertforge resolve --list` names), or a local checkpoint directory")
 
 
+# what save_pretrained writes that a build reads: a checkpoint bertforge made in its cache (demo's fit, a
+# synthetic member) that misses one (a file deleted by hand) is made again
+MADE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
+
+
+def complete(directory: Path) -> bool:
+    """Whether a checkpoint bertforge made in its cache still holds every file a build reads."""
+    return all((directory / name).is_file() for name in MADE_FILES)
+
+
 def check_checkpoint(path: Path) -> Path:
     """A directory with a BERT config, weights and a tokenizer, or a one-line SourceError."""
     if not path.exists():

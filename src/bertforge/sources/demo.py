@@ -29,7 +29,7 @@ import numpy as np
 
 from bertforge.cache import cache_root, file_lock
 from bertforge.errors import SourceError
-from bertforge.sources.checkpoint import check_checkpoint
+from bertforge.sources.checkpoint import check_checkpoint, complete
 
 DEMO_HEAD_VERSION = "3"
 # Each head-fit sentence is masked 8 times with different seeds: ~1,400 positions for a 384x384 map.
@@ -49,8 +49,7 @@ def ensure_demo_checkpoint() -> Path:
     target = cache_root() / "sources" / f"demo-minilm-l6-fitted-head-v{DEMO_HEAD_VERSION}"
     remote = remote_session.current()
     with file_lock(cache_root() / "locks" / "demo.lock"):
-        # every file a build reads: one deleted by hand means fitting (or fetching) it again
-        present = all((target / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
+        present = complete(target)  # a file deleted by hand means fitting (or fetching) it again
         key = remote_key() if remote is not None else ""
         if not present and remote is not None and remote.fetch_stage(REMOTE_NAME, key, target, keep_manifest=False):
             return target

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bertforge.cache import cache_root, file_lock
 from bertforge.errors import SourceError
+from bertforge.sources.checkpoint import complete
 
 SEED = 0
 PREFIX = "synthetic:"
@@ -87,14 +88,6 @@ def derived_vocabulary(uncased: list[str], size: int, cased: bool) -> list[str]:
         vocabulary.append(f"[placeholder{filler}]")
         filler += 1
     return vocabulary
-
-
-# what save_pretrained writes that a build reads: an entry missing one (a file deleted by hand) is made again
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
-
-
-def complete(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in CHECKPOINT_FILES)
 
 
 def ensure(name: str) -> Path:

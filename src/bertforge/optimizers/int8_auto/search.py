@@ -99,11 +99,11 @@ def search(start: dict[str, str], moves: list[Move], evaluate: Callable[[dict[st
            max_latency_ratio: float | None) -> dict[str, Any]:
     """Bisection over the move prefix; every evaluation is recorded."""
     evaluations: list[dict[str, Any]] = []
+    measured: dict[int, dict[str, float]] = {}  # moves applied -> the plan's agreement
 
     def measure(count: int) -> dict[str, float]:
-        done = next((e for e in evaluations if e["moves"] == count), None)
-        if done is not None:  # a prefix measured already (the latency bound's plan may be one)
-            return {k: v for k, v in done.items() if k not in ("moves", "latency_ratio", "run")}
+        if count in measured:  # a prefix measured already (the latency bound's plan may be one)
+            return measured[count]
         plan = plan_after(start, moves, count)
         if all(scheme == "fp32" for scheme in plan.values()):
             # the fp32 graph is the reference itself: its agreement is exact by definition, and running it
@@ -114,6 +114,7 @@ def search(start: dict[str, str], moves: list[Move], evaluate: Callable[[dict[st
             report(f"plan {sum(e['run'] for e in evaluations) + 1} (bisection over {len(moves)} moves)")
             agreement, run = evaluate(plan), True
         evaluations.append({"moves": count, "latency_ratio": round(latency_of(plan), 4), **agreement, "run": run})
+        measured[count] = agreement
         return agreement
 
     low, high = 0, len(moves)
@@ -131,7 +132,6 @@ def search(start: dict[str, str], moves: list[Move], evaluate: Callable[[dict[st
             else:
                 low = middle
     plan = plan_after(start, moves, high)
-    chosen = next(e for e in reversed(evaluations) if e["moves"] == high)
     ratio = latency_of(plan)
     if max_latency_ratio is not None and ratio > max_latency_ratio:
         within = max((count for count in range(len(moves) + 1)
@@ -148,9 +148,7 @@ def search(start: dict[str, str], moves: list[Move], evaluate: Callable[[dict[st
         # plan within the bound that already meets the target; that plan is the answer
         high, plan = within, plan_after(start, moves, within)
         ratio = latency_of(plan)
-        chosen = next(e for e in reversed(evaluations) if e["moves"] == high)
-    return {"plan": plan, "moves_applied": high, "calibration": {k: chosen[k] for k in chosen
-                                                                 if k not in ("moves", "latency_ratio", "run")},
+    return {"plan": plan, "moves_applied": high, "calibration": dict(measured[high]),
             "predicted_latency_ratio": round(ratio, 4), "evaluations": evaluations}
 
 
